@@ -1,0 +1,159 @@
+"""Load the base model (nf4 / bf16 / fp32) and its tokenizer; attach or load a LoRA adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+
+from lora_dpo.config import LoraConfig, ModelConfig
+from lora_dpo.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": bf16 on CUDA (tensor cores), fp32 on the CPU (bf16 matmuls are slow there)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_tokenizer(cfg: ModelConfig):
+    path = _require_model_path(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as exc:
+        raise ConfigError(f"model.name_or_path={path!r}: cannot load its tokenizer: {exc}") from None
+
+
+def load_base_model(
+    cfg: ModelConfig, *, quantize: bool, dtype: torch.dtype, device: torch.device
+) -> PreTrainedModel:
+    """The frozen base, 4-bit nf4 (double quantization) when `quantize`, else plain `dtype`."""
+    path = _require_model_path(cfg)
+    quantization = None
+    if quantize:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=quantization,
+            dtype=dtype,
+            device_map={"": str(device)},
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except OSError as exc:
+        raise ConfigError(f"model.name_or_path={path!r}: cannot load the model: {exc}") from None
+    disable_cpu_weight_repack(model)
+    model.requires_grad_(False)
+    return model
+
+
+def disable_cpu_weight_repack(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, `Linear4bit.forward` repacks its weight for good the first
+    time it runs in eval mode on an input without grad (a precompute or eval forward). Later
+    training forwards then go through `gemv_4bit`, which has no autograd kernel: the gradient
+    through the base layers is silently dropped and LoRA gradients come out wrong. Turning the
+    flag off keeps every forward on the same dequantize-and-matmul path, so reference values
+    and policy values are also computed identically. Returns the number of layers guarded.
+    """
+    import bitsandbytes as bnb
+
+    guarded = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+                raise RuntimeError(
+                    f"{type(module).__name__} weight was already repacked for CPU inference; "
+                    "load the model again before training"
+                )
+            module.support_avx512bf16_for_cpu = False
+            guarded += 1
+    return guarded
+
+
+def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointing: bool):
+    """Wrap the frozen base with trainable LoRA adapters (fp32 weights, whatever the compute dtype).
+
+    Unlike peft's `prepare_model_for_kbit_training`, the non-quantized base weights
+    (embeddings, norms, LM head) are not upcast to fp32: they are frozen, and on a 128k
+    vocabulary that copy alone would cost gigabytes.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad and handles frozen bases.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
+    targets = cfg.target_modules
+    peft_config = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    # autocast_adapter_dtype (default True) keeps LoRA weights in fp32: their updates are tiny
+    # next to their values, and bf16 would round many of them away.
+    with warnings.catch_warnings():  # peft asks for the old checkpointing attribute name
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        policy = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+    for name, param in policy.named_parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            raise AssertionError(f"trainable parameter {name} is {param.dtype}, expected fp32")
+    return policy
+
+
+def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: bool = False):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def weights_fingerprint(cfg: ModelConfig) -> str:
+    """sha256 over the model's weight files (names, sizes, contents), for the cache identity."""
+    path = Path(_require_model_path(cfg))
+    if not path.is_dir():
+        return f"name:{cfg.name_or_path}"
+    files = sorted(
+        p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")
+    )
+    if not files:
+        raise ConfigError(f"model.name_or_path={str(path)!r}: no weight files found")
+    digest = hashlib.sha256()
+    for weight_file in files:
+        digest.update(f"{weight_file.name}:{weight_file.stat().st_size}\n".encode())
+        with weight_file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _require_model_path(cfg: ModelConfig) -> str:
+    if not cfg.name_or_path:
+        raise ConfigError("model.name_or_path is not set: give a local model directory or hub name")
+    return cfg.name_or_path
