@@ -1,0 +1,119 @@
+"""`lora-dpo demo`: the whole pipeline on an embedded tiny model, on the CPU, with no downloads.
+
+It writes a synthetic preference task that a tiny model can learn (describe a person: kind
+words are preferred over unkind ones), keeps held-out pairs with unseen names apart, trains
+a byte-level BPE tokenizer and a random tiny Llama locally, then runs precompute-ref and
+4-bit QLoRA DPO training, and reports held-out reward accuracy before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+from lora_dpo.config import Config, load_config
+from lora_dpo.train import TrainResult, train
+from lora_dpo.tiny import train_bpe_tokenizer
+from lora_dpo.tiny_model import build_tiny_llama
+
+log = logging.getLogger(__name__)
+
+NAMES = (
+    "Ada Alan Grace Edsger Barbara Donald Frances John Margaret Ken Dennis Radia Leslie Tony "
+    "Niklaus Shafi Sophie Linus Guido Bjarne Anders Yukihiro Larry Brian Rob Robin Jean Hedy "
+    "Katherine Dorothy Mary Annie Vint Tim Whitfield Martin Ivan Butler Judea Geoffrey"
+).split()
+KIND = "kind honest patient generous gentle brave thoughtful clever warm curious calm fair".split()
+UNKIND = "rude cruel lazy greedy harsh sneaky bitter petty vain cold selfish sloppy".split()
+HELD_OUT_NAMES = 10  # the last names never appear in training pairs
+
+
+def make_pairs(names: list[str], count: int, rng: random.Random) -> list[dict[str, str]]:
+    rows = []
+    for _ in range(count):
+        name = rng.choice(names)
+        kind, unkind = rng.sample(KIND, 2), rng.sample(UNKIND, 2)
+        rows.append(
+            {
+                "prompt": f"Describe {name} in a few words.\n",
+                "chosen": f"{name} is {kind[0]} and {kind[1]}.",
+                "rejected": f"{name} is {unkind[0]} and {unkind[1]}.",
+            }
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def prepare(workdir: Path, seed: int = 0) -> None:
+    """Data, tokenizer and a random tiny Llama under `workdir` (deterministic per seed)."""
+    rng = random.Random(seed)
+    train_rows = make_pairs(NAMES[:-HELD_OUT_NAMES], 256, rng)
+    eval_rows = make_pairs(NAMES[-HELD_OUT_NAMES:], 64, rng)
+    write_jsonl(workdir / "data" / "train.jsonl", train_rows)
+    write_jsonl(workdir / "data" / "eval.jsonl", eval_rows)
+    texts = [row[key] for row in train_rows + eval_rows for key in ("prompt", "chosen", "rejected")]
+    tokenizer = train_bpe_tokenizer(texts, workdir / "model", vocab_size=384)
+    build_tiny_llama(workdir / "model", tokenizer, hidden_size=64, num_layers=2, seed=seed)
+
+
+def demo_config(workdir: str | Path) -> Config:
+    """The demo's settings; `configs/demo.yaml` holds the same (a test keeps them equal)."""
+    workdir = Path(workdir)
+    return load_config(
+        None,
+        [
+            f"model.name_or_path={workdir / 'model'}",
+            f"data.train_path={workdir / 'data' / 'train.jsonl'}",
+            f"data.eval_path={workdir / 'data' / 'eval.jsonl'}",
+            "data.max_length=64",
+            "data.max_prompt_length=32",
+            f"precompute.cache_dir={workdir / 'ref-cache'}",
+            "precompute.batch_size=32",
+            "lora.r=8",
+            "lora.alpha=16",
+            "lora.dropout=0.0",
+            f"train.output_dir={workdir / 'train'}",
+            # A random tiny model needs a far larger step than a pretrained one.
+            "train.learning_rate=0.002",
+            "train.beta=0.1",
+            "train.per_device_batch_size=8",
+            "train.gradient_accumulation_steps=1",
+            "train.epochs=2",
+            "train.logging_steps=8",
+        ],
+    )
+
+
+def run_demo(workdir: str | Path = "runs/demo") -> TrainResult:
+    from precompute import precompute_reference
+
+    workdir = Path(workdir)
+    log.info("demo: building a tiny Llama, a tokenizer and a preference task in %s", workdir)
+    prepare(workdir)
+    config = demo_config(workdir)
+    precompute_reference(config)
+    result = train(config)
+    before, after = result.eval_before, result.eval_after
+    assert before is not None and after is not None
+    print(
+        "\nheld-out pairs (unseen names): "
+        f"{after.pairs}\n"
+        f"  reward accuracy      {before.reward_accuracy:.2f} -> {after.reward_accuracy:.2f}\n"
+        f"  reward margin        {before.reward_margin:+.3f} -> {after.reward_margin:+.3f}\n"
+        f"  preference accuracy  {before.preference_accuracy:.2f} -> {after.preference_accuracy:.2f}"
+        "  (length-normalised likelihood, no reference)\n"
+        "artifacts:\n"
+        f"  data             {workdir / 'data'}\n"
+        f"  model            {workdir / 'model'}\n"
+        f"  reference cache  {config.precompute.cache_dir}\n"
+        f"  metrics          {result.output_dir / 'metrics.jsonl'}\n"
+        f"  adapter          {result.adapter_dir}\n"
+        f"  config           {result.output_dir / 'config.yaml'}"
+    )
+    return result
