@@ -74,3 +74,13 @@ def test_saved_config_round_trips():
 
     assert config_from_dict(yaml.safe_load(dump_config(config))) == config
     assert Config() == load_config(None)
+
+
+def test_readme_documents_every_config_key():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    import dataclasses
+
+    for section, cls in (("model", Config().model), ("lora", Config().lora), ("data", Config().data),
+                         ("precompute", Config().precompute), ("train", Config().train)):
+        for f in dataclasses.fields(cls):
+            assert f"`{section}.{f.name}`" in readme, f"{section}.{f.name} missing from README"
