@@ -76,6 +76,8 @@ class PrecomputeConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/train"
+    # A finished run (output_dir/adapter) is never replaced unless this is set.
+    overwrite_output_dir: bool = False
     beta: float = 0.1
     # LoRA trains a small fraction of the weights and tolerates a larger step than full tuning.
     learning_rate: float = 5e-5

@@ -79,6 +79,7 @@ def demo_config(workdir: str | Path) -> Config:
             "lora.alpha=16",
             "lora.dropout=0.0",
             f"train.output_dir={workdir / 'train'}",
+            "train.overwrite_output_dir=true",  # the demo rebuilds everything each time
             # A random tiny model needs a far larger step than a pretrained one.
             "train.learning_rate=0.002",
             "train.beta=0.1",

@@ -43,6 +43,11 @@ def train(config: Config) -> TrainResult:
     """Setup, train, save. Writes config.yaml, metrics.jsonl and adapter/ under output_dir."""
     cfg = config.train
     output_dir = Path(cfg.output_dir)
+    if (output_dir / "adapter").exists() and not cfg.overwrite_output_dir:
+        raise ConfigError(
+            f"train.output_dir={str(output_dir)!r} already holds a trained run; choose another "
+            "directory or set train.overwrite_output_dir=true"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(dump_config(config))
     seed_everything(cfg.seed)

@@ -56,6 +56,9 @@ def precompute_reference(config: Config) -> Path:
     model.eval()
     # A shard is reused on resume only if it was written for this exact reference and data.
     stamp = _identity_stamp(identity, precision)
+    # Until the new manifest is written the cache is incomplete: an interrupted rebuild must
+    # not leave an old manifest pointing at shards that were rewritten since.
+    (cache_dir / MANIFEST).unlink(missing_ok=True)
 
     started = time.perf_counter()
     shards: list[dict[str, Any]] = []
@@ -79,9 +82,17 @@ def precompute_reference(config: Config) -> Path:
     }
     (cache_dir / "config.yaml").write_text(dump_config(config))
     write_json(cache_dir / MANIFEST, manifest)
+    _remove_stale_shards(cache_dir, keep={entry["file"] for entry in shards})
     total = sum(len(pairs) for pairs, _ in splits.values())
     log.info("reference cache: %s (%d pairs, %.1f s)", cache_dir, total, elapsed)
     return cache_dir
+
+
+def _remove_stale_shards(cache_dir: Path, keep: set[str]) -> None:
+    """Shards left by an earlier, larger build of this cache are not part of it any more."""
+    for path in cache_dir.glob("shard-*.safetensors"):
+        if path.name not in keep:
+            path.unlink()
 
 
 def _identity_stamp(identity: dict[str, Any], precision: Precision) -> str:

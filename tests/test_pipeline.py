@@ -213,3 +213,16 @@ def test_corrupted_shard_is_named(cached_workdir, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-7])
     with pytest.raises(CacheError, match=r"shard-00000.safetensors: checksum mismatch"):
         ReferenceCache(cache_dir)
+
+
+def test_finished_run_is_not_overwritten(cached_workdir, tmp_path):
+    from lora_dpo.errors import ConfigError
+
+    config = small_config(cached_workdir, tmp_path, max_steps=1)
+    train(config)
+    adapter = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"already holds a trained run"):
+        train(config)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    config.train.overwrite_output_dir = True
+    train(config)
