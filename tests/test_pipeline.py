@@ -218,7 +218,7 @@ def test_corrupted_shard_is_named(cached_workdir, tmp_path):
 def test_finished_run_is_not_overwritten(cached_workdir, tmp_path):
     from lora_dpo.errors import ConfigError
 
-    config = small_config(cached_workdir, tmp_path, max_steps=1)
+    config = small_config(cached_workdir, tmp_path, max_steps=1, overwrite_output_dir=False)
     train(config)
     adapter = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
     with pytest.raises(ConfigError, match=r"already holds a trained run"):
