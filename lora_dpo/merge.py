@@ -1,0 +1,451 @@
+"""`lora-dpo merge`: fold a LoRA adapter into its base and save a plain transformers model.
+
+Two modes, chosen explicitly:
+
+- `nf4-dequantized` (the default for a QLoRA adapter): the base is quantized to nf4 exactly as
+  in training, then each 4-bit weight is dequantized and the adapter's B·A·scaling added. This
+  is the model the adapter was trained against, so the merged model reproduces base+adapter
+  as trained. Merging into the original weights instead adds the quantization error
+  (original - dequantized) to every layer, an error the adapter never saw.
+- `original`: the adapter is added to the original weights. The default when the adapter was
+  trained on an unquantized base (`model.quantization=none`).
+
+Memory: the base is loaded once (4-bit in `nf4-dequantized` mode) and merged module by module.
+Each merged weight is built in fp32 (one layer's worth of scratch), cast to the target dtype
+and put in place of its 4-bit or LoRA-wrapped module, which is then freed. Peak memory is one
+copy of the model at the target dtype plus one layer in fp32. The verification re-load of the
+saved model happens after the in-memory copy is released.
+
+The output is written to a hidden temp directory beside the target and renamed into place at
+the end: an interrupted merge leaves no directory at the target.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lora_dpo.cache import write_json
+from lora_dpo.config import ModelConfig, config_from_dict
+from lora_dpo.errors import ConfigError
+from lora_dpo.model import DTYPES, compute_dtype, default_device, load_adapter, load_base_model
+from lora_dpo.versions import package_versions
+
+log = logging.getLogger(__name__)
+
+MODES = ("nf4-dequantized", "original")
+REPORT = "merge_report.json"
+# Fixed verification inputs: general text, a chat turn, and the demo's prompt shape.
+VERIFY_PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Describe Ada in a few words.\nAda is kind and curious.",
+    "User: What is the capital of France?\nAssistant: The capital of France is Paris.",
+    "def add(a, b):\n    return a + b\n",
+)
+# In fp32 the merged model differs from base+adapter by float rounding only (tested on tiny
+# models at 1e-4). bf16/fp16 weights round every merged value, so their differences are larger.
+FP32_TOLERANCE = 1e-4
+
+
+@dataclass
+class AdapterSource:
+    adapter_dir: Path
+    base: str  # base model path or hub name
+    base_origin: str  # where `base` came from, for error messages
+    model: ModelConfig  # how training loaded the base (defaults when there is no run config)
+    trained_quantization: str  # "nf4" | "none"
+    run_config: Path | None  # the train run's config.yaml, when there is one
+
+
+def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
+    """A train run directory (RUN or RUN/adapter) or any PEFT LoRA adapter directory."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        adapter_dir = path
+    elif (path / "adapter" / "adapter_config.json").is_file():
+        adapter_dir = path / "adapter"
+    else:
+        raise ConfigError(f"--adapter {path}: no adapter_config.json there or in {path / 'adapter'}")
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if adapter_config.get("peft_type") != "LORA":
+        raise ConfigError(
+            f"{adapter_dir / 'adapter_config.json'}: peft_type={adapter_config.get('peft_type')!r}; "
+            "only LoRA adapters can be merged"
+        )
+    model = ModelConfig()
+    run_config = adapter_dir.parent / "config.yaml"
+    if adapter_dir.name == "adapter" and run_config.is_file():
+        import yaml
+
+        try:
+            model = config_from_dict(yaml.safe_load(run_config.read_text())).model
+        except (ConfigError, yaml.YAMLError, AttributeError) as exc:
+            log.warning("%s: not read (%s); using default base settings", run_config, exc)
+            run_config = None
+    else:
+        run_config = None
+    name = base or adapter_config.get("base_model_name_or_path") or ""
+    if not name:
+        raise ConfigError(
+            f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; give the base with --base"
+        )
+    model.name_or_path = name
+    origin = "--base" if base else f"{adapter_dir / 'adapter_config.json'} base_model_name_or_path"
+    source = AdapterSource(adapter_dir, name, origin, model, model.quantization, run_config)
+    _check_base(source)
+    return source
+
+
+def _check_base(source: AdapterSource) -> None:
+    """A local-looking base path that does not exist: say where it came from, before any load."""
+    path = Path(source.base).expanduser()
+    looks_local = path.is_absolute() or source.base.startswith((".", "~")) or source.base.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise ConfigError(
+            f"base model {source.base!r} (from {source.base_origin}): no such directory; "
+            "give the base model with --base"
+        )
+
+
+def resolve_mode(mode: str | None, source: AdapterSource) -> tuple[str, str]:
+    """(mode, why): the default is what training saw."""
+    if mode is None:
+        if source.trained_quantization == "none":
+            return "original", "default: the adapter was trained on the unquantized base"
+        return "nf4-dequantized", "default: the adapter was trained against the nf4 base"
+    if mode not in MODES:
+        raise ConfigError(f"--mode {mode!r}: must be one of {', '.join(MODES)}")
+    if mode == "nf4-dequantized" and source.trained_quantization == "none":
+        raise ConfigError(
+            f"--mode nf4-dequantized: {source.run_config} says the adapter was trained on the "
+            "unquantized base (model.quantization=none); use --mode original"
+        )
+    return mode, "chosen"
+
+
+def check_shard_size(max_shard_size: str) -> None:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        raise ConfigError(f"--max-shard-size {max_shard_size!r}: expected a size like 5GB or 500MB") from None
+
+
+def check_output(out: Path, source: AdapterSource, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out {out}: already exists; choose another directory or pass --overwrite")
+    inputs = [source.adapter_dir.resolve()]
+    if Path(source.base).is_dir():
+        inputs.append(Path(source.base).resolve())
+    target = out.resolve()
+    for directory in inputs:
+        if target == directory or target in directory.parents or directory in target.parents:
+            raise ConfigError(f"--out {out}: overlaps the input {directory}; write the merged model elsewhere")
+
+
+def merge(
+    adapter: str | Path,
+    out: str | Path,
+    *,
+    base: str | None = None,
+    mode: str | None = None,
+    dtype: str = "bf16",
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Merge `adapter` into its base and write a standard model directory at `out`.
+
+    Returns the merge report (also written to `out/merge_report.json`).
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: must be one of {', '.join(DTYPES)}")
+    check_shard_size(max_shard_size)
+    out = Path(out)
+    source = find_adapter(adapter, base)
+    mode, why = resolve_mode(mode, source)
+    check_output(out, source, overwrite)
+    target_dtype = DTYPES[dtype]
+    device = device or default_device()
+
+    stale = sorted(out.parent.glob(f".{out.name}.*.partial")) if out.parent.is_dir() else []
+    if stale:
+        log.warning("left by interrupted merges (safe to delete unless one is running): %s", ", ".join(map(str, stale)))
+
+    tokenizer = _load_tokenizer(source)
+    # nf4: the quantized values depend on the dtype the weights are loaded in; use training's.
+    load_dtype = compute_dtype(source.model.dtype, device) if mode == "nf4-dequantized" else target_dtype
+    model = _load_as_trained(source, mode, load_dtype, device)
+    encoded = encode_prompts(tokenizer, VERIFY_PROMPTS, device)
+    reference = _logits(model, encoded)  # base + adapter, unmerged: what merging must reproduce
+    state, counts = merge_to_state_dict(model, target_dtype)
+    del model
+    merged = _plain_model(source, state, target_dtype)
+    del state
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        del merged
+        gc.collect()
+        tokenizer.save_pretrained(str(tmp))
+        _check_plain_config(tmp / "config.json")
+        verification = verify(tmp, encoded, reference, target_dtype, device, source.model.trust_remote_code)
+        report = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "adapter": str(source.adapter_dir),
+            "base_model": source.base,
+            "mode": mode,
+            "mode_reason": why,
+            "dtype": dtype,
+            "base_load_dtype": str(load_dtype).removeprefix("torch."),
+            "max_shard_size": max_shard_size,
+            **counts,
+            "verification": {
+                "reference": "nf4 base + adapter, unmerged (as trained)"
+                if mode == "nf4-dequantized"
+                else f"original base at {dtype} + adapter, unmerged",
+                **verification,
+            },
+            "versions": package_versions(),
+        }
+        write_json(tmp / REPORT, report)  # last file: a directory with it is complete
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _print_summary(report, out)
+    return report
+
+
+def merge_to_state_dict(peft_model: torch.nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Fold every LoRA layer into its base weight and dequantize every 4-bit layer, in place,
+    one module at a time; returns the plain model's state dict at `dtype` and the counts."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    model = peft_model.get_base_model()  # the transformers model, with LoRA layers injected
+    # Names only: a list of the modules themselves would keep every replaced one alive.
+    lora_layers = [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    for name in lora_layers:
+        _check_supported(name, model.get_submodule(name))
+    for name in tqdm(lora_layers, desc="merge", unit="layer"):
+        module = model.get_submodule(name)
+        base = module.get_base_layer()
+        weight = full_precision_weight(base)  # [out, in] fp32: the one layer of scratch
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                lora_a = module.lora_A[adapter].weight.float()  # [r, in]
+                lora_b = module.lora_B[adapter].weight.float()  # [out, r]
+                weight = weight + (lora_b @ lora_a) * module.scaling[adapter]
+        _replace(model, name, _linear(weight, base.bias, dtype))
+        _release(base)
+        del weight, base, module  # the 4-bit (or original) layer and its adapter are freed here
+    quantized = [name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for name in quantized:  # 4-bit layers the adapter does not touch
+        module = model.get_submodule(name)
+        _replace(model, name, _linear(full_precision_weight(module), module.bias, dtype))
+        _release(module)
+        del module
+    for param in model.parameters():  # embeddings, norms, head: one tensor at a time
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model.state_dict(), {"merged_layers": len(lora_layers), "dequantized_layers": len(quantized)}
+
+
+def full_precision_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's weight in fp32: bitsandbytes' dequantization for a 4-bit layer."""
+    import bitsandbytes as bnb
+
+    if isinstance(layer, bnb.nn.Linear4bit):
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        return weight.float()
+    if not isinstance(layer, torch.nn.Linear):
+        raise ConfigError(f"cannot merge into a {type(layer).__name__}: only linear layers are supported")
+    return layer.weight.detach().float()
+
+
+def verify(
+    model_dir: Path,
+    encoded: tuple[torch.Tensor, torch.Tensor],
+    reference: list[torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool,
+) -> dict[str, Any]:
+    """Load the saved model as a user would and compare its logits with base+adapter's."""
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=dtype, device_map={"": str(device)}, trust_remote_code=trust_remote_code
+    )
+    logits = _logits(merged, encoded)
+    del merged
+    return compare_logits(reference, logits)
+
+
+def compare_logits(reference: list[torch.Tensor], merged: list[torch.Tensor]) -> dict[str, Any]:
+    """Max / mean absolute difference and argmax agreement over every position of every input."""
+    diffs = torch.cat([(r - m).abs().flatten() for r, m in zip(reference, merged)])
+    agree = torch.cat([r.argmax(-1) == m.argmax(-1) for r, m in zip(reference, merged)])  # [N]
+    return {
+        "prompts": len(reference),
+        "positions": int(agree.numel()),
+        "max_abs_diff": diffs.max().item(),
+        "mean_abs_diff": diffs.mean().item(),
+        "argmax_agreement": agree.float().mean().item(),
+        "argmax_all_agree": bool(agree.all()),
+    }
+
+
+def _check_supported(name: str, module: torch.nn.Module) -> None:
+    if getattr(module, "lora_variant", None):  # DoRA and other variants rescale the weight
+        raise ConfigError(f"{name}: LoRA variant {list(module.lora_variant)} cannot be merged here; plain LoRA only")
+    if any(getattr(module, "lora_bias", {}).values()):
+        raise ConfigError(f"{name}: adapters with lora_bias cannot be merged here")
+    if getattr(module, "fan_in_fan_out", False):
+        raise ConfigError(f"{name}: fan_in_fan_out adapters (Conv1D bases) cannot be merged here")
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.nn.Linear:
+    out_features, in_features = weight.shape
+    layer = torch.nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    layer.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return layer
+
+
+def _release(layer: torch.nn.Module) -> None:
+    """Drop a replaced layer's weight now. A bitsandbytes 4-bit weight points back at its
+    module (`Params4bit.module`): that cycle would keep both alive until a garbage collection."""
+    layer.weight = None
+
+
+def _replace(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _load_tokenizer(source: AdapterSource):
+    from transformers import AutoTokenizer
+
+    where = source.adapter_dir if (source.adapter_dir / "tokenizer_config.json").is_file() else source.base
+    try:
+        return AutoTokenizer.from_pretrained(str(where), trust_remote_code=source.model.trust_remote_code)
+    except OSError as exc:
+        raise ConfigError(f"cannot load a tokenizer from {where}: {exc}") from None
+
+
+def _load_as_trained(source: AdapterSource, mode: str, dtype: torch.dtype, device: torch.device):
+    """Base + adapter, unmerged: the nf4 base (loaded in `dtype`, then quantized, as in
+    training) or the original base at `dtype`."""
+    try:
+        base = load_base_model(source.model, quantize=mode == "nf4-dequantized", dtype=dtype, device=device)
+    except ConfigError as exc:
+        raise ConfigError(f"base model {source.base!r} (from {source.base_origin}): {exc}") from None
+    model = load_adapter(base, source.adapter_dir)
+    model.eval()
+    return model
+
+
+def _plain_model(source: AdapterSource, state: dict[str, torch.Tensor], dtype: torch.dtype):
+    """A fresh transformers model (no quantizer, no peft) holding the merged tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    trust = source.model.trust_remote_code
+    config = AutoConfig.from_pretrained(source.base, trust_remote_code=trust)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a pre-quantized base: the merged weights are plain
+    with torch.device("meta"):  # no memory: the merged tensors are assigned below
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"merged weights do not fit the model: {result}")
+    model.tie_weights()
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(source.base)
+    except OSError:  # the base has no generation_config.json: the one from_config made stays
+        pass
+    return model
+
+
+def _check_plain_config(path: Path) -> None:
+    config = json.loads(path.read_text())
+    leftovers = [key for key in ("quantization_config", "peft_config", "adapter_config") if key in config]
+    if leftovers:
+        raise RuntimeError(f"{path}: still holds {leftovers}")
+
+
+def encode_prompts(tokenizer, prompts: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both [N, T], right-padded; the mask comes from the lengths
+    (pad ids may equal real ones)."""
+    ids = [tokenizer(prompt).input_ids for prompt in prompts]
+    longest = max(len(row) for row in ids)
+    input_ids = torch.zeros(len(ids), longest, dtype=torch.long)
+    mask = torch.zeros(len(ids), longest, dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def _logits(model: torch.nn.Module, encoded: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+    """[T_i, V] fp32 logits on the CPU at each input's real positions; one batched forward."""
+    input_ids, mask = encoded
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits  # [N, T, V]
+    return [row[: int(n)].float().cpu() for row, n in zip(logits, mask.sum(dim=1))]
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished temp directory to `out`, replacing an old output only now."""
+    _default_permissions(tmp)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    directory = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _default_permissions(directory: Path) -> None:
+    """Temp files are private (0600/0700); a published model gets the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _print_summary(report: dict[str, Any], out: Path) -> None:
+    check = report["verification"]
+    print(
+        f"merged {report['merged_layers']} LoRA layers ({report['mode']}, {report['dtype']}) -> {out}\n"
+        f"verification against {check['reference']}: {check['positions']} positions, "
+        f"max |Δlogit| {check['max_abs_diff']:.2e}, mean {check['mean_abs_diff']:.2e}, "
+        f"argmax agreement {check['argmax_agreement']:.4f}"
+    )
+    if not check["argmax_all_agree"]:
+        log.warning("merged model's argmax differs from base+adapter at some positions; see %s", out / REPORT)
+    if report["dtype"] == "fp32" and check["max_abs_diff"] > FP32_TOLERANCE:
+        log.warning("max |Δlogit| %.2e exceeds the fp32 tolerance %.0e", check["max_abs_diff"], FP32_TOLERANCE)
