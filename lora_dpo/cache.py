@@ -162,29 +162,51 @@ def identity_differences(cached: dict[str, Any], current: dict[str, Any], prefix
     return differences
 
 
+def read_manifest(cache_dir: Path) -> dict[str, Any]:
+    """The manifest of a complete cache of this format version, else a CacheError saying why."""
+    manifest_path = cache_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise CacheError(
+            f"{cache_dir}: no {MANIFEST}; not a reference cache, or its precompute did "
+            "not finish (run precompute-ref again: it resumes from complete shards)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheError(f"{manifest_path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CacheError(f"{manifest_path}: not a {FORMAT_NAME} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CacheError(
+            f"{manifest_path}: format version {manifest.get('version')}, "
+            f"this lora-dpo reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def load_listed_shard(cache_dir: Path, entry: dict[str, Any], verify_checksum: bool = True) -> ShardRecords:
+    """One shard of the manifest, checked against its recorded checksum and pair count."""
+    path = cache_dir / entry["file"]
+    if not path.is_file():
+        raise CacheError(f"{path}: shard listed in the manifest is missing")
+    if verify_checksum and sha256_file(path) != entry["sha256"]:
+        raise CacheError(f"{path}: checksum mismatch, the shard is truncated or altered")
+    records = read_shard(path)
+    if len(records.pair_hashes) != entry["pairs"]:
+        raise CacheError(f"{path}: holds {len(records.pair_hashes)} pairs, manifest says {entry['pairs']}")
+    return records
+
+
 class ReferenceCache:
     """A complete cache on disk, loaded into memory (a few bytes per pair) and indexed by hash."""
 
     def __init__(self, cache_dir: str | Path, *, verify_checksums: bool = True):
         self.cache_dir = Path(cache_dir)
-        manifest_path = self.cache_dir / MANIFEST
-        if not manifest_path.is_file():
-            raise CacheError(
-                f"{self.cache_dir}: no {MANIFEST}; not a reference cache, or its precompute did "
-                "not finish (run precompute-ref again: it resumes from complete shards)"
-            )
-        try:
-            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CacheError(f"{manifest_path}: not valid JSON ({exc})") from None
-        if self.manifest.get("format") != FORMAT_NAME:
-            raise CacheError(f"{manifest_path}: not a {FORMAT_NAME} manifest")
-        if self.manifest.get("version") != FORMAT_VERSION:
-            raise CacheError(
-                f"{manifest_path}: format version {self.manifest.get('version')}, "
-                f"this lora-dpo reads version {FORMAT_VERSION}"
-            )
-        parts = [self._load_shard(entry, verify_checksums) for entry in self.manifest["shards"]]
+        self.manifest = read_manifest(self.cache_dir)
+        parts = [
+            load_listed_shard(self.cache_dir, entry, verify_checksums)
+            for entry in self.manifest["shards"]
+        ]
         self.pair_hashes = [h for part in parts for h in part.pair_hashes]
         self.chosen_logps = torch.cat([p.chosen_logps for p in parts])  # [N]
         self.rejected_logps = torch.cat([p.rejected_logps for p in parts])  # [N]
@@ -192,28 +214,8 @@ class ReferenceCache:
         self.rejected_tokens = torch.cat([p.rejected_tokens for p in parts])  # [N]
         self.row_of = {pair_hash: row for row, pair_hash in enumerate(self.pair_hashes)}
 
-    def _load_shard(self, entry: dict[str, Any], verify_checksum: bool) -> ShardRecords:
-        path = self.cache_dir / entry["file"]
-        if not path.is_file():
-            raise CacheError(f"{path}: shard listed in the manifest is missing")
-        if verify_checksum and sha256_file(path) != entry["sha256"]:
-            raise CacheError(f"{path}: checksum mismatch, the shard is truncated or altered")
-        records = read_shard(path)
-        if len(records.pair_hashes) != entry["pairs"]:
-            raise CacheError(f"{path}: holds {len(records.pair_hashes)} pairs, manifest says {entry['pairs']}")
-        return records
-
     def __len__(self) -> int:
         return len(self.pair_hashes)
-
-    def check_identity(self, current: dict[str, Any]) -> None:
-        """Refuse a cache built for another reference model, tokenizer or tokenization."""
-        differences = identity_differences(self.manifest["identity"], current)
-        if differences:
-            raise CacheError(
-                f"{self.cache_dir}: reference cache does not match this run: "
-                + "; ".join(differences)
-            )
 
     def check_covers(self, pair_hashes: Sequence[bytes], source_indices: Sequence[int], what: str) -> None:
         """Every pair of the run must be in the cache, else name the first missing ones."""

@@ -20,6 +20,10 @@ class EvalMetrics:
     reward_accuracy: float  # share of pairs with chosen reward > rejected reward (ties count half)
     reward_margin: float  # mean β·(Δchosen - Δrejected)
     preference_accuracy: float  # share with mean-token log-prob of chosen > rejected (no reference)
+    # KL proxy: mean log πθ(yw|x) - log πref(yw|x). Large negative values mean the policy has
+    # pushed the chosen responses down too (the classic DPO drift), large positive ones that it
+    # has moved far from the reference.
+    chosen_logratio: float
     pairs: int
 
     def to_dict(self, prefix: str = "eval/") -> dict[str, float]:
@@ -27,6 +31,7 @@ class EvalMetrics:
             f"{prefix}rewards/accuracies": self.reward_accuracy,
             f"{prefix}rewards/margins": self.reward_margin,
             f"{prefix}preference_accuracy": self.preference_accuracy,
+            f"{prefix}kl_proxy": self.chosen_logratio,
         }
 
 
@@ -48,14 +53,14 @@ def evaluate(
 ) -> EvalMetrics:
     was_training = model.training
     model.eval()  # no LoRA dropout
-    margins, preferences = [], []
+    margins, preferences, chosen_logratios = [], [], []
     for indices in length_sorted_batches(pairs, batch_size):
         batch = collate([pairs[i] for i in indices], pad_id).to(device)
         out = sequence_logps(model, batch)
         ref_chosen, ref_rejected = cache.lookup(batch.pair_hashes)
-        margins.append(
-            beta * ((out.chosen.cpu() - ref_chosen) - (out.rejected.cpu() - ref_rejected))
-        )
+        chosen_logratio = out.chosen.cpu() - ref_chosen  # [B]
+        margins.append(beta * (chosen_logratio - (out.rejected.cpu() - ref_rejected)))
+        chosen_logratios.append(chosen_logratio)
         mean_chosen = out.chosen / out.chosen_tokens.clamp(min=1)
         mean_rejected = out.rejected / out.rejected_tokens.clamp(min=1)
         preferences.append((mean_chosen - mean_rejected).cpu())
@@ -66,6 +71,7 @@ def evaluate(
         reward_accuracy=tie_aware_accuracy(margin).item(),
         reward_margin=margin.mean().item(),
         preference_accuracy=tie_aware_accuracy(preference).item(),
+        chosen_logratio=torch.cat(chosen_logratios).mean().item(),
         pairs=len(margin),
     )
 
@@ -81,7 +87,7 @@ def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
     precision = policy_precision(config, device)
     tokenizer = load_tokenizer(config.model)
     pairs, _ = load_preference_data(config.data, tokenizer, "eval")
-    cache = open_checked_cache(config, tokenizer, precision)
+    cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
     cache.check_covers([p.pair_hash for p in pairs], [p.source_index for p in pairs], "eval")
     model = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from lora_dpo.cache import ReferenceCache
+from lora_dpo.cache import ReferenceCache, identity_differences
 from lora_dpo.config import Config
 from lora_dpo.data import tokenization_settings
 from lora_dpo.errors import CacheError
-from lora_dpo.model import compute_dtype, weights_fingerprint
+from lora_dpo.model import compute_dtype, resolve_model_dir, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,12 @@ def reference_precision(config: Config, device: torch.device) -> Precision:
 
 def model_identity(config: Config) -> dict[str, Any]:
     """Weights and architecture fingerprints; not the path, so a cache moves between machines."""
-    path = Path(config.model.name_or_path)
-    config_file = path / "config.json"
+    directory = resolve_model_dir(config.model)
+    config_file = directory / "config.json" if directory else None
     return {
         "weights_sha256": weights_fingerprint(config.model),
         "config_sha256": hashlib.sha256(config_file.read_bytes()).hexdigest()
-        if config_file.is_file()
+        if config_file and config_file.is_file()
         else None,
     }
 
@@ -60,21 +60,27 @@ def reference_identity(config: Config, tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def open_checked_cache(config: Config, tokenizer, precision: Precision) -> ReferenceCache:
-    """The reference cache, refused when it was built for another model, tokenizer or precision."""
+def open_checked_cache(
+    config: Config, tokenizer: Any, precision: Precision, *, accept_mismatch: bool = False
+) -> ReferenceCache:
+    """The reference cache, refused when it was built for another model, tokenizer, tokenization
+    or (for a `policy` reference) precision; with `accept_mismatch` the differences are logged."""
     cache = ReferenceCache(config.precompute.cache_dir)
-    cache.check_identity(reference_identity(config, tokenizer))
+    differences = identity_differences(cache.manifest["identity"], reference_identity(config, tokenizer))
     reference = cache.manifest["reference"]
-    if reference["mode"] == "policy" and {
-        "quantization": reference["quantization"],
-        "dtype": reference["dtype"],
-    } != precision.to_dict():
-        raise CacheError(
-            f"{cache.cache_dir}: the reference was run as the policy's base at "
-            f"{reference['quantization']}/{reference['dtype']}, this policy runs at "
-            f"{precision.quantization}/{str(precision.dtype).removeprefix('torch.')}"
+    if reference["mode"] == "policy":
+        cached = {"quantization": reference["quantization"], "dtype": reference["dtype"]}
+        differences += identity_differences(cached, precision.to_dict(), prefix="precision.")
+    else:
+        log.info(
+            "the reference ran at %s/%s by choice; the policy runs at %s/%s",
+            reference["quantization"], reference["dtype"], *precision.to_dict().values(),
         )
-    if reference["mode"] != "policy":
-        log.info("reference ran at %s/%s by choice; the policy starts from a different base",
-                 reference["quantization"], reference["dtype"])
+    if differences and not accept_mismatch:
+        raise CacheError(
+            f"{cache.cache_dir}: reference cache does not match this run: {'; '.join(differences)} "
+            "(rebuild it with precompute-ref, or set train.accept_cache_mismatch=true)"
+        )
+    for difference in differences:
+        log.warning("reference cache mismatch accepted: %s", difference)
     return cache
