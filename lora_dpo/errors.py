@@ -15,3 +15,11 @@ class DataError(LoraDpoError):
 
 class CacheError(LoraDpoError):
     """The reference cache is missing, corrupt, incomplete, or built for another reference."""
+
+
+class TrainingInterrupted(LoraDpoError):
+    """SIGINT/SIGTERM stopped training at a step boundary; a checkpoint was saved."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name
