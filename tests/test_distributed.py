@@ -1,0 +1,152 @@
+"""Both stages under real `torchrun` (gloo on the CPU): the same cache and the same training as
+one process, and a failing rank stops the whole job."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_dpo.cache import ReferenceCache
+from lora_dpo.config import dump_config
+from lora_dpo.demo import demo_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def config_for(workdir: Path, tmp_path: Path, **train):
+    config = demo_config(workdir)
+    config.data.max_pairs = 40
+    config.precompute.cache_dir = str(tmp_path / "cache")
+    config.precompute.shard_size = 8
+    config.lora.dropout = 0.0  # dropout masks are per process: equal runs need none
+    config.train.logging_steps = 1
+    config.train.max_steps = 4
+    config.train.per_device_batch_size = 4
+    config.train.save_steps = 0
+    for key, value in train.items():
+        setattr(config.train, key, value)
+    return config
+
+
+def run(args: list[str], config, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+    config_file = tmp_path / f"{name}.yaml"
+    config_file.write_text(dump_config(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*args, "--config", str(config_file)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def workdir(demo_workdir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    for part in ("model", "data"):
+        shutil.copytree(demo_workdir / part, root / part)
+    return root
+
+
+def test_precompute_under_torchrun_equals_one_process(workdir, tmp_path):
+    one = config_for(workdir, tmp_path / "one")
+    two = config_for(workdir, tmp_path / "two")
+    run([sys.executable, "-m", "lora_dpo.cli", "precompute-ref"], one, tmp_path, "one")
+    run([*TORCHRUN, "-m", "lora_dpo.cli", "precompute-ref"], two, tmp_path, "two")
+    a, b = ReferenceCache(one.precompute.cache_dir), ReferenceCache(two.precompute.cache_dir)
+    assert len(a) == len(b) == 80
+    rows = [b.row_of[h] for h in a.pair_hashes]
+    torch.testing.assert_close(a.chosen_logps, b.chosen_logps[rows], rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.rejected_logps, b.rejected_logps[rows], rtol=0, atol=1e-6)
+    assert torch.equal(a.chosen_tokens, b.chosen_tokens[rows])
+    assert a.manifest["identity"] == b.manifest["identity"]
+
+
+def test_training_on_two_ranks_equals_one_at_the_same_global_batch(workdir, tmp_path):
+    run([sys.executable, "-m", "lora_dpo.cli", "precompute-ref"], config_for(workdir, tmp_path), tmp_path, "cache")
+    one = config_for(workdir, tmp_path, gradient_accumulation_steps=2, output_dir=str(tmp_path / "one"))
+    two = config_for(workdir, tmp_path, gradient_accumulation_steps=1, output_dir=str(tmp_path / "two"))
+    run([sys.executable, "-m", "lora_dpo.cli", "train"], one, tmp_path, "one")
+    result = run([*TORCHRUN, "-m", "lora_dpo.cli", "train"], two, tmp_path, "two")
+    assert result.stdout.count("step 4/4") <= 1  # only rank 0 logs
+
+    def losses(run_dir: str) -> list[float]:
+        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if "loss" in r]
+
+    a, b = losses(one.train.output_dir), losses(two.train.output_dir)
+    assert len(a) == len(b) == 4
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+    assert a[-1] < a[0]  # it trained
+    wa = load_file(str(Path(one.train.output_dir) / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(Path(two.train.output_dir) / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+SLOW_RANKS = """
+import os, sys, time
+import lora_dpo.train as train_module
+from lora_dpo.cli import main
+
+real_step = train_module.TrainLoop.step
+def slow_step(self, *args, **kwargs):
+    result = real_step(self, *args, **kwargs)
+    (open(os.environ["PID_DIR"] + f"/rank{os.environ['RANK']}", "w")).write(str(os.getpid()))
+    if os.environ.get("FAIL_RANK") == os.environ["RANK"]:
+        raise RuntimeError(f"rank {os.environ['RANK']} failed on purpose")
+    time.sleep(0.5)
+    return result
+train_module.TrainLoop.step = slow_step
+sys.exit(main(["train", "--config", sys.argv[1]]))
+"""
+
+
+def start_ranks(workdir: Path, tmp_path: Path, **env) -> subprocess.Popen:
+    config = config_for(workdir, tmp_path, max_steps=200, output_dir=str(tmp_path / "run"))
+    config.data.max_pairs = 0
+    run([sys.executable, "-m", "lora_dpo.cli", "precompute-ref"], config, tmp_path, "cache")
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(dump_config(config))
+    script = tmp_path / "slow_ranks.py"
+    script.write_text(textwrap.dedent(SLOW_RANKS))
+    return subprocess.Popen(
+        [*TORCHRUN, str(script), str(config_file)], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PID_DIR": str(tmp_path), "PYTHONPATH": str(ROOT), **env},
+    )
+
+
+def test_a_killed_rank_stops_the_job(workdir, tmp_path):
+    job = start_ranks(workdir, tmp_path)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "rank1").is_file():
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(0.3)
+    os.kill(int((tmp_path / "rank1").read_text()), signal.SIGKILL)
+    killed = time.monotonic()
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert time.monotonic() - killed < 90
+    assert "local_rank: 1" in output and "Signal 9 (SIGKILL)" in output, output[-3000:]
+
+
+def test_a_failing_rank_stops_the_job_with_its_message(workdir, tmp_path):
+    job = start_ranks(workdir, tmp_path, FAIL_RANK="1")
+    started = time.monotonic()
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode != 0
+    assert time.monotonic() - started < 240
+    assert "rank 1 failed on purpose" in output, output[-3000:]
