@@ -51,6 +51,7 @@ def atomic_write(path: Path, write: Any) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file what open() would
     try:
         write(tmp)
         with tmp.open("rb") as handle:
@@ -63,6 +64,12 @@ def atomic_write(path: Path, write: Any) -> None:
             os.close(directory)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

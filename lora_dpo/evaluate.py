@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from lora_dpo.batching import collate, length_sorted_batches, pad_id_of
 from lora_dpo.cache import ReferenceCache
@@ -54,7 +55,8 @@ def evaluate(
     was_training = model.training
     model.eval()  # no LoRA dropout
     margins, preferences, chosen_logratios = [], [], []
-    for indices in length_sorted_batches(pairs, batch_size):
+    batches = length_sorted_batches(pairs, batch_size)
+    for indices in tqdm(batches, desc="eval", unit="batch", leave=False):
         batch = collate([pairs[i] for i in indices], pad_id).to(device)
         out = sequence_logps(model, batch)
         ref_chosen, ref_rejected = cache.lookup(batch.pair_hashes)

@@ -278,3 +278,11 @@ def test_sweep_never_runs_the_reference(workdir, tmp_path, monkeypatch):
     alone = train(config)
     swept = [json.loads(line) for line in (tmp_path / "sweep" / "beta-0.1" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in swept if "loss" in r] == [r["loss"] for r in alone.history]
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    path = tmp_path / "x.json"
+    write_json(path, {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
