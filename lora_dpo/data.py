@@ -8,26 +8,39 @@ Tokenization rules (each one guards against a known bug):
 - over-long pairs: the prompt is cut from the left (BOS kept), then responses from the right;
 - every dropped row is counted under a reason and its first indices are kept for the report.
 Pad ids are never used here: sequence lengths say where the real tokens are.
+
+Validation: a row that cannot become a pair (unreadable line, missing or mistyped field, empty
+prompt or response, identical responses, ill-formed conversation, nothing left after
+truncation) is dropped and counted by reason, with the line (JSON Lines, CSV) or row of the
+first few and what is wrong with each; with `data.strict` the first one is a DataError instead.
 """
 
 from __future__ import annotations
 
-import csv
+import bisect
 import dataclasses
-import gzip
 import hashlib
 import json
 import math
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lora_dpo.config import DataConfig
 from lora_dpo.errors import DataError
+from lora_dpo.sources import (
+    INVALID_JSON,
+    MALFORMED_ROW,
+    NOT_AN_OBJECT,
+    NOT_UTF8,
+    Unreadable,
+    first_line,
+    json_type,
+    read_source,
+)
 
 FORMATS = ("explicit", "implicit", "conversational")
 # HH-RLHF style transcripts: the prompt ends right after the last assistant marker.
@@ -36,18 +49,27 @@ ASSISTANT_MARKER = "\n\nAssistant:"
 TOKENIZATION_VERSION = 1
 TRUNCATION_POLICY = "prompt_left_keep_bos_then_responses_right"
 EOS_POLICY = "append_eos_unless_response_ends_with_eos_or_template_end_of_turn"
-# Suffixes that make a name a local file rather than a hub data set.
-LOCAL_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".csv", ".tsv", ".txt", ".arrow")
 TOKENIZE_CHUNK = 1024
 EXAMPLES_PER_REASON = 5
+# Roles a conversational row may use; chat templates know these three.
+ROLES = ("system", "user", "assistant")
 
-MISSING_FIELD = "missing_field"
+# Drop reasons, the report's keys (the reading layer adds invalid_json, not_utf8,
+# not_an_object and malformed_row).
+MISSING_FIELD = "missing_field"  # absent, null, or not of the type the format needs
 EMPTY_RESPONSE = "empty_response"
 EMPTY_PROMPT = "empty_prompt"
 IDENTICAL_RESPONSES = "identical_responses"
 DIALOGUES_DIFFER = "dialogues_differ_before_last_turn"
 NO_FINAL_ASSISTANT_TURN = "no_final_assistant_turn"
+BAD_ROLES = "bad_roles"
+TEMPLATE_REJECTED = "chat_template_rejected"
 NOTHING_LEFT = "nothing_left_after_truncation"
+DROP_REASONS = (
+    INVALID_JSON, NOT_UTF8, NOT_AN_OBJECT, MALFORMED_ROW, MISSING_FIELD, EMPTY_PROMPT,
+    EMPTY_RESPONSE, IDENTICAL_RESPONSES, DIALOGUES_DIFFER, BAD_ROLES, NO_FINAL_ASSISTANT_TURN,
+    TEMPLATE_REJECTED, NOTHING_LEFT,
+)
 
 
 @dataclass(frozen=True)
@@ -76,16 +98,36 @@ class DataReport:
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
     lengths: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The first rows dropped per reason (0-based, as `source_index`), and aligned with them:
+    # the 1-based line each starts on (JSON Lines and CSV files only), and what is wrong.
     examples: dict[str, list[int]] = field(default_factory=dict)
+    example_lines: dict[str, list[int]] = field(default_factory=dict)
+    example_details: dict[str, list[str]] = field(default_factory=dict)
 
-    def record_drop(self, reason: str, index: int) -> None:
+    def record_drop(self, reason: str, index: int, detail: str = "", line: int | None = None) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         first = self.examples.setdefault(reason, [])
-        first.append(index)
         # Drops come from two passes (text, then tokens): keep the smallest indices.
-        if len(first) > EXAMPLES_PER_REASON:
-            first.sort()
-            del first[EXAMPLES_PER_REASON:]
+        at = bisect.bisect(first, index)
+        if at >= EXAMPLES_PER_REASON:
+            return
+        columns = [(first, index), (self.example_details.setdefault(reason, []), detail)]
+        if line is not None:
+            columns.append((self.example_lines.setdefault(reason, []), line))
+        for values, value in columns:
+            values.insert(at, value)
+            del values[EXAMPLES_PER_REASON:]
+
+    def first_problem(self) -> str:
+        """Where the first dropped row is and what is wrong with it, for an error message."""
+        if not self.examples:
+            return ""
+        reason = min(self.examples, key=lambda r: self.examples[r][0])
+        return f"{self._where(reason, 0)}: {self.example_details[reason][0]}"
+
+    def _where(self, reason: str, at: int) -> str:
+        lines = self.example_lines.get(reason)
+        return location(self.examples[reason][at], lines[at] if lines else None)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -97,9 +139,11 @@ class DataReport:
             f"{self.kept} pairs kept, {n_dropped} dropped"
         ]
         for reason, count in sorted(self.dropped.items(), key=lambda item: -item[1]):
-            rows = ", ".join(str(i) for i in sorted(self.examples.get(reason, [])))
+            rows = ", ".join(str(i) for i in self.examples.get(reason, []))
             more = ", ..." if count > EXAMPLES_PER_REASON else ""
             lines.append(f"  dropped {count} {reason} (rows {rows}{more})")
+            for at, detail in enumerate(self.example_details.get(reason, [])):
+                lines.append(f"    {self._where(reason, at)}: {detail}")
         lines.append(f"  truncated to max_length: {self.truncated} kept pairs")
         if self.lengths:
             parts = [
@@ -110,12 +154,16 @@ class DataReport:
         return "\n".join(lines)
 
 
-class _Drop(Exception):
-    """A row cannot become a pair; `reason` is the report key."""
+def location(index: int, line: int | None) -> str:
+    return f"line {line} (row {index})" if line is not None else f"row {index}"
 
-    def __init__(self, reason: str):
+
+class _Drop(Exception):
+    """A row cannot become a pair; `reason` is the report key, `detail` says what is wrong."""
+
+    def __init__(self, reason: str, detail: str):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)
@@ -132,147 +180,16 @@ class _TextPair:
 
 
 def load_rows(path: str, split: str = "train") -> list[dict]:
-    """Rows of a local file, a `save_to_disk` directory, or a hub data set (see module doc)."""
-    if not path:
-        raise DataError("no data path given")
-    local = Path(os.path.expanduser(path))
-    if local.is_dir():
-        return _read_saved_dataset(local, split)
-    if local.is_file():
-        return _read_file(local)
-    if _looks_local(path):
-        raise DataError(f"file not found: {path}")
-    return _read_hub(path, split)
+    """Rows of a local file, a `save_to_disk` directory, or a hub data set (see module doc).
 
-
-def _looks_local(path: str) -> bool:
-    # A hub name is "owner/name" or "name": one slash at most, relative, no file suffix.
-    return (
-        path.startswith(("/", ".", "~"))
-        or "\\" in path
-        or path.count("/") > 1
-        or path.lower().endswith(LOCAL_SUFFIXES)
-    )
-
-
-def _read_file(path: Path) -> list[dict]:
-    name = path.name.lower()
-    try:
-        if name.endswith(".jsonl.gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as lines:
-                return _parse_jsonl(lines, path)
-        if name.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as lines:
-                return _parse_jsonl(lines, path)
-        if name.endswith(".json"):
-            return _read_json(path)
-        if name.endswith(".parquet"):
-            return _read_parquet(path)
-        if name.endswith(".csv"):
-            return _read_csv(path)
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read: {_first_line(exc)}") from None
-    raise DataError(
-        f"{path}: unsupported file type; use .jsonl, .json, .jsonl.gz, .parquet, .csv "
-        "or a datasets save_to_disk directory"
-    )
-
-
-def _parse_jsonl(lines: Iterable[str], path: Path) -> list[dict]:
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {number}: not valid JSON: {exc.msg}") from None
-        if not isinstance(row, dict):
-            raise DataError(
-                f"{path}: line {number}: expected a JSON object, got {type(row).__name__}"
-            )
-        rows.append(row)
-    return rows
-
-
-def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # many ".json" files on the hub are really JSON Lines
-            return _parse_jsonl(text.splitlines(), path)
-        raise DataError(
-            f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f'{path}: expected a list of objects or {{"data": [...]}}')
-    return _require_objects(data, path)
-
-
-def _read_parquet(path: Path) -> list[dict]:
-    import pyarrow
-    import pyarrow.parquet
-
-    try:
-        return pyarrow.parquet.read_table(path).to_pylist()
-    except pyarrow.ArrowException as exc:
-        raise DataError(f"{path}: not a readable parquet file: {_first_line(exc)}") from None
-
-
-def _read_csv(path: Path) -> list[dict]:
-    # Transcripts are longer than the csv module's default 128 KiB field limit.
-    csv.field_size_limit(2**31 - 1)
-    with open(path, encoding="utf-8", newline="") as handle:
-        try:
-            return list(csv.DictReader(handle))
-        except csv.Error as exc:
-            raise DataError(f"{path}: not a readable CSV file: {exc}") from None
-
-
-def _read_saved_dataset(path: Path, split: str) -> list[dict]:
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as exc:  # the library raises several types for "not a dataset dir"
-        raise DataError(
-            f"{path}: a directory, but not a datasets save_to_disk directory: {_first_line(exc)}"
-        ) from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise DataError(f"{path}: no split {split!r}; splits: {', '.join(loaded)}")
-        loaded = loaded[split]
-    return loaded.to_list()
-
-
-def _read_hub(name: str, split: str) -> list[dict]:
-    import datasets
-
-    try:
-        loaded = datasets.load_dataset(name, split=split)
-    except Exception as exc:  # HTTP, offline-mode, not-found and split errors all end here
-        raise DataError(
-            f"{name!r} is not a local file or directory, and loading it from the Hugging Face "
-            f"Hub (split {split!r}) failed: {_first_line(exc)}. Hub data sets need network "
-            "access; offline, give a local path (.jsonl, .json, .jsonl.gz, .parquet, .csv "
-            "or a save_to_disk directory)"
-        ) from None
-    return loaded.to_list()
-
-
-def _require_objects(rows: Sequence[Any], path: Path) -> list[dict]:
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: item {index}: expected an object, got {type(row).__name__}")
-    return list(rows)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    Every line or item must be a row: the first that is not is a DataError naming it.
+    """
+    source = read_source(path, split)
+    for index, row in enumerate(source.rows):
+        if isinstance(row, Unreadable):
+            where = f"line {source.lines[index]}" if source.lines else f"item {index}"
+            raise DataError(f"{os.path.expanduser(path)}: {where}: {row.detail}")
+    return source.rows
 
 
 # ------------------------------------------------------------------------- format detection
@@ -289,50 +206,82 @@ def detect_format(row: dict) -> str:
     if "chosen" in row and "rejected" in row:
         return "conversational" if isinstance(row["chosen"], list) else "implicit"
     raise DataError(
-        f"cannot detect the data format from the first row's keys {sorted(row)}: expected "
-        "prompt/chosen/rejected (explicit or conversational) or chosen/rejected (implicit); "
-        "set data.format to say which"
+        f"cannot detect the data format from the first row's keys {sorted(map(str, row))}: "
+        "expected prompt/chosen/rejected (explicit or conversational) or chosen/rejected "
+        "(implicit); set data.format to say which"
     )
 
 
-def _resolve_format(configured: str, rows: list[dict]) -> str:
+def _resolve_format(configured: str, rows: Sequence[Any]) -> str:
+    """The configured format, or the one of the first row that has the keys of one.
+
+    Rows before it that are unreadable or lack a field are dropped later, row by row; when
+    no row has the keys of any format, the first row's keys are named in the error.
+    """
     if configured in FORMATS:
         return configured
     if configured != "auto":
         raise DataError(f"data.format={configured!r}: must be auto, {', '.join(FORMATS)}")
-    if not rows:
-        return "auto"
-    return detect_format(rows[0])
+    objects = [row for row in rows if isinstance(row, dict)]
+    for row in objects:
+        if "chosen" in row and "rejected" in row:
+            return detect_format(row)
+    return detect_format(objects[0]) if objects else "auto"
 
 
 # ------------------------------------------------------------------- rows to text pairs
 
 
+def _value(row: dict, key: str) -> Any:
+    if key not in row:
+        raise _Drop(MISSING_FIELD, f"field {key!r} is missing")
+    if row[key] is None:  # parquet, CSV and hub rows give a missing value as null
+        raise _Drop(MISSING_FIELD, f"field {key!r} is null")
+    return row[key]
+
+
 def _text_field(row: dict, key: str) -> str:
-    value = row.get(key)
+    value = _value(row, key)
     if not isinstance(value, str):
-        raise _Drop(MISSING_FIELD)
+        raise _Drop(MISSING_FIELD, f"field {key!r} is {json_type(value)}, expected a string")
     return value
 
 
-def _check_responses(chosen: str, rejected: str) -> None:
-    if not chosen.strip() or not rejected.strip():
-        raise _Drop(EMPTY_RESPONSE)
+def _check_texts(prompt: str, chosen: str, rejected: str) -> None:
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise _Drop(EMPTY_RESPONSE, f"the {name} response is empty")
     if chosen == rejected:
-        raise _Drop(IDENTICAL_RESPONSES)
+        raise _Drop(IDENTICAL_RESPONSES, "chosen and rejected are the same text")
+    if not prompt.strip():
+        raise _Drop(EMPTY_PROMPT, "the prompt is empty")
+
+
+def _check_encodable(text: _TextPair) -> None:
+    """Tokenizers take UTF-8 only: undecodable bytes in the file (kept as lone surrogates by
+    the reader) and JSON-escaped lone surrogates (`\\ud800`) cannot be tokenized."""
+    for name in ("prompt", "chosen", "rejected"):
+        try:
+            getattr(text, name).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _Drop(
+                NOT_UTF8,
+                f"the {name} text is not valid UTF-8 at character {exc.start} "
+                "(bytes that are not UTF-8, or an escaped lone surrogate)",
+            ) from None
 
 
 def _explicit_texts(row: dict) -> _TextPair:
     prompt = _text_field(row, "prompt")
     chosen, rejected = _text_field(row, "chosen"), _text_field(row, "rejected")
-    _check_responses(chosen, rejected)
+    _check_texts(prompt, chosen, rejected)
     return _TextPair(prompt, chosen, rejected)
 
 
 def _implicit_texts(row: dict) -> _TextPair:
     chosen_full, rejected_full = _text_field(row, "chosen"), _text_field(row, "rejected")
     prompt, chosen, rejected = split_implicit(chosen_full, rejected_full)
-    _check_responses(chosen, rejected)
+    _check_texts(prompt, chosen, rejected)
     return _TextPair(prompt, chosen, rejected)
 
 
@@ -346,8 +295,15 @@ def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str]:
     c_at, r_at = chosen.rfind(ASSISTANT_MARKER), rejected.rfind(ASSISTANT_MARKER)
     if c_at >= 0 or r_at >= 0:
         end = len(ASSISTANT_MARKER)
-        if c_at < 0 or r_at < 0 or chosen[: c_at + end] != rejected[: r_at + end]:
-            raise _Drop(DIALOGUES_DIFFER)
+        if c_at < 0 or r_at < 0:
+            which = "rejected" if r_at < 0 else "chosen"
+            raise _Drop(DIALOGUES_DIFFER, f"only the {which} transcript lacks {ASSISTANT_MARKER!r}")
+        if chosen[: c_at + end] != rejected[: r_at + end]:
+            at = len(os.path.commonprefix([chosen[: c_at + end], rejected[: r_at + end]]))
+            raise _Drop(
+                DIALOGUES_DIFFER,
+                f"the transcripts differ at character {at}, before the last {ASSISTANT_MARKER!r}",
+            )
         return chosen[: c_at + end], chosen[c_at + end :], rejected[r_at + end :]
     common = os.path.commonprefix([chosen, rejected])
     tail = re.search(r"\s+\S*$", common)
@@ -355,30 +311,59 @@ def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _messages(value: Any) -> list[dict]:
-    valid = isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in value
-    )
-    if not valid or not value:
-        raise _Drop(MISSING_FIELD)
+def _messages(row: dict, key: str) -> list[dict]:
+    """The message list in `row[key]`: each an object with a known role and string content."""
+    value = _value(row, key)
+    if not isinstance(value, list):
+        raise _Drop(MISSING_FIELD, f"field {key!r} is {json_type(value)}, expected a list of messages")
+    if not value:
+        reason = EMPTY_PROMPT if key == "prompt" else EMPTY_RESPONSE
+        raise _Drop(reason, f"field {key!r} is an empty list of messages")
+    for number, message in enumerate(value):
+        where = f"message {number} of {key!r}"
+        if not isinstance(message, dict):
+            raise _Drop(MISSING_FIELD, f"{where} is {json_type(message)}, expected an object")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str):
+            raise _Drop(MISSING_FIELD, f"{where}: 'role' is {_missing_or_type(message, 'role')}")
+        if role not in ROLES:
+            raise _Drop(BAD_ROLES, f"{where} has role {role!r}, expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise _Drop(MISSING_FIELD, f"{where}: 'content' is {_missing_or_type(message, 'content')}")
     return value
+
+
+def _missing_or_type(message: dict, key: str) -> str:
+    if key not in message:
+        return "missing"
+    return f"{json_type(message[key])}, expected a string"
 
 
 def _has_text(messages: list[dict]) -> bool:
     return any(m["content"].strip() for m in messages)
 
 
+def _last_turn_is_assistant(key: str, messages: list[dict]) -> None:
+    role = messages[-1]["role"]
+    if role != "assistant":
+        raise _Drop(
+            NO_FINAL_ASSISTANT_TURN, f"the last message of {key!r} is from {role!r}, not the assistant"
+        )
+
+
 def _conversation_parts(row: dict) -> tuple[list[dict], list[dict], list[dict]]:
     """(prompt messages, chosen response messages, rejected response messages)."""
-    chosen, rejected = _messages(row.get("chosen")), _messages(row.get("rejected"))
-    if "prompt" in row:
-        return _messages(row["prompt"]), chosen, rejected
+    prompt = _messages(row, "prompt") if "prompt" in row else None
+    chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+    _last_turn_is_assistant("chosen", chosen)
+    _last_turn_is_assistant("rejected", rejected)
+    if prompt is not None:
+        return prompt, chosen, rejected
     # Implicit conversational: full dialogues that differ only in the last assistant message.
-    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-        raise _Drop(NO_FINAL_ASSISTANT_TURN)
     if chosen[:-1] != rejected[:-1]:
-        raise _Drop(DIALOGUES_DIFFER)
+        raise _Drop(DIALOGUES_DIFFER, "the chosen and rejected dialogues differ before their last message")
+    if not chosen[:-1]:
+        raise _Drop(EMPTY_PROMPT, "the dialogues hold only the assistant's reply, no prompt")
     return chosen[:-1], chosen[-1:], rejected[-1:]
 
 
@@ -402,7 +387,9 @@ class _ChatRenderer:
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # jinja raises its own types, templates raise anything
-            raise DataError(f"the chat template failed: {_first_line(exc)}") from None
+            # Templates reject rows they cannot render (e.g. roles that do not alternate):
+            # that costs the row, not the run.
+            raise _Drop(TEMPLATE_REJECTED, f"the chat template rejected it: {first_line(exc)}") from None
         if not isinstance(text, str):
             raise DataError("the chat template did not render to text")
         return text
@@ -436,10 +423,13 @@ class _ChatRenderer:
 
     def texts(self, row: dict) -> _TextPair:
         prompt, chosen, rejected = _conversation_parts(row)
-        if not _has_text(chosen) or not _has_text(rejected):
-            raise _Drop(EMPTY_RESPONSE)
+        for name, reply in (("chosen", chosen), ("rejected", rejected)):
+            if not _has_text(reply):
+                raise _Drop(EMPTY_RESPONSE, f"the {name} response is empty")
         if chosen == rejected:
-            raise _Drop(IDENTICAL_RESPONSES)
+            raise _Drop(IDENTICAL_RESPONSES, "chosen and rejected are the same messages")
+        if not _has_text(prompt):
+            raise _Drop(EMPTY_PROMPT, "the prompt messages are empty")
         prompt_text = self.render(prompt, add_generation_prompt=True)
         chosen_text, chosen_closed = self.response(prompt_text, prompt, chosen)
         rejected_text, rejected_closed = self.response(prompt_text, prompt, rejected)
@@ -548,16 +538,22 @@ def _finish_pair(
 ) -> tuple[TokenizedPair, bool]:
     """EOS, truncation and the last checks; raises _Drop for a pair that cannot be kept."""
     prompt, chosen, rejected = ids
-    if not chosen or not rejected:
-        raise _Drop(EMPTY_RESPONSE)
+    for name, response in (("chosen", chosen), ("rejected", rejected)):
+        if not response:
+            raise _Drop(EMPTY_RESPONSE, f"the {name} response has no tokens")
     chosen = _with_eos(chosen, tokenizer.eos_token_id, text.chosen_closed)
     rejected = _with_eos(rejected, tokenizer.eos_token_id, text.rejected_closed)
+    full_prompt = len(prompt)
     prompt, chosen, rejected, cut = truncate(prompt, chosen, rejected, cfg, tokenizer.bos_token_id)
     if not chosen or not rejected:
-        raise _Drop(NOTHING_LEFT)
+        raise _Drop(
+            NOTHING_LEFT,
+            f"no response token fits: the prompt ({full_prompt} tokens, cut to {len(prompt)}) "
+            f"fills data.max_length={cfg.max_length}",
+        )
     if not prompt:
         # The first response token is scored from the token before it: there must be one.
-        raise _Drop(EMPTY_PROMPT)
+        raise _Drop(EMPTY_PROMPT, "the prompt has no tokens (and the tokenizer adds no BOS)")
     return TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), index), cut
 
 
@@ -574,25 +570,48 @@ def _require_eos(tokenizer: Any) -> int:
 
 
 def build_pairs(
-    rows: list[dict], tokenizer: Any, cfg: DataConfig, source: str
+    rows: Sequence[Any],
+    tokenizer: Any,
+    cfg: DataConfig,
+    source: str,
+    *,
+    lines: Sequence[int] | None = None,
 ) -> tuple[list[TokenizedPair], DataReport]:
-    """Normalise, tokenize, and fit each row; dropped rows are counted in the report."""
+    """Validate, normalise, tokenize and fit each row.
+
+    A row that cannot become a pair is counted in the report under its reason, with where it
+    is (`lines`: the 1-based line of each row in its file, when it has lines) and what is
+    wrong; with `cfg.strict` the first such row is a DataError instead.
+    """
     _require_eos(tokenizer)
     fmt = _resolve_format(cfg.format, rows)
     report = DataReport(source=source, format=fmt, total=len(rows))
-    if not rows:
-        return [], report
-    normalise = _normaliser(fmt, tokenizer)
+
+    def drop(index: int, problem: _Drop) -> None:
+        line = lines[index] if lines is not None else None
+        if cfg.strict:
+            raise DataError(
+                f"{source}: {location(index, line)}: {problem.detail} ({problem.reason}; "
+                "data.strict=true stops at the first bad row)"
+            )
+        report.record_drop(problem.reason, index, problem.detail, line)
+
+    normalise = _normaliser(fmt, tokenizer) if fmt in FORMATS else None
     texts: list[tuple[int, _TextPair]] = []
     for index, row in enumerate(rows):
         try:
-            if not isinstance(row, dict):
-                raise _Drop(MISSING_FIELD)
-            texts.append((index, normalise(row)))
-        except _Drop as drop:
-            report.record_drop(drop.reason, index)
+            if isinstance(row, Unreadable):
+                raise _Drop(row.reason, row.detail)
+            if not isinstance(row, dict) or normalise is None:
+                raise _Drop(NOT_AN_OBJECT, f"expected an object, got {json_type(row)}")
+            text = normalise(row)
+            _check_encodable(text)
+            texts.append((index, text))
+        except _Drop as problem:
+            drop(index, problem)
         except DataError as exc:  # a chat-template problem: say where it showed up
-            raise DataError(f"{source}: row {index}: {exc}") from None
+            line = lines[index] if lines is not None else None
+            raise DataError(f"{source}: {location(index, line)}: {exc}") from None
     pairs: list[TokenizedPair] = []
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         chunk = texts[start : start + TOKENIZE_CHUNK]
@@ -600,8 +619,8 @@ def build_pairs(
         for (index, text), pair_ids in zip(chunk, ids):
             try:
                 pair, cut = _finish_pair(index, text, pair_ids, tokenizer, cfg)
-            except _Drop as drop:
-                report.record_drop(drop.reason, index)
+            except _Drop as problem:
+                drop(index, problem)
                 continue
             pairs.append(pair)
             report.truncated += cut
@@ -611,9 +630,11 @@ def build_pairs(
 
 
 def load_preference_data(
-    cfg: DataConfig, tokenizer: Any, split: str = "train"
+    cfg: DataConfig, tokenizer: Any, split: str = "train", *, allow_empty: bool = False
 ) -> tuple[list[TokenizedPair], DataReport]:
-    """Pairs and report of the train or eval split; a DataError when no pair survives."""
+    """Pairs and report of the train or eval split: the validation pass that precompute-ref
+    and train run before any model work. A DataError when no pair survives, unless
+    `allow_empty` (for `lora-dpo data check`, which prints the report first)."""
     if split == "train":
         path, source_split = cfg.train_path, cfg.train_split
     elif split == "eval":
@@ -622,14 +643,21 @@ def load_preference_data(
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if not path:
         raise DataError(f"data.{split}_path is empty: no {split} data configured")
-    rows = load_rows(path, source_split)
+    source = read_source(path, source_split)
+    rows, lines = source.rows, source.lines
     if cfg.max_pairs > 0:
         rows = rows[: cfg.max_pairs]
-    pairs, report = build_pairs(rows, tokenizer, cfg, source=path)
-    if not pairs:
-        why = ", ".join(f"{reason}: {n}" for reason, n in report.dropped.items()) or "no rows"
-        raise DataError(f"{path}: no usable preference pair out of {report.total} rows ({why})")
+        lines = lines[: cfg.max_pairs] if lines is not None else None
+    pairs, report = build_pairs(rows, tokenizer, cfg, source=path, lines=lines)
+    if not pairs and not allow_empty:
+        raise DataError(no_pairs_message(report))
     return pairs, report
+
+
+def no_pairs_message(report: DataReport) -> str:
+    why = ", ".join(f"{reason}: {n}" for reason, n in report.dropped.items()) or "no rows"
+    first = f"; first: {report.first_problem()}" if report.dropped else ""
+    return f"{report.source}: no usable preference pair out of {report.total} rows ({why}{first})"
 
 
 def tokenization_settings(tokenizer: Any, cfg: DataConfig) -> dict:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from lora_dpo.cache import sha256_file, write_json
 from lora_dpo.config import LoraConfig, ModelConfig
 from lora_dpo.errors import ConfigError
 
@@ -19,7 +22,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """This process's GPU (torchrun's LOCAL_RANK picks one per process), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -31,10 +37,11 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_tokenizer(cfg: ModelConfig):
     path = _require_model_path(cfg)
+    _check_hub_access(path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except OSError as exc:
-        raise ConfigError(f"model.name_or_path={path!r}: cannot load its tokenizer: {exc}") from None
+    except (OSError, ValueError) as exc:  # not found, no network, custom code not trusted
+        raise ConfigError(_load_failure(path, "its tokenizer", exc)) from None
 
 
 def load_base_model(
@@ -50,6 +57,7 @@ def load_base_model(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
+    _check_hub_access(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -58,8 +66,8 @@ def load_base_model(
             device_map={"": str(device)},
             trust_remote_code=cfg.trust_remote_code,
         )
-    except OSError as exc:
-        raise ConfigError(f"model.name_or_path={path!r}: cannot load the model: {exc}") from None
+    except (OSError, ValueError) as exc:  # not found, no network, custom code not trusted
+        raise ConfigError(_load_failure(path, "the model", exc)) from None
     disable_cpu_weight_repack(model)
     model.requires_grad_(False)
     return model
@@ -134,26 +142,118 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: 
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
+def resolve_model_dir(cfg: ModelConfig) -> Path | None:
+    """The local directory holding the model's files: the path itself, or the hub cache's
+    snapshot of a hub name (None when it has not been downloaded)."""
+    path = Path(_require_model_path(cfg)).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(cfg.name_or_path, local_files_only=True))
+    except Exception:  # not a hub name, or not in the local hub cache
+        return None
+
+
 def weights_fingerprint(cfg: ModelConfig) -> str:
-    """sha256 over the model's weight files (names, sizes, contents), for the cache identity."""
-    path = Path(_require_model_path(cfg))
-    if not path.is_dir():
-        return f"name:{cfg.name_or_path}"
-    files = sorted(
-        p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")
-    )
+    """sha256 over the model's weight files (names, sizes, contents), for the cache identity.
+
+    Hashing 16 GB of weights takes minutes, so each file's digest is memoised by its resolved
+    path, size and modification time: any rewrite of a weight file changes the fingerprint.
+    """
+    directory = resolve_model_dir(cfg)
+    if directory is None:
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path!r}: not a local directory and not in the "
+            "local hub cache"
+        )
+    files = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not files:
-        raise ConfigError(f"model.name_or_path={str(path)!r}: no weight files found")
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: no weight files in {directory}")
+    memo = FingerprintMemo.load()
     digest = hashlib.sha256()
     for weight_file in files:
-        digest.update(f"{weight_file.name}:{weight_file.stat().st_size}\n".encode())
-        with weight_file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
+        digest.update(f"{weight_file.name}:{memo.file_digest(weight_file)}\n".encode())
+    memo.save()
     return digest.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class FingerprintMemo:
+    """sha256 of weight files, keyed by (resolved path, size, mtime), in the user's cache dir."""
+
+    def __init__(self, path: Path, entries: dict[str, str]):
+        self.path, self.entries, self.changed = path, entries, False
+
+    @classmethod
+    def load(cls) -> "FingerprintMemo":
+        home = Path(os.environ.get("LORA_DPO_CACHE_HOME", Path.home() / ".cache" / "lora-dpo"))
+        path = home / "weight-fingerprints.json"
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):  # absent or damaged: start afresh, it is only a memo
+            entries = {}
+        return cls(path, entries if isinstance(entries, dict) else {})
+
+    def file_digest(self, weight_file: Path) -> str:
+        real = weight_file.resolve()  # hub snapshots are symlinks into a blob store
+        stat = real.stat()
+        key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in self.entries:
+            self.entries[key] = sha256_file(real)
+            self.changed = True
+        return self.entries[key]
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:
+            write_json(self.path, self.entries)
+        except OSError as exc:  # a read-only home only costs re-hashing next time
+            log.warning("could not save weight fingerprints to %s: %s", self.path, exc)
+
+
 def _require_model_path(cfg: ModelConfig) -> str:
-    if not cfg.name_or_path:
+    path = cfg.name_or_path
+    if not path:
         raise ConfigError("model.name_or_path is not set: give a local model directory or hub name")
-    return cfg.name_or_path
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return path
+    if local.exists():
+        raise ConfigError(f"model.name_or_path={path!r}: a file, not a model directory")
+    # A hub name is "owner/name" or "name"; anything else can only be a local path.
+    if path.startswith(("/", ".", "~")) or "\\" in path or path.count("/") > 1:
+        raise ConfigError(f"model.name_or_path={path!r}: no such directory")
+    return path
+
+
+def _check_hub_access(path: str) -> None:
+    """A hub name with no network fails in seconds, not after half a minute of retries."""
+    if not Path(path).expanduser().is_dir():
+        from lora_dpo.hub import go_offline_if_unreachable
+
+        go_offline_if_unreachable()
+
+
+def _load_failure(path: str, what: str, exc: BaseException) -> str:
+    """One line: transformers' messages run over several lines and carry advice for its own API."""
+    from lora_dpo.hub import offline_mode, offline_reason
+
+    text = str(exc).strip()
+    if "trust_remote_code" in text:
+        return (
+            f"model.name_or_path={path!r}: the repository ships its own Python code, which "
+            "runs only with model.trust_remote_code=true (set it only if you trust that code)"
+        )
+    if not Path(path).expanduser().is_dir() and offline_mode():
+        return (
+            f"model.name_or_path={path!r}: not a local directory and not in the local Hugging "
+            f"Face cache, and {offline_reason()}; download it where there is network, or give "
+            "a local directory"
+        )
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"model.name_or_path={path!r}: cannot load {what}: {first[:300]}"

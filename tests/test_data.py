@@ -562,3 +562,62 @@ def test_tiny_tokenizer_is_deterministic_fast_and_llama_like(tmp_path, bpe_dir):
     assert tokenizer("Hello there")["input_ids"] == [tokenizer.bos_token_id] + plain
     chat = tokenizer.apply_chat_template([user("Hi")], tokenize=False, add_generation_prompt=True)
     assert chat.startswith("<s>") and chat.endswith("<|assistant|>\n")
+
+
+# ------------------------------------------------------------------------------- data check
+
+
+def test_report_keeps_the_first_rows_of_each_reason_with_their_lines_and_details():
+    from lora_dpo.data import DataReport
+
+    report = DataReport(source="s", format="explicit", total=20)
+    # Two passes (text, then tokens) record out of order: the smallest rows are kept, aligned.
+    for index in (9, 3, 7, 1, 8, 2, 0, 5):
+        report.record_drop(EMPTY_RESPONSE, index, f"detail {index}", line=index + 10)
+    assert report.dropped == {EMPTY_RESPONSE: 8}
+    assert report.examples[EMPTY_RESPONSE] == [0, 1, 2, 3, 5]
+    assert report.example_lines[EMPTY_RESPONSE] == [10, 11, 12, 13, 15]
+    assert report.example_details[EMPTY_RESPONSE] == [f"detail {i}" for i in (0, 1, 2, 3, 5)]
+    assert "line 10 (row 0): detail 0" in report.summary()
+    assert report.first_problem() == "line 10 (row 0): detail 0"
+
+
+def hh_rlhf_quirks(path: Path) -> tuple[list[int], list[int]]:
+    """Rows whose transcripts differ before the last assistant turn, and rows with an empty
+    response, found straight from the file (an oracle for the data check)."""
+    marker = "\n\nAssistant:"
+    with gzip.open(path, "rt", encoding="utf-8") as lines:
+        rows = [json.loads(line) for line in lines if line.strip()]
+    differ, empty = [], []
+    for index, row in enumerate(rows):
+        cut = {key: row[key].rfind(marker) + len(marker) for key in ("chosen", "rejected")}
+        if row["chosen"][: cut["chosen"]] != row["rejected"][: cut["rejected"]]:
+            differ.append(index)
+        elif any(not row[key][cut[key]:].strip() for key in ("chosen", "rejected")):
+            empty.append(index)
+    return differ, empty
+
+
+def test_data_check_on_real_hh_rlhf_reports_its_quirks(llama_dir, capsys):
+    from lora_dpo.cli import main
+
+    path = shared_data("hh-rlhf-harmless-base", "test.jsonl.gz")
+    differ, empty = hh_rlhf_quirks(path)
+    assert (len(differ), len(empty)) == (5, 4)  # as ../shared/data/README.md says
+    args = ["data", "check", f"model.name_or_path={llama_dir}", f"data.train_path={path}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    print("\n" + out)
+    assert "implicit format, 2312 rows, 2303 pairs kept, 9 dropped" in out
+    assert f"dropped 5 {DIALOGUES_DIFFER} (rows {', '.join(map(str, differ))})" in out
+    assert f"dropped 4 {EMPTY_RESPONSE} (rows {', '.join(map(str, empty))})" in out
+    for index in differ:
+        assert f"line {index + 1} (row {index}): the transcripts differ at character" in out
+    for index in empty:
+        assert f"line {index + 1} (row {index}): the chosen response is empty" in out
+    assert out.rstrip().endswith("data check: usable (train 2303 pairs)")
+
+    assert main(args + ["data.strict=true"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    first = min(differ + empty)
+    assert error.startswith(f"error: {path}: line {first + 1} (row {first}): the chosen response is empty")
