@@ -3,17 +3,42 @@
 If the two stages computed log π(y|x) differently, the implicit reward at step 0 would not be
 zero. So there is exactly one function, and it is exact: fp32 log-softmax, explicit shift,
 explicit response mask.
+
+Memory: only the hidden states at response positions reach the LM head (prompt and padding
+logits are never computed), and those N tokens go through the head `chunk_size` at a time, so
+at most a [chunk_size, V] block of logits exists at once, never [N, V] or [2B, T, V]:
+
+- a frozen plain linear head (the LoRA case: peft never trains the LM head unless asked)
+  takes the fused path, `_FrozenHeadLogps`: each chunk's forward also computes the exact
+  gradient of its log-probs with respect to the hidden states ([C, H], a few bytes per token)
+  and then frees the logits, so backward needs no recompute and the head gets no weight
+  gradient. Two matmuls per chunk instead of the three that checkpointing takes;
+- any other head (a trainable or adapter-wrapped one) takes the checkpointed path: each
+  chunk's logits are recomputed in backward (activation checkpointing per chunk).
+
+Both paths compute the values with the same operations and are tested against the plain
+full-logits oracle, values and gradients.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from lora_dpo.batching import IGNORE_INDEX, PairBatch
+from lora_dpo.batching import PackedPairBatch, PairBatch
+from lora_dpo.errors import ConfigError
+
+# Response tokens per LM-head chunk. At a 128,256 vocabulary one chunk of fp32 logits is
+# 263 MB; the fused path holds about one such block at a time (two with soft-capping).
+DEFAULT_LOGITS_CHUNK_SIZE = 512
+
+# Architectures whose attention code prefix sharing is tested against (custom 4D masks,
+# explicit position ids, sliding windows); others are refused rather than trusted.
+PREFIX_SHARING_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma2")
 
 
 @dataclass
@@ -40,53 +65,231 @@ class SequenceLogps:
         return self.tokens[len(self.tokens) // 2 :]
 
 
-def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+@dataclass
+class LogitHead:
+    """The LM head with the touches some models add after it (Cohere's logit scale, Gemma 2's
+    final soft-capping). Calling it maps hidden states [.., H] to fp32 logits [.., V]: the
+    linear map runs in the model's dtype, the touches in fp32."""
+
+    module: torch.nn.Module  # the output embedding, possibly wrapped by peft
+    scale: float | None  # logits *= scale
+    softcap: float | None  # logits = softcap * tanh(logits / softcap)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.module(hidden).float()
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @property
+    def frozen_linear(self) -> bool:
+        """A plain, frozen `nn.Linear` (not a peft or bitsandbytes subclass): the fused path."""
+        return type(self.module) is torch.nn.Linear and not any(
+            p.requires_grad for p in self.module.parameters()
+        )
+
+
+def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, LogitHead]:
     """(decoder, head) of a causal LM, through a peft wrapper if there is one.
 
     `head` maps hidden states to the logits the model itself would return, including the
     non-linear touches some heads have (Gemma 2's final soft-capping, Cohere's logit scale).
     Anything else unusual is refused rather than silently mis-computed.
     """
-    base: PreTrainedModel = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     config = base.config.get_text_config()
-    for attribute in ("output_multiplier_scale", "logits_scaling", "mup_width_multiplier"):
+    for attribute in ("output_multiplier_scale", "logits_scaling", "mup_width_multiplier", "lm_head_multiplier"):
         if getattr(config, attribute, None) not in (None, 1, 1.0):
             raise NotImplementedError(
                 f"{type(base).__name__} rescales its logits ({attribute}); not supported yet"
             )
-    lm_head = base.get_output_embeddings()
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-
-    def head(hidden: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(hidden)
-        if scale is not None:
-            logits = logits * scale
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
+    head = LogitHead(
+        module=base.get_output_embeddings(),
+        scale=getattr(config, "logit_scale", None),
+        softcap=getattr(config, "final_logit_softcapping", None),
+    )
     return base.get_decoder(), head
 
 
-def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> SequenceLogps:
-    """Per-sequence sums of response-token log-probs for a [2B, T] batch.
+def sequence_logps(
+    model: torch.nn.Module,
+    batch: PairBatch | PackedPairBatch,
+    chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
+) -> SequenceLogps:
+    """Per-sequence sums of response-token log-probs of a batch of B pairs.
 
-    Only the hidden states at response positions reach the LM head: prompt and padding
-    logits are never computed. Position t predicts token t+1, hence the shift.
+    `batch` is a right-padded [2B, T] PairBatch, or a PackedPairBatch with one row per pair
+    (prompt + chosen + rejected; the prompt is forwarded once). Either way the batch names
+    the N response tokens: which hidden state predicts each (position t predicts token t+1,
+    hence the shift), its target id and its sequence (chosen rows 0..B-1, rejected B..2B-1).
     """
     decoder, head = causal_lm_parts(model)
-    input_ids, labels = batch.input_ids, batch.labels  # [2B, T]
-    assert input_ids.shape == labels.shape == batch.attention_mask.shape, "batch shapes differ"
-    hidden = decoder(
-        input_ids=input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).last_hidden_state  # [2B, T, H]
-    targets = labels[:, 1:]  # [2B, T-1] the token each position predicts
-    predicted = targets != IGNORE_INDEX  # [2B, T-1]
-    rows = predicted.nonzero(as_tuple=True)[0]  # [N] which sequence each response token is in
-    response_hidden = hidden[:, :-1][predicted]  # [N, H]
-    logits = head(response_hidden).float()  # [N, V] fp32 before the softmax
-    token_logps = logits.log_softmax(dim=-1).gather(-1, targets[predicted].unsqueeze(-1))
-    sums = torch.zeros(len(input_ids), dtype=torch.float32, device=hidden.device)
-    sums = sums.index_add(0, rows, token_logps.squeeze(-1))  # [2B]
-    return SequenceLogps(logps=sums, tokens=predicted.sum(dim=1))
+    if isinstance(batch, PackedPairBatch):
+        inputs = packed_decoder_inputs(model, batch)
+    else:
+        assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape, "batch shapes differ"
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state  # [R, T, H]
+    predictors, targets, rows = batch.response_tokens()  # [N] each
+    response_hidden = hidden.reshape(-1, hidden.shape[-1])[predictors]  # [N, H]
+    token_logps = response_token_logps(head, response_hidden, targets, chunk_size)  # [N] fp32
+    sequences = 2 * batch.num_pairs
+    sums = torch.zeros(sequences, dtype=torch.float32, device=hidden.device)
+    sums = sums.index_add(0, rows, token_logps)  # [2B]
+    return SequenceLogps(logps=sums, tokens=torch.bincount(rows, minlength=sequences))
+
+
+def response_token_logps(
+    head: LogitHead, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE
+) -> torch.Tensor:
+    """log softmax(head(hidden))[target] per token, fp32 [N], chunk_size tokens at a time."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    assert hidden.ndim == 2 and targets.shape == hidden.shape[:1], "expected hidden [N, H], targets [N]"
+    if head.frozen_linear:
+        # (forward runs with grad mode off, so whether a gradient is wanted is decided here)
+        wants_grad = torch.is_grad_enabled() and hidden.requires_grad
+        return _FrozenHeadLogps.apply(hidden, targets, head, chunk_size, wants_grad)
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head.module.parameters())
+    )
+    pieces = []
+    for start in range(0, len(hidden), chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]  # [C, H], [C]
+        if needs_grad:  # keep only h and t; the [C, V] logits are recomputed in backward
+            pieces.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(head, h, t))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _chunk_logps(head: LogitHead, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return _log_softmax_at(head(hidden), targets, inplace=False)[0]  # [C]
+
+
+def _log_softmax_at(
+    logits: torch.Tensor, targets: torch.Tensor, inplace: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log softmax(logits)[target] [C], exp(logits - max) [C, V] and its row sums [C].
+
+    `inplace` reuses the logits' memory (one [C, V] buffer instead of three); the out-of-place
+    variant is for autograd. Both run the same operations, so they give the same bits.
+    """
+    maxes = logits.amax(dim=-1, keepdim=True)  # [C, 1]
+    shifted = logits.sub_(maxes) if inplace else logits - maxes
+    target = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [C]
+    exps = shifted.exp_() if inplace else shifted.exp()
+    totals = exps.sum(dim=-1)  # [C]
+    return target - totals.log(), exps, totals
+
+
+class _FrozenHeadLogps(torch.autograd.Function):
+    """Chunked log-probs through a frozen linear head, with the gradient folded into forward.
+
+    For one token, with z = scale·(W h + b), l = softcap·tanh(z / softcap) and p = softmax(l):
+        d log p[y] / d l = onehot(y) - p
+        d log p[y] / d h = ((onehot(y) - p) · (1 - tanh²(z / softcap)) · scale) W
+    Forward computes this [H] vector per token while the chunk's logits exist, then frees
+    them; backward only scales it by the incoming gradient. Exact, no recompute, no [N, V].
+    """
+
+    @staticmethod
+    def forward(
+        ctx, hidden: torch.Tensor, targets: torch.Tensor, head: LogitHead, chunk_size: int, wants_grad: bool
+    ) -> torch.Tensor:
+        weight, bias = head.module.weight, head.module.bias  # [V, H], [V] or None
+        logps = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)  # [N]
+        grads = torch.empty_like(hidden) if wants_grad else None  # [N, H]
+        for start in range(0, len(hidden), chunk_size):
+            h = hidden[start : start + chunk_size]  # [C, H]
+            t = targets[start : start + chunk_size]  # [C]
+            # [C, V]: the same operations as LogitHead, in place where they can be
+            logits = F.linear(h, weight, bias).float()
+            if head.scale is not None:
+                logits.mul_(head.scale)
+            tanh = None
+            if head.softcap:  # a second [C, V] buffer: backward needs tanh
+                tanh = logits.div_(head.softcap).tanh_()
+                logits = tanh * head.softcap
+            logps[start : start + len(h)], exps, totals = _log_softmax_at(logits, t, inplace=True)
+            del logits  # exps is the same memory; dropped below before the next chunk's is made
+            if not wants_grad:
+                del exps, tanh
+                continue
+            # In place, exps becomes d log p[y] / d z: onehot - p, through the cap and the scale.
+            grad_logits = exps.div_(totals.unsqueeze(-1)).neg_()
+            grad_logits.scatter_add_(-1, t.unsqueeze(-1), torch.ones_like(t, dtype=grad_logits.dtype).unsqueeze(-1))
+            if tanh is not None:
+                grad_logits.mul_(tanh.square_().neg_().add_(1.0))
+            if head.scale is not None:
+                grad_logits.mul_(head.scale)
+            grads[start : start + len(h)] = grad_logits.to(weight.dtype) @ weight  # [C, H]
+            del exps, grad_logits, tanh  # one chunk of logits at a time, not two
+        if wants_grad:
+            ctx.save_for_backward(grads)
+        return logps
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps: torch.Tensor):  # grad_logps [N]
+        (grads,) = ctx.saved_tensors
+        grad_hidden = (grads * grad_logps.unsqueeze(-1)).to(grads.dtype)  # [N, H]
+        return grad_hidden, None, None, None, None
+
+
+def packed_decoder_inputs(model: torch.nn.Module, batch: PackedPairBatch) -> dict:
+    """Decoder keyword arguments for a packed batch: ids, restarting position ids, and the
+    block mask as the model's attention code takes a custom 4D mask (an additive float mask
+    for eager and sdpa; one per layer type where layers differ, with sliding windows applied)."""
+    config = check_prefix_sharing_support(model)
+    dtype = next(p for p in _base_model(model).parameters() if p.is_floating_point()).dtype
+    visible = batch.visibility()  # [B, L, L] bool, query x key
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+
+    def additive(allowed: torch.Tensor) -> torch.Tensor:  # [B, 1, L, L]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+    def windowed() -> torch.Tensor:
+        distance = batch.position_ids.unsqueeze(2) - batch.position_ids.unsqueeze(1)  # [B, L, L]
+        # Like transformers' sliding window: a key is seen while q - k < window (pads see themselves).
+        return visible & ((distance < window) | torch.eye(visible.shape[-1], dtype=torch.bool, device=visible.device))
+
+    if layer_types is not None:
+        masks = {"full_attention": additive(visible)}
+        if "sliding_attention" in layer_types:
+            masks["sliding_attention"] = additive(windowed())
+        attention_mask = masks
+    elif window is not None:  # Mistral: every layer slides
+        attention_mask = additive(windowed())
+    else:
+        attention_mask = additive(visible)
+    return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "attention_mask": attention_mask}
+
+
+def check_prefix_sharing_support(model: torch.nn.Module):
+    """The text config, if prefix sharing is tested for this model; otherwise a clear error."""
+    config = _base_model(model).config.get_text_config()
+    if config.model_type not in PREFIX_SHARING_ARCHITECTURES:
+        raise ConfigError(
+            f"train.prefix_sharing=true: not supported for model type {config.model_type!r} "
+            f"(tested: {', '.join(PREFIX_SHARING_ARCHITECTURES)}); set it to false"
+        )
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in ("eager", "sdpa"):
+        raise ConfigError(
+            f"train.prefix_sharing=true needs eager or sdpa attention (custom 4D masks); "
+            f"this model uses {implementation!r}"
+        )
+    if set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}:
+        raise ConfigError(
+            f"train.prefix_sharing=true: layer types {sorted(set(config.layer_types))} are not supported"
+        )
+    return config
+
+
+def _base_model(model: torch.nn.Module) -> PreTrainedModel:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -1,0 +1,144 @@
+"""`lora-dpo plan`: weight counts against real models (exact), nf4 bytes against a real
+bitsandbytes model, LoRA counts against peft; the memory settings it assumes are the ones the
+trainer uses; the three 24 GB recipes fit; the CLI prints a breakdown or a clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lora_dpo.cli import main
+from lora_dpo.config import LoraConfig, ModelConfig, load_config
+from lora_dpo.errors import ConfigError
+from lora_dpo.model import attach_lora, load_base_model
+from lora_dpo.plan import NF4_BYTES_PER_WEIGHT, Architecture, estimate, find_model_config
+from lora_dpo.tiny_model import ARCHITECTURES, tiny_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# The public config.json values of the three recipes' models (architecture fields only).
+RECIPE_MODELS = {
+    "llama3.1-8b.yaml": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+                         "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                         "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False},
+    "qwen2.5-7b.yaml": {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
+                        "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                        "num_key_value_heads": 4, "tie_word_embeddings": False},
+    "mistral-7b.yaml": {"model_type": "mistral", "vocab_size": 32768, "hidden_size": 4096,
+                        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                        "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False},
+}
+
+
+def saved_model(tmp_path: Path, arch: str, hidden: int = 64) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=300, hidden_size=hidden))
+    model.save_pretrained(str(tmp_path / arch))
+    return tmp_path / arch, model
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_weight_counts_are_exact(tmp_path, arch: str):
+    path, model = saved_model(tmp_path, arch)
+    plan_arch = Architecture.from_config_json(path / "config.json")
+    linear = sum(
+        m.weight.numel() for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in name
+    )
+    assert plan_arch.linear_weights == linear
+    assert plan_arch.linear_weights + plan_arch.other_weights == sum(p.numel() for p in model.parameters())
+
+
+def test_nf4_bytes_match_bitsandbytes(tmp_path):
+    path, _ = saved_model(tmp_path, "llama", hidden=128)
+    model = load_base_model(ModelConfig(name_or_path=str(path)), quantize=True, dtype=torch.float32,
+                            device=torch.device("cpu"))
+    import bitsandbytes as bnb
+
+    stored = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            # packed 4-bit codes, 8-bit block scales, fp32 second-level scales (the 16- and
+            # 256-entry lookup tables are per layer, not per weight)
+            stored += module.weight.numel() * module.weight.element_size()
+            stored += state.absmax.numel() * state.absmax.element_size()
+            stored += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    expected = Architecture.from_config_json(path / "config.json").linear_weights * NF4_BYTES_PER_WEIGHT
+    assert stored == pytest.approx(expected, rel=0.01)
+
+
+def test_lora_counts_match_peft(tmp_path):
+    path, _ = saved_model(tmp_path, "qwen2")
+    arch = Architecture.from_config_json(path / "config.json")
+    for targets in (["all-linear"], ["q_proj", "v_proj"]):
+        base = load_base_model(ModelConfig(name_or_path=str(path)), quantize=True, dtype=torch.float32,
+                               device=torch.device("cpu"))
+        policy = attach_lora(base, LoraConfig(r=4, target_modules=targets), gradient_checkpointing=True)
+        trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        assert arch.lora_weights(4, targets) == trainable
+
+
+def test_the_memory_settings_the_plan_assumes(tmp_path):
+    """nf4 linear weights, the rest of the base in the compute dtype (no fp32 copy), LoRA in
+    fp32, gradient checkpointing on by default, paged 8-bit AdamW by default on CUDA."""
+    from lora_dpo.config import TrainConfig
+
+    path, _ = saved_model(tmp_path, "llama")
+    base = load_base_model(ModelConfig(name_or_path=str(path)), quantize=True, dtype=torch.bfloat16,
+                           device=torch.device("cpu"))
+    assert TrainConfig().gradient_checkpointing and TrainConfig().optimizer == "auto"
+    policy = attach_lora(base, LoraConfig(), gradient_checkpointing=TrainConfig().gradient_checkpointing)
+    base_model = policy.get_base_model()
+    assert getattr(base_model, "is_activation_checkpointing", None) or base_model.is_gradient_checkpointing
+    for name, param in policy.named_parameters():
+        if param.requires_grad:
+            assert "lora_" in name and param.dtype == torch.float32, name
+        elif param.dtype == torch.uint8:
+            assert any(p in name for p in ("_proj",)), name  # nf4: the decoder's linear layers only
+        else:
+            assert param.dtype == torch.bfloat16, name  # embeddings, norms, LM head
+    train_source = (Path(__file__).resolve().parents[1] / "lora_dpo" / "train.py").read_text()
+    assert '"paged_adamw_8bit" if device.type == "cuda"' in train_source
+
+
+def write_model_config(tmp_path: Path, fields: dict) -> Path:
+    path = tmp_path / f"{fields['model_type']}-config.json"
+    path.write_text(json.dumps(fields))
+    return path
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_MODELS))
+def test_the_24gb_recipes_fit(tmp_path, recipe: str):
+    config = load_config(CONFIGS / recipe)
+    arch = Architecture.from_config_json(write_model_config(tmp_path, RECIPE_MODELS[recipe]))
+    plan = estimate(config, arch)
+    assert 6 * 2**30 < plan.total < 24 * 2**30, plan.render(24)
+    assert "fits a 24 GiB card" in plan.render(24)
+    # without checkpointing the same recipe would not fit: the estimate responds to settings
+    config.train.gradient_checkpointing = False
+    assert estimate(config, arch).total > 24 * 2**30
+
+
+def test_cli_prints_the_breakdown(tmp_path, capsys):
+    model_config = write_model_config(tmp_path, RECIPE_MODELS["llama3.1-8b.yaml"])
+    code = main(["plan", "--config", str(CONFIGS / "llama3.1-8b.yaml"), "--model-config", str(model_config)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "base weights, linear layers (nf4)" in out and "one logits chunk (512 tokens x 128256 vocab)" in out
+    code = main(["plan", "--config", str(CONFIGS / "llama3.1-8b.yaml"), "--model-config", str(model_config),
+                 "--gpu-gib", "8"])
+    assert code == 0 and "does NOT fit a 8 GiB card" in capsys.readouterr().out
+
+
+def test_cli_without_a_config_json_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    code = main(["plan", "model.name_or_path=someone/not-downloaded-model"])
+    assert code == 2
+    assert "plan needs its config.json" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no such config.json"):
+        find_model_config(load_config(None, ["model.name_or_path=x"]), str(tmp_path / "missing.json"))
