@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lora_dpo.distributed import all_reduce_
+from lora_dpo.loggers import MetricLogger, NullLogger
 from lora_dpo.loss import DPOOutput
 from lora_dpo.logps import SequenceLogps
 
@@ -25,21 +29,26 @@ PAIR_METRICS = (
 
 
 class WindowMeter:
-    """Sums over the pairs and steps since the last log; `.item()` happens only in `flush`."""
+    """Sums over the pairs and steps since the last log, kept on the device; the one host sync
+    happens in `flush`. Steps whose loss or gradient was not finite are counted, not averaged."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(len(PAIR_METRICS), dtype=torch.float64, device=self.device)
-        self.grad_norms = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.pairs = 0
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.sums = zeros(len(PAIR_METRICS))  # over pairs of finite steps
+        self.pairs = zeros()
+        self.grad_norms = zeros()  # over finite steps
+        self.finite_flags: list[torch.Tensor] = []  # one 0-d bool per step of the window
+        self.step_pairs: list[list[int]] = []  # source rows of each step's pairs
         self.steps = 0
         self.tokens = 0
         self.started = time.perf_counter()
 
-    def add_pairs(self, out: DPOOutput, policy: SequenceLogps, tokens: int) -> None:
+    def add_pairs(self, out: DPOOutput, policy: SequenceLogps, tokens: int) -> torch.Tensor:
+        """Stage a micro-batch; returns its 0-d finite flag (on the device)."""
         margins = out.chosen_rewards - out.rejected_rewards  # [B]
         accuracies = (margins > 0).double() + 0.5 * (margins == 0).double()  # ties count half
         per_pair = torch.stack(
@@ -53,37 +62,119 @@ class WindowMeter:
                 policy.rejected.detach().double(),
             ]
         )  # [M, B]
-        self.sums += per_pair.sum(dim=1)
-        self.pairs += len(margins)
+        finite = torch.isfinite(per_pair).all()
+        self._staged.append((torch.where(finite, per_pair.sum(dim=1), 0.0), len(margins), finite))
         self.tokens += tokens
+        return finite
 
-    def add_step(self, grad_norm: torch.Tensor) -> None:
-        self.grad_norms += grad_norm.double()
+    def begin_step(self) -> None:
+        self._staged: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+
+    def end_step(self, grad_norm: torch.Tensor, finite: torch.Tensor, source_rows: list[int]) -> None:
+        """Commit the step's micro-batches when the whole step was finite (no sync)."""
+        for sums, pairs, _ in self._staged:
+            self.sums += torch.where(finite, sums, 0.0)
+            self.pairs += finite.double() * pairs
+        self.grad_norms += torch.where(finite, grad_norm.double(), 0.0)
+        self.finite_flags.append(finite)
+        self.step_pairs.append(source_rows)
         self.steps += 1
 
-    def flush(self) -> dict[str, float]:
-        """Means over the window; one device sync, here and only here."""
-        values = (self.sums / max(self.pairs, 1)).tolist()
+    def flush(self) -> tuple[dict[str, float], list[tuple[bool, list[int]]]]:
+        """(means over the window, (finite, source rows) of each of its steps); the window's
+        one host sync."""
+        # Under torchrun: sums over all ranks (steps are skipped alike on every rank).
+        totals = torch.cat([self.sums, self.pairs.view(1), torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.device)])
+        all_reduce_(totals)
+        self.sums, self.pairs, self.tokens = totals[:-2], totals[-2], int(totals[-1].item())
+        flags = torch.stack(self.finite_flags).tolist() if self.finite_flags else []
+        good_steps = sum(flags)
+        values = (self.sums / self.pairs.clamp(min=1)).tolist()
         elapsed = time.perf_counter() - self.started
-        metrics = dict(zip(PAIR_METRICS, values))
-        metrics["grad_norm"] = self.grad_norms.item() / max(self.steps, 1)
+        metrics = dict(zip(PAIR_METRICS, values)) if good_steps else dict.fromkeys(PAIR_METRICS, math.nan)
+        metrics["grad_norm"] = self.grad_norms.item() / max(good_steps, 1) if good_steps else math.nan
+        metrics["skipped_steps"] = len(flags) - good_steps
         metrics["step_time_s"] = elapsed / max(self.steps, 1)
         metrics["tokens_per_s"] = self.tokens / elapsed if elapsed > 0 else 0.0
+        peak = peak_memory_mb(self.device)
+        if peak is not None:
+            metrics["peak_memory_mb"] = peak
+        steps = list(zip(flags, self.step_pairs))
         self.reset()
-        return metrics
+        return metrics, steps
+
+    def state_dict(self) -> dict[str, Any]:
+        """The window so far, for a checkpoint taken between logging steps (syncs once)."""
+        return {
+            "sums": self.sums.tolist(),
+            "pairs": self.pairs.item(),
+            "grad_norms": self.grad_norms.item(),
+            "finite_flags": [bool(f) for f in self.finite_flags],
+            "step_pairs": self.step_pairs,
+            "steps": self.steps,
+            "tokens": self.tokens,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.sums, self.pairs, self.grad_norms = (as_tensor(state[k]) for k in ("sums", "pairs", "grad_norms"))
+        self.finite_flags = [torch.tensor(f, device=self.device) for f in state["finite_flags"]]
+        self.step_pairs = state["step_pairs"]
+        self.steps, self.tokens = state["steps"], state["tokens"]
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak since the process started: CUDA memory allocated by tensors on a GPU, the
+    process's peak resident set size on the CPU (None where the OS does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 class MetricsFile:
-    """Appends one JSON object per record to `metrics.jsonl`."""
+    """Appends one JSON object per record to `metrics.jsonl`, stamped with `elapsed_s` (wall
+    seconds since `started`), and passes the same record to `logger` (TensorBoard, W&B)."""
 
-    def __init__(self, path: Path):
+    def __init__(
+        self,
+        path: Path,
+        logger: MetricLogger | None = None,
+        started: float | None = None,
+        keep_until_step: int | None = None,
+    ):
+        """A new file, or with `keep_until_step` (a resumed run) the records up to that step."""
         self.path = path
+        self.logger = logger or NullLogger()
+        self.started = time.perf_counter() if started is None else started
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
+        kept = []
+        if keep_until_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until_step]
+        path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
+        record = {**record, "elapsed_s": time.perf_counter() - self.started}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        self.logger.log(record)
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+class NullMetricsFile:
+    """What ranks other than 0 write to under torchrun: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def console_line(step: int, total: int, metrics: dict[str, float]) -> str:
@@ -92,4 +183,5 @@ def console_line(step: int, total: int, metrics: dict[str, float]) -> str:
         f"acc {metrics['rewards/accuracies']:.2f} | margin {metrics['rewards/margins']:+.3f} | "
         f"lr {metrics['lr']:.2e} | grad {metrics['grad_norm']:.3f} | "
         f"{metrics['step_time_s']:.2f} s/step | {metrics['tokens_per_s']:.0f} tok/s"
+        + (f" | peak {metrics['peak_memory_mb']:.0f} MB" if "peak_memory_mb" in metrics else "")
     )

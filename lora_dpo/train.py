@@ -2,29 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
+import shutil
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
-from lora_dpo.batching import collate, length_grouped_batches, pad_id_of
-from lora_dpo.cache import ReferenceCache
+from lora_dpo.batching import collate, collate_packed, length_grouped_batches, pad_id_of
+from lora_dpo.cache import ReferenceCache, atomic_write
+from lora_dpo.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
 from lora_dpo.config import Config, TrainConfig, dump_config
-from lora_dpo.data import TokenizedPair, load_preference_data
-from lora_dpo.errors import ConfigError
+from lora_dpo.data import DataReport, TokenizedPair, load_preference_data
+from lora_dpo.distributed import DistInfo, all_gather_objects, all_reduce_, barrier, dist_info
+from lora_dpo.errors import CacheError, ConfigError, LoraDpoError, TrainingInterrupted
 from lora_dpo.evaluate import EvalMetrics, evaluate
 from lora_dpo.identity import open_checked_cache, policy_precision
-from lora_dpo.logps import sequence_logps
-from lora_dpo.loss import dpo_loss
-from lora_dpo.metrics import MetricsFile, WindowMeter, console_line
-from lora_dpo.model import attach_lora, default_device, load_base_model, load_tokenizer
+from lora_dpo.loggers import check_backends, open_logger
+from lora_dpo.logps import SequenceLogps, check_prefix_sharing_support, sequence_logps
+from lora_dpo.loss import preference_loss
+from lora_dpo.metrics import MetricsFile, NullMetricsFile, WindowMeter, console_line
+from lora_dpo.model import (
+    attach_lora,
+    default_device,
+    load_base_model,
+    load_tokenizer,
+    resolve_model_dir,
+)
+from lora_dpo.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +55,49 @@ class TrainResult:
     eval_after: EvalMetrics | None
 
 
-def train(config: Config) -> TrainResult:
-    """Setup, train, save. Writes config.yaml, metrics.jsonl and adapter/ under output_dir."""
+@dataclass
+class RunInputs:
+    """What a training run reads besides its `train` settings; a sweep loads it once."""
+
+    tokenizer: Any
+    pairs: list[TokenizedPair]
+    eval_pairs: list[TokenizedPair]
+    data_report: DataReport
+    cache: ReferenceCache
+    base: torch.nn.Module  # the frozen (4-bit) base, without adapters
+    device: torch.device
+
+
+def load_run_inputs(config: Config) -> RunInputs:
+    """Data, the checked reference cache, then the base model."""
+    device = default_device()
+    optimizer_name(config.train, device)  # an impossible optimizer costs nothing to find out
+    precision = policy_precision(config, device)
+    # Data and reference values first: a cache problem should cost seconds, not a model load.
+    tokenizer = load_tokenizer(config.model)
+    pairs, report = load_preference_data(config.data, tokenizer, "train")
+    log.info("train data: %s", report.summary())
+    eval_pairs = load_preference_data(config.data, tokenizer, "eval")[0] if config.data.eval_path else []
+    def load_base() -> torch.nn.Module:
+        return load_base_model(
+            config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
+        )
+
+    # A hub model not downloaded yet has no weights to fingerprint before it is loaded.
+    base = None if resolve_model_dir(config.model) else load_base()
+    cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
+    cache.check_covers([p.pair_hash for p in pairs], [p.source_index for p in pairs], "train")
+    cache.check_covers([p.pair_hash for p in eval_pairs], [p.source_index for p in eval_pairs], "eval")
+    base = base or load_base()
+    return RunInputs(tokenizer, pairs, eval_pairs, report, cache, base, device)
+
+
+def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = False) -> TrainResult:
+    """Setup, train, save. Writes config.yaml, metrics.jsonl and adapter/ under output_dir.
+
+    With `resume`, continues from the latest checkpoint in output_dir: same data order, same
+    RNG, so the losses equal those of an uninterrupted run.
+    """
     cfg = config.train
     output_dir = Path(cfg.output_dir)
     if (output_dir / "adapter").exists() and not cfg.overwrite_output_dir:
@@ -48,127 +105,357 @@ def train(config: Config) -> TrainResult:
             f"train.output_dir={str(output_dir)!r} already holds a trained run; choose another "
             "directory or set train.overwrite_output_dir=true"
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(dump_config(config))
+    info = dist_info()  # under torchrun: this process's rank; only rank 0 writes files
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    if info.is_main:
+        if not resume:
+            for stale in checkpoint_dirs(output_dir):  # an overwritten run's checkpoints
+                shutil.rmtree(stale)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(output_dir / "config.yaml", lambda tmp: tmp.write_text(dump_config(config)))
     seed_everything(cfg.seed)
-    device = default_device()
-    precision = policy_precision(config, device)
+    started = time.perf_counter()  # wall time in metrics.jsonl counts from here
+    check_backends(cfg.report_to)  # a missing tensorboard/wandb costs seconds, not a model load
+    inputs = inputs or load_run_inputs(config)
+    if info.is_main:
+        (output_dir / "data_report.json").write_text(json.dumps(inputs.data_report.to_dict(), indent=2) + "\n")
+    device, cache = inputs.device, inputs.cache
 
-    # Data and reference values first: a cache problem should cost seconds, not a model load.
-    tokenizer = load_tokenizer(config.model)
-    pairs, report = load_preference_data(config.data, tokenizer, "train")
-    eval_pairs = load_preference_data(config.data, tokenizer, "eval")[0] if config.data.eval_path else []
-    (output_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    log.info("train data: %s", report.summary())
-    cache = open_checked_cache(config, tokenizer, precision)
-    cache.check_covers([p.pair_hash for p in pairs], [p.source_index for p in pairs], "train")
-    cache.check_covers([p.pair_hash for p in eval_pairs], [p.source_index for p in eval_pairs], "eval")
-
-    base = load_base_model(
-        config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
-    )
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
-    policy = attach_lora(base, config.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+    policy = attach_lora(inputs.base, config.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.prefix_sharing:
+        check_prefix_sharing_support(policy)  # refused now, not at the first batch
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg, device)
-    total_steps = count_optimizer_steps(len(pairs), cfg)
+    total_steps = count_optimizer_steps(len(inputs.pairs), cfg, info.world_size)
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps
     )
-    pad_id = pad_id_of(tokenizer)
+    pad_id = pad_id_of(inputs.tokenizer)
+    step0_tolerance = None if config.train.accept_cache_mismatch else step0_tolerance_for(cache)
 
     def run_eval() -> EvalMetrics | None:
-        if not eval_pairs:
-            return None
-        return evaluate(policy, eval_pairs, cache, cfg.beta, pad_id, cfg.per_device_batch_size, device)
+        """On rank 0 (the others wait): evaluation is a small fraction of a run."""
+        metrics = None
+        if inputs.eval_pairs and info.is_main:
+            metrics = evaluate(policy, inputs.eval_pairs, cache, cfg.beta, pad_id, cfg.per_device_batch_size, device)
+        barrier()
+        return metrics
 
-    metrics_file = MetricsFile(output_dir / "metrics.jsonl")
-    eval_before = run_eval()
-    if eval_before:
-        metrics_file.write({"step": 0, **eval_before.to_dict()})
-    history = train_loop(policy, optimizer, scheduler, pairs, cache, cfg, total_steps, pad_id, device, metrics_file)
-    eval_after = run_eval()
-    if eval_after:
-        metrics_file.write({"step": total_steps, **eval_after.to_dict()})
+    meter = WindowMeter(device)
+    start_step = 0
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, policy, optimizer, scheduler, info.rank, info.world_size)
+        start_step = state["step"]
+        meter.load_state_dict(state["meter"])
+        step0_tolerance = None  # the policy has trained: it is not the reference any more
+        log.info("resuming %s from %s (step %d of %d)", output_dir, checkpoint.name, start_step, total_steps)
+    metrics_file = (
+        MetricsFile(
+            output_dir / "metrics.jsonl",
+            open_logger(cfg.report_to, output_dir, config.to_dict()),
+            started,
+            keep_until_step=start_step if checkpoint is not None else None,
+        )
+        if info.is_main
+        else NullMetricsFile()
+    )
+    eval_before = None
+    if checkpoint is None:
+        eval_before = run_eval()
+        if eval_before:
+            metrics_file.write({"step": 0, **eval_before.to_dict()})
+    loop = TrainLoop(policy, optimizer, scheduler, inputs.pairs, cache, cfg, pad_id, device, info)
+    with StopOnSignal() as stop:
+        history, eval_after = loop.run(
+            total_steps, start_step, meter, metrics_file, run_eval, step0_tolerance, stop,
+            save=lambda step, meter_state: save_checkpoint(
+                output_dir, step, policy, optimizer, scheduler, meter_state, cfg.save_total_limit
+            ),
+        )
 
+    if not all(torch.isfinite(p).all() for p in trainable):  # cannot happen: skipped steps
+        raise LoraDpoError("the trained adapter holds non-finite values; it was not saved")
     adapter_dir = output_dir / "adapter"
-    policy.save_pretrained(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-    log.info("adapter saved to %s", adapter_dir)
+    if info.is_main:
+        policy.save_pretrained(str(adapter_dir))
+        inputs.tokenizer.save_pretrained(str(adapter_dir))
+        log.info("adapter saved to %s", adapter_dir)
+        metrics_file.close()
+        write_report(output_dir)  # report.png + report.md; health warnings go to the console too
+    barrier()
     return TrainResult(output_dir, adapter_dir, history, policy, eval_before, eval_after)
 
 
-def train_loop(
-    policy: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    pairs: Sequence[TokenizedPair],
-    cache: ReferenceCache,
-    cfg: TrainConfig,
-    total_steps: int,
-    pad_id: int,
-    device: torch.device,
-    metrics_file: MetricsFile,
-) -> list[dict[str, float]]:
-    policy.train()
-    meter = WindowMeter(device)
-    history = []
-    progress = tqdm(total=total_steps, desc="train", unit="step")
-    for step, micro_batches in enumerate(optimizer_steps(pairs, cfg), start=1):
-        pairs_in_step = sum(len(indices) for indices in micro_batches)
-        for indices in micro_batches:
-            batch = collate([pairs[i] for i in indices], pad_id)
-            tokens = int(batch.attention_mask.sum())  # counted on the CPU: no device sync
-            batch = batch.to(device)
-            ref_chosen, ref_rejected = (t.to(device) for t in cache.lookup(batch.pair_hashes))
-            policy_logps = sequence_logps(policy, batch)  # chosen and rejected in one forward
-            out = dpo_loss(policy_logps.chosen, policy_logps.rejected, ref_chosen, ref_rejected, cfg.beta)
-            # Sum over pairs / pairs in the step: accumulation gives the mean of one big batch.
-            (out.losses.sum() / pairs_in_step).backward()
-            meter.add_pairs(out, policy_logps, tokens)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+class PairLogpsModule(torch.nn.Module):
+    """The policy with the log-prob function as its forward: the module DDP wraps."""
+
+    def __init__(self, policy: torch.nn.Module, chunk_size: int):
+        super().__init__()
+        self.policy = policy
+        self.chunk_size = chunk_size
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        out = sequence_logps(self.policy, batch, self.chunk_size)
+        return out.logps, out.tokens
+
+
+def rank_state(meter: WindowMeter) -> dict[str, Any]:
+    """What a checkpoint keeps per rank: the metric window and the RNG states (dropout)."""
+    state = {"meter": meter.state_dict(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    return state
+
+
+class StopOnSignal:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each optimizer step, so the run
+    stops at a step boundary with a checkpoint instead of dying mid-update."""
+
+    def __enter__(self) -> "StopOnSignal":
+        self.signal_name: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+@dataclass
+class TrainLoop:
+    policy: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    pairs: Sequence[TokenizedPair]
+    cache: ReferenceCache
+    cfg: TrainConfig
+    pad_id: int
+    device: torch.device
+    dist: DistInfo = DistInfo()
+
+    def __post_init__(self) -> None:
+        # Under torchrun the log-prob function runs through DDP, which all-reduces the LoRA
+        # gradients (the frozen base is not synchronised: every rank loaded the same weights).
+        self.ddp = None
+        if self.dist.enabled:
+            module = PairLogpsModule(self.policy, self.cfg.logits_chunk_size)
+            frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+            frozen += [n for n, _ in module.named_buffers()]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+            self.ddp = DistributedDataParallel(
+                module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+
+    def run(
+        self,
+        total_steps: int,
+        start_step: int,
+        meter: WindowMeter,
+        metrics_file: MetricsFile,
+        run_eval: Callable[[], EvalMetrics | None],
+        step0_tolerance: float | None,
+        stop: StopOnSignal,
+        save: Callable[[int, dict[str, Any]], Path],
+    ) -> tuple[list[dict[str, float]], EvalMetrics | None]:
+        """Optimizer steps start_step+1 .. total_steps; returns the logged records and the
+        final eval (run at the last step)."""
+        cfg = self.cfg
+        self.policy.train()
+        history: list[dict[str, float]] = []
+        last_eval = None
+        consecutive_skips = 0
+        quiet = {} if self.dist.is_main else {"disable": True}  # one bar per job, not per rank
+        progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", **quiet)
+        steps = optimizer_steps(self.pairs, cfg, self.dist.rank, self.dist.world_size)
+        for step, (micro_batches, pairs_in_step) in enumerate(steps, start=1):
+            if step <= start_step:
+                continue  # a resumed run: these batches were trained before the checkpoint
+            check = step0_tolerance if step == start_step + 1 == 1 else None
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
+            grad_norm, finite = self.step(micro_batches, pairs_in_step, meter, check)
+            progress.update(1)
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                metrics, window = meter.flush()  # the only host sync of the window
+                record = {"step": step, "lr": lr, **metrics}
+                metrics_file.write(record)
+                history.append(record)
+                if self.dist.is_main:
+                    progress.write(console_line(step, total_steps, record))
+                consecutive_skips = self.report_skips(window, consecutive_skips, step)
+            if step == total_steps or (cfg.eval_steps > 0 and step % cfg.eval_steps == 0):
+                last_eval = run_eval()
+                if last_eval:
+                    metrics_file.write({"step": step, **last_eval.to_dict()})
+            stopping = self.agree_to_stop(stop)
+            if stopping or (cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps):
+                rank_states = all_gather_objects(rank_state(meter))
+                path = save(step, rank_states) if self.dist.is_main else None
+                barrier()
+                if stopping:
+                    progress.close()
+                    raise TrainingInterrupted(
+                        f"{stop.signal_name} at step {step}/{total_steps}: checkpoint saved to {path}; "
+                        f"continue with: lora-dpo train --resume {Path(cfg.output_dir)}",
+                        stop.signal_name or "SIGTERM",
+                    )
+        progress.close()
+        return history, last_eval
+
+    def step(
+        self,
+        micro_batches: list[list[int]],
+        pairs_in_step: int,
+        meter: WindowMeter,
+        step0_tolerance: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over this rank's micro-batches; skipped on the device if not finite."""
+        cfg = self.cfg
+        meter.begin_step()
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        rows: list[int] = []
+        for number, indices in enumerate(micro_batches):
+            pack = collate_packed if cfg.prefix_sharing else collate  # prompt once per pair, or twice
+            batch = pack([self.pairs[i] for i in indices], self.pad_id)
+            tokens = batch.sequence_tokens  # counted on the CPU: no device sync
+            rows += batch.source_indices
+            batch = batch.to(self.device)
+            ref_chosen, ref_rejected = (t.to(self.device) for t in self.cache.lookup(batch.pair_hashes))
+            # Under DDP, gradients are all-reduced once per step: on its last micro-batch.
+            last = number == len(micro_batches) - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                policy_logps = self.logps(batch)  # chosen and rejected in one forward
+                if step0_tolerance is not None and number == 0:
+                    check_step0_agreement(policy_logps, ref_chosen, ref_rejected, step0_tolerance)
+                out = preference_loss(
+                    policy_logps.chosen, policy_logps.rejected, ref_chosen, ref_rejected, cfg.beta,
+                    loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, rpo_alpha=cfg.rpo_alpha,
+                    # the policy's counts are the cache's: the same pair, the same tokens
+                    chosen_tokens=policy_logps.chosen_tokens, rejected_tokens=policy_logps.rejected_tokens,
+                )
+                # Sum over pairs / pairs in the global step: accumulation gives the mean of one
+                # big batch. DDP averages gradients over ranks, so each share is scaled back up.
+                (out.losses.sum() * (self.dist.world_size / pairs_in_step)).backward()
+            finite = finite & meter.add_pairs(out, policy_logps, tokens)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]  # the rate this update uses
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        meter.add_step(grad_norm)
-        progress.update(1)
-        if step % cfg.logging_steps == 0 or step == total_steps:
-            record = {"step": step, "lr": lr, **meter.flush()}  # the only sync of the window
-            metrics_file.write(record)
-            history.append(record)
-            progress.write(console_line(step, total_steps, record))
-    progress.close()
-    return history
+        finite = finite & torch.isfinite(grad_norm)
+        finite = all_reduce_(finite.to(torch.int32), "min").bool()  # every rank skips alike
+        finite_step(self.optimizer, params, finite)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        meter.end_step(grad_norm, finite, rows)
+        return grad_norm, finite
+
+    def logps(self, batch: Any) -> SequenceLogps:
+        if self.ddp is None:
+            return sequence_logps(self.policy, batch, self.cfg.logits_chunk_size)
+        return SequenceLogps(*self.ddp(batch))
+
+    def agree_to_stop(self, stop: "StopOnSignal") -> bool:
+        """Whether any rank was signalled; under torchrun all ranks must stop at the same step
+        (this costs one tiny collective per optimizer step there, none in one process)."""
+        if not self.dist.enabled:
+            return stop.signal_name is not None
+        flag = torch.tensor([int(stop.signal_name is not None)], device=self.device)
+        return bool(all_reduce_(flag, "max").item())
+
+    def report_skips(self, window: list[tuple[bool, list[int]]], consecutive: int, step: int) -> int:
+        """Log the window's skipped steps with their pairs; stop once max_consecutive_skips
+        steps in a row were skipped. Returns the run of skips the window ends with."""
+        skipped_rows: list[list[int]] = []
+        for finite, rows in window:
+            consecutive = 0 if finite else consecutive + 1
+            if not finite:
+                skipped_rows.append(rows)
+            if consecutive >= self.cfg.max_consecutive_skips:
+                raise LoraDpoError(
+                    f"stopping: {consecutive} optimizer steps in a row had a non-finite loss or "
+                    f"gradient (train.max_consecutive_skips={self.cfg.max_consecutive_skips}); pairs "
+                    f"of the skipped steps (source rows): {skipped_rows}. Check these rows and the "
+                    "reference cache (lora-dpo cache verify)"
+                )
+        if skipped_rows:
+            log.warning(
+                "up to step %d: skipped %d update(s) with a non-finite loss or gradient; "
+                "their pairs (source rows): %s", step, len(skipped_rows), skipped_rows,
+            )
+        return consecutive
 
 
-def optimizer_steps(pairs: Sequence[TokenizedPair], cfg: TrainConfig) -> Iterator[list[list[int]]]:
-    """Micro-batches (lists of pair indices) grouped per optimizer step, across epochs.
+def finite_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], finite: torch.Tensor) -> None:
+    """optimizer.step(), undone on the device when `finite` is False: no host sync per step.
 
-    Each epoch reshuffles with its own seed; the step count is global, so the learning-rate
-    schedule runs once over the whole run instead of restarting every epoch.
+    Costs one copy of the trainable weights and their optimizer state (the adapters only).
     """
+    with torch.no_grad():
+        for param in params:
+            if param.grad is not None:
+                param.grad = torch.where(finite, param.grad, torch.zeros_like(param.grad))
+        tensors = list(params) + [
+            value
+            for param in params
+            for value in optimizer.state.get(param, {}).values()
+            if isinstance(value, torch.Tensor) and value.is_floating_point()
+        ]
+        before = [t.clone() for t in tensors]
+        optimizer.step()
+        for tensor, old in zip(tensors, before):
+            tensor.copy_(torch.where(finite, tensor, old))
+
+
+def optimizer_steps(
+    pairs: Sequence[TokenizedPair], cfg: TrainConfig, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple[list[list[int]], int]]:
+    """(this rank's micro-batches as lists of pair indices, pairs in the global step) for each
+    optimizer step, across epochs.
+
+    The pairs of a step are a global batch of per_device_batch_size x world_size x
+    gradient_accumulation_steps similar-length pairs, split evenly over the ranks and then into
+    micro-batches: the order depends on the global batch only, so one process with
+    accumulation sees the same steps as several without. Each epoch reshuffles with its own
+    seed; the step count is global, so the learning-rate schedule runs once over the whole run
+    instead of restarting every epoch. A last global batch with fewer pairs than ranks is left
+    out of its epoch (every rank needs a pair).
+    """
+    global_batch = cfg.per_device_batch_size * world_size * cfg.gradient_accumulation_steps
     step = 0
     for epoch in range(cfg.epochs):
-        batches = length_grouped_batches(pairs, cfg.per_device_batch_size, seed=cfg.seed + epoch)
-        for start in range(0, len(batches), cfg.gradient_accumulation_steps):
+        for step_pairs in length_grouped_batches(pairs, global_batch, seed=cfg.seed + epoch):
+            if len(step_pairs) < world_size:
+                continue
             if step == cfg.max_steps:
                 return
             step += 1
-            yield batches[start : start + cfg.gradient_accumulation_steps]
+            share = even_split(step_pairs, world_size)[rank]
+            micro_batches = math.ceil(len(share) / cfg.per_device_batch_size)
+            yield even_split(share, micro_batches), len(step_pairs)
 
 
-def count_optimizer_steps(num_pairs: int, cfg: TrainConfig) -> int:
-    batches = math.ceil(num_pairs / cfg.per_device_batch_size)
-    per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
+def even_split(items: list[int], parts: int) -> list[list[int]]:
+    """`parts` consecutive slices whose sizes differ by at most one."""
+    size, extra = divmod(len(items), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
+
+
+def count_optimizer_steps(num_pairs: int, cfg: TrainConfig, world_size: int = 1) -> int:
+    global_batch = cfg.per_device_batch_size * world_size * cfg.gradient_accumulation_steps
+    per_epoch = num_pairs // global_batch + (num_pairs % global_batch >= world_size)
     total = per_epoch * cfg.epochs
     return min(total, cfg.max_steps) if cfg.max_steps > 0 else total
 
 
-def build_optimizer(
-    params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
-) -> torch.optim.Optimizer:
+def optimizer_name(cfg: TrainConfig, device: torch.device) -> str:
+    """The optimizer `train.optimizer` means on this device; an impossible choice is an error."""
     name = cfg.optimizer
     if name == "auto":
         name = "paged_adamw_8bit" if device.type == "cuda" else "adamw_torch"
@@ -177,6 +464,13 @@ def build_optimizer(
             "train.optimizer=paged_adamw_8bit needs CUDA (on the CPU bitsandbytes silently "
             "falls back to non-paged); use adamw_8bit or adamw_torch"
         )
+    return name
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    name = optimizer_name(cfg, device)
     kwargs = {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}
     if name == "adamw_torch":
         return torch.optim.AdamW(params, **kwargs)
@@ -185,6 +479,37 @@ def build_optimizer(
     if name == "adamw_8bit":
         return bnb.optim.AdamW8bit(params, **kwargs)
     return bnb.optim.PagedAdamW8bit(params, **kwargs)
+
+
+def step0_tolerance_for(cache: ReferenceCache) -> float | None:
+    """Largest allowed mean per-token gap between the untrained policy and the cache.
+
+    A cache built at the policy's own precision must agree with the policy at init (LoRA B = 0)
+    up to float rounding from different batch shapes; anything more means another model,
+    template or tokenizer slipped past the fingerprints. A reference at another precision by
+    design differs, so its gap is only reported.
+    """
+    if cache.manifest["reference"]["mode"] != "policy":
+        return None
+    return 1e-4 if cache.manifest["reference"]["dtype"] == "float32" else 2e-2
+
+
+def check_step0_agreement(
+    policy_logps: SequenceLogps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, tolerance: float
+) -> None:
+    """Stop when the policy at init disagrees with the cached reference (one sync, step 1 only)."""
+    policy = torch.cat([policy_logps.chosen, policy_logps.rejected]).detach()  # [2B]
+    reference = torch.cat([ref_chosen, ref_rejected])  # [2B]
+    per_token = (policy - reference).abs() / policy_logps.tokens.clamp(min=1)  # [2B]
+    # Non-finite values are the skip logic's business (the step will not be applied).
+    gap = torch.nan_to_num(per_token, nan=0.0, posinf=0.0).max().item()
+    log.info("step-0 check: policy at init vs cached reference, max mean per-token gap %.2e", gap)
+    if gap > tolerance:
+        raise CacheError(
+            f"the policy at init disagrees with the cached reference by {gap:.3g} nats per token "
+            f"(allowed {tolerance:g}): the cache was built from another model, template or "
+            "tokenizer; rebuild it, or set train.accept_cache_mismatch=true if this is deliberate"
+        )
 
 
 def seed_everything(seed: int) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +30,7 @@ from lora_dpo.cache import (
 from lora_dpo.config import Config, dump_config
 from lora_dpo.errors import CacheError
 from lora_dpo.data import TokenizedPair, load_preference_data
+from lora_dpo.distributed import barrier, dist_info
 from lora_dpo.identity import Precision, reference_identity, reference_precision
 from lora_dpo.logps import sequence_logps
 from lora_dpo.model import default_device, load_base_model, load_tokenizer
@@ -48,24 +50,46 @@ def precompute_reference(config: Config) -> Path:
     for name, (_, report) in splits.items():
         log.info("%s data: %s", name, report.summary())
 
-    identity = reference_identity(config, tokenizer)
     precision = reference_precision(config, device)
     model = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
     )
     model.eval()
+    identity = reference_identity(config, tokenizer)  # after the load: a hub model is local now
     # A shard is reused on resume only if it was written for this exact reference and data.
     stamp = _identity_stamp(identity, precision)
     # Until the new manifest is written the cache is incomplete: an interrupted rebuild must
     # not leave an old manifest pointing at shards that were rewritten since.
-    (cache_dir / MANIFEST).unlink(missing_ok=True)
+    if dist_info().is_main:
+        (cache_dir / MANIFEST).unlink(missing_ok=True)
+    barrier()
 
     started = time.perf_counter()
-    shards: list[dict[str, Any]] = []
-    for split, (pairs, _) in splits.items():
-        shards += _precompute_split(
-            model, pairs, split, config, cache_dir, len(shards), stamp, pad_id_of(tokenizer), device
-        )
+    plan = plan_shards(splits, config)
+    info = dist_info()
+    # Under torchrun each rank scores every world_size-th shard; the shards are the same as in
+    # one process, so the cache is too.
+    mine = plan[info.rank :: info.world_size]
+    quiet = {} if info.is_main else {"disable": True}  # one bar per job, not per rank
+    progress = tqdm(total=sum(len(spec.indices) for spec in mine), desc="reference log-probs", unit="pair", **quiet)
+    pad_id = pad_id_of(tokenizer)
+    for spec in mine:
+        pairs = splits[spec.split][0]
+        shard_pairs = [pairs[i] for i in spec.indices]
+        path = cache_dir / spec.file
+        if _reusable_shard(path, shard_pairs, stamp):
+            progress.update(len(shard_pairs))
+        else:
+            records = _score(model, shard_pairs, config, pad_id, device, progress)
+            write_shard(path, records, spec.split, extra_metadata={"identity": stamp})
+    progress.close()
+    barrier()  # every shard is on disk
+    if not info.is_main:
+        return cache_dir
+    shards = [
+        {"file": spec.file, "split": spec.split, "pairs": len(spec.indices), "sha256": sha256_file(cache_dir / spec.file)}
+        for spec in plan
+    ]
     elapsed = time.perf_counter() - started
 
     manifest = {
@@ -100,36 +124,23 @@ def _identity_stamp(identity: dict[str, Any], precision: Precision) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _precompute_split(
-    model: torch.nn.Module,
-    pairs: Sequence[TokenizedPair],
-    split: str,
-    config: Config,
-    cache_dir: Path,
-    first_shard: int,
-    stamp: str,
-    pad_id: int,
-    device: torch.device,
-) -> list[dict[str, Any]]:
-    """Length-sorted batches (little padding), cut into shards of `shard_size` pairs."""
-    batches = length_sorted_batches(pairs, config.precompute.batch_size)
-    order = [i for batch in batches for i in batch]
+@dataclass(frozen=True)
+class ShardSpec:
+    file: str
+    split: str
+    indices: list[int]  # into the split's pairs, in scoring order
+
+
+def plan_shards(splits: dict[str, tuple[Sequence[TokenizedPair], Any]], config: Config) -> list[ShardSpec]:
+    """Each split in length-sorted order (little padding), cut into shards of `shard_size` pairs;
+    shards are numbered across splits. Deterministic: resume and ranks rely on it."""
+    specs: list[ShardSpec] = []
     size = config.precompute.shard_size
-    entries = []
-    progress = tqdm(total=len(order), desc=f"reference log-probs ({split})", unit="pair")
-    for offset in range(0, len(order), size):
-        indices = order[offset : offset + size]
-        path = cache_dir / shard_name(first_shard + len(entries))
-        shard_pairs = [pairs[i] for i in indices]
-        if _reusable_shard(path, shard_pairs, stamp):
-            progress.update(len(indices))
-            checksum = sha256_file(path)
-        else:
-            records = _score(model, shard_pairs, config, pad_id, device, progress)
-            checksum = write_shard(path, records, split, extra_metadata={"identity": stamp})
-        entries.append({"file": path.name, "split": split, "pairs": len(indices), "sha256": checksum})
-    progress.close()
-    return entries
+    for split, (pairs, _) in splits.items():
+        order = [i for batch in length_sorted_batches(pairs, config.precompute.batch_size) for i in batch]
+        for offset in range(0, len(order), size):
+            specs.append(ShardSpec(shard_name(len(specs)), split, order[offset : offset + size]))
+    return specs
 
 
 def _reusable_shard(path: Path, pairs: Sequence[TokenizedPair], stamp: str) -> bool:
