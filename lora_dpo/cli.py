@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
-from lora_dpo.errors import LoraDpoError
+from lora_dpo.errors import ConfigError, LoraDpoError, TrainingInterrupted
 from lora_dpo.versions import package_versions
 
 log = logging.getLogger("lora_dpo")
@@ -19,6 +21,37 @@ OVERRIDES_HELP = "key=value overrides, e.g. train.beta=0.05 data.max_length=2048
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    _add_quiet_arg(parser)
+
+
+def _add_quiet_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quiet", "-q", action="store_true",
+        help="no progress bars, for non-interactive logs (training still prints one line per logging step)",
+    )
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends `(default: X)` to every option's help, unless the help already says its default
+    in words; an unset (None) default reads `(default: none)`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.required or not action.option_strings:
+            return text
+        if action.default is None:
+            return f"{text} (default: none)"
+        return super()._get_help_string(action)
+
+
+def _use_help_formatter(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """HelpFormatter for the command and every verb (and sub-verb) under it."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _use_help_formatter(sub)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a LoRA policy against the reference cache",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    train.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue RUN from its latest checkpoint, with the config saved in RUN (overrides apply on top)",
+    )
     _add_config_args(train)
 
     evaluate = verbs.add_parser(
@@ -52,13 +90,74 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", help="PEFT adapter directory (default: the bare base)")
     _add_config_args(evaluate)
 
+    sweep = verbs.add_parser(
+        "sweep",
+        help="one training run per beta on one reference cache, with a summary table and plot",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sweep.add_argument("--betas", required=True, help="comma-separated betas, e.g. 0.01,0.05,0.1,0.5")
+    _add_config_args(sweep)
+
+    cache = verbs.add_parser(
+        "cache",
+        help="inspect a reference cache",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    cache_verbs = cache.add_subparsers(dest="cache_verb", metavar="ACTION", required=True)
+    cache_info = cache_verbs.add_parser("info", help="the manifest in human form, with statistics")
+    cache_info.add_argument("cache_dir", metavar="DIR")
+    cache_verify = cache_verbs.add_parser(
+        "verify", help="re-check every shard (checksum, contents); exit 1 on any problem"
+    )
+    cache_verify.add_argument("cache_dir", metavar="DIR")
+
+    merge = verbs.add_parser(
+        "merge",
+        help="merge a LoRA adapter into its base and save a plain transformers model",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    merge.add_argument("--adapter", required=True, help="a train run directory (RUN or RUN/adapter) or any PEFT LoRA adapter directory")
+    merge.add_argument("--out", required=True, help="where the merged model goes (must not exist, unless --overwrite)")
+    merge.add_argument("--base", help="base model path or hub name (default: adapter_config.json's base_model_name_or_path)")
+    merge.add_argument(
+        "--mode", choices=("nf4-dequantized", "original"),
+        help="default: nf4-dequantized, the base the QLoRA adapter was trained against "
+        "(original when the run trained on an unquantized base)",
+    )
+    merge.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="dtype of the merged weights")
+    merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is complete)")
+    _add_quiet_arg(merge)
+
     demo = verbs.add_parser(
         "demo",
         help="the whole pipeline on an embedded tiny model (CPU, no downloads)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--workdir", default="runs/demo", help="where the demo writes everything")
-    return parser
+    _add_quiet_arg(demo)
+
+    data = verbs.add_parser("data", help="check preference data before any model work")
+    data_verbs = data.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
+    data_check = data_verbs.add_parser(
+        "check",
+        help="run the validation pass of precompute-ref and train alone and print its report "
+        "(drops by reason, with lines); exit 2 when a split has no usable pair",
+    )
+    _add_config_args(data_check)
+
+    report = verbs.add_parser(
+        "report", help="report.png (training curves) and report.md (run summary, health warnings)"
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a train.output_dir (holds metrics.jsonl)")
+
+    plan = verbs.add_parser(
+        "plan", help="estimate the peak GPU memory of a training config from the model's config.json"
+    )
+    plan.add_argument("--model-config", help="the model's config.json (default: from model.name_or_path)")
+    plan.add_argument("--gpu-gib", type=float, default=24.0, help="memory of the card to check against")
+    _add_config_args(plan)
+    return _use_help_formatter(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,9 +171,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per hub request
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if getattr(args, "quiet", False):
+        os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar, ours and the libraries'
     try:
         return _run(args)
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 128 + signal.Signals[exc.signal_name]
     except LoraDpoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -85,13 +190,55 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from lora_dpo.config import load_config
+    from lora_dpo.distributed import init_distributed, launched_by_torchrun, shutdown
 
+    if args.verb == "report":
+        from lora_dpo.report import write_report
+
+        result = write_report(args.run_dir)
+        print(f"report: {result.markdown}\nplot:   {result.png}")
+        return 0
     if args.verb == "demo":
         from lora_dpo.demo import run_demo
 
         run_demo(args.workdir)
         return 0
-    config = load_config(args.config, args.overrides)
+    if args.verb == "cache":
+        return _run_cache(args)
+    if args.verb == "merge":
+        from lora_dpo.merge import merge
+
+        merge(
+            args.adapter, args.out, base=args.base, mode=args.mode, dtype=args.dtype,
+            max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        )
+        return 0
+    if getattr(args, "resume", None):
+        run_dir = Path(args.resume)
+        config = load_config(run_dir / "config.yaml", [*args.overrides, f"train.output_dir={run_dir}"])
+    else:
+        config = load_config(args.config, args.overrides)
+    if args.verb == "plan":
+        from lora_dpo.plan import run_plan
+
+        print(run_plan(config, args.model_config, args.gpu_gib))
+        return 0
+    if args.verb == "data":
+        from lora_dpo.data_check import run_data_check
+
+        return run_data_check(config)
+    if launched_by_torchrun():
+        if args.verb not in ("precompute-ref", "train"):
+            raise ConfigError(f"{args.verb} runs in one process; torchrun is for precompute-ref and train")
+        if not init_distributed().is_main:
+            logging.getLogger().setLevel(logging.WARNING)  # one log per job, from rank 0
+    try:
+        return _run_stage(args, config)
+    finally:
+        shutdown()
+
+
+def _run_stage(args: argparse.Namespace, config: Any) -> int:
     if args.verb == "precompute-ref":
         from precompute import precompute_reference
 
@@ -99,13 +246,33 @@ def _run(args: argparse.Namespace) -> int:
     elif args.verb == "train":
         from lora_dpo.train import train
 
-        train(config)
+        train(config, resume=bool(args.resume))
+    elif args.verb == "sweep":
+        from lora_dpo.sweep import parse_betas, run_sweep
+
+        run_sweep(config, parse_betas(args.betas))
     elif args.verb == "eval":
         from lora_dpo.evaluate import evaluate_run
 
         metrics = evaluate_run(config, args.adapter)
         for key, value in metrics.to_dict().items():
             print(f"{key}: {value:.4f}")
+    return 0
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    from lora_dpo.cache_inspect import describe_cache, verify_cache
+
+    if args.cache_verb == "info":
+        print(describe_cache(args.cache_dir))
+        return 0
+    problems, pairs = verify_cache(args.cache_dir)
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if problems:
+        print(f"cache verify: {len(problems)} problem(s) in {args.cache_dir}", file=sys.stderr)
+        return 1
+    print(f"cache verify: {args.cache_dir} is sound ({pairs} pairs)")
     return 0
 
 

@@ -58,6 +58,10 @@ class DataConfig:
     max_prompt_length: int = 512
     # Keep at most this many pairs (0 = all): for quick trials on a slice.
     max_pairs: int = 0
+    # A row that cannot become a pair (bad JSON line, missing field, empty response, ...) is
+    # dropped and counted by reason in the data report, so one bad line among millions does
+    # not stop a run; true makes the first such row an error naming its file, line and field.
+    strict: bool = False
 
 
 @dataclass
@@ -79,6 +83,15 @@ class TrainConfig:
     # A finished run (output_dir/adapter) is never replaced unless this is set.
     overwrite_output_dir: bool = False
     beta: float = 0.1
+    # TRL's names, so settings carry over: "sigmoid" (DPO), "ipo" (length-normalised, targets a
+    # margin of 1/(2β) instead of an unbounded one), "hinge" (SLiC), "robust" (rDPO).
+    loss_type: str = "sigmoid"
+    # Probability that a preference label is flipped: cDPO on "sigmoid", rDPO's ε on "robust".
+    # 0 trusts every label. Must be < 0.5 (at 0.5 the labels carry no information).
+    label_smoothing: float = 0.0
+    # Weight of the RPO term, the NLL of the chosen response (TRL's rpo_alpha; the RPO paper
+    # uses 1.0). 0 turns it off: plain preference optimisation can lower chosen likelihoods too.
+    rpo_alpha: float = 0.0
     # LoRA trains a small fraction of the weights and tolerates a larger step than full tuning.
     learning_rate: float = 5e-5
     per_device_batch_size: int = 4
@@ -94,8 +107,32 @@ class TrainConfig:
     optimizer: str = "auto"
     # Recompute decoder activations in backward: the main activation-memory saving on 24 GB.
     gradient_checkpointing: bool = True
+    # Response tokens per LM-head chunk: at most [chunk, vocab] logits exist at once (263 MB in
+    # fp32 at a 128k vocabulary for 512). Values do not depend on it beyond float rounding, so
+    # it is not part of the cache identity; precompute and eval (no gradients) use the default.
+    logits_chunk_size: int = 512
+    # Prefix sharing: forward each pair as one row, prompt + chosen + rejected, so the prompt
+    # runs once (a block mask keeps rejected from seeing chosen). Equal to the unshared values
+    # up to float rounding; pays off when prompts are long next to responses. Llama, Mistral,
+    # Qwen2 and Gemma 2 with eager or sdpa attention.
+    prefix_sharing: bool = False
     # Log (console + metrics.jsonl) every N optimizer steps.
     logging_steps: int = 10
+    # Also send every metrics.jsonl record to: "tensorboard" (<output_dir>/tensorboard) and/or
+    # "wandb"; each is an optional extra. Empty or "none": metrics.jsonl and the console only.
+    report_to: list[str] = field(default_factory=list)
+    # Checkpoint (adapter, optimizer, scheduler, RNG, data position) every N optimizer steps
+    # (0: none). SIGINT/SIGTERM always checkpoint before stopping.
+    save_steps: int = 100
+    # Keep the newest N checkpoints.
+    save_total_limit: int = 2
+    # A step whose loss or gradient is not finite is skipped; this many in a row stop the run.
+    max_consecutive_skips: int = 5
+    # Evaluate on the eval split every N optimizer steps (0: only before and after training).
+    eval_steps: int = 0
+    # Use a reference cache whose identity differs from this run's (logged, not refused), and
+    # skip the step-0 agreement check. Only for a deliberate mismatch.
+    accept_cache_mismatch: bool = False
     seed: int = 42
 
 
@@ -144,8 +181,11 @@ class Config:
             "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
             "train.epochs": self.train.epochs,
             "train.logging_steps": self.train.logging_steps,
+            "train.save_total_limit": self.train.save_total_limit,
+            "train.max_consecutive_skips": self.train.max_consecutive_skips,
             "train.beta": self.train.beta,
             "train.learning_rate": self.train.learning_rate,
+            "train.logits_chunk_size": self.train.logits_chunk_size,
         }
         for key, value in positive.items():
             if not value > 0:
@@ -159,6 +199,36 @@ class Config:
             raise ConfigError(f"lora.dropout={self.lora.dropout}: must be in [0, 1)")
         if not 0.0 <= self.train.warmup_ratio <= 1.0:
             raise ConfigError(f"train.warmup_ratio={self.train.warmup_ratio}: must be in [0, 1]")
+        if self.train.max_steps == 0 or self.train.max_steps < -1:
+            raise ConfigError(f"train.max_steps={self.train.max_steps}: must be -1 (all epochs) or > 0")
+        for key, value in (("data.max_pairs", self.data.max_pairs), ("train.eval_steps", self.train.eval_steps)):
+            if value < 0:
+                raise ConfigError(f"{key}={value}: must be >= 0")
+        if self.train.eval_steps and not self.data.eval_path:
+            raise ConfigError(
+                f"train.eval_steps={self.train.eval_steps} needs an eval split: set data.eval_path "
+                "(or train.eval_steps=0)"
+            )
+        for name in self.train.report_to:
+            if name not in ("none", "tensorboard", "wandb"):
+                raise ConfigError(f"train.report_to={name!r}: must be none, tensorboard or wandb")
+        self._validate_loss()
+
+    def _validate_loss(self) -> None:
+        from lora_dpo.loss import LOSS_TYPES, SMOOTHED_LOSS_TYPES
+
+        cfg = self.train
+        if cfg.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"train.loss_type={cfg.loss_type!r}: must be one of {', '.join(LOSS_TYPES)}")
+        if not 0.0 <= cfg.label_smoothing < 0.5:
+            raise ConfigError(f"train.label_smoothing={cfg.label_smoothing}: must be in [0, 0.5)")
+        if cfg.label_smoothing and cfg.loss_type not in SMOOTHED_LOSS_TYPES:
+            raise ConfigError(
+                f"train.label_smoothing={cfg.label_smoothing} has no effect with "
+                f"train.loss_type={cfg.loss_type}; it applies to {' and '.join(SMOOTHED_LOSS_TYPES)}"
+            )
+        if cfg.rpo_alpha < 0:
+            raise ConfigError(f"train.rpo_alpha={cfg.rpo_alpha}: must be >= 0")
 
 
 def _closest(name: str, options: typing.Iterable[str]) -> str:
