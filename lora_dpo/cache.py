@@ -57,13 +57,18 @@ def atomic_write(path: Path, write: Any) -> None:
         with tmp.open("rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside `directory` durable (the new name survives a power cut)."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _umask() -> int:

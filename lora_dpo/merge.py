@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lora_dpo.cache import write_json
+from lora_dpo.cache import fsync_directory, write_json
 from lora_dpo.config import ModelConfig, config_from_dict
 from lora_dpo.errors import ConfigError
 from lora_dpo.model import DTYPES, compute_dtype, default_device, load_adapter, load_base_model
@@ -419,11 +419,7 @@ def _publish(tmp: Path, out: Path) -> None:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
     os.replace(tmp, out)
-    directory = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    fsync_directory(out.parent)
     if old is not None:
         shutil.rmtree(old)
 

@@ -8,7 +8,6 @@ run gets fresh LoRA adapters (same seed, so a run equals a standalone `train` wi
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path

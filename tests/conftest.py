@@ -7,8 +7,14 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
+
+torch.set_num_threads(1)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads of
+# several processes thrash; subprocesses inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*kernels.*")
@@ -31,3 +37,9 @@ def tiny_tokenizer(demo_workdir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(demo_workdir / "model"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fingerprint_memo_in_tmp(tmp_path_factory):
+    """Keep the weight-fingerprint memo out of the user's home during tests."""
+    os.environ["LORA_DPO_CACHE_HOME"] = str(tmp_path_factory.mktemp("lora-dpo-home"))

@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_dpo.cache import ReferenceCache, sha256_file, write_json
+from cache_edit import edited_cache_copy
+from lora_dpo.cache import write_json
 from lora_dpo.cli import main as cli_main
 from lora_dpo.config import dump_config
 from lora_dpo.demo import demo_config
@@ -127,16 +128,10 @@ def test_deliberate_mismatch_can_be_accepted(workdir):
 
 def test_step0_check_catches_values_from_another_model(workdir, tmp_path):
     """Fingerprints all match, but the stored values are not this model's: training stops."""
-    cache_dir = tmp_path / "cache"
-    shutil.copytree(workdir / "cache", cache_dir)
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
-    for entry in manifest["shards"]:
-        path = cache_dir / entry["file"]
-        tensors = load_file(str(path))
-        tensors["chosen_logps"] -= 2.0 * tensors["chosen_tokens"]  # 2 nats per token off
-        save_file(tensors, str(path))
-        entry["sha256"] = sha256_file(path)
-    write_json(cache_dir / "manifest.json", manifest)
+    def two_nats_per_token_off(tensors):
+        tensors["chosen_logps"] -= 2.0 * tensors["chosen_tokens"]
+
+    cache_dir = edited_cache_copy(workdir / "cache", tmp_path / "cache", two_nats_per_token_off)
     config = base_config(workdir)
     config.precompute.cache_dir = str(cache_dir)
     config.train.output_dir = str(tmp_path / "run")

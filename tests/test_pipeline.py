@@ -3,7 +3,6 @@ a cached-reference DPO trainer trustworthy."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 

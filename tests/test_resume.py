@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from lora_dpo.cache import sha256_file, write_json
+from cache_edit import edited_cache_copy
 from lora_dpo.config import dump_config
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import LoraDpoError
@@ -90,7 +90,7 @@ def start_slow_training(config, tmp_path: Path) -> subprocess.Popen:
     )
 
 
-def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 180) -> None:
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 400) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
@@ -130,7 +130,7 @@ def test_sigterm_mid_run_checkpoints_and_exits_cleanly(workdir, uninterrupted, t
     wait_for(lambda: len(losses(run_dir)) >= 6 if (run_dir / "metrics.jsonl").is_file() else False,
              process, "step 6")
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=400)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "SIGTERM at step" in stderr and "lora-dpo train --resume" in stderr
     assert "Traceback" not in stderr
@@ -147,18 +147,15 @@ def test_sigterm_mid_run_checkpoints_and_exits_cleanly(workdir, uninterrupted, t
 
 def poisoned_cache(workdir: Path, tmp_path: Path, rows) -> Path:
     """A copy of the cache whose chosen reference value is NaN for the given source rows."""
-    cache_dir = tmp_path / "cache"
-    shutil.copytree(workdir / "cache", cache_dir)
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
-    for entry in manifest["shards"]:
-        path = cache_dir / entry["file"]
-        tensors = load_file(str(path))
-        hit = torch.isin(tensors["source_index"], torch.tensor(rows)) if rows != "all" else torch.ones_like(tensors["source_index"], dtype=torch.bool)
+
+    def poison(tensors):
+        if rows == "all":
+            hit = torch.ones_like(tensors["source_index"], dtype=torch.bool)
+        else:
+            hit = torch.isin(tensors["source_index"], torch.tensor(rows))
         tensors["chosen_logps"][hit] = math.nan
-        save_file(tensors, str(path))
-        entry["sha256"] = sha256_file(path)
-    write_json(cache_dir / "manifest.json", manifest)
-    return cache_dir
+
+    return edited_cache_copy(workdir / "cache", tmp_path / "cache", poison)
 
 
 def test_non_finite_step_is_skipped_and_reported(workdir, tmp_path, caplog):
