@@ -13,6 +13,8 @@ import logging
 import random
 from pathlib import Path
 
+import torch
+
 from lora_dpo.config import Config, load_config
 from lora_dpo.train import TrainResult, train
 from lora_dpo.tiny import train_bpe_tokenizer
@@ -95,6 +97,9 @@ def run_demo(workdir: str | Path = "runs/demo") -> TrainResult:
     from precompute import precompute_reference
 
     workdir = Path(workdir)
+    # A hidden-64 model gains nothing from intra-op threads, and on a busy machine their
+    # spin-waiting makes each step many times slower.
+    torch.set_num_threads(1)
     log.info("demo: building a tiny Llama, a tokenizer and a preference task in %s", workdir)
     prepare(workdir)
     config = demo_config(workdir)
