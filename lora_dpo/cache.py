@@ -229,12 +229,13 @@ class ReferenceCache:
     def __len__(self) -> int:
         return len(self.pair_hashes)
 
-    def check_covers(self, pair_hashes: Sequence[bytes], source_indices: Sequence[int], what: str) -> None:
-        """Every pair of the run must be in the cache, else name the first missing ones."""
-        missing = [i for i, h in zip(source_indices, pair_hashes) if h not in self.row_of]
+    def check_covers(self, pairs: Sequence[Any], what: str) -> None:
+        """Every pair of the run (TokenizedPair) must be in the cache, else name the first
+        missing ones by their source rows."""
+        missing = [p.source_index for p in pairs if p.pair_hash not in self.row_of]
         if missing:
             raise CacheError(
-                f"{self.cache_dir}: {len(missing)} of {len(pair_hashes)} {what} pairs are not in "
+                f"{self.cache_dir}: {len(missing)} of {len(pairs)} {what} pairs are not in "
                 f"the reference cache (source rows {missing[:5]}...); rebuild it with precompute-ref "
                 "on this data"
             )

@@ -90,7 +90,7 @@ def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
     tokenizer = load_tokenizer(config.model)
     pairs, _ = load_preference_data(config.data, tokenizer, "eval")
     cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
-    cache.check_covers([p.pair_hash for p in pairs], [p.source_index for p in pairs], "eval")
+    cache.check_covers(pairs, "eval")
     model = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
     )

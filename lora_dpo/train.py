@@ -86,8 +86,8 @@ def load_run_inputs(config: Config) -> RunInputs:
     # A hub model not downloaded yet has no weights to fingerprint before it is loaded.
     base = None if resolve_model_dir(config.model) else load_base()
     cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
-    cache.check_covers([p.pair_hash for p in pairs], [p.source_index for p in pairs], "train")
-    cache.check_covers([p.pair_hash for p in eval_pairs], [p.source_index for p in eval_pairs], "eval")
+    cache.check_covers(pairs, "train")
+    cache.check_covers(eval_pairs, "eval")
     base = base or load_base()
     return RunInputs(tokenizer, pairs, eval_pairs, report, cache, base, device)
 
