@@ -10,10 +10,7 @@ still hits, and a pair tokenized differently misses loudly instead of using stal
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lora_dpo.errors import CacheError
+from lora_dpo.fileio import atomic_write, sha256_file
 
 FORMAT_NAME = "lora-dpo-reference-cache"
 FORMAT_VERSION = 1
@@ -40,53 +38,6 @@ SHARD_KEYS = (
 
 def shard_name(number: int) -> str:
     return f"shard-{number:05d}.safetensors"
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same directory, fsync, then rename over `path`.
-
-    A reader (or a resumed run) sees either the old file or the complete new one, never half.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file what open() would
-    try:
-        write(tmp)
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename inside `directory` durable (the new name survives a power cut)."""
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

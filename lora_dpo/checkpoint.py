@@ -13,10 +13,8 @@ directory that exists is complete. The last `keep` checkpoints are kept.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_dpo.errors import ConfigError
+from lora_dpo.fileio import staged_directory
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -57,11 +56,9 @@ def save_checkpoint(
     """Rank 0 writes; `rank_states` holds every rank's RNG states and metric window."""
     from peft import get_peft_model_state_dict
 
-    root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"{PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-    try:
+    target = run_dir / CHECKPOINTS / f"{PREFIX}{step:06d}"
+    # A checkpoint of the same step from an earlier attempt is replaced only once this one is whole.
+    with staged_directory(target, suffix=".tmp") as tmp:
         adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(policy).items()}
         save_file(adapter, str(tmp / "adapter_model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -69,14 +66,6 @@ def save_checkpoint(
         torch.save(rank_states, tmp / "ranks.pt")
         state = {"step": step, "world_size": len(rank_states)}
         (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
-        for path in tmp.iterdir():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-        if target.exists():  # a checkpoint of the same step from an earlier attempt
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old)
     return target

@@ -25,9 +25,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,9 +33,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lora_dpo.cache import fsync_directory, write_json
 from lora_dpo.config import ModelConfig, config_from_dict
 from lora_dpo.errors import ConfigError
+from lora_dpo.fileio import staged_directory, write_json
 from lora_dpo.model import DTYPES, compute_dtype, default_device, load_adapter, load_base_model
 from lora_dpo.versions import package_versions
 
@@ -195,9 +192,8 @@ def merge(
     merged = _plain_model(source, state, target_dtype)
     del state
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    # Written into a hidden .<out>.*.partial directory; published as `out` only when complete.
+    with staged_directory(out) as tmp:
         merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         del merged
         gc.collect()
@@ -223,10 +219,6 @@ def merge(
             "versions": package_versions(),
         }
         write_json(tmp / REPORT, report)  # last file: a directory with it is complete
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _print_summary(report, out)
     return report
 
@@ -409,28 +401,6 @@ def _logits(model: torch.nn.Module, encoded: tuple[torch.Tensor, torch.Tensor]) 
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits  # [N, T, V]
     return [row[: int(n)].float().cpu() for row, n in zip(logits, mask.sum(dim=1))]
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temp directory to `out`, replacing an old output only now."""
-    _default_permissions(tmp)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    fsync_directory(out.parent)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def _default_permissions(directory: Path) -> None:
-    """Temp files are private (0600/0700); a published model gets the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _print_summary(report: dict[str, Any], out: Path) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lora_dpo.distributed import all_reduce_
+from lora_dpo.fileio import write_text
 from lora_dpo.loggers import MetricLogger, NullLogger
 from lora_dpo.loss import DPOOutput
 from lora_dpo.logps import SequenceLogps
@@ -155,7 +156,7 @@ class MetricsFile:
         kept = []
         if keep_until_step is not None and path.is_file():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         record = {**record, "elapsed_s": time.perf_counter() - self.started}

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from lora_dpo.cache import sha256_file, write_json
 from lora_dpo.config import LoraConfig, ModelConfig
 from lora_dpo.errors import ConfigError
+from lora_dpo.fileio import sha256_file, write_json
 
 log = logging.getLogger(__name__)
 

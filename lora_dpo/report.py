@@ -40,8 +40,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from lora_dpo.cache import atomic_write
 from lora_dpo.errors import LoraDpoError
+from lora_dpo.fileio import atomic_write, write_text
 
 log = logging.getLogger(__name__)
 
@@ -524,16 +524,6 @@ def render_markdown(run_dir: Path, records: RunRecords, checks: Sequence[Check],
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _write_readable(path: Path, write: Callable[[Path], None]) -> None:
-    """Atomic, and readable by others like any other output (the temp file starts as 0600)."""
-
-    def write_then_chmod(tmp: Path) -> None:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-
-    atomic_write(path, write_then_chmod)
-
-
 def write_report(run_dir: str | Path) -> ReportResult:
     """Write `report.png` and `report.md` into a run directory; returns their paths and the
     health warnings (also logged as warnings)."""
@@ -553,9 +543,9 @@ def write_report(run_dir: str | Path) -> ReportResult:
     )
     figure = plot_metrics(records, title, train_cfg.get("max_grad_norm"))
     png, markdown = run_dir / PNG, run_dir / MARKDOWN
-    _write_readable(png, lambda tmp: figure.savefig(tmp, format="png", pil_kwargs={"optimize": True}))
+    atomic_write(png, lambda tmp: figure.savefig(tmp, format="png", pil_kwargs={"optimize": True}))
     text = render_markdown(run_dir, records, checks, config, _read_json(run_dir / "data_report.json"))
-    _write_readable(markdown, lambda tmp: tmp.write_text(text))
+    write_text(markdown, text)
     for warning in warnings:
         log.warning("warning: %s", warning)
     log.info("report: %s, %s", markdown, png)

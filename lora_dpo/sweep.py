@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from lora_dpo.cache import atomic_write, write_json
 from lora_dpo.config import Config
 from lora_dpo.errors import ConfigError
+from lora_dpo.fileio import atomic_write, write_json, write_text
 from lora_dpo.train import load_run_inputs, train
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def run_sweep(config: Config, betas: Sequence[float]) -> SweepResult:
         )
         inputs.base = result.policy.unload()  # the frozen base without adapters, for the next β
     table_md, table_json = root / "sweep.md", root / "sweep.json"
-    atomic_write(table_md, lambda tmp: tmp.write_text(markdown_table(rows)))
+    write_text(table_md, markdown_table(rows))
     write_json(table_json, {"runs": rows})
     plot = plot_sweep(rows, root / "sweep.png")
     print(markdown_table(rows))

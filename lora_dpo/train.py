@@ -21,13 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
 from lora_dpo.batching import collate, collate_packed, length_grouped_batches, pad_id_of
-from lora_dpo.cache import ReferenceCache, atomic_write
+from lora_dpo.cache import ReferenceCache
 from lora_dpo.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
 from lora_dpo.config import Config, TrainConfig, dump_config
 from lora_dpo.data import DataReport, TokenizedPair, load_preference_data
 from lora_dpo.distributed import DistInfo, all_gather_objects, all_reduce_, barrier, dist_info
 from lora_dpo.errors import CacheError, ConfigError, LoraDpoError, TrainingInterrupted
 from lora_dpo.evaluate import EvalMetrics, evaluate
+from lora_dpo.fileio import write_json, write_text
 from lora_dpo.identity import open_checked_cache, policy_precision
 from lora_dpo.loggers import check_backends, open_logger
 from lora_dpo.logps import SequenceLogps, check_prefix_sharing_support, sequence_logps
@@ -112,13 +113,13 @@ def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = Fal
             for stale in checkpoint_dirs(output_dir):  # an overwritten run's checkpoints
                 shutil.rmtree(stale)
         output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(output_dir / "config.yaml", lambda tmp: tmp.write_text(dump_config(config)))
+        write_text(output_dir / "config.yaml", dump_config(config))
     seed_everything(cfg.seed)
     started = time.perf_counter()  # wall time in metrics.jsonl counts from here
     check_backends(cfg.report_to)  # a missing tensorboard/wandb costs seconds, not a model load
     inputs = inputs or load_run_inputs(config)
     if info.is_main:
-        (output_dir / "data_report.json").write_text(json.dumps(inputs.data_report.to_dict(), indent=2) + "\n")
+        write_json(output_dir / "data_report.json", inputs.data_report.to_dict())
     device, cache = inputs.device, inputs.cache
 
     torch.manual_seed(cfg.seed)  # LoRA A initialisation

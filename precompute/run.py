@@ -22,13 +22,12 @@ from lora_dpo.cache import (
     ShardRecords,
     read_shard,
     shard_metadata,
-    sha256_file,
     shard_name,
-    write_json,
     write_shard,
 )
 from lora_dpo.config import Config, dump_config
 from lora_dpo.errors import CacheError
+from lora_dpo.fileio import sha256_file, write_json, write_text
 from lora_dpo.data import TokenizedPair, load_preference_data
 from lora_dpo.distributed import barrier, dist_info
 from lora_dpo.identity import Precision, reference_identity, reference_precision
@@ -104,7 +103,7 @@ def precompute_reference(config: Config) -> Path:
         "seconds": round(elapsed, 2),
         "versions": package_versions(),
     }
-    (cache_dir / "config.yaml").write_text(dump_config(config))
+    write_text(cache_dir / "config.yaml", dump_config(config))
     write_json(cache_dir / MANIFEST, manifest)
     _remove_stale_shards(cache_dir, keep={entry["file"] for entry in shards})
     total = sum(len(pairs) for pairs, _ in splits.values())

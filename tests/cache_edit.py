@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_dpo.cache import sha256_file, write_json
+from lora_dpo.fileio import sha256_file, write_json
 
 
 def edited_cache_copy(source: Path, target: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cache_edit import edited_cache_copy
-from lora_dpo.cache import write_json
+from lora_dpo.fileio import write_json
 from lora_dpo.cli import main as cli_main
 from lora_dpo.config import dump_config
 from lora_dpo.demo import demo_config
