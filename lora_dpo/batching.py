@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -175,7 +175,7 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int) -> PackedPairBat
     )
 
 
-def pad_id_of(tokenizer) -> int:
+def pad_id_of(tokenizer: Any) -> int:
     """Any id works as padding, since masks come from lengths; prefer the tokenizer's own."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:

@@ -23,6 +23,7 @@ full-logits oracle, values and gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -197,9 +198,11 @@ class _FrozenHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden: torch.Tensor, targets: torch.Tensor, head: LogitHead, chunk_size: int, wants_grad: bool
+        ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, head: LogitHead, chunk_size: int, wants_grad: bool
     ) -> torch.Tensor:
-        weight, bias = head.module.weight, head.module.bias  # [V, H], [V] or None
+        linear = head.module
+        assert isinstance(linear, torch.nn.Linear)  # frozen_linear chose this path
+        weight, bias = linear.weight, linear.bias  # [V, H], [V] or None
         logps = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)  # [N]
         grads = torch.empty_like(hidden) if wants_grad else None  # [N, H]
         for start in range(0, len(hidden), chunk_size):
@@ -225,6 +228,7 @@ class _FrozenHeadLogps(torch.autograd.Function):
                 grad_logits.mul_(tanh.square_().neg_().add_(1.0))
             if head.scale is not None:
                 grad_logits.mul_(head.scale)
+            assert grads is not None
             grads[start : start + len(h)] = grad_logits.to(weight.dtype) @ weight  # [C, H]
             del exps, grad_logits, tanh  # one chunk of logits at a time, not two
         if wants_grad:
@@ -233,13 +237,13 @@ class _FrozenHeadLogps(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logps: torch.Tensor):  # grad_logps [N]
+    def backward(ctx: Any, grad_logps: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # grad_logps [N]
         (grads,) = ctx.saved_tensors
         grad_hidden = (grads * grad_logps.unsqueeze(-1)).to(grads.dtype)  # [N, H]
         return grad_hidden, None, None, None, None
 
 
-def packed_decoder_inputs(model: torch.nn.Module, batch: PackedPairBatch) -> dict:
+def packed_decoder_inputs(model: torch.nn.Module, batch: PackedPairBatch) -> dict[str, Any]:
     """Decoder keyword arguments for a packed batch: ids, restarting position ids, and the
     block mask as the model's attention code takes a custom 4D mask (an additive float mask
     for eager and sdpa; one per layer type where layers differ, with sliding windows applied)."""
@@ -254,10 +258,12 @@ def packed_decoder_inputs(model: torch.nn.Module, batch: PackedPairBatch) -> dic
         return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
     def windowed() -> torch.Tensor:
+        assert window is not None  # only called for sliding-window configs
         distance = batch.position_ids.unsqueeze(2) - batch.position_ids.unsqueeze(1)  # [B, L, L]
         # Like transformers' sliding window: a key is seen while q - k < window (pads see themselves).
         return visible & ((distance < window) | torch.eye(visible.shape[-1], dtype=torch.bool, device=visible.device))
 
+    attention_mask: torch.Tensor | dict[str, torch.Tensor]
     if layer_types is not None:
         masks = {"full_attention": additive(visible)}
         if "sliding_attention" in layer_types:
@@ -270,7 +276,7 @@ def packed_decoder_inputs(model: torch.nn.Module, batch: PackedPairBatch) -> dic
     return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "attention_mask": attention_mask}
 
 
-def check_prefix_sharing_support(model: torch.nn.Module):
+def check_prefix_sharing_support(model: torch.nn.Module) -> Any:
     """The text config, if prefix sharing is tested for this model; otherwise a clear error."""
     config = _base_model(model).config.get_text_config()
     if config.model_type not in PREFIX_SHARING_ARCHITECTURES:
@@ -292,4 +298,7 @@ def check_prefix_sharing_support(model: torch.nn.Module):
 
 
 def _base_model(model: torch.nn.Module) -> PreTrainedModel:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get_base_model: Any = getattr(model, "get_base_model", None)
+    base: Any = get_base_model() if get_base_model is not None else model
+    return base

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Type-check the typed core (every function annotated: see [tool.mypy] in pyproject.toml).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec .venv/bin/mypy -p lora_dpo.loss -p lora_dpo.logps -p lora_dpo.batching -p lora_dpo.fileio "$@"
