@@ -21,6 +21,7 @@ def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
         (["train", "model.name_or_path=/nonexistent/model", "data.train_path=x.jsonl"], "error: "),
     ],
 )
+@pytest.mark.slow
 def test_user_mistakes_are_one_line(args, message):
     result = run("-m", "lora_dpo.cli", *args)
     assert result.returncode == 2, result.stderr
@@ -28,12 +29,14 @@ def test_user_mistakes_are_one_line(args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_python_m_precompute_is_stage_one():
     result = run("-m", "precompute", "--help")
     assert result.returncode == 0
     assert "--config" in result.stdout
 
 
+@pytest.mark.slow
 def test_version_lists_key_packages():
     result = run("-m", "lora_dpo.cli", "--version")
     assert result.returncode == 0
@@ -41,6 +44,7 @@ def test_version_lists_key_packages():
         assert name in result.stdout
 
 
+@pytest.mark.slow
 def test_cli_runs_both_stages(demo_workdir, tmp_path):
     """The stages as a user runs them, through the real entry point, on the demo fixture."""
     common = [

@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # every test here starts torchrun
+
 from lora_dpo.cache import ReferenceCache
 from lora_dpo.config import dump_config
 from lora_dpo.demo import demo_config

@@ -250,6 +250,7 @@ def test_layers_are_freed_as_they_are_merged(trained_run, demo_workdir, monkeypa
     assert all(t.dtype == torch.float32 for t in state.values())
 
 
+@pytest.mark.slow
 def test_killed_merge_leaves_no_complete_output(trained_run, tmp_path, caplog):
     """SIGKILL while the merged model is being written: the target does not exist, and the
     hidden partial directory has no report and is not a loadable model at the target path."""

@@ -106,6 +106,7 @@ def resume_cli(run_dir: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume(workdir, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     process = start_slow_training(run_config(workdir, run_dir), tmp_path)
@@ -124,6 +125,7 @@ def test_sigkill_after_a_checkpoint_then_resume(workdir, uninterrupted, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_run_checkpoints_and_exits_cleanly(workdir, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     process = start_slow_training(run_config(workdir, run_dir), tmp_path)
