@@ -84,3 +84,30 @@ def test_plan_agrees_with_measurement(tmp_path, hidden: int, vocab: int, length:
         assert abs(values["ratio"] - 1) <= memory_check.TOLERANCE, (name, values)
     head_at_peak = memory_check.planned(tmp_path / "m1" / "config.json", 1, steps[1]).items[-1].counted
     assert head_at_peak == (vocab > hidden * 100)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.py --dry-run: the GPU check's code path on the CPU with tiny shapes."""
+    import json
+    import math
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = tmp_path.glob("gpu-dry-run-*.json")
+    results = json.loads(path.read_text())
+    assert results["dry_run"] and results["environment"]["device"] == "cpu"
+    run = results["llama3.1-8b"]
+    assert run["precompute"]["pairs"] == 15 and run["precompute"]["pairs_per_s"] > 0
+    assert [entry["recipe"] for entry in run["lengths"].values()] == ["llama3.1-8b.yaml", "llama3.1-8b-4k.yaml", "llama3.1-8b-8k.yaml"]
+    for recipe_length, entry in run["lengths"].items():
+        assert "error" not in entry, entry
+        assert entry["step1_loss"] == pytest.approx(math.log(2), abs=1e-4)  # the untrained policy is the reference
+        assert entry["tokens_per_s"] > 0 and entry["max_memory_allocated"] is None  # no CUDA statistics on the CPU
+        plan = entry["plan"]
+        assert plan["rows"] == {"1024": 4, "4096": 4, "8192": 2}[recipe_length]
+        assert 0.9 * results["lengths"][recipe_length] < plan["length"] <= results["lengths"][recipe_length]
+        assert 0 < plan["allocated"] <= plan["tensors"] <= plan["card"]
+    assert "| llama3.1-8b-8k.yaml | 2 x " in done.stdout
