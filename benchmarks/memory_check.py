@@ -46,7 +46,7 @@ from live_bytes import CPU_BLAS_OPS, LiveBytes, persistent_bytes  # noqa: E402
 from lora_dpo.batching import collate  # noqa: E402
 from lora_dpo.config import Config, load_config  # noqa: E402
 from lora_dpo.data import TokenizedPair  # noqa: E402
-from lora_dpo.fileio import write_json  # noqa: E402
+from lora_dpo.fileio import write_json, write_text  # noqa: E402
 from lora_dpo.logps import sequence_logps  # noqa: E402
 from lora_dpo.loss import preference_loss  # noqa: E402
 from lora_dpo.model import attach_lora, load_base_model  # noqa: E402
@@ -199,29 +199,133 @@ def extrapolate(config_json: Path, one: Step, two: Step) -> dict[str, float]:
     return {"layers": arch.num_layers, "measured": fixed + arch.num_layers * per_layer, "plan": plan_full.tensor_bytes}
 
 
+def cell(values: dict[str, float]) -> str:
+    unit, scale = ("GiB", GIB) if values["measured"] >= GIB / 8 else ("MiB", 2**20)
+    return f"{values['measured'] / scale:.3f} / {values['plan'] / scale:.3f} {unit} ({values['ratio']:.3f})"
+
+
 def render(results: dict) -> str:
+    """The measured table: each part as measured / plan (plan / measured), then the full depth."""
     lines = [
-        "| model | tokens per sequence | part | measured | plan | plan / measured |",
-        "|---|---|---|---|---|---|",
+        "| model | tokens per sequence | fixed: persistent | fixed: step peak | per layer: persistent | "
+        "per layer: step peak | full depth: measured parts | plan | step-0 loss, 1 and 2 layers |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model, entry in results["models"].items():
         for row in entry["lengths"]:
-            for part, values in row["parts"].items():
-                lines.append(
-                    f"| {model} | {row['length']} | {part} | {values['measured'] / GIB:.3f} GiB | "
-                    f"{values['plan'] / GIB:.3f} GiB | {values['ratio']:.3f} |"
-                )
-    lines += ["", "| model | tokens per sequence | layers | measured parts, extrapolated | plan (tensors) | step-0 loss (ln 2 = 0.693147) | seconds (1 + 2 layers) |",
-              "|---|---|---|---|---|---|---|"]
-    for model, entry in results["models"].items():
-        for row in entry["lengths"]:
-            full = row["full_depth"]
+            parts, full = row["parts"], row["full_depth"]
             lines.append(
-                f"| {model} | {row['length']} | {full['layers']} | {full['measured'] / GIB:.2f} GiB | "
-                f"{full['plan'] / GIB:.2f} GiB | {row['loss'][0]:.6f}, {row['loss'][1]:.6f} | "
-                f"{row['seconds'][0]:.0f} + {row['seconds'][1]:.0f} |"
+                f"| {model} | {row['length']} | {cell(parts['fixed, persistent'])} | {cell(parts['fixed, activations'])} | "
+                f"{cell(parts['per layer, persistent'])} | {cell(parts['per layer, activations'])} | "
+                f"{full['layers']} layers: {full['measured'] / GIB:.2f} GiB | {full['plan'] / GIB:.2f} GiB | "
+                f"{row['loss'][0]:.6f}, {row['loss'][1]:.6f} |"
             )
     return "\n".join(lines)
+
+
+def render_markdown(results: dict) -> str:
+    """benchmarks/memory.md: how it was measured, the table, what carries over to CUDA."""
+    versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items() if k in ("torch", "transformers", "peft", "bitsandbytes"))
+    machine = results["machine"]
+    workspace = max(s["blas_workspace"] for m in results["models"].values() for r in m["lengths"] for s in r["steps"])
+    return MARKDOWN.format(
+        date=results["date"], cpu=machine["cpu"], cores=machine["cores"], versions=versions,
+        minutes=results.get("seconds", 0) / 60, fraction=results["response_fraction"], table=render(results),
+        tolerance=TOLERANCE, worst=worst_gap(results), workspace=workspace / 2**20, recipes=recipe_table(),
+    )
+
+
+def recipe_table() -> str:
+    """plan on CUDA for every shipped 7-8B recipe: what the 24 GB claims rest on."""
+    lines = ["| recipe | micro-batch | persistent | activations | CUDA context + allocator reserve | total | host (offload) |",
+             "|---|---|---|---|---|---|---|"]
+    recipes = sorted(((r, load_config(r)) for r in (ROOT.parent / "configs").glob("*-*b*.yaml")),
+                     key=lambda rc: (rc[0].name.split("-")[0], rc[1].data.max_length))
+    for recipe, config in recipes:
+        arch = Architecture.from_config_json(ROOT / "model_configs" / "-".join(recipe.stem.split("-")[:2]) / "config.json")
+        plan = estimate(config, arch)
+        host = f"{plan.host_bytes / GIB:.2f} GiB" if plan.host_bytes else "-"
+        lines.append(
+            f"| `{recipe.name}` | {config.train.per_device_batch_size} x {config.data.max_length} | "
+            f"{plan.part('persistent') / GIB:.2f} GiB | {plan.part('activations') / GIB:.2f} GiB | "
+            f"{plan.part('cuda') / GIB:.2f} GiB | **{plan.total / GIB:.1f} GiB** | {host} |"
+        )
+    return "\n".join(lines)
+
+
+def worst_gap(results: dict) -> float:
+    return max(abs(v["ratio"] - 1) for m in results["models"].values() for r in m["lengths"] for v in r["parts"].values())
+
+
+MARKDOWN = """# Memory: lora-dpo plan against measurement
+
+`python benchmarks/memory_check.py` ({date}; {cpu}, {cores} cores, no GPU; {versions};
+{minutes:.0f} minutes, raw results in `results/memory-{date}.json`).
+
+For Llama-3.1-8B, Qwen2.5-7B and Mistral-7B at their real widths (config.json in
+`model_configs/`), random models with 1 and with 2 decoder layers went through the project's
+own path: `load_base_model(quantize=True, dtype=bfloat16)` (nf4, double quantization),
+`attach_lora` (r 16, alpha 32, dropout 0.05, every linear layer, non-reentrant gradient
+checkpointing), bitsandbytes' 8-bit AdamW (the state of `paged_adamw_8bit`, without the
+paging), and one training step per length: `sequence_logps` (logits chunk 512) and
+`preference_loss` against reference log-probs from a no-grad `sequence_logps` forward of the
+same model (what precompute computes; not a cache file), backward, gradient clipping,
+optimizer step. One pair per micro-batch: chosen fills the length, rejected is 16 tokens
+shorter (a padded batch with its attention mask, as real pairs give); the last
+{fraction:.0%} of each sequence is response. Every step starts from the initial adapter
+(LoRA B = 0), so the step-0 loss is ln 2.
+
+Measured: the bytes of the weights, adapters and optimizer state (their storages), and the
+high-water mark of live tensor bytes during the step, from every allocation and free of the
+CPU allocator (`torch.profiler` memory events; `live_bytes.py`). That count is exact (tested
+on known allocations) and includes temporaries inside kernels, such as the dequantized weight
+inside bitsandbytes' 4-bit matmul, which a dispatch-mode tracker of op outputs misses. Set
+apart: the CPU matmuls' own workspace (oneDNN packing buffers, up to {workspace:.1f} MiB here),
+which cuBLAS keeps in a fixed workspace instead. Two layers minus one is the per-layer part;
+one layer minus that is the fixed part. Each cell: measured / `lora-dpo plan` for the same
+truncated model and batch on the CPU's terms (plan / measured); largest gap {worst:.1%}
+(tolerance {tolerance:.0%}).
+
+{table}
+
+"Full depth" adds the per-layer part to the fixed part up to the model's depth (32, 28, 32
+layers); plan's full-depth figure is its estimate of live tensors for the same batch on the
+CPU. Both are extrapolations from 1 and 2 layers, on the evidence that every layer is the
+same code: per layer, one checkpointed input [2, T, H] and the layer's weights, adapters and
+optimizer state; everything else (the recomputed layer's activations, its backward
+transients, the mask, the LM head) exists once.
+
+## The recipes on a 24 GB card, by plan
+
+The same model, with the CUDA terms below, for each shipped recipe (pairs x tokens per
+sequence; every row at max_length, padded). Estimates: the GPU check measures them.
+
+{recipes}
+
+## What carries over to a CUDA GPU
+
+The same: every tensor the code path makes. transformers' layers, peft's LoRA (an fp32 copy
+of every LoRA input: peft casts to the adapter's dtype when autocast is off, as it is here on
+both devices), torch's autograd and checkpointing, sdpa's saved tensors (query, key and value
+expanded to every head when a mask rules out grouped-query sdpa, output, log-sum-exp),
+transformers' boolean mask and sdpa's additive copy of it, bitsandbytes' packed weights and
+their dequantization in backward, the fused LM head's logits chunk. Their sizes do not depend
+on the device.
+
+Different, and modelled per device in `plan` (`DROPOUT_MASK_BYTES`,
+`CHECKPOINT_RNG_STATE_BYTES`): on the CPU dropout keeps an fp32 noise tensor per LoRA input
+(CUDA's fused dropout keeps a bool mask: 1 byte instead of 4), and checkpointing keeps the
+CPU generator's 5 KB state per layer (on CUDA that state lives on the host).
+
+CUDA only, not measured here and estimated separately in `plan` (`cuda_only_terms`): the CUDA
+context and kernel images (taken as 0.5 GiB), and the caching allocator's reserve above live
+tensors (10% of the activations, at least 0.25 GiB). Kernel workspaces differ too: the flash
+or memory-efficient attention backward allocates fp32 accumulators while it runs, but that is
+after the MLP's saved tensors are freed, below the peak here; bitsandbytes' fused 4-bit kernel
+skips the dequantized weight in forward for up to 1536 tokens (plan keeps it, an upper
+bound). Paged 8-bit AdamW state lives in CUDA managed memory, outside `max_memory_allocated`.
+`benchmarks/gpu_check.py` measures all of these on a GPU.
+"""
 
 
 def compare_all(results: dict) -> dict:
@@ -284,20 +388,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--compare", type=Path, metavar="RESULTS_JSON",
                         help="no measuring: compare the raw steps of an earlier run with the current plan")
+    parser.add_argument("--markdown", type=Path, help="write the write-up (default for a full run: benchmarks/memory.md)")
     args = parser.parse_args(argv)
+    if args.markdown is None and not args.quick and args.models == list(MODELS) and args.lengths == list(LENGTHS):
+        args.markdown = ROOT / "memory.md"
     models, lengths = (["mistral-7b"], [256, 512]) if args.quick else (args.models, args.lengths)
     if args.compare:
         results = compare_all(json.loads(args.compare.read_text()))
     else:
         with tempfile.TemporaryDirectory() as workdir:
             results = run(models, lengths, args.response_fraction, Path(workdir))
-    table = render(results)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
+    print(render(results))
     path = args.out / f"memory-{results['date']}.json"
     write_json(path, results)
     print(f"raw results: {path}")
-    worst = max(abs(v["ratio"] - 1) for m in results["models"].values() for r in m["lengths"] for v in r["parts"].values())
+    if args.markdown:
+        write_text(args.markdown, render_markdown(results))
+        print(f"table: {args.markdown}")
+    worst = worst_gap(results)
     print(f"largest plan/measured gap: {worst:.1%} (tolerance {TOLERANCE:.0%})")
     return 0 if worst <= TOLERANCE else 1
 
