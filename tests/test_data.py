@@ -30,7 +30,7 @@ from lora_dpo.data import (
     tokenizer_fingerprint,
 )
 from lora_dpo.errors import DataError
-from lora_dpo.tiny import train_bpe_tokenizer
+from lora_dpo.demo.tokenizer import train_bpe_tokenizer
 
 
 def shared_data(*parts: str) -> Path:

@@ -38,7 +38,7 @@ from lora_dpo.data import (
     load_rows,
 )
 from lora_dpo.errors import DataError, LoraDpoError
-from lora_dpo.tiny import train_bpe_tokenizer
+from lora_dpo.demo.tokenizer import train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [
