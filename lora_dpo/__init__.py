@@ -33,7 +33,16 @@ _EXPORTS = {
     "sequence_logps": "lora_dpo.logps",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+# Spelled out for static tools; tests/test_package.py resolves every name.
+__all__ = [
+    "Config",
+    "ReferenceCache",
+    "__version__",
+    "load_config",
+    "precompute_reference",
+    "preference_loss",
+    "sequence_logps",
+]
 
 if TYPE_CHECKING:
     from lora_dpo.cache import ReferenceCache
