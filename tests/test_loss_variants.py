@@ -264,11 +264,13 @@ def test_variant_trains_the_demo_task(name, variants_workdir, tmp_path):
     result = train(config)
 
     first = result.history[0]
-    if step1_loss is not None:  # the configured variant is the one that ran
+    before, after = result.eval_before, result.eval_after
+    if step1_loss is not None:  # the configured variant is the one that ran, in train and eval
         assert first["loss"] == pytest.approx(step1_loss, abs=1e-5)
+        assert before.loss == pytest.approx(step1_loss, abs=1e-5)
     else:  # RPO adds the chosen NLL per token, several nats on a random tiny model
         assert first["loss"] > math.log(2) + 1.0
-    before, after = result.eval_before, result.eval_after
+        assert before.loss > math.log(2) + 1.0
     assert after.reward_accuracy >= 0.8, (before, after)
     assert after.reward_accuracy > before.reward_accuracy + 0.25, (before, after)
     assert after.reward_margin > 0
