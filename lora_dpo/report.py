@@ -8,7 +8,9 @@ Health checks over the training records (β from config.yaml). They read the rew
 the raw `logps/*`: a record's `logps/chosen` is a mean over whichever pairs fell into its
 logging window, so it moves with their lengths, while `rewards/chosen / β` is each pair's
 change against its own cached reference value, averaged: the drift of the chosen
-log-likelihood in nats, free of batch composition.
+log-likelihood in nats, free of batch composition. The rewards are β·(summed log-ratio) for
+every loss type (IPO's per-token normalisation stays inside its loss), so the thresholds below
+mean the same nats whatever `train.loss_type` is.
 
 - **chosen log-probs falling while margins rise** (the classic DPO failure: the margin grows
   by pushing both responses down). Needs >= 4 training records; fires when the least-squares
@@ -16,11 +18,12 @@ log-likelihood in nats, free of batch composition.
   -1 nat (`rewards/chosen / β <= -1`: chosen responses at least e times less likely than
   under the reference, and not for one noisy window only), and the least-squares slope of
   `rewards/margins` is positive.
-- **KL proxy exploding**: the proxy is the mean absolute log-prob drift from the reference,
+- **drift from the reference**: the mean absolute summed log-ratio against the reference,
   `(|rewards/chosen| + |rewards/rejected|) / (2β)` nats, relative to the reference's own mean
   |log-prob| of the same responses, `(|logps/chosen - rewards/chosen/β| + |logps/rejected -
   rewards/rejected/β|) / 2`. Fires when the last record's ratio is >= 0.5: the policy's
-  summed log-probs have moved by half their own size.
+  summed log-probs have moved by half their own size. (Not a KL estimate: the KL would need
+  samples from the policy; this is a drift on the training responses.)
 - **reward accuracy stuck at chance**: needs >= 4 training records; fires when the mean of
   `rewards/accuracies` over the last half is within 0.5 +- 0.05 (a policy equal to its
   reference scores exactly 0.5: ties count half).
@@ -33,10 +36,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import yaml
 
@@ -51,7 +53,7 @@ METRICS = "metrics.jsonl"
 
 MIN_TREND_RECORDS = 4  # fewer logged steps than this cannot show a trend
 CHOSEN_DROP_NATS = 1.0  # chosen responses e times less likely than under the reference
-KL_RATIO_LIMIT = 0.5  # policy log-probs moved by half the reference's own |log-prob|
+DRIFT_RATIO_LIMIT = 0.5  # policy log-probs moved by half the reference's own |log-prob|
 CHANCE_BAND = 0.05  # accuracy within 0.5 +- this is chance
 DEFAULT_BETA = 0.1  # TrainConfig's default, for a run directory without config.yaml
 GUIDE = "guide"  # gid of reference lines in the plot (ln 2, chance, zero, clip)
@@ -159,8 +161,8 @@ def check_chosen_falling(train: Sequence[dict[str, float]], beta: float) -> Chec
     return Check(name, detail)
 
 
-def check_kl_proxy(train: Sequence[dict[str, float]], beta: float) -> Check:
-    name = "KL proxy (drift from the reference)"
+def check_drift(train: Sequence[dict[str, float]], beta: float) -> Check:
+    name = "drift from the reference"
     keys = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
     records = [r for r in train if _finite(r, *keys)]
     if not records:
@@ -176,12 +178,12 @@ def check_kl_proxy(train: Sequence[dict[str, float]], beta: float) -> Check:
         f"mean |log-prob drift| {drift:.2f} nats = {ratio:.1%} of the reference's own "
         f"|log-prob| ({reference:.1f} nats) at step {int(last['step'])}"
     )
-    if ratio >= KL_RATIO_LIMIT:
+    if ratio >= DRIFT_RATIO_LIMIT:
         return Check(
             name,
             detail,
-            f"KL proxy exploding: at step {int(last['step'])} the policy's summed log-probs have "
-            f"moved {drift:.1f} nats from the reference on average, {ratio:.0%} of the reference's "
+            f"policy drifting far from the reference: at step {int(last['step'])} its summed log-probs "
+            f"have moved {drift:.1f} nats from the reference on average, {ratio:.0%} of the reference's "
             f"own {reference:.1f}: the policy has left the reference far behind (degenerate text "
             "is likely). Try a larger beta, a lower learning rate, or fewer steps.",
         )
@@ -242,7 +244,7 @@ def check_finite(train: Sequence[dict[str, float]]) -> Check:
 def health_checks(train: Sequence[dict[str, float]], beta: float) -> list[Check]:
     return [
         check_chosen_falling(train, beta),
-        check_kl_proxy(train, beta),
+        check_drift(train, beta),
         check_accuracy_stuck(train),
         check_finite(train),
     ]
@@ -292,7 +294,7 @@ def plot_metrics(records: RunRecords, title: str, max_grad_norm: float | None = 
     curve(ax, train, "rewards/chosen", "chosen", color="C2", linewidth=1)
     curve(ax, train, "rewards/rejected", "rejected", color="C3", linewidth=1)
     guide(ax, 0.0, "reference")
-    ax.set(title="implicit rewards", ylabel="β · (log π − log π_ref)")
+    ax.set(title="implicit rewards", ylabel="β · (log π − log π_ref), summed over the response")
 
     ax = axes[1, 0]
     curve(ax, train, "logps/chosen", "chosen", color="C2")

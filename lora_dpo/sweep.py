@@ -26,7 +26,7 @@ COLUMNS = (
     ("eval_reward_accuracy", "eval reward accuracy"),
     ("eval_reward_margin", "eval margin"),
     ("eval_preference_accuracy", "eval preference accuracy"),
-    ("kl_proxy", "KL proxy (chosen)"),
+    ("eval_chosen_logratio", "chosen log-ratio (eval)"),
 )
 
 
@@ -75,7 +75,7 @@ def run_sweep(config: Config, betas: Sequence[float]) -> SweepResult:
                 "eval_reward_accuracy": final.reward_accuracy,
                 "eval_reward_margin": final.reward_margin,
                 "eval_preference_accuracy": final.preference_accuracy,
-                "kl_proxy": final.chosen_logratio,
+                "eval_chosen_logratio": final.chosen_logratio,
                 "run_dir": str(result.output_dir),
             }
         )
@@ -111,7 +111,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
         (axes[0, 0], [("train_loss", "final train loss")], "loss"),
         (axes[0, 1], [("eval_reward_accuracy", "reward accuracy"), ("eval_preference_accuracy", "preference accuracy")], "accuracy (eval)"),
         (axes[1, 0], [("eval_reward_margin", "reward margin")], "margin (eval)"),
-        (axes[1, 1], [("kl_proxy", "mean log πθ/πref of chosen")], "KL proxy (eval)"),
+        (axes[1, 1], [("eval_chosen_logratio", "mean log πθ(yw|x) − log πref(yw|x)")], "chosen log-ratio (eval, nats)"),
     ]
     for ax, series, ylabel in panels:
         for (key, label), marker in zip(series, ("o", "x")):

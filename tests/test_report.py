@@ -111,7 +111,7 @@ def test_healthy_run_has_no_warnings(tmp_path, caplog):
     "case, check",
     [
         # |drift| 45 nats against a reference of 61: the policy has left it far behind.
-        (dict(chosen_drift=lambda t: 30 * t, rejected_drift=lambda t: -60 * t), "KL proxy (drift from the reference)"),
+        (dict(chosen_drift=lambda t: 30 * t, rejected_drift=lambda t: -60 * t), "drift from the reference"),
         (dict(chosen_drift=lambda t: 0.01 * t, rejected_drift=lambda t: -0.01 * t,
               accuracy=lambda t: 0.5 + 0.04 * math.sin(7 * t)), "reward accuracy"),
         (dict(chosen_drift=lambda t: 3 * t, rejected_drift=lambda t: -5 * t,
@@ -120,7 +120,7 @@ def test_healthy_run_has_no_warnings(tmp_path, caplog):
               extra_train={4: {"skipped_steps": 2}}), "finite values"),
         (dict(chosen_drift=lambda t: -4 * t, rejected_drift=lambda t: -9 * t), "chosen log-probs vs margins"),
     ],
-    ids=["kl-proxy", "accuracy-at-chance", "non-finite", "skipped-steps", "chosen-falling"],
+    ids=["drift", "accuracy-at-chance", "non-finite", "skipped-steps", "chosen-falling"],
 )
 def test_each_check_fires_on_its_failure_alone(tmp_path, case, check):
     assert fired_checks(synthetic_run(tmp_path / "run", **case)) == {check}
