@@ -44,6 +44,7 @@ import yaml
 
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.fileio import atomic_write, write_text
+from lora_dpo.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -343,22 +344,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return raw if isinstance(raw, dict) else None
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        text = f"{value:.4g}"
-    elif isinstance(value, list):
-        text = ", ".join(str(v) for v in value) or "[]"
-    else:
-        text = str(value)
-    return text.replace("|", "\\|")  # a bare | would end the table cell
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return lines
-
-
 def run_totals(train: Sequence[dict[str, float]]) -> dict[str, float]:
     """Overall tokens/s, time in optimizer steps and peak memory from the training records.
 
@@ -401,7 +386,7 @@ def _summary_lines(records: RunRecords, run_dir: Path) -> list[str]:
         rows.append(("peak memory", f"{totals['peak_memory_mb']:,.0f} MB (CUDA: max allocated; CPU: process peak RSS)"))
     adapter = run_dir / "adapter" / "adapter_model.safetensors"
     rows.append(("adapter", "adapter/ (PEFT format)" if adapter.is_file() else "not saved (the run did not finish?)"))
-    return ["## Summary", "", *_table(("", ""), rows)]
+    return ["## Summary", "", *markdown_table(("", ""), rows)]
 
 
 def _final_metrics_lines(records: RunRecords) -> list[str]:
@@ -410,15 +395,15 @@ def _final_metrics_lines(records: RunRecords) -> list[str]:
         last = records.train[-1]
         lines.append(f"Training, step {int(last['step'])} (mean over the last logging window):")
         lines.append("")
-        lines += _table(("metric", "value"), [(k, v) for k, v in last.items() if k != "step"])
+        lines += markdown_table(("metric", "value"), [(k, v) for k, v in last.items() if k != "step"])
         lines.append("")
     if records.evals:
         first, last = records.evals[0], records.evals[-1]
         names = [k for k in last if k.startswith("eval/")]
         lines.append(f"Held-out pairs, step {int(first['step'])} -> step {int(last['step'])}:")
         lines.append("")
-        lines += _table(("metric", f"step {int(first['step'])}", f"step {int(last['step'])}"),
-                        [(k, first.get(k, "-"), last[k]) for k in names])
+        lines += markdown_table(("metric", f"step {int(first['step'])}", f"step {int(last['step'])}"),
+                                [(k, first.get(k, "-"), last[k]) for k in names])
         lines.append("")
     if not records.train and not records.evals:
         lines += ["No records yet.", ""]
@@ -444,7 +429,7 @@ def _config_lines(config: dict[str, Any]) -> list[str]:
         section, key = dotted.split(".")
         if key in (config.get(section) or {}):
             rows.append((f"`{dotted}`", config[section][key]))
-    return ["## Config", "", "The full resolved config is in config.yaml.", "", *_table(("key", "value"), rows), ""]
+    return ["## Config", "", "The full resolved config is in config.yaml.", "", *markdown_table(("key", "value"), rows), ""]
 
 
 def _cache_lines(config: dict[str, Any]) -> list[str]:
@@ -472,7 +457,7 @@ def _cache_lines(config: dict[str, Any]) -> list[str]:
         ("pairs", ", ".join(f"{k} {v}" for k, v in manifest.get("pairs", {}).items())),
         ("built with", ", ".join(f"{k} {v}" for k, v in versions.items())),
     ]
-    return lines + _table(("", ""), rows) + [""]
+    return lines + markdown_table(("", ""), rows) + [""]
 
 
 def _data_lines(report: dict[str, Any] | None) -> list[str]:
@@ -488,12 +473,12 @@ def _data_lines(report: dict[str, Any] | None) -> list[str]:
         ("dropped", ", ".join(f"{reason} {n}" for reason, n in dropped.items()) or "none"),
         ("truncated to max_length", report.get("truncated")),
     ]
-    lines += _table(("", ""), rows) + [""]
+    lines += markdown_table(("", ""), rows) + [""]
     lengths = report.get("lengths") or {}
     if lengths:
         lines += ["Tokens per pair part:", ""]
         stats = ("p50", "p90", "p99", "max")
-        lines += _table(("", *stats), [(part, *(int(s.get(k, 0)) for k in stats)) for part, s in lengths.items()])
+        lines += markdown_table(("", *stats), [(part, *(int(s.get(k, 0)) for k in stats)) for part, s in lengths.items()])
         lines.append("")
     return lines
 
@@ -506,7 +491,7 @@ def _health_lines(checks: Sequence[Check]) -> list[str]:
     lines += [f"- **WARNING**: {c.warning}" for c in fired]
     if fired:
         lines.append("")
-    lines += _table(("check", "result", "measured"), [(c.name, "WARNING" if c.warning else "ok", c.detail) for c in checks])
+    lines += markdown_table(("check", "result", "measured"), [(c.name, "WARNING" if c.warning else "ok", c.detail) for c in checks])
     return lines + ["", "How each check is defined: `lora_dpo/report.py` and the README."]
 
 

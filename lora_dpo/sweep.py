@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from lora_dpo.config import Config
 from lora_dpo.errors import ConfigError
 from lora_dpo.fileio import atomic_write, write_json, write_text
+from lora_dpo.tables import markdown_table
 from lora_dpo.train import load_run_inputs, train
 
 log = logging.getLogger(__name__)
@@ -81,22 +82,18 @@ def run_sweep(config: Config, betas: Sequence[float]) -> SweepResult:
         )
         inputs.base = result.policy.unload()  # the frozen base without adapters, for the next β
     table_md, table_json = root / "sweep.md", root / "sweep.json"
-    write_text(table_md, markdown_table(rows))
+    write_text(table_md, sweep_table(rows))
     write_json(table_json, {"runs": rows})
     plot = plot_sweep(rows, root / "sweep.png")
-    print(markdown_table(rows))
+    print(sweep_table(rows))
     log.info("sweep summary: %s, %s, %s", table_md, table_json, plot)
     return SweepResult(rows, table_md, table_json, plot)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
-    rule = "|" + "---|" * len(COLUMNS)
-    body = [
-        "| " + " | ".join(f"{row[key]:g}" if key == "beta" else f"{row[key]:.4f}" for key, _ in COLUMNS) + " |"
-        for row in rows
-    ]
-    return "\n".join([header, rule, *body]) + "\n"
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    """sweep.md: one line per β, every metric to 4 decimals."""
+    cells = [[f"{row[key]:g}" if key == "beta" else f"{row[key]:.4f}" for key, _ in COLUMNS] for row in rows]
+    return "\n".join(markdown_table([title for _, title in COLUMNS], cells)) + "\n"
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -17,6 +17,7 @@ from lora_dpo.cli import HelpFormatter, build_parser, main
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.report import GUIDE, health_checks, plot_metrics, read_metrics, run_totals, write_report
+from lora_dpo.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 BETA = 0.1
@@ -208,6 +209,21 @@ def test_report_md_has_every_section(tmp_path):
     assert "![training curves](report.png)" in text
     png = result.png.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 200_000
+
+
+def test_markdown_table_formats_and_escapes_cells():
+    lines = markdown_table(("metric", "value"), [("loss", 0.123456), ("targets", ["q_proj", "v_proj"]),
+                                                 ("empty", []), ("steps", 4), ("path", "a|b"), ("text", "0.5")])
+    assert lines == [
+        "| metric | value |",
+        "|---|---|",
+        "| loss | 0.1235 |",  # floats to 4 significant digits
+        "| targets | q_proj, v_proj |",
+        "| empty | [] |",
+        "| steps | 4 |",
+        "| path | a\\|b |",  # a bare | would end the cell
+        "| text | 0.5 |",  # text is kept as it is: the caller's own format
+    ]
 
 
 def test_overall_throughput_weighs_each_window_by_its_length():
