@@ -197,20 +197,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except TrainingInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return 128 + signal.Signals[exc.signal_name]
+        return _stop(str(exc), 128 + signal.Signals[exc.signal_name])
     except LoraDpoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _stop(f"error: {exc}", 2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _stop("interrupted", 130)
     except Exception as exc:
         message = _environment_error(exc, getattr(args, "writing", None))
         if message is None:
             raise  # a bug: the traceback is what is needed
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return _stop(f"error: {message}", 2)
+
+
+def _stop(line: str, code: int) -> int:
+    """The last word, on a line of its own: progress bars the error cut short are closed first
+    (else the line would continue a bar, and the bar be redrawn after it)."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    print(line, file=sys.stderr)
+    return code
 
 
 def _verbs(parser: argparse.ArgumentParser) -> list[str]:

@@ -111,11 +111,10 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
 
 def _check_base(source: AdapterSource) -> None:
     """A local-looking base path that does not exist: say where it came from, before any load."""
-    if not looks_like_hub_name(source.base) and not Path(source.base).expanduser().is_dir():
-        raise ConfigError(
-            f"base model {source.base!r} (from {source.base_origin}): no such directory; "
-            "give the base model with --base"
-        )
+    path = Path(source.base).expanduser()
+    if not looks_like_hub_name(source.base) and not path.is_dir():
+        what = "a file, not a model directory" if path.exists() else "no such directory"
+        raise ConfigError(f"base model {source.base!r} (from {source.base_origin}): {what}; give the base model with --base")
 
 
 def resolve_mode(mode: str | None, source: AdapterSource) -> tuple[str, str]:

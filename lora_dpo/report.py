@@ -115,7 +115,8 @@ def read_metrics(path: Path) -> RunRecords:
             else:  # the first record, or a resumed run's clock starting again
                 session_ends.append(record["elapsed_s"])
     if notes and not train and not evals:
-        raise LoraDpoError(f"{path}: no readable metrics record ({len(notes)} damaged line(s); {notes[0]})")
+        first = notes[0].removeprefix(f"{path.name} ").rsplit("; ", 1)[0]
+        raise LoraDpoError(f"{path}: no readable metrics record in {len(notes)} damaged line(s); the first: {first}")
     train.sort(key=lambda r: r["step"])
     evals.sort(key=lambda r: r["step"])
     wall = sum(session_ends) if session_ends else None
