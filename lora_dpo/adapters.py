@@ -31,13 +31,23 @@ from lora_dpo.errors import ConfigError
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # how peft names the wrapped model's modules in its files
-# LoRA tensor suffix -> (which factor, dimension of the tensor that meets the base)
+# suffix of a LoRA tensor in adapter_model.safetensors -> (which factor, of an embedding)
 LORA_SUFFIXES = {
-    ".lora_A.weight": ("lora_A", 1),  # [r, in]
-    ".lora_B.weight": ("lora_B", 0),  # [out, r]
-    ".lora_embedding_A": ("lora_A", 1),  # [r, num_embeddings]
-    ".lora_embedding_B": ("lora_B", 0),  # [embedding_dim, r]
+    ".lora_A.weight": ("a", False),
+    ".lora_B.weight": ("b", False),
+    ".lora_embedding_A": ("a", True),
+    ".lora_embedding_B": ("b", True),
 }
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """The shapes of one adapted module's factors: A [r, in] and B [out, r]; for an embedding
+    A [r, num_embeddings] and B [embedding_dim, r]."""
+
+    a: list[int]
+    b: list[int]
+    embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,7 @@ class Adapter:
 
     directory: Path
     config: dict[str, Any]  # adapter_config.json
-    # module name in the base -> {"lora_A": shape, "lora_B": shape}, from the safetensors header
-    factors: dict[str, dict[str, list[int]]]
+    factors: dict[str, LoraFactors]  # by the adapted module's name in the base
 
     @property
     def recorded_base(self) -> str:
@@ -55,7 +64,7 @@ class Adapter:
 
     @property
     def embedding_modules(self) -> set[str]:
-        return {name for name, f in self.factors.items() if f.get("embedding")}
+        return {name for name, f in self.factors.items() if f.embedding}
 
     @cached_property
     def tokenizer_size(self) -> int | None:
@@ -75,14 +84,21 @@ def find_adapter_dir(path: str | Path) -> Path:
     """`path` itself when it holds adapter_config.json, else `path/adapter` (a train run)."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"--adapter {path}: no such directory (no {ADAPTER_CONFIG} there or in {path / 'adapter'})")
+        raise ConfigError(
+            f"--adapter {path}: no such directory (no {ADAPTER_CONFIG} there or in {path / 'adapter'})"
+        )
     if not path.is_dir():
-        raise ConfigError(f"--adapter {path}: a file, not an adapter directory (give the directory that holds {ADAPTER_CONFIG})")
+        raise ConfigError(
+            f"--adapter {path}: a file, not an adapter directory (give the directory that holds {ADAPTER_CONFIG})"
+        )
     for candidate in (path, path / "adapter"):
         if (candidate / ADAPTER_CONFIG).exists():
             return candidate
     if (path / "config.yaml").is_file():
-        raise ConfigError(f"--adapter {path}: a train run directory with no {ADAPTER_CONFIG} in {path / 'adapter'} (training has not finished?)")
+        raise ConfigError(
+            f"--adapter {path}: a train run directory with no {ADAPTER_CONFIG} in {path / 'adapter'} "
+            "(training has not finished?)"
+        )
     raise ConfigError(f"--adapter {path}: no {ADAPTER_CONFIG} there or in {path / 'adapter'}")
 
 
@@ -101,7 +117,8 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; the file is damaged") from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); the file is damaged") from None
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise ConfigError(f"{path}: not valid JSON ({exc.msg} at {where}); the file is damaged") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
@@ -109,29 +126,29 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _read_factors(path: Path) -> dict[str, dict[str, Any]]:
+def _read_factors(path: Path) -> dict[str, LoraFactors]:
     """Shapes of the LoRA tensors, by adapted module; the whole file's extent is checked."""
     if not path.is_file():
-        beside = " (an adapter_model.bin is not read: save the adapter with safetensors)" if (path.parent / "adapter_model.bin").is_file() else ""
+        bin_only = (path.parent / "adapter_model.bin").is_file()
+        beside = " (an adapter_model.bin is not read: save the adapter with safetensors)" if bin_only else ""
         raise ConfigError(f"{path.parent}: no {ADAPTER_WEIGHTS}{beside}")
-    shapes = tensor_shapes(path)
-    factors: dict[str, dict[str, Any]] = {}
-    for key, shape in shapes.items():
-        for suffix, (factor, _) in LORA_SUFFIXES.items():
+    found: dict[str, dict[str, Any]] = {}
+    for key, shape in tensor_shapes(path).items():
+        for suffix, (factor, embedding) in LORA_SUFFIXES.items():
             if key.endswith(suffix):
                 module = key.removesuffix(suffix).removeprefix(PEFT_PREFIX)
-                entry = factors.setdefault(module, {})
-                entry[factor] = shape
-                entry["embedding"] = "embedding" in suffix
-    if not factors:
+                found.setdefault(module, {"embedding": embedding})[factor] = shape
+    if not found:
         raise ConfigError(f"{path}: holds no LoRA tensors (lora_A / lora_B)")
-    for module, entry in factors.items():
-        if "lora_A" not in entry or "lora_B" not in entry:
-            missing = "lora_B" if "lora_A" in entry else "lora_A"
+    factors = {}
+    for module, entry in found.items():
+        if "a" not in entry or "b" not in entry:
+            missing = "lora_B" if "a" in entry else "lora_A"
             raise ConfigError(f"{path}: {module} has no {missing} tensor; the file is damaged")
-        a, b = entry["lora_A"], entry["lora_B"]
+        a, b = entry["a"], entry["b"]
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
             raise ConfigError(f"{path}: {module} lora_A is {a} and lora_B is {b}: their ranks do not agree")
+        factors[module] = LoraFactors(a, b, entry["embedding"])
     return factors
 
 
@@ -203,8 +220,8 @@ def shapes_from_files(model_dir: Path | None) -> BaseShapes | None:
         for key, shape in tensor_shapes(path).items():
             if key.endswith(".weight") and len(shape) == 2:
                 weights[key.removesuffix(".weight")] = shape
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    vocab = config.get("vocab_size") or text.get("vocab_size")
+    text_config = config.get("text_config")  # multimodal configs nest the language model's
+    vocab = config.get("vocab_size") or (text_config.get("vocab_size") if isinstance(text_config, dict) else None)
     return BaseShapes(weights, int(vocab) if isinstance(vocab, int) else None, complete=False)
 
 
@@ -227,7 +244,8 @@ def shapes_of(model: torch.nn.Module) -> BaseShapes:
         shape = list(quant_state.shape) if quant_state is not None else list(weight.shape)
         if len(shape) == 2:
             weights[name] = shape
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    input_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = input_embeddings() if callable(input_embeddings) else None
     vocab = int(embeddings.weight.shape[0]) if embeddings is not None else None
     return BaseShapes(weights, vocab, complete=True)
 
@@ -236,15 +254,15 @@ def check_fits(adapter: Adapter, base: BaseShapes, base_name: str) -> None:
     """Every LoRA factor against the weight it adapts, then the saved tokenizer against the
     base's vocabulary; the first mismatch is the error."""
     transposed = bool(adapter.config.get("fan_in_fan_out"))  # Conv1D bases store [in, out]
-    for module, entry in adapter.factors.items():
+    for module, factors in adapter.factors.items():
         weight = base.weights.get(module)
         if weight is None:
             if base.complete:
                 raise ConfigError(f"{adapter.directory}: adapts {module}, which the base {base_name!r} does not have")
             continue  # stored under another name in the checkpoint: the loaded model will tell
-        in_dim, out_dim = (0, 1) if transposed or entry["embedding"] else (1, 0)
+        in_dim, out_dim = (0, 1) if transposed or factors.embedding else (1, 0)
         short = module.rpartition(".")[2]
-        a, b = entry["lora_A"], entry["lora_B"]
+        a, b = factors.a, factors.b
         if a[1] != weight[in_dim]:
             raise ConfigError(
                 f"{adapter.directory}: does not fit the base {base_name!r}: lora_A of {module} is {a}, "
@@ -285,5 +303,6 @@ def check_mergeable(adapter: Adapter) -> None:
 def check_mergeable_layer(name: str, module: torch.nn.Module) -> None:
     """The variants adapter_config.json names in ways not listed above, on the LoRA layer peft
     built from it (peft marks every variant in `lora_variant`)."""
-    if getattr(module, "lora_variant", None):  # DoRA and other variants rescale the weight
-        raise ConfigError(f"{name}: LoRA variant {list(module.lora_variant)} cannot be merged here; plain LoRA only")
+    variants = getattr(module, "lora_variant", None)  # adapter name -> variant (DoRA, ...)
+    if variants:  # they rescale or reshape the weight: B·A·scaling is not the whole update
+        raise ConfigError(f"{name}: LoRA variant {list(variants)} cannot be merged here; plain LoRA only")

@@ -103,7 +103,13 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
     is read and checked before anything is loaded."""
     from lora_dpo.adapters import check_against_files, check_base, read_adapter
     from lora_dpo.identity import open_checked_cache, policy_precision
-    from lora_dpo.model import default_device, load_adapter, load_base_model, load_tokenizer, resolve_model_dir
+    from lora_dpo.model import (
+        default_device,
+        load_adapter,
+        load_base_model,
+        load_tokenizer,
+        resolve_model_dir,
+    )
 
     if base:
         config = copy.deepcopy(config)

@@ -45,7 +45,14 @@ from lora_dpo.config import ModelConfig, config_from_dict
 from lora_dpo.errors import ConfigError
 from lora_dpo.fileio import staged_directory, write_json
 from lora_dpo.hub import looks_like_hub_name
-from lora_dpo.model import DTYPES, compute_dtype, default_device, load_adapter, load_base_model, resolve_model_dir
+from lora_dpo.model import (
+    DTYPES,
+    compute_dtype,
+    default_device,
+    load_adapter,
+    load_base_model,
+    resolve_model_dir,
+)
 from lora_dpo.versions import package_versions
 
 log = logging.getLogger(__name__)

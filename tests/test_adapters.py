@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lora_dpo.adapters import check_fits, read_adapter, shapes_from_files, shapes_of
+from lora_dpo.adapters import BaseShapes, LoraFactors, check_fits, read_adapter, shapes_from_files, shapes_of
 from lora_dpo.cli import main
 from lora_dpo.config import ModelConfig, dump_config
 from lora_dpo.demo import demo_config
@@ -99,6 +100,12 @@ def config_args(world, base: Path | None = None) -> list[str]:
     return ["--config", str(world.run / "config.yaml"), f"model.name_or_path={base or world.llama}", "--quiet"]
 
 
+def header_shapes(model_dir: Path) -> BaseShapes:
+    shapes = shapes_from_files(model_dir)
+    assert shapes is not None, f"{model_dir}: shapes not readable from its files"
+    return shapes
+
+
 def model_config(path: Path) -> ModelConfig:
     return ModelConfig(name_or_path=str(path))
 
@@ -119,8 +126,8 @@ def test_a_run_its_adapter_and_a_bare_adapter_directory_resolve(world):
     assert read_adapter(world.qwen_adapter).directory == world.qwen_adapter
     llama = read_adapter(world.run)
     assert llama.recorded_base == str(world.llama)
-    assert llama.factors[Q_PROJ] == {"lora_A": [4, 64], "lora_B": [64, 4], "embedding": False}
-    assert read_adapter(world.qwen_adapter).factors[Q_PROJ]["lora_A"] == [4, 32]
+    assert llama.factors[Q_PROJ] == LoraFactors(a=[4, 64], b=[64, 4], embedding=False)
+    assert read_adapter(world.qwen_adapter).factors[Q_PROJ].a == [4, 32]
     assert len(llama.factors) == 4  # q_proj and v_proj of two layers
     assert llama.tokenizer_size == 384 and read_adapter(world.qwen_adapter).tokenizer_size is None
 
@@ -138,55 +145,46 @@ def test_eval_takes_a_run_directory_like_merge(world):
 # ----------------------------------------------------------------------------- damaged adapter files
 
 
+DAMAGE: dict[str, tuple[Callable[[Path], Path], str]] = {}  # name -> (damage a copy, what the line says)
+
+
+def damage(name: str, message: str) -> Callable[[Callable[[Path], Path]], Callable[[Path], Path]]:
+    """Register `make(adapter) -> the path given to --adapter` under `name`."""
+    def register(make: Callable[[Path], Path]) -> Callable[[Path], Path]:
+        DAMAGE[name] = (make, message)
+        return make
+
+    return register
+
+
 def _cut(path: Path, keep: float) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-DAMAGE = {
-    "missing path": (lambda a: a / "nowhere", "no such directory"),
-    "a file": (lambda a: _file(a / "adapter_model.safetensors"), "a file, not an adapter directory"),
-    "empty directory": (lambda a: _emptied(a), "no adapter_config.json there or in"),
-    "run without adapter": (lambda a: _run_without_adapter(a), "a train run directory with no adapter_config.json"),
-    "config cut short": (lambda a: _then(_cut(a / "adapter_config.json", 0.5), a), "adapter_config.json: not valid JSON"),
-    "config binary": (lambda a: _then((a / "adapter_config.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff"), a),
-                      "adapter_config.json: not UTF-8"),
-    "config a list": (lambda a: _then((a / "adapter_config.json").write_text("[1, 2]"), a),
-                      "adapter_config.json: expected a JSON object, got list"),
-    "config unreadable": (lambda a: _config_is_a_directory(a), "adapter_config.json: cannot be read"),
-    "not LoRA": (lambda a: _peft_type(a, "IA3"), "peft_type='IA3'; only LoRA adapters are supported"),
-    "no weights": (lambda a: _then((a / "adapter_model.safetensors").unlink(), a), "no adapter_model.safetensors"),
-    "bin weights": (lambda a: _then((a / "adapter_model.safetensors").rename(a / "adapter_model.bin"), a),
-                    "an adapter_model.bin is not read"),
-    "weights cut short": (lambda a: _then(_cut(a / "adapter_model.safetensors", 0.75), a),
-                          "adapter_model.safetensors: not a complete safetensors file"),
-    "weights header cut": (lambda a: _then(_cut(a / "adapter_model.safetensors", 0.02), a),
-                           "the file is truncated or damaged"),
-    "weights empty": (lambda a: _then((a / "adapter_model.safetensors").write_bytes(b""), a),
-                      "adapter_model.safetensors: not a complete safetensors file"),
-    "weights without LoRA": (lambda a: _weights(a, {"x.weight": torch.zeros(2, 2)}), "holds no LoRA tensors"),
-    "lora_B missing": (lambda a: _weights(a, {f"base_model.model.{Q_PROJ}.lora_A.weight": torch.zeros(4, 64)}),
-                       f"{Q_PROJ} has no lora_B tensor"),
-    "ranks disagree": (lambda a: _weights(a, {f"base_model.model.{Q_PROJ}.lora_A.weight": torch.zeros(4, 64),
-                                              f"base_model.model.{Q_PROJ}.lora_B.weight": torch.zeros(64, 8)}),
-                       "their ranks do not agree"),
-}
-
-
-def _then(_: object, adapter: Path) -> Path:
+def _with_factors(adapter: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
     return adapter
 
 
-def _file(path: Path) -> Path:
-    return path
+@damage("missing path", "no such directory")
+def _missing(adapter: Path) -> Path:
+    return adapter / "nowhere"
 
 
-def _emptied(adapter: Path) -> Path:
+@damage("a file", "a file, not an adapter directory")
+def _a_file(adapter: Path) -> Path:
+    return adapter / "adapter_model.safetensors"
+
+
+@damage("empty directory", "no adapter_config.json there or in")
+def _empty(adapter: Path) -> Path:
     shutil.rmtree(adapter)
     adapter.mkdir()
     return adapter
 
 
+@damage("run without adapter", "a train run directory with no adapter_config.json")
 def _run_without_adapter(adapter: Path) -> Path:
     run = adapter.parent / "run"
     run.mkdir()
@@ -194,21 +192,82 @@ def _run_without_adapter(adapter: Path) -> Path:
     return run
 
 
-def _config_is_a_directory(adapter: Path) -> Path:
+@damage("config cut short", "adapter_config.json: not valid JSON")
+def _config_cut(adapter: Path) -> Path:
+    _cut(adapter / "adapter_config.json", 0.5)
+    return adapter
+
+
+@damage("config binary", "adapter_config.json: not UTF-8")
+def _config_binary(adapter: Path) -> Path:
+    (adapter / "adapter_config.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff")
+    return adapter
+
+
+@damage("config a list", "adapter_config.json: expected a JSON object, got list")
+def _config_list(adapter: Path) -> Path:
+    (adapter / "adapter_config.json").write_text("[1, 2]")
+    return adapter
+
+
+@damage("config unreadable", "adapter_config.json: cannot be read")
+def _config_unreadable(adapter: Path) -> Path:
     (adapter / "adapter_config.json").unlink()
-    (adapter / "adapter_config.json").mkdir()
+    (adapter / "adapter_config.json").mkdir()  # unreadable as a file, even for root
     return adapter
 
 
-def _peft_type(adapter: Path, peft_type: str) -> Path:
+@damage("not LoRA", "peft_type='IA3'; only LoRA adapters are supported")
+def _not_lora(adapter: Path) -> Path:
     config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps({**config, "peft_type": peft_type}))
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     return adapter
 
 
-def _weights(adapter: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+@damage("no weights", "no adapter_model.safetensors")
+def _no_weights(adapter: Path) -> Path:
+    (adapter / "adapter_model.safetensors").unlink()
     return adapter
+
+
+@damage("bin weights", "an adapter_model.bin is not read")
+def _bin_weights(adapter: Path) -> Path:
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    return adapter
+
+
+@damage("weights cut short", "adapter_model.safetensors: not a complete safetensors file")
+def _weights_cut(adapter: Path) -> Path:
+    _cut(adapter / "adapter_model.safetensors", 0.75)
+    return adapter
+
+
+@damage("weights header cut", "the file is truncated or damaged")
+def _weights_header_cut(adapter: Path) -> Path:
+    _cut(adapter / "adapter_model.safetensors", 0.02)
+    return adapter
+
+
+@damage("weights empty", "adapter_model.safetensors: not a complete safetensors file")
+def _weights_empty(adapter: Path) -> Path:
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    return adapter
+
+
+@damage("weights without LoRA", "holds no LoRA tensors")
+def _no_lora_tensors(adapter: Path) -> Path:
+    return _with_factors(adapter, {"x.weight": torch.zeros(2, 2)})
+
+
+@damage("lora_B missing", f"{Q_PROJ} has no lora_B tensor")
+def _no_lora_b(adapter: Path) -> Path:
+    return _with_factors(adapter, {f"base_model.model.{Q_PROJ}.lora_A.weight": torch.zeros(4, 64)})
+
+
+@damage("ranks disagree", "their ranks do not agree")
+def _ranks_disagree(adapter: Path) -> Path:
+    return _with_factors(adapter, {f"base_model.model.{Q_PROJ}.lora_A.weight": torch.zeros(4, 64),
+                                   f"base_model.model.{Q_PROJ}.lora_B.weight": torch.zeros(64, 8)})
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -286,7 +345,7 @@ def test_shapes_are_checked_on_the_loaded_modules_too(world):
     with pytest.raises(ConfigError, match=rf"lora_A of {Q_PROJ} is \[4, 64\], the base's q_proj takes 32 inputs$"):
         load_adapter(qwen_4bit, world.run)
     one_layer = load_base_model(model_config(world.one_layer), quantize=False, dtype=torch.float32, device=CPU)
-    check_fits(read_adapter(world.run), shapes_from_files(world.one_layer), str(world.one_layer))  # layer 0 fits
+    check_fits(read_adapter(world.run), header_shapes(world.one_layer), str(world.one_layer))  # layer 0 fits
     with pytest.raises(ConfigError, match=r"adapts model.layers.1.self_attn.(q|v)_proj, which the base .* does not have$"):
         load_adapter(one_layer, world.run)
     fitting = load_adapter(load_base_model(model_config(world.llama), quantize=True, dtype=torch.float32,
@@ -311,13 +370,14 @@ def test_merge_through_a_base_with_a_missing_layer_is_one_line(world, tmp_path, 
         ({"lora_bias": True}, "adapters with lora_bias cannot be merged here"),
     ],
 )
-def test_merge_refuses_what_it_cannot_fold_before_any_load(options, message, world, tmp_path, capsys):
+def test_merge_refuses_what_it_cannot_fold_before_any_load_and_eval_takes_it(options, message, world, tmp_path, capsys):
     adapter = save_adapter(world.llama, tmp_path / "adapter", **options)
-    assert read_adapter(adapter).factors[Q_PROJ]["lora_A"] == [4, 64]  # a sound adapter, for eval
+    assert read_adapter(adapter).factors[Q_PROJ].a == [4, 64]  # a sound adapter, for eval
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
         assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 2
     assert one_error_line(capsys) == f"{adapter / 'adapter_config.json'}: {message}"
+    assert evaluate_run(world.config, str(adapter)).pairs == 16  # eval runs it through peft's own forward
 
 
 def test_conv1d_adapters_fit_their_base_and_merge_refuses_them(world, tiny_tokenizer, tmp_path, capsys):
@@ -327,8 +387,8 @@ def test_conv1d_adapters_fit_their_base_and_merge_refuses_them(world, tiny_token
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "gpt2"))
     adapter = read_adapter(save_adapter(tmp_path / "gpt2", tmp_path / "adapter", targets=("c_attn",), fan_in_fan_out=True))
-    assert adapter.factors["transformer.h.0.attn.c_attn"] == {"lora_A": [4, 32], "lora_B": [96, 4], "embedding": False}
-    check_fits(adapter, shapes_from_files(tmp_path / "gpt2"), "gpt2")
+    assert adapter.factors["transformer.h.0.attn.c_attn"] == LoraFactors(a=[4, 32], b=[96, 4])
+    check_fits(adapter, header_shapes(tmp_path / "gpt2"), "gpt2")
     check_fits(adapter, shapes_of(AutoModelForCausalLM.from_pretrained(str(tmp_path / "gpt2"))), "gpt2")
     assert main(["merge", "--adapter", str(adapter.directory), "--out", str(tmp_path / "merged")]) == 2
     assert "fan_in_fan_out adapters (Conv1D bases) cannot be merged here" in one_error_line(capsys)
@@ -338,10 +398,10 @@ def test_embedding_adapters_fit_and_merge_refuses_them(world, tmp_path, capsys):
     """An Embedding stores [num, dim]; its factors are lora_embedding_A [r, num] and
     lora_embedding_B [dim, r]: they fit, and merge (linear layers only) refuses them."""
     adapter = read_adapter(save_adapter(world.llama, tmp_path / "adapter", targets=("embed_tokens",)))
-    assert adapter.factors["model.embed_tokens"] == {"lora_A": [4, 384], "lora_B": [64, 4], "embedding": True}
-    check_fits(adapter, shapes_from_files(world.llama), "llama")
+    assert adapter.factors["model.embed_tokens"] == LoraFactors(a=[4, 384], b=[64, 4], embedding=True)
+    check_fits(adapter, header_shapes(world.llama), "llama")
     check_fits(adapter, shapes_of(AutoModelForCausalLM.from_pretrained(str(world.llama))), "llama")
     with pytest.raises(ConfigError, match=r"the base's embed_tokens takes 368 inputs$"):
-        check_fits(adapter, shapes_from_files(world.small_vocab), "small")
+        check_fits(adapter, header_shapes(world.small_vocab), "small")
     assert main(["merge", "--adapter", str(adapter.directory), "--out", str(tmp_path / "merged")]) == 2
     assert "adapts embedding layers (model.embed_tokens); only linear layers can be merged here" in one_error_line(capsys)

@@ -14,6 +14,7 @@ from lora_dpo.hub import looks_like_hub_name
 from lora_dpo.merge import find_adapter
 from lora_dpo.model import load_tokenizer
 
+
 def write_adapter(adapter, base: str) -> None:
     """A minimal LoRA adapter directory recording `base` (one q_proj pair of factors)."""
     adapter.mkdir()

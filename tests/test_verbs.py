@@ -304,3 +304,56 @@ def test_a_full_disk_in_a_rebuild_keeps_every_old_shard(rebuilt_on_a_full_disk):
 def test_a_full_disk_in_a_rebuild_keeps_the_old_cache_whole(rebuilt_on_a_full_disk):
     before, after = rebuilt_on_a_full_disk
     assert after == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB file system (tmpfs) under tmp_path; skipped where mounting is not allowed."""
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)]
+    if shutil.which("mount") is None or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def _fill(directory: Path) -> None:
+    """Write until the file system is full."""
+    with (directory / "filler").open("wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+def last_line_alone(stderr: str) -> str:
+    """The error line of a process that got as far as a model load: the libraries' own warnings
+    of the load may come before it, but no traceback and no second error."""
+    assert "Traceback" not in stderr and stderr.count("error:") == 1 and stderr.endswith("\n"), stderr
+    return stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_is_one_line(paths, small_disk):
+    """No injection: the merged model does not fit in 256 KiB, and a cache build meets a full
+    file system at its first shard. Each is one line, and nothing is left half-written."""
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lora_dpo.cli", *args, "--quiet"], capture_output=True,
+                              text=True, cwd=ROOT, timeout=300)
+
+    out = small_disk / "merged"
+    result = cli("merge", "--adapter", paths["adapter"], "--out", str(out), "--dtype", "fp32")
+    assert result.returncode == 2, result.stderr
+    assert last_line_alone(result.stderr) == f"error: no space left on device writing {out} (free there: 0 MB)"
+    assert list(small_disk.iterdir()) == []
+
+    _fill(small_disk)
+    cache = small_disk / "cache"
+    result = cli("precompute-ref", "--config", paths["config"], f"precompute.cache_dir={cache}")
+    assert result.returncode == 2, result.stderr
+    assert last_line_alone(result.stderr) == f"error: no space left on device writing {cache} (free there: 0 MB)"
+    assert not any(cache.iterdir())
