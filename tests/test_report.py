@@ -183,7 +183,8 @@ def test_report_md_has_every_section(tmp_path):
         "identity": {"model": {"weights_sha256": "ab" * 32, "config_sha256": "cd" * 32},
                      "tokenization": {"tokenizer_sha256": "ef" * 32, "max_length": 64, "max_prompt_length": 32}},
         "reference": {"mode": "policy", "quantization": "nf4", "dtype": "float32"},
-        "pairs": {"train": 256, "eval": 64}, "versions": {"torch": "2.13.0"},
+        "data": {}, "pairs": {"train": 256, "eval": 64}, "shards": [], "seconds": 61.5,
+        "versions": {"torch": "2.13.0"},
     }))
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["precompute"]["cache_dir"] = str(cache)

@@ -1,0 +1,97 @@
+"""What makes reference log-probs what they are: the cache records it, a run compares it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lora_dpo.cache.fingerprints import weights_fingerprint
+from lora_dpo.cache.manifest import ModelIdentity, ReferenceIdentity
+from lora_dpo.cache.reader import ReferenceCache
+from lora_dpo.config import Config
+from lora_dpo.data import tokenization_settings
+from lora_dpo.errors import CacheError
+from lora_dpo.model import compute_dtype, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Precision:
+    quantization: str  # "nf4" | "none"
+    dtype: torch.dtype  # compute dtype
+
+    def to_dict(self) -> dict[str, str]:
+        return {"quantization": self.quantization, "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def policy_precision(config: Config, device: torch.device) -> Precision:
+    return Precision(config.model.quantization, compute_dtype(config.model.dtype, device))
+
+
+def reference_precision(config: Config, device: torch.device) -> Precision:
+    """"policy" (the default) runs the reference exactly as the policy's frozen base runs."""
+    mode = config.precompute.reference
+    if mode == "policy":
+        return policy_precision(config, device)
+    return Precision("none", compute_dtype(mode, device))
+
+
+def model_identity(config: Config) -> ModelIdentity:
+    directory = resolve_model_dir(config.model)
+    config_file = directory / "config.json" if directory else None
+    return ModelIdentity(
+        weights_sha256=weights_fingerprint(config.model),
+        config_sha256=hashlib.sha256(config_file.read_bytes()).hexdigest()
+        if config_file and config_file.is_file()
+        else None,
+    )
+
+
+def reference_identity(config: Config, tokenizer: Any) -> ReferenceIdentity:
+    """This run's identity (a hub model must be downloaded: its weights are fingerprinted)."""
+    return ReferenceIdentity(model_identity(config), tokenization_settings(tokenizer, config.data))
+
+
+def identity_differences(cached: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two identity dicts, e.g.
+    `tokenization.max_length: cache was built with 1024, this run uses 2048`."""
+    differences = []
+    for key in sorted(set(cached) | set(current)):
+        name = f"{prefix}{key}"
+        old, new = cached.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += identity_differences(old, new, prefix=f"{name}.")
+        elif old != new:
+            differences.append(f"{name}: cache was built with {old!r}, this run uses {new!r}")
+    return differences
+
+
+def open_checked_cache(
+    config: Config, tokenizer: Any, precision: Precision, *, accept_mismatch: bool = False
+) -> ReferenceCache:
+    """The reference cache, refused when it was built for another model, tokenizer, tokenization
+    or (for a `policy` reference) precision; with `accept_mismatch` the differences are logged."""
+    cache = ReferenceCache(config.precompute.cache_dir)
+    manifest = cache.manifest
+    differences = identity_differences(manifest.identity.to_dict(), reference_identity(config, tokenizer).to_dict())
+    reference = manifest.reference
+    if reference.mode == "policy":
+        differences += identity_differences(reference.precision, precision.to_dict(), prefix="precision.")
+    else:
+        log.info(
+            "the reference ran at %s/%s by choice; the policy runs at %s/%s",
+            reference.quantization, reference.dtype, *precision.to_dict().values(),
+        )
+    if differences and not accept_mismatch:
+        raise CacheError(
+            f"{cache.cache_dir}: reference cache does not match this run: {'; '.join(differences)} "
+            "(rebuild it with precompute-ref, or set train.accept_cache_mismatch=true)"
+        )
+    for difference in differences:
+        log.warning("reference cache mismatch accepted: %s", difference)
+    return cache
