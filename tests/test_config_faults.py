@@ -1,6 +1,6 @@
 """Bad config: one clear line for a missing model path, a hub name without network, custom
-code that was not trusted, impossible combinations, and a config file that cannot be read or
-parsed."""
+code that was not trusted, impossible combinations, a config file that cannot be read or
+parsed, and LoRA target modules the model does not have."""
 
 from __future__ import annotations
 
@@ -234,3 +234,56 @@ def test_a_config_file_with_a_bom_and_an_empty_section_loads(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_bytes(b"\xef\xbb\xbftrain:\n  beta: 0.2\nlora:\n")
     assert load_config(path).train.beta == 0.2
+
+
+# ----------------------------------------------------------------------- LoRA target modules
+
+
+@pytest.fixture(scope="module")
+def tiny_base(demo_workdir):
+    return ModelConfig(name_or_path=str(demo_workdir / "model"))
+
+
+@pytest.mark.parametrize(
+    "targets, message",
+    [
+        (["q_prj"], "lora.target_modules: 'q_prj' matches no module of the model; closest: q_proj"),
+        (["q_proj", "v_prj"], "lora.target_modules: 'v_prj' matches no module of the model; closest: v_proj"),
+        (["mlp.gate"], "lora.target_modules: 'mlp.gate' matches no module of the model; closest: mlp.gate_proj"),
+        (["attention"], ("lora.target_modules: 'attention' matches no module of the model; its linear "
+                         "layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")),
+    ],
+)
+def test_misspelled_lora_target_is_named_with_the_closest_names(tiny_base, targets, message):
+    from lora_dpo.config import LoraConfig
+    from lora_dpo.model import attach_lora
+
+    model = load_model(tiny_base)
+    with pytest.raises(ConfigError) as caught:
+        attach_lora(model, LoraConfig(target_modules=targets), gradient_checkpointing=False)
+    assert str(caught.value).split("; ")[0] == message.split("; ")[0]
+    assert str(caught.value).split("; ")[1].startswith(message.split("; ")[1])
+    assert not any("lora_" in name for name, _ in model.named_modules())  # nothing was attached
+
+
+def test_lora_targets_match_like_peft(tiny_base):
+    """Leaf names, dotted tails and full names all reach peft, which wraps what they name."""
+    from lora_dpo.config import LoraConfig
+    from lora_dpo.model import attach_lora
+
+    for targets, wrapped in [
+        (["q_proj", "v_proj"], 4),
+        (["self_attn.o_proj"], 2),
+        (["model.layers.1.mlp.up_proj"], 1),
+        (["lm_head"], 1),
+    ]:
+        policy = attach_lora(load_model(tiny_base), LoraConfig(target_modules=targets), gradient_checkpointing=False)
+        names = [name for name, module in policy.named_modules() if hasattr(module, "lora_A") and module.lora_A]
+        assert len(names) == wrapped, (targets, names)
+
+
+def test_empty_lora_targets_are_refused_at_config_load():
+    with pytest.raises(ConfigError, match=r"lora.target_modules=\[\]: name at least one module, or all-linear"):
+        load_config(None, ["lora.target_modules="])
+    with pytest.raises(ConfigError, match="all-linear already covers every linear layer"):
+        load_config(None, ["lora.target_modules=all-linear,q_proj"])
