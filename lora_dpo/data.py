@@ -36,6 +36,7 @@ from lora_dpo.sources import (
     MALFORMED_ROW,
     NOT_AN_OBJECT,
     NOT_UTF8,
+    ROW_TOO_LARGE,
     Unreadable,
     first_line,
     json_type,
@@ -66,7 +67,7 @@ BAD_ROLES = "bad_roles"
 TEMPLATE_REJECTED = "chat_template_rejected"
 NOTHING_LEFT = "nothing_left_after_truncation"
 DROP_REASONS = (
-    INVALID_JSON, NOT_UTF8, NOT_AN_OBJECT, MALFORMED_ROW, MISSING_FIELD, EMPTY_PROMPT,
+    INVALID_JSON, NOT_UTF8, NOT_AN_OBJECT, MALFORMED_ROW, ROW_TOO_LARGE, MISSING_FIELD, EMPTY_PROMPT,
     EMPTY_RESPONSE, IDENTICAL_RESPONSES, DIALOGUES_DIFFER, BAD_ROLES, NO_FINAL_ASSISTANT_TURN,
     TEMPLATE_REJECTED, NOTHING_LEFT,
 )
@@ -643,7 +644,7 @@ def load_preference_data(
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if not path:
         raise DataError(f"data.{split}_path is empty: no {split} data configured")
-    source = read_source(path, source_split)
+    source = read_source(path, source_split, cfg.max_row_bytes)
     rows, lines = source.rows, source.lines
     if cfg.max_pairs > 0:
         rows = rows[: cfg.max_pairs]
