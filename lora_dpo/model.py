@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def load_base_model(
             device_map={"": str(device)},
             trust_remote_code=cfg.trust_remote_code,
         )
-    except (OSError, ValueError) as exc:  # not found, no network, custom code not trusted
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:  # not found, no network, untrusted code or pickle
         raise ConfigError(_load_failure(path, "the model", exc)) from None
     disable_cpu_weight_repack(model)
     model.requires_grad_(False)
@@ -208,6 +209,11 @@ def _load_failure(path: str, what: str, exc: BaseException) -> str:
     from lora_dpo.hub import offline_mode, offline_reason
 
     text = str(exc).strip()
+    if isinstance(exc, pickle.UnpicklingError):
+        return (
+            f"model.name_or_path={path!r}: a weight file holds pickled objects beyond plain "
+            "tensors, refused unread (torch.load weights_only=True); use safetensors weights"
+        )
     if "trust_remote_code" in text:
         return (
             f"model.name_or_path={path!r}: the repository ships its own Python code, which "
