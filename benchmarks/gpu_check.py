@@ -157,8 +157,8 @@ def planned(config: Config, arch: Architecture, pairs: list, device: torch.devic
 def lora_dpo_runs(model_dir: Path, data: Path, lengths: dict[int, int], counts: dict[int, int],
                   workdir: Path, device: torch.device, dry_run: bool) -> dict[str, Any]:
     """precompute once, then `train` per length on that length's pairs, one base load for all."""
+    from lora_dpo.cache import open_checked_cache, policy_precision
     from lora_dpo.data import load_preference_data
-    from lora_dpo.identity import open_checked_cache, policy_precision
     from lora_dpo.model import load_base_model, load_tokenizer
     from lora_dpo.train import RunInputs, train
     from precompute import precompute_reference
@@ -184,7 +184,8 @@ def lora_dpo_runs(model_dir: Path, data: Path, lengths: dict[int, int], counts: 
         subset, first = pairs[first : first + counts[recipe_length]], first + counts[recipe_length]
         config = run_config(RECIPES[recipe_length], workdir, model_dir, data, max_length, dry_run)
         cache = open_checked_cache(config, tokenizer, precision)
-        inputs = RunInputs(tokenizer, subset, [], report, cache, base, device)
+        inputs = RunInputs(tokenizer, subset, [], report, cache, cache.aligned(subset, "train"), cache.aligned([], "eval"),
+                           base, device)
         entry: dict[str, Any] = {"recipe": RECIPES[recipe_length], "plan": planned(config, arch, subset, device)}
         try:
             with DeviceMemory(device) as memory:
@@ -298,7 +299,7 @@ def importable(name: str) -> bool:
 
 
 def run(device: torch.device, dry_run: bool, workdir: Path) -> dict[str, Any]:
-    from lora_dpo.tiny import train_bpe_tokenizer
+    from lora_dpo.demo.tokenizer import train_bpe_tokenizer
 
     lengths = DRY_LENGTHS if dry_run else {length: length for length in RECIPES}
     counts = {length: STEPS * load_config(CONFIGS / RECIPES[length]).train.per_device_batch_size for length in RECIPES}

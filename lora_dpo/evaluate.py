@@ -2,105 +2,140 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from lora_dpo.batching import collate, length_sorted_batches, pad_id_of
-from lora_dpo.cache import ReferenceCache
+from lora_dpo.batching import length_sorted_batches, pad_id_of
+from lora_dpo.cache import ReferenceValues
 from lora_dpo.config import Config
 from lora_dpo.errors import ConfigError
 from lora_dpo.data import TokenizedPair, load_preference_data
-from lora_dpo.logps import sequence_logps
+from lora_dpo.logps import SequenceLogps
+from lora_dpo.scoring import score_pairs
+from lora_dpo.loss import LossSettings, preference_loss
+from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
 
 
 @dataclass
 class EvalMetrics:
-    reward_accuracy: float  # share of pairs with chosen reward > rejected reward (ties count half)
-    reward_margin: float  # mean β·(Δchosen - Δrejected)
+    """Means over the held-out pairs; `to_dict` names them as training does, under `eval/`."""
+
+    # PAIR_METRICS name -> mean, computed as in training (same loss, same per-pair function)
+    pair_means: dict[str, float]
     preference_accuracy: float  # share with mean-token log-prob of chosen > rejected (no reference)
-    # KL proxy: mean log πθ(yw|x) - log πref(yw|x). Large negative values mean the policy has
-    # pushed the chosen responses down too (the classic DPO drift), large positive ones that it
-    # has moved far from the reference.
+    # Mean of log πθ(yw|x) - log πref(yw|x) over the chosen responses, in nats. Large negative
+    # values mean the policy has pushed the chosen responses down too (the classic DPO drift),
+    # large positive ones that it has moved far from the reference.
     chosen_logratio: float
     pairs: int
 
+    @property
+    def loss(self) -> float:
+        return self.pair_means["loss"]
+
+    @property
+    def reward_accuracy(self) -> float:
+        """Share of pairs with chosen reward > rejected reward (ties count half)."""
+        return self.pair_means["rewards/accuracies"]
+
+    @property
+    def reward_margin(self) -> float:
+        """Mean β·(Δchosen - Δrejected), log-ratios summed over each response."""
+        return self.pair_means["rewards/margins"]
+
     def to_dict(self, prefix: str = "eval/") -> dict[str, float]:
         return {
-            f"{prefix}rewards/accuracies": self.reward_accuracy,
-            f"{prefix}rewards/margins": self.reward_margin,
+            **{prefix + name: value for name, value in self.pair_means.items()},
             f"{prefix}preference_accuracy": self.preference_accuracy,
-            f"{prefix}kl_proxy": self.chosen_logratio,
+            f"{prefix}logratio/chosen": self.chosen_logratio,
         }
-
-
-def tie_aware_accuracy(margins: torch.Tensor) -> torch.Tensor:
-    """Share of positive margins, a tie counting half: a policy equal to its reference scores
-    0.5 (chance), not 0."""
-    return (margins > 0).float().mean() + 0.5 * (margins == 0).float().mean()
 
 
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     pairs: Sequence[TokenizedPair],
-    cache: ReferenceCache,
-    beta: float,
+    reference: ReferenceValues,
+    loss: LossSettings,
     pad_id: int,
     batch_size: int,
     device: torch.device,
 ) -> EvalMetrics:
+    """Score `pairs` (aligned with `reference`) with the training objective and training's
+    per-pair metrics, over all held-out pairs at once (RPO's per-token NLL is over all of them)."""
     was_training = model.training
     model.eval()  # no LoRA dropout
-    margins, preferences, chosen_logratios = [], [], []
-    batches = length_sorted_batches(pairs, batch_size)
-    for indices in tqdm(batches, desc="eval", unit="batch", leave=False):
-        batch = collate([pairs[i] for i in indices], pad_id).to(device)
-        out = sequence_logps(model, batch)
-        ref_chosen, ref_rejected = cache.lookup(batch.pair_hashes)
-        chosen_logratio = out.chosen.cpu() - ref_chosen  # [B]
-        margins.append(beta * (chosen_logratio - (out.rejected.cpu() - ref_rejected)))
-        chosen_logratios.append(chosen_logratio)
-        mean_chosen = out.chosen / out.chosen_tokens.clamp(min=1)
-        mean_rejected = out.rejected / out.rejected_tokens.clamp(min=1)
-        preferences.append((mean_chosen - mean_rejected).cpu())
+    order = [i for batch in length_sorted_batches(pairs, batch_size) for i in batch]  # little padding
+    progress = tqdm(total=len(order), desc="eval", unit="pair", leave=False)
+    scores = score_pairs(model, [pairs[i] for i in order], batch_size=batch_size, pad_id=pad_id, device=device, progress=progress)
+    progress.close()
     model.train(was_training)
-    margin = torch.cat(margins)  # [N]
-    preference = torch.cat(preferences)  # [N]
+    policy = SequenceLogps(
+        logps=torch.cat([scores.chosen, scores.rejected]),  # [2N], chosen first
+        tokens=torch.cat([scores.chosen_tokens, scores.rejected_tokens]),
+    )
+    ref_chosen, ref_rejected = reference.logps(order)  # [N] each, in scoring order
+    out = preference_loss(
+        policy.chosen, policy.rejected, ref_chosen, ref_rejected, loss.beta,
+        loss_type=loss.loss_type, label_smoothing=loss.label_smoothing, rpo_alpha=loss.rpo_alpha,
+        chosen_tokens=policy.chosen_tokens, rejected_tokens=policy.rejected_tokens,
+    )
+    mean_chosen = policy.chosen / policy.chosen_tokens.clamp(min=1)  # [N] per-token log-prob
+    mean_rejected = policy.rejected / policy.rejected_tokens.clamp(min=1)
     return EvalMetrics(
-        reward_accuracy=tie_aware_accuracy(margin).item(),
-        reward_margin=margin.mean().item(),
-        preference_accuracy=tie_aware_accuracy(preference).item(),
-        chosen_logratio=torch.cat(chosen_logratios).mean().item(),
-        pairs=len(margin),
+        pair_means=dict(zip(PAIR_METRICS, pair_metrics(out, policy).mean(dim=1).tolist())),
+        preference_accuracy=tie_aware_accuracy(mean_chosen - mean_rejected).mean().item(),
+        chosen_logratio=(policy.chosen.double() - ref_chosen.double()).mean().item(),
+        pairs=len(pairs),
     )
 
 
-def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
-    """`lora-dpo eval`: the eval split of `config` against its cache, for an adapter or the base."""
-    from lora_dpo.identity import open_checked_cache, policy_precision
-    from lora_dpo.model import default_device, load_adapter, load_base_model, load_tokenizer
+def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | None = None) -> EvalMetrics:
+    """`lora-dpo eval`: the eval split of `config` against its cache, for an adapter or the base.
 
+    `base` (`--base`) replaces `model.name_or_path` and accepts an adapter recorded for
+    another base; the adapter's shapes are checked against the base either way. The adapter
+    is read and checked before anything is loaded."""
+    from lora_dpo.adapters import check_against_files, check_base, read_adapter
+    from lora_dpo.cache import open_checked_cache, policy_precision
+    from lora_dpo.model import (
+        default_device,
+        load_adapter,
+        load_base_model,
+        load_tokenizer,
+        resolve_model_dir,
+    )
+
+    if base:
+        config = copy.deepcopy(config)
+        config.model.name_or_path = base
+    adapter = read_adapter(adapter_dir) if adapter_dir else None
     if not config.data.eval_path:
         raise ConfigError("data.eval_path is not set: eval needs held-out pairs")
+    if adapter is not None:
+        check_base(adapter, config.model.name_or_path, explicit=bool(base))
+        check_against_files(adapter, resolve_model_dir(config.model), config.model.name_or_path)
     device = default_device()
     precision = policy_precision(config, device)
     tokenizer = load_tokenizer(config.model)
     pairs, _ = load_preference_data(config.data, tokenizer, "eval")
     cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
-    cache.check_covers(pairs, "eval")
+    reference = cache.aligned(pairs, "eval")
     model = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
     )
-    if adapter_dir:
-        model = load_adapter(model, adapter_dir)
+    if adapter is not None:
+        model = load_adapter(model, adapter)
     return evaluate(
         model,
         pairs,
-        cache,
-        config.train.beta,
+        reference,
+        LossSettings.of(config.train),
         pad_id_of(tokenizer),
         config.precompute.batch_size,
         device,

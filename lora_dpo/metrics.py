@@ -17,7 +17,8 @@ from lora_dpo.loggers import MetricLogger, NullLogger
 from lora_dpo.loss import DPOOutput
 from lora_dpo.logps import SequenceLogps
 
-# TRL's names, so dashboards and habits carry over.
+# TRL's names, so dashboards and habits carry over. The rewards are β·(summed log-ratio) for
+# every loss type (see `DPOOutput`), so `rewards/*` of any run, train or eval, share one unit.
 PAIR_METRICS = (
     "loss",
     "rewards/chosen",
@@ -27,6 +28,29 @@ PAIR_METRICS = (
     "logps/chosen",
     "logps/rejected",
 )
+
+
+def tie_aware_accuracy(margins: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 for a positive margin, 0.5 for a tie, 0 otherwise, so a policy equal to its
+    reference scores 0.5 (chance), not 0. Shape: [B] -> [B] float64."""
+    return (margins > 0).double() + 0.5 * (margins == 0).double()
+
+
+def pair_metrics(out: DPOOutput, policy: SequenceLogps) -> torch.Tensor:
+    """The PAIR_METRICS of each pair, rows in that order: [M, B] float64, detached. Training
+    averages them over a logging window, eval over the held-out pairs."""
+    margins = out.chosen_rewards - out.rejected_rewards  # [B]
+    return torch.stack(
+        [
+            out.losses.detach().double(),
+            out.chosen_rewards.double(),
+            out.rejected_rewards.double(),
+            tie_aware_accuracy(margins),
+            margins.double(),
+            policy.chosen.detach().double(),
+            policy.rejected.detach().double(),
+        ]
+    )  # [M, B]
 
 
 class WindowMeter:
@@ -50,21 +74,9 @@ class WindowMeter:
 
     def add_pairs(self, out: DPOOutput, policy: SequenceLogps, tokens: int) -> torch.Tensor:
         """Stage a micro-batch; returns its 0-d finite flag (on the device)."""
-        margins = out.chosen_rewards - out.rejected_rewards  # [B]
-        accuracies = (margins > 0).double() + 0.5 * (margins == 0).double()  # ties count half
-        per_pair = torch.stack(
-            [
-                out.losses.detach().double(),
-                out.chosen_rewards.double(),
-                out.rejected_rewards.double(),
-                accuracies,
-                margins.double(),
-                policy.chosen.detach().double(),
-                policy.rejected.detach().double(),
-            ]
-        )  # [M, B]
+        per_pair = pair_metrics(out, policy)  # [M, B]
         finite = torch.isfinite(per_pair).all()
-        self._staged.append((torch.where(finite, per_pair.sum(dim=1), 0.0), len(margins), finite))
+        self._staged.append((torch.where(finite, per_pair.sum(dim=1), 0.0), per_pair.shape[1], finite))
         self.tokens += tokens
         return finite
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
+import pickle
 import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from lora_dpo.adapters import Adapter, check_fits, read_adapter, shapes_of
 from lora_dpo.config import LoraConfig, ModelConfig
 from lora_dpo.errors import ConfigError
-from lora_dpo.fileio import sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def load_base_model(
             device_map={"": str(device)},
             trust_remote_code=cfg.trust_remote_code,
         )
-    except (OSError, ValueError) as exc:  # not found, no network, custom code not trusted
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:  # not found, no network, untrusted code or pickle
         raise ConfigError(_load_failure(path, "the model", exc)) from None
     disable_cpu_weight_repack(model)
     model.requires_grad_(False)
@@ -98,6 +97,31 @@ def disable_cpu_weight_repack(model: torch.nn.Module) -> int:
     return guarded
 
 
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    """Each `lora.target_modules` name must match a module LoRA can wrap the way peft matches
+    a list (the full name, or its last dotted parts), with the closest linear layer names as
+    a hint: peft's own error is a traceback, after minutes of model loading."""
+    import difflib
+
+    from transformers.pytorch_utils import Conv1D
+
+    if targets == ["all-linear"]:
+        return
+    linear = (torch.nn.Linear, Conv1D)  # bitsandbytes' 4-bit and 8-bit layers are nn.Linear
+    wrappable = linear + (torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+    names = [name for name, module in model.named_modules() if isinstance(module, wrappable)]
+    for target in targets:
+        if any(name == target or name.endswith(f".{target}") for name in names):
+            continue
+        layers = [name for name, module in model.named_modules() if name and isinstance(module, linear)]
+        depth = target.count(".") + 1  # `mlp.gate` is compared with `mlp.gate_proj`, not `gate_proj`
+        tails = {".".join(name.split(".")[-depth:]) for name in layers}
+        close = difflib.get_close_matches(target, sorted(tails), n=3)
+        leaves = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in layers}))
+        hint = f"closest: {', '.join(close)}" if close else f"its linear layers: {leaves}"
+        raise ConfigError(f"lora.target_modules: {target!r} matches no module of the model; {hint}")
+
+
 def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointing: bool):
     """Wrap the frozen base with trainable LoRA adapters (fp32 weights, whatever the compute dtype).
 
@@ -108,6 +132,7 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointi
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    check_target_modules(model, cfg.target_modules)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad and handles frozen bases.
         kwargs = {"use_reentrant": False}
@@ -136,10 +161,21 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointi
     return policy
 
 
-def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: bool = False):
+def load_adapter(model: PreTrainedModel, adapter: str | Path | Adapter, *, trainable: bool = False):
+    """`model` wrapped with the LoRA adapter at `adapter` (a directory, checked by
+    `adapters.read_adapter`, or an `Adapter` already read). Every LoRA factor is checked
+    against the loaded module it adapts first, so a foreign adapter is one line, not peft's
+    size-mismatch dump."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    if not isinstance(adapter, Adapter):
+        adapter = read_adapter(adapter)
+    check_fits(adapter, shapes_of(model), model.name_or_path)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter.directory), is_trainable=trainable)
+    except (ValueError, RuntimeError, KeyError) as exc:  # what the checks above cannot foresee
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{adapter.directory}: peft cannot load it onto {model.name_or_path!r}: {first[:300]}") from None
 
 
 def resolve_model_dir(cfg: ModelConfig) -> Path | None:
@@ -156,67 +192,9 @@ def resolve_model_dir(cfg: ModelConfig) -> Path | None:
         return None
 
 
-def weights_fingerprint(cfg: ModelConfig) -> str:
-    """sha256 over the model's weight files (names, sizes, contents), for the cache identity.
-
-    Hashing 16 GB of weights takes minutes, so each file's digest is memoised by its resolved
-    path, size and modification time: any rewrite of a weight file changes the fingerprint.
-    """
-    directory = resolve_model_dir(cfg)
-    if directory is None:
-        raise ConfigError(
-            f"model.name_or_path={cfg.name_or_path!r}: not a local directory and not in the "
-            "local hub cache"
-        )
-    files = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    if not files:
-        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: no weight files in {directory}")
-    memo = FingerprintMemo.load()
-    digest = hashlib.sha256()
-    for weight_file in files:
-        digest.update(f"{weight_file.name}:{memo.file_digest(weight_file)}\n".encode())
-    memo.save()
-    return digest.hexdigest()
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
-class FingerprintMemo:
-    """sha256 of weight files, keyed by (resolved path, size, mtime), in the user's cache dir."""
-
-    def __init__(self, path: Path, entries: dict[str, str]):
-        self.path, self.entries, self.changed = path, entries, False
-
-    @classmethod
-    def load(cls) -> "FingerprintMemo":
-        home = Path(os.environ.get("LORA_DPO_CACHE_HOME", Path.home() / ".cache" / "lora-dpo"))
-        path = home / "weight-fingerprints.json"
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, ValueError):  # absent or damaged: start afresh, it is only a memo
-            entries = {}
-        return cls(path, entries if isinstance(entries, dict) else {})
-
-    def file_digest(self, weight_file: Path) -> str:
-        real = weight_file.resolve()  # hub snapshots are symlinks into a blob store
-        stat = real.stat()
-        key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
-        if key not in self.entries:
-            self.entries[key] = sha256_file(real)
-            self.changed = True
-        return self.entries[key]
-
-    def save(self) -> None:
-        if not self.changed:
-            return
-        try:
-            write_json(self.path, self.entries)
-        except OSError as exc:  # a read-only home only costs re-hashing next time
-            log.warning("could not save weight fingerprints to %s: %s", self.path, exc)
-
-
 def _require_model_path(cfg: ModelConfig) -> str:
+    from lora_dpo.hub import looks_like_hub_name
+
     path = cfg.name_or_path
     if not path:
         raise ConfigError("model.name_or_path is not set: give a local model directory or hub name")
@@ -225,8 +203,7 @@ def _require_model_path(cfg: ModelConfig) -> str:
         return path
     if local.exists():
         raise ConfigError(f"model.name_or_path={path!r}: a file, not a model directory")
-    # A hub name is "owner/name" or "name"; anything else can only be a local path.
-    if path.startswith(("/", ".", "~")) or "\\" in path or path.count("/") > 1:
+    if not looks_like_hub_name(path):
         raise ConfigError(f"model.name_or_path={path!r}: no such directory")
     return path
 
@@ -244,6 +221,11 @@ def _load_failure(path: str, what: str, exc: BaseException) -> str:
     from lora_dpo.hub import offline_mode, offline_reason
 
     text = str(exc).strip()
+    if isinstance(exc, pickle.UnpicklingError):
+        return (
+            f"model.name_or_path={path!r}: a weight file holds pickled objects beyond plain "
+            "tensors, refused unread (torch.load weights_only=True); use safetensors weights"
+        )
     if "trust_remote_code" in text:
         return (
             f"model.name_or_path={path!r}: the repository ships its own Python code, which "

@@ -8,7 +8,9 @@ Health checks over the training records (β from config.yaml). They read the rew
 the raw `logps/*`: a record's `logps/chosen` is a mean over whichever pairs fell into its
 logging window, so it moves with their lengths, while `rewards/chosen / β` is each pair's
 change against its own cached reference value, averaged: the drift of the chosen
-log-likelihood in nats, free of batch composition.
+log-likelihood in nats, free of batch composition. The rewards are β·(summed log-ratio) for
+every loss type (IPO's per-token normalisation stays inside its loss), so the thresholds below
+mean the same nats whatever `train.loss_type` is.
 
 - **chosen log-probs falling while margins rise** (the classic DPO failure: the margin grows
   by pushing both responses down). Needs >= 4 training records; fires when the least-squares
@@ -16,11 +18,12 @@ log-likelihood in nats, free of batch composition.
   -1 nat (`rewards/chosen / β <= -1`: chosen responses at least e times less likely than
   under the reference, and not for one noisy window only), and the least-squares slope of
   `rewards/margins` is positive.
-- **KL proxy exploding**: the proxy is the mean absolute log-prob drift from the reference,
+- **drift from the reference**: the mean absolute summed log-ratio against the reference,
   `(|rewards/chosen| + |rewards/rejected|) / (2β)` nats, relative to the reference's own mean
   |log-prob| of the same responses, `(|logps/chosen - rewards/chosen/β| + |logps/rejected -
   rewards/rejected/β|) / 2`. Fires when the last record's ratio is >= 0.5: the policy's
-  summed log-probs have moved by half their own size.
+  summed log-probs have moved by half their own size. (Not a KL estimate: the KL would need
+  samples from the policy; this is a drift on the training responses.)
 - **reward accuracy stuck at chance**: needs >= 4 training records; fires when the mean of
   `rewards/accuracies` over the last half is within 0.5 +- 0.05 (a policy equal to its
   reference scores exactly 0.5: ties count half).
@@ -33,15 +36,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import yaml
 
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.fileio import atomic_write, write_text
+from lora_dpo.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ METRICS = "metrics.jsonl"
 
 MIN_TREND_RECORDS = 4  # fewer logged steps than this cannot show a trend
 CHOSEN_DROP_NATS = 1.0  # chosen responses e times less likely than under the reference
-KL_RATIO_LIMIT = 0.5  # policy log-probs moved by half the reference's own |log-prob|
+DRIFT_RATIO_LIMIT = 0.5  # policy log-probs moved by half the reference's own |log-prob|
 CHANCE_BAND = 0.05  # accuracy within 0.5 +- this is chance
 DEFAULT_BETA = 0.1  # TrainConfig's default, for a run directory without config.yaml
 GUIDE = "guide"  # gid of reference lines in the plot (ln 2, chance, zero, clip)
@@ -86,7 +89,8 @@ class RunRecords:
 def read_metrics(path: Path) -> RunRecords:
     train, evals, notes = [], [], []
     session_ends: list[float] = []  # the last `elapsed_s` of each session, in file order
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    # Damaged bytes become U+FFFD, so such a line fails as JSON below instead of the whole file.
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -94,9 +98,13 @@ def read_metrics(path: Path) -> RunRecords:
         except json.JSONDecodeError:
             notes.append(f"{path.name} line {number} is not JSON (an interrupted write?); skipped")
             continue
-        if not isinstance(record, dict) or "step" not in record:
-            notes.append(f"{path.name} line {number} has no step; skipped")
+        if not isinstance(record, dict) or not _is_number(record.get("step")):
+            notes.append(f"{path.name} line {number} is not a record with a numeric step; skipped")
             continue
+        damaged = sorted(key for key, value in record.items() if not _is_number(value))
+        if damaged:  # every value train writes is a number: the health checks do arithmetic on them
+            notes.append(f"{path.name} line {number}: non-numeric {', '.join(damaged)}; those values skipped")
+            record = {key: value for key, value in record.items() if key not in damaged}
         if "loss" in record:
             train.append(record)
         if any(key.startswith("eval/") for key in record):
@@ -106,10 +114,17 @@ def read_metrics(path: Path) -> RunRecords:
                 session_ends[-1] = record["elapsed_s"]
             else:  # the first record, or a resumed run's clock starting again
                 session_ends.append(record["elapsed_s"])
+    if notes and not train and not evals:
+        first = notes[0].removeprefix(f"{path.name} ").rsplit("; ", 1)[0]
+        raise LoraDpoError(f"{path}: no readable metrics record in {len(notes)} damaged line(s); the first: {first}")
     train.sort(key=lambda r: r["step"])
     evals.sort(key=lambda r: r["step"])
     wall = sum(session_ends) if session_ends else None
     return RunRecords(train, evals, notes, wall, max(len(session_ends), 1))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------- health checks
@@ -159,8 +174,8 @@ def check_chosen_falling(train: Sequence[dict[str, float]], beta: float) -> Chec
     return Check(name, detail)
 
 
-def check_kl_proxy(train: Sequence[dict[str, float]], beta: float) -> Check:
-    name = "KL proxy (drift from the reference)"
+def check_drift(train: Sequence[dict[str, float]], beta: float) -> Check:
+    name = "drift from the reference"
     keys = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
     records = [r for r in train if _finite(r, *keys)]
     if not records:
@@ -176,12 +191,12 @@ def check_kl_proxy(train: Sequence[dict[str, float]], beta: float) -> Check:
         f"mean |log-prob drift| {drift:.2f} nats = {ratio:.1%} of the reference's own "
         f"|log-prob| ({reference:.1f} nats) at step {int(last['step'])}"
     )
-    if ratio >= KL_RATIO_LIMIT:
+    if ratio >= DRIFT_RATIO_LIMIT:
         return Check(
             name,
             detail,
-            f"KL proxy exploding: at step {int(last['step'])} the policy's summed log-probs have "
-            f"moved {drift:.1f} nats from the reference on average, {ratio:.0%} of the reference's "
+            f"policy drifting far from the reference: at step {int(last['step'])} its summed log-probs "
+            f"have moved {drift:.1f} nats from the reference on average, {ratio:.0%} of the reference's "
             f"own {reference:.1f}: the policy has left the reference far behind (degenerate text "
             "is likely). Try a larger beta, a lower learning rate, or fewer steps.",
         )
@@ -242,7 +257,7 @@ def check_finite(train: Sequence[dict[str, float]]) -> Check:
 def health_checks(train: Sequence[dict[str, float]], beta: float) -> list[Check]:
     return [
         check_chosen_falling(train, beta),
-        check_kl_proxy(train, beta),
+        check_drift(train, beta),
         check_accuracy_stuck(train),
         check_finite(train),
     ]
@@ -292,7 +307,7 @@ def plot_metrics(records: RunRecords, title: str, max_grad_norm: float | None = 
     curve(ax, train, "rewards/chosen", "chosen", color="C2", linewidth=1)
     curve(ax, train, "rewards/rejected", "rejected", color="C3", linewidth=1)
     guide(ax, 0.0, "reference")
-    ax.set(title="implicit rewards", ylabel="β · (log π − log π_ref)")
+    ax.set(title="implicit rewards", ylabel="β · (log π − log π_ref), summed over the response")
 
     ax = axes[1, 0]
     curve(ax, train, "logps/chosen", "chosen", color="C2")
@@ -341,22 +356,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return raw if isinstance(raw, dict) else None
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        text = f"{value:.4g}"
-    elif isinstance(value, list):
-        text = ", ".join(str(v) for v in value) or "[]"
-    else:
-        text = str(value)
-    return text.replace("|", "\\|")  # a bare | would end the table cell
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return lines
-
-
 def run_totals(train: Sequence[dict[str, float]]) -> dict[str, float]:
     """Overall tokens/s, time in optimizer steps and peak memory from the training records.
 
@@ -399,7 +398,7 @@ def _summary_lines(records: RunRecords, run_dir: Path) -> list[str]:
         rows.append(("peak memory", f"{totals['peak_memory_mb']:,.0f} MB (CUDA: max allocated; CPU: process peak RSS)"))
     adapter = run_dir / "adapter" / "adapter_model.safetensors"
     rows.append(("adapter", "adapter/ (PEFT format)" if adapter.is_file() else "not saved (the run did not finish?)"))
-    return ["## Summary", "", *_table(("", ""), rows)]
+    return ["## Summary", "", *markdown_table(("", ""), rows)]
 
 
 def _final_metrics_lines(records: RunRecords) -> list[str]:
@@ -408,15 +407,15 @@ def _final_metrics_lines(records: RunRecords) -> list[str]:
         last = records.train[-1]
         lines.append(f"Training, step {int(last['step'])} (mean over the last logging window):")
         lines.append("")
-        lines += _table(("metric", "value"), [(k, v) for k, v in last.items() if k != "step"])
+        lines += markdown_table(("metric", "value"), [(k, v) for k, v in last.items() if k != "step"])
         lines.append("")
     if records.evals:
         first, last = records.evals[0], records.evals[-1]
         names = [k for k in last if k.startswith("eval/")]
         lines.append(f"Held-out pairs, step {int(first['step'])} -> step {int(last['step'])}:")
         lines.append("")
-        lines += _table(("metric", f"step {int(first['step'])}", f"step {int(last['step'])}"),
-                        [(k, first.get(k, "-"), last[k]) for k in names])
+        lines += markdown_table(("metric", f"step {int(first['step'])}", f"step {int(last['step'])}"),
+                                [(k, first.get(k, "-"), last[k]) for k in names])
         lines.append("")
     if not records.train and not records.evals:
         lines += ["No records yet.", ""]
@@ -442,35 +441,24 @@ def _config_lines(config: dict[str, Any]) -> list[str]:
         section, key = dotted.split(".")
         if key in (config.get(section) or {}):
             rows.append((f"`{dotted}`", config[section][key]))
-    return ["## Config", "", "The full resolved config is in config.yaml.", "", *_table(("key", "value"), rows), ""]
+    return ["## Config", "", "The full resolved config is in config.yaml.", "", *markdown_table(("key", "value"), rows), ""]
 
 
 def _cache_lines(config: dict[str, Any]) -> list[str]:
+    from lora_dpo.cache import MANIFEST, Manifest, manifest_rows
+    from lora_dpo.errors import CacheError
+
     cache_dir = (config.get("precompute") or {}).get("cache_dir")
     lines = ["## Reference cache", ""]
     if not cache_dir:
         return lines + ["No precompute.cache_dir in config.yaml.", ""]
-    manifest = _read_json(Path(cache_dir) / "manifest.json")
-    if manifest is None:
+    if not (Path(cache_dir) / MANIFEST).is_file():
         return lines + [f"No manifest at `{cache_dir}` (relative paths are read from the current directory).", ""]
-    identity = manifest.get("identity", {})
-    model, tokenization = identity.get("model", {}), identity.get("tokenization", {})
-    reference = manifest.get("reference", {})
-    versions = manifest.get("versions", {})
-    rows = [
-        ("path", cache_dir),
-        ("format", f"{manifest.get('format')} v{manifest.get('version')}"),
-        ("created", manifest.get("created")),
-        ("reference", ", ".join(f"{k} {v}" for k, v in reference.items())),
-        ("model weights sha256", model.get("weights_sha256", "-")),
-        ("model config sha256", model.get("config_sha256", "-")),
-        ("tokenizer sha256", tokenization.get("tokenizer_sha256", "-")),
-        ("chat template sha256", tokenization.get("chat_template_sha256", "-")),
-        ("max_length / max_prompt_length", f"{tokenization.get('max_length')} / {tokenization.get('max_prompt_length')}"),
-        ("pairs", ", ".join(f"{k} {v}" for k, v in manifest.get("pairs", {}).items())),
-        ("built with", ", ".join(f"{k} {v}" for k, v in versions.items())),
-    ]
-    return lines + _table(("", ""), rows) + [""]
+    try:
+        manifest = Manifest.read(Path(cache_dir))
+    except CacheError as exc:  # the report still gets written; the cache is described as it is
+        return lines + [f"The manifest cannot be read: {exc}", ""]
+    return lines + markdown_table(("", ""), [("path", cache_dir), *manifest_rows(manifest)]) + [""]
 
 
 def _data_lines(report: dict[str, Any] | None) -> list[str]:
@@ -486,12 +474,12 @@ def _data_lines(report: dict[str, Any] | None) -> list[str]:
         ("dropped", ", ".join(f"{reason} {n}" for reason, n in dropped.items()) or "none"),
         ("truncated to max_length", report.get("truncated")),
     ]
-    lines += _table(("", ""), rows) + [""]
+    lines += markdown_table(("", ""), rows) + [""]
     lengths = report.get("lengths") or {}
     if lengths:
         lines += ["Tokens per pair part:", ""]
         stats = ("p50", "p90", "p99", "max")
-        lines += _table(("", *stats), [(part, *(int(s.get(k, 0)) for k in stats)) for part, s in lengths.items()])
+        lines += markdown_table(("", *stats), [(part, *(int(s.get(k, 0)) for k in stats)) for part, s in lengths.items()])
         lines.append("")
     return lines
 
@@ -504,7 +492,7 @@ def _health_lines(checks: Sequence[Check]) -> list[str]:
     lines += [f"- **WARNING**: {c.warning}" for c in fired]
     if fired:
         lines.append("")
-    lines += _table(("check", "result", "measured"), [(c.name, "WARNING" if c.warning else "ok", c.detail) for c in checks])
+    lines += markdown_table(("check", "result", "measured"), [(c.name, "WARNING" if c.warning else "ok", c.detail) for c in checks])
     return lines + ["", "How each check is defined: `lora_dpo/report.py` and the README."]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -21,18 +20,24 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
 from lora_dpo.batching import collate, collate_packed, length_grouped_batches, pad_id_of
-from lora_dpo.cache import ReferenceCache
+from lora_dpo.cache import (
+    ReferenceCache,
+    ReferenceValues,
+    check_step0_agreement,
+    open_checked_cache,
+    policy_precision,
+    step0_tolerance_for,
+)
 from lora_dpo.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
 from lora_dpo.config import Config, TrainConfig, dump_config
 from lora_dpo.data import DataReport, TokenizedPair, load_preference_data
 from lora_dpo.distributed import DistInfo, all_gather_objects, all_reduce_, barrier, dist_info
-from lora_dpo.errors import CacheError, ConfigError, LoraDpoError, TrainingInterrupted
+from lora_dpo.errors import ConfigError, LoraDpoError, TrainingInterrupted
 from lora_dpo.evaluate import EvalMetrics, evaluate
 from lora_dpo.fileio import write_json, write_text
-from lora_dpo.identity import open_checked_cache, policy_precision
 from lora_dpo.loggers import check_backends, open_logger
 from lora_dpo.logps import SequenceLogps, check_prefix_sharing_support, sequence_logps
-from lora_dpo.loss import preference_loss
+from lora_dpo.loss import LossSettings, preference_loss
 from lora_dpo.metrics import MetricsFile, NullMetricsFile, WindowMeter, console_line
 from lora_dpo.model import (
     attach_lora,
@@ -66,6 +71,8 @@ class RunInputs:
     eval_pairs: list[TokenizedPair]
     data_report: DataReport
     cache: ReferenceCache
+    reference: ReferenceValues  # aligned with `pairs`
+    eval_reference: ReferenceValues  # aligned with `eval_pairs`
     base: torch.nn.Module  # the frozen (4-bit) base, without adapters
     device: torch.device
 
@@ -88,10 +95,9 @@ def load_run_inputs(config: Config) -> RunInputs:
     # A hub model not downloaded yet has no weights to fingerprint before it is loaded.
     base = None if resolve_model_dir(config.model) else load_base()
     cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
-    cache.check_covers(pairs, "train")
-    cache.check_covers(eval_pairs, "eval")
+    reference, eval_reference = cache.aligned(pairs, "train"), cache.aligned(eval_pairs, "eval")
     base = base or load_base()
-    return RunInputs(tokenizer, pairs, eval_pairs, report, cache, base, device)
+    return RunInputs(tokenizer, pairs, eval_pairs, report, cache, reference, eval_reference, base, device)
 
 
 def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = False) -> TrainResult:
@@ -134,13 +140,16 @@ def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = Fal
         optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps
     )
     pad_id = pad_id_of(inputs.tokenizer)
-    step0_tolerance = None if config.train.accept_cache_mismatch else step0_tolerance_for(cache)
+    step0_tolerance = None if config.train.accept_cache_mismatch else step0_tolerance_for(cache.manifest)
 
     def run_eval() -> EvalMetrics | None:
         """On rank 0 (the others wait): evaluation is a small fraction of a run."""
         metrics = None
         if inputs.eval_pairs and info.is_main:
-            metrics = evaluate(policy, inputs.eval_pairs, cache, cfg.beta, pad_id, cfg.per_device_batch_size, device)
+            metrics = evaluate(
+                policy, inputs.eval_pairs, inputs.eval_reference, LossSettings.of(cfg), pad_id,
+                cfg.per_device_batch_size, device,
+            )
         barrier()
         return metrics
 
@@ -167,7 +176,7 @@ def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = Fal
         eval_before = run_eval()
         if eval_before:
             metrics_file.write({"step": 0, **eval_before.to_dict()})
-    loop = TrainLoop(policy, optimizer, scheduler, inputs.pairs, cache, cfg, pad_id, device, info)
+    loop = TrainLoop(policy, optimizer, scheduler, inputs.pairs, inputs.reference, cfg, pad_id, device, info)
     with StopOnSignal() as stop:
         history, eval_after = loop.run(
             total_steps, start_step, meter, metrics_file, run_eval, step0_tolerance, stop,
@@ -236,7 +245,7 @@ class TrainLoop:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     pairs: Sequence[TokenizedPair]
-    cache: ReferenceCache
+    reference: ReferenceValues  # aligned with `pairs`
     cfg: TrainConfig
     pad_id: int
     device: torch.device
@@ -330,7 +339,7 @@ class TrainLoop:
             tokens = batch.sequence_tokens  # counted on the CPU: no device sync
             rows += batch.source_indices
             batch = batch.to(self.device)
-            ref_chosen, ref_rejected = (t.to(self.device) for t in self.cache.lookup(batch.pair_hashes))
+            ref_chosen, ref_rejected = (t.to(self.device) for t in self.reference.logps(indices))
             # Under DDP, gradients are all-reduced once per step: on its last micro-batch.
             last = number == len(micro_batches) - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
@@ -349,7 +358,9 @@ class TrainLoop:
                 (out.losses.sum() * (self.dist.world_size / pairs_in_step)).backward()
             finite = finite & meter.add_pairs(out, policy_logps, tokens)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        # None: no clipping; an infinite bound only measures the norm, for the log.
+        max_norm = math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         finite = finite & torch.isfinite(grad_norm)
         finite = all_reduce_(finite.to(torch.int32), "min").bool()  # every rank skips alike
         finite_step(self.optimizer, params, finite)
@@ -482,37 +493,6 @@ def build_optimizer(
     if name == "adamw_8bit":
         return bnb.optim.AdamW8bit(params, **kwargs)
     return bnb.optim.PagedAdamW8bit(params, **kwargs)
-
-
-def step0_tolerance_for(cache: ReferenceCache) -> float | None:
-    """Largest allowed mean per-token gap between the untrained policy and the cache.
-
-    A cache built at the policy's own precision must agree with the policy at init (LoRA B = 0)
-    up to float rounding from different batch shapes; anything more means another model,
-    template or tokenizer slipped past the fingerprints. A reference at another precision by
-    design differs, so its gap is only reported.
-    """
-    if cache.manifest["reference"]["mode"] != "policy":
-        return None
-    return 1e-4 if cache.manifest["reference"]["dtype"] == "float32" else 2e-2
-
-
-def check_step0_agreement(
-    policy_logps: SequenceLogps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, tolerance: float
-) -> None:
-    """Stop when the policy at init disagrees with the cached reference (one sync, step 1 only)."""
-    policy = torch.cat([policy_logps.chosen, policy_logps.rejected]).detach()  # [2B]
-    reference = torch.cat([ref_chosen, ref_rejected])  # [2B]
-    per_token = (policy - reference).abs() / policy_logps.tokens.clamp(min=1)  # [2B]
-    # Non-finite values are the skip logic's business (the step will not be applied).
-    gap = torch.nan_to_num(per_token, nan=0.0, posinf=0.0).max().item()
-    log.info("step-0 check: policy at init vs cached reference, max mean per-token gap %.2e", gap)
-    if gap > tolerance:
-        raise CacheError(
-            f"the policy at init disagrees with the cached reference by {gap:.3g} nats per token "
-            f"(allowed {tolerance:g}): the cache was built from another model, template or "
-            "tokenizer; rebuild it, or set train.accept_cache_mismatch=true if this is deliberate"
-        )
 
 
 def seed_everything(seed: int) -> None:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import memory_check  # noqa: E402
 from live_bytes import CPU_BLAS_OPS, LiveBytes, persistent_bytes  # noqa: E402
 
-from lora_dpo.tiny_model import tiny_config  # noqa: E402
+from lora_dpo.demo.models import tiny_config  # noqa: E402
 
 
 def test_tracker_is_exact_on_known_allocations():

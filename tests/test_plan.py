@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from lora_dpo.cli import main
 from lora_dpo.config import LoraConfig, ModelConfig, load_config
+from lora_dpo.demo.models import ARCHITECTURES, tiny_config
 from lora_dpo.errors import ConfigError
 from lora_dpo.model import attach_lora, load_base_model
 from lora_dpo.plan import (
@@ -24,7 +25,6 @@ from lora_dpo.plan import (
     find_max_length,
     find_model_config,
 )
-from lora_dpo.tiny_model import ARCHITECTURES, tiny_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
