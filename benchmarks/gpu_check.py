@@ -88,8 +88,9 @@ def build_model(out_dir: Path, tokenizer: Any, device: torch.device, **fields: A
     """A random bf16 model of Llama-3.1-8B's config with `fields` changed, saved with the tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(ROOT / "model_configs" / "llama3.1-8b"), bos_token_id=tokenizer.bos_token_id,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **fields)
+    kept = json.loads((ROOT / "model_configs" / "llama3.1-8b" / "config.json").read_text())
+    config = AutoConfig.for_model(**{**kept, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                                     "pad_token_id": tokenizer.pad_token_id, **fields})
     torch.manual_seed(0)
     with device:  # initialised where it will run: fast on a GPU, and 16 GB fits a 24 GB card
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

@@ -74,7 +74,9 @@ def build_model(config_json: Path, num_layers: int, out_dir: Path, seed: int = 0
     """A random bf16 model of `config_json`'s widths with `num_layers` layers, saved like a checkpoint."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(config_json), num_hidden_layers=num_layers, **overrides)
+    fields = {**json.loads(config_json.read_text()), "num_hidden_layers": num_layers, **overrides}
+    fields.pop("layer_types", None)  # derived from the depth (Qwen2 validates them against it)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -347,17 +349,27 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def run(models: list[str], lengths: list[int], response_fraction: float, workdir: Path) -> dict:
+def run(models: list[str], lengths: list[int], response_fraction: float, workdir: Path, unfinished: Path) -> dict:
+    """Measure each model; after each, the results so far go to `unfinished`, and a run that
+    finds that file (same lengths and response share) goes on from where it stopped."""
     started = time.perf_counter()
     results: dict = {
         "date": datetime.date.today().isoformat(),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads()},
         "versions": package_versions(),
         "settings": SETTINGS,
+        "lengths": lengths,
         "response_fraction": response_fraction,
         "models": {},
+        "seconds": 0,
     }
+    if unfinished.is_file():
+        earlier = json.loads(unfinished.read_text())
+        if (earlier["lengths"], earlier["response_fraction"]) == (lengths, response_fraction):
+            results, started = earlier, started - earlier["seconds"]
     for model in models:
+        if model in results["models"]:
+            continue
         config_json = ROOT / "model_configs" / model / "config.json"
         steps = {}
         for layers in (1, 2):
@@ -374,7 +386,8 @@ def run(models: list[str], lengths: list[int], response_fraction: float, workdir
                 "steps": [asdict(one), asdict(two)],
             })
         results["models"][model] = {"lengths": rows}
-    results["seconds"] = round(time.perf_counter() - started)
+        results["seconds"] = round(time.perf_counter() - started)
+        write_json(unfinished, results)
     return compare_all(results)
 
 
@@ -396,8 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         results = compare_all(json.loads(args.compare.read_text()))
     else:
+        unfinished = args.out / "memory-unfinished.json"
         with tempfile.TemporaryDirectory() as workdir:
-            results = run(models, lengths, args.response_fraction, Path(workdir))
+            results = run(models, lengths, args.response_fraction, Path(workdir), unfinished)
+        unfinished.unlink()
     print(render(results))
     path = args.out / f"memory-{results['date']}.json"
     write_json(path, results)
