@@ -4,13 +4,13 @@ No weights are read and no GPU is needed. The estimate is for one micro-batch wh
 reach data.max_length (padded, so an attention mask exists), every token a response token:
 
 - persistent: nf4 linear layers (4 bits + an 8-bit scale per 64 weights, double quantization),
-  embeddings, norms and the LM head in the compute dtype; LoRA weights and gradients in fp32;
-  the optimizer's state;
+  embeddings, norms and the LM head in the compute dtype; LoRA weights in fp32; the
+  optimizer's state;
 - activations: with gradient checkpointing, each layer's input [2B, T, H] (kept on the host
-  with train.offload_activations), then the larger of two moments:
-  the LM head (one logits chunk, the final hidden states and their gradients) and the
-  backward of the last layer (its recomputed activations, the transients of its backward and
-  the attention mask). Without checkpointing, every layer's activations;
+  with train.offload_activations), then the larger of two moments: the LM head (one logits
+  chunk, the final hidden states and their gradients) and the backward of a layer (its
+  recomputed activations, the transients of its backward, the attention mask, and the fp32
+  LoRA gradients of the layers already done). Without checkpointing, every layer's activations;
 - CUDA-only terms, which no tensor accounts for (`cuda_only_terms`).
 
 Weight counts are exact (tested against real models). The activation model counts the tensors
@@ -308,10 +308,13 @@ def estimate(
             items.append(PlanItem(f"layer inputs kept for recompute ({arch.num_layers} x {tokens} tokens)",
                                   arch.num_layers * checkpoint, "activations"))
             layer += max(0.0, (arch.num_layers - 1) * (gradients - checkpoint))
-    else:
-        saved = layer_saved_bytes_per_token(arch, config, workload, device) * tokens + tokens * h * d
-        items.append(PlanItem(f"activations of {arch.num_layers - 1} more layers (no checkpointing)",
-                              (arch.num_layers - 1) * saved, "activations"))
+    else:  # every layer's saved tensors; with offload they wait on the host instead
+        saved = (arch.num_layers - 1) * (layer_saved_bytes_per_token(arch, config, workload, device) + h * d) * tokens
+        if cfg.offload_activations:
+            host = saved
+        else:
+            items.append(PlanItem(f"activations of {arch.num_layers - 1} more layers (no checkpointing)",
+                                  saved, "activations"))
     chunk, head = lm_head_bytes(arch, config, workload)
     head_at_peak = head > layer
     items += [
