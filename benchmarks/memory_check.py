@@ -231,7 +231,8 @@ def render_markdown(results: dict) -> str:
     machine = results["machine"]
     workspace = max(s["blas_workspace"] for m in results["models"].values() for r in m["lengths"] for s in r["steps"])
     return MARKDOWN.format(
-        date=results["date"], cpu=machine["cpu"], cores=machine["cores"], versions=versions,
+        date=results["date"], cpu=machine["cpu"], cores=machine["cores"], load=machine.get("load_average", 0.0),
+        versions=versions,
         minutes=results.get("seconds", 0) / 60, fraction=results["response_fraction"], table=render(results),
         tolerance=TOLERANCE, worst=worst_gap(results), workspace=workspace / 2**20, recipes=recipe_table(),
     )
@@ -261,8 +262,9 @@ def worst_gap(results: dict) -> float:
 
 MARKDOWN = """# Memory: lora-dpo plan against measurement
 
-`python benchmarks/memory_check.py` ({date}; {cpu}, {cores} cores, no GPU; {versions};
-{minutes:.0f} minutes, raw results in `results/memory-{date}.json`).
+`python benchmarks/memory_check.py` ({date}; {cpu}, {cores} cores, no GPU, shared with other
+jobs: load average up to {load:.1f}; {versions}; {minutes:.0f} minutes; raw results in
+`results/memory-{date}.json`).
 
 For Llama-3.1-8B, Qwen2.5-7B and Mistral-7B at their real widths (config.json in
 `model_configs/`), random models with 1 and with 2 decoder layers went through the project's
@@ -285,8 +287,10 @@ inside bitsandbytes' 4-bit matmul, which a dispatch-mode tracker of op outputs m
 apart: the CPU matmuls' own workspace (oneDNN packing buffers, up to {workspace:.1f} MiB here),
 which cuBLAS keeps in a fixed workspace instead. Two layers minus one is the per-layer part;
 one layer minus that is the fixed part. Each cell: measured / `lora-dpo plan` for the same
-truncated model and batch on the CPU's terms (plan / measured); largest gap {worst:.1%}
-(tolerance {tolerance:.0%}).
+truncated model and batch on the CPU's terms (plan / measured); largest gap {worst:.2%}
+(tolerance {tolerance:.0%}). At these widths the step's peak is always the backward of the
+last layer, during its recompute (plan's other moment, the LM head's logits chunk, is the
+peak in one of the small models of `tests/test_memory.py`, which checks it the same way).
 
 {table}
 
@@ -299,8 +303,9 @@ transients, the mask, the LM head) exists once.
 
 ## The recipes on a 24 GB card, by plan
 
-The same model, with the CUDA terms below, for each shipped recipe (pairs x tokens per
-sequence; every row at max_length, padded). Estimates: the GPU check measures them.
+The same model on CUDA's terms (bool dropout masks, and the CUDA-only terms below) for each
+shipped recipe: pairs x tokens per sequence, every row at max_length and padded. Estimates,
+until `benchmarks/gpu_check.py` has measured them on a GPU.
 
 {recipes}
 
@@ -387,6 +392,8 @@ def run(models: list[str], lengths: list[int], response_fraction: float, workdir
             })
         results["models"][model] = {"lengths": rows}
         results["seconds"] = round(time.perf_counter() - started)
+        machine = results["machine"]  # other jobs on the machine slow the run, not the bytes
+        machine["load_average"] = max(machine.get("load_average", 0.0), os.getloadavg()[0])
         write_json(unfinished, results)
     return compare_all(results)
 
