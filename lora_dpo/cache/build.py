@@ -144,19 +144,17 @@ class ShardSpec:
 def plan_shards(
     splits: Mapping[str, tuple[Sequence[TokenizedPair], Any]], known: set[bytes], config: Config, first_number: int
 ) -> list[ShardSpec]:
-    """The pairs of each split the cache lacks (each once), length-sorted and cut into shards of
-    `shard_size` pairs, numbered from `first_number` across splits. Deterministic: resume and
-    ranks rely on it."""
+    """The pairs of each split the cache lacks, length-sorted and cut into shards of `shard_size`
+    pairs, numbered from `first_number` across splits. Deterministic: resume and ranks rely on it.
+
+    Like every write, it adds the pairs of its input the cache did not hold before it: a pair
+    twice in the data is scored twice, as in format v1, so a first build holds its data's
+    pairs exactly (a reader uses one of the two).
+    """
     specs: list[ShardSpec] = []
-    seen = set(known)
     size = config.precompute.shard_size
     for split, (pairs, _) in splits.items():
-        new = []
-        for index, pair in enumerate(pairs):
-            pair_hash = pair.pair_hash
-            if pair_hash not in seen:
-                seen.add(pair_hash)
-                new.append(index)
+        new = [index for index, pair in enumerate(pairs) if pair.pair_hash not in known]
         batches = length_sorted_batches([pairs[i] for i in new], config.precompute.batch_size)
         order = [new[i] for batch in batches for i in batch]
         for offset in range(0, len(order), size):

@@ -143,18 +143,30 @@ def write_shard(path: Path, records: ShardRecords, header: dict[str, Any]) -> st
     The metadata goes in as one sorted JSON string: safetensors writes a multi-key metadata map
     in no fixed order, and the same values must give the same bytes (and checksum).
     """
-    metadata = {METADATA_KEY: json.dumps(header, sort_keys=True)}
+    return write_raw_shard(path, records, {METADATA_KEY: json.dumps(header, sort_keys=True)})
+
+
+def write_raw_shard(path: Path, records: ShardRecords, metadata: dict[str, str] | None) -> str:
+    """`write_shard` with the safetensors metadata given as is (to rebuild a shard exactly)."""
     atomic_write(path, lambda tmp: save_file(records.tensors(), str(tmp), metadata=metadata))
     return sha256_file(path)
 
 
-def shard_metadata(path: Path) -> dict[str, Any]:
-    """The metadata a shard was written with (cheap: reads the header only)."""
+def raw_shard_metadata(path: Path) -> dict[str, str] | None:
+    """The safetensors metadata of a shard as stored (cheap: reads the header only)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return json.loads((handle.metadata() or {}).get(METADATA_KEY, "{}"))
+            return handle.metadata()
     except (SafetensorError, OSError, ValueError) as exc:
         raise CacheError(f"{path}: unreadable shard ({exc})") from None
+
+
+def shard_metadata(path: Path) -> dict[str, Any]:
+    """The metadata a shard was written with (`shard_header`), {} for none."""
+    try:
+        return json.loads((raw_shard_metadata(path) or {}).get(METADATA_KEY, "{}"))
+    except ValueError as exc:
+        raise CacheError(f"{path}: unreadable shard metadata ({exc})") from None
 
 
 def read_shard(path: Path, extras: bool = False) -> ShardRecords:

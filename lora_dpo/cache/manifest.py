@@ -188,5 +188,10 @@ class Manifest:
 
 
 def union(first: tuple[Any, ...], second: tuple[Any, ...]) -> tuple[Any, ...]:
-    """`first`, then what of `second` is not in it (order kept)."""
-    return (*first, *(item for item in second if item not in first))
+    """`first`, then each item of `second` not seen before (order kept; compared by equality,
+    as data reports are not hashable)."""
+    items = list(first)
+    for item in second:
+        if item not in items:
+            items.append(item)
+    return tuple(items)

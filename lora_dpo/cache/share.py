@@ -3,8 +3,8 @@
 `export_cache` writes one row per pair: pair_hash (64-char hex), chosen_logps / rejected_logps
 (float32), chosen_tokens / rejected_tokens (int32), source_index (int64), shard (the shard it
 came from) and any extra field; the schema metadata (key `lora_dpo`) carries the manifest,
-whose identity and reference precision an import checks, and each shard's header, with which
-an import rebuilds every shard to its recorded checksum. Any parquet reader (pandas,
+whose identity and reference precision an import checks, and each shard's safetensors metadata,
+with which an import rebuilds every shard to its recorded checksum. Any parquet reader (pandas,
 `datasets`) reads the table; a tool that re-writes the file drops the metadata, so share the
 file itself.
 
@@ -31,11 +31,12 @@ from lora_dpo.cache.format import (
     SHARD_KEYS,
     ShardRecords,
     check_shapes,
+    raw_shard_metadata,
     shard_header,
-    shard_metadata,
     shard_name,
     shard_path,
     value_problems,
+    write_raw_shard,
     write_shard,
 )
 from lora_dpo.cache.identity import identity_stamp, reference_differences
@@ -63,8 +64,6 @@ class ShardSource(Protocol):
 
     def copy_whole(self, entry: ShardEntry, path: Path) -> None: ...  # the shard's exact bytes at `path`
 
-    def header(self, entry: ShardEntry) -> dict[str, Any]: ...
-
 
 @dataclass
 class DirectorySource:
@@ -81,8 +80,8 @@ class DirectorySource:
     def copy_whole(self, entry: ShardEntry, path: Path) -> None:
         atomic_write(path, lambda tmp: shutil.copyfile(shard_path(self.directory, entry.file), tmp))
 
-    def header(self, entry: ShardEntry) -> dict[str, Any]:
-        return shard_metadata(shard_path(self.directory, entry.file))
+    def metadata(self, entry: ShardEntry) -> dict[str, str] | None:
+        return raw_shard_metadata(shard_path(self.directory, entry.file))
 
 
 @dataclass
@@ -91,7 +90,7 @@ class TableSource:
 
     file: Path
     manifest: Manifest
-    headers: dict[str, dict[str, Any]]
+    metadata: dict[str, dict[str, str] | None]  # per shard file, its safetensors metadata
     shards: dict[str, ShardRecords]
 
     @property
@@ -115,7 +114,11 @@ class TableSource:
         try:
             payload = json.loads(raw)
             manifest = Manifest.from_dict(payload["manifest"], file)
-            headers = payload["shard_headers"]
+            metadata = payload["shard_metadata"]
+            for entry in manifest.shards:
+                value = metadata[entry.file]
+                if value is not None and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+                    raise TypeError(f"the shard metadata of {entry.file} is not an object of strings")
         except (ValueError, KeyError, TypeError) as exc:
             raise CacheError(f"{file}: the lora_dpo metadata is damaged ({exc})") from None
         missing = [column for column in COLUMNS if column not in table.column_names]
@@ -130,19 +133,13 @@ class TableSource:
             if set(rows.column("shard").to_pylist()) != {entry.file}:
                 raise CacheError(f"{file}: the rows of {entry.file} are not where the manifest puts them (rows re-ordered?)")
             shards[entry.file] = _rows_to_records(file, entry, rows)
-        return cls(file, manifest, headers, shards)
+        return cls(file, manifest, metadata, shards)
 
     def records(self, entry: ShardEntry) -> ShardRecords:
         return _sound(Path(f"{self.file}:{entry.file}"), self.shards[entry.file])
 
     def copy_whole(self, entry: ShardEntry, path: Path) -> None:
-        write_shard(path, self.shards[entry.file], self.header(entry))
-
-    def header(self, entry: ShardEntry) -> dict[str, Any]:
-        header = self.headers.get(entry.file)
-        if not isinstance(header, dict):
-            raise CacheError(f"{self.file}: no shard header for {entry.file} in the lora_dpo metadata")
-        return header
+        write_raw_shard(path, self.shards[entry.file], self.metadata[entry.file])
 
 
 def export_cache(cache_dir: str | Path, out: str | Path) -> int:
@@ -156,7 +153,7 @@ def export_cache(cache_dir: str | Path, out: str | Path) -> int:
     table = pa.concat_tables(tables, promote_options="default")  # a field some shards lack is null there
     payload = {
         "manifest": source.manifest.to_dict(),
-        "shard_headers": {entry.file: source.header(entry) for entry in source.manifest.shards},
+        "shard_metadata": {entry.file: source.metadata(entry) for entry in source.manifest.shards},
     }
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(payload, sort_keys=True)})
     atomic_write(out, lambda tmp: pq.write_table(table, tmp))
@@ -198,9 +195,12 @@ def join_into(target: Path, sources: Sequence[ShardSource], what: str, wait: boo
         stamp = identity_stamp(base.identity, base.reference.precision)
         added_entries: list[ShardEntry] = []
         for source in sources:
+            # Against the pairs the target held before this source: an import of an export
+            # rebuilds it exactly, a pair twice in one source included.
+            before = set(known)
             for entry in source.manifest.shards:
                 records = source.records(entry)
-                new = [row for row, pair_hash in enumerate(records.pair_hashes) if pair_hash not in known]
+                new = [row for row, pair_hash in enumerate(records.pair_hashes) if pair_hash not in before]
                 if not new:
                     continue
                 if len(new) == len(records) and entry.file not in taken:
