@@ -3,10 +3,10 @@ pairs the cache does not hold yet. Resumable, safe to kill (see store), torchrun
 
 New pairs of each split are sorted by length (little padding), cut into shards of
 `precompute.shard_size` pairs and scored in consecutive batches of `precompute.batch_size`.
-A pair's batch therefore depends on which pairs were new with it: on the CPU the values do
-not depend on the batch (tested bit for bit); GPU kernels may round differently for another
-batch shape, far below the step-0 tolerance. With `precompute.batch_size=1` a pair's value
-depends on the pair alone on any device.
+A pair's batch therefore depends on which pairs were new with it. Its values do not, beyond
+float rounding: GPU kernels may round the last bits differently for a batch of another shape,
+far below the step-0 tolerance (on the CPU they come out bit-identical). With
+`precompute.batch_size=1` a pair's values depend on the pair alone, on any device.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
         plan = plan_shards(splits, listed_pairs(cache_dir, current), config, next_shard_number(old))
         covered = current is not None and all(dataset in current.datasets for dataset in datasets)
         if current is not None and covered and not plan and current.version == FORMAT_VERSION:
-            log.info("reference cache %s already covers this data: nothing to score", cache_dir)
+            log.info("reference cache: %s already covers this data: nothing to score", cache_dir)
             return cache_dir
 
         started = time.perf_counter()
@@ -114,14 +114,11 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
         )
         added = sum(entry.pairs for entry in shards)
         change = Change.of("precompute-ref", added=added, scored=added, seconds=time.perf_counter() - started)
-        if current is None:
-            manifest = Manifest(identity, reference, datasets, shards, (change,))
-        else:
-            manifest = current.with_additions(shards, datasets, change)
+        manifest = (current or Manifest.empty(identity, reference)).with_additions(shards, datasets, change)
         write_text(cache_dir / CONFIG, dump_config(config))
         commit(cache_dir, manifest)
         log.info(
-            "reference cache %s: %d new pairs scored, %d in the cache, %d data set(s) covered (%.1f s)",
+            "reference cache: %s: %d new pairs scored, %d in the cache, %d data set(s) covered (%.1f s)",
             cache_dir, added, manifest.total_pairs, len(manifest.datasets), change.seconds,
         )
     return cache_dir

@@ -69,18 +69,16 @@ class Manifest:
 
     identity: ReferenceIdentity
     reference: ReferenceRun
+    pairs: dict[str, int]  # pairs in the cache by the split they were scored for: the shards' sums
     datasets: tuple[DataSet, ...]
     shards: tuple[ShardEntry, ...]
     history: tuple[Change, ...]  # oldest first
     version: int = FORMAT_VERSION  # of the file it was read from; always written as FORMAT_VERSION
 
-    @property
-    def pairs(self) -> dict[str, int]:
-        """Pairs in the cache by the split they were scored for."""
-        counts: dict[str, int] = {}
-        for entry in self.shards:
-            counts[entry.split] = counts.get(entry.split, 0) + entry.pairs
-        return counts
+    @classmethod
+    def empty(cls, identity: ReferenceIdentity, reference: ReferenceRun) -> Manifest:
+        """A cache of this reference with nothing in it yet, to add to."""
+        return cls(identity, reference, {}, (), (), ())
 
     @property
     def total_pairs(self) -> int:
@@ -96,6 +94,7 @@ class Manifest:
         """This manifest with more shards, data sets and history (duplicates dropped), plus `change`."""
         return replace(
             self,
+            pairs=pairs_by_split(self.shards + shards),
             shards=self.shards + shards,
             datasets=union(self.datasets, datasets),
             history=(*union(self.history, history), change),
@@ -108,7 +107,7 @@ class Manifest:
             "version": FORMAT_VERSION,
             "identity": self.identity.to_dict(),
             "reference": asdict(self.reference),
-            "pairs": self.pairs,
+            "pairs": dict(self.pairs),
             "datasets": [dataset.to_dict() for dataset in self.datasets],
             "shards": [entry.to_dict() for entry in self.shards],
             "history": [asdict(change) for change in self.history],
@@ -121,6 +120,7 @@ class Manifest:
         return cls(
             identity=old.identity,
             reference=old.reference,
+            pairs=dict(old.pairs),
             datasets=tuple(DataSet(split, report) for split, report in old.data.items()),
             shards=old.shards,
             history=(Change(old.created, "precompute-ref (format v1)", total, total, old.seconds, dict(old.versions)),),
@@ -143,6 +143,7 @@ class Manifest:
         manifest = cls(
             identity=fields.identity(),
             reference=fields.reference(),
+            pairs=fields.mapping("pairs", int),
             datasets=tuple(DataSet(item.take("split", str), item.section("report").data_report()) for item in fields.items("datasets")),
             shards=fields.shard_entries(with_fields=True),
             history=tuple(
@@ -155,8 +156,8 @@ class Manifest:
         )
         if not manifest.history:
             raise fields.fail("history", "is empty")
-        if fields.mapping("pairs", int) != manifest.pairs:
-            raise fields.fail("pairs", f"says {fields.values['pairs']}, the shards listed hold {manifest.pairs}")
+        if manifest.pairs != pairs_by_split(manifest.shards):
+            raise fields.fail("pairs", f"says {manifest.pairs}, the shards listed hold {pairs_by_split(manifest.shards)}")
         return manifest
 
     @classmethod
@@ -185,6 +186,13 @@ class Manifest:
     def write(self, cache_dir: Path) -> None:
         """Atomically: a reader sees the old manifest or this one, never a mix."""
         write_json(Path(cache_dir) / MANIFEST, self.to_dict())
+
+
+def pairs_by_split(shards: tuple[ShardEntry, ...]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for entry in shards:
+        counts[entry.split] = counts.get(entry.split, 0) + entry.pairs
+    return counts
 
 
 def union(first: tuple[Any, ...], second: tuple[Any, ...]) -> tuple[Any, ...]:

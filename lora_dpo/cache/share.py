@@ -226,12 +226,9 @@ def join_into(target: Path, sources: Sequence[ShardSource], what: str, wait: boo
         history = tuple(c for source in sources for c in source.manifest.history)
         added = sum(entry.pairs for entry in added_entries)
         change = Change.of(what, added=added)
-        if current is None:
-            manifest = Manifest(base.identity, base.reference, (), (), ()).with_additions(
-                tuple(added_entries), datasets, change, history
-            )
-        else:
-            manifest = current.with_additions(tuple(added_entries), datasets, change, history)
+        manifest = (current or Manifest.empty(base.identity, base.reference)).with_additions(
+            tuple(added_entries), datasets, change, history
+        )
         commit(target, manifest)
     return added
 

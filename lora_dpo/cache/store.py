@@ -11,7 +11,6 @@ next run reuses (a shard's name, pairs and identity stamp must all match) or rem
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from lora_dpo.cache.entries import ReferenceIdentity, ReferenceRun
@@ -20,8 +19,6 @@ from lora_dpo.cache.identity import reference_differences
 from lora_dpo.cache.manifest import Manifest
 from lora_dpo.cache.reader import load_listed_shard
 from lora_dpo.errors import CacheError
-
-log = logging.getLogger(__name__)
 
 
 def readable_manifest(cache_dir: Path) -> Manifest | None:
@@ -96,4 +93,3 @@ def commit(cache_dir: Path, manifest: Manifest) -> None:
         for path in Path(cache_dir).glob(pattern):
             if path.is_file() and not path.is_symlink():
                 path.unlink()
-    log.info("reference cache %s: %d pairs in %d shards", cache_dir, manifest.total_pairs, len(manifest.shards))
