@@ -37,6 +37,7 @@ from lora_dpo.config import ModelConfig, config_from_dict
 from lora_dpo.errors import ConfigError
 from lora_dpo.fileio import staged_directory, write_json
 from lora_dpo.model import DTYPES, compute_dtype, default_device, load_adapter, load_base_model
+from lora_dpo.run.directory import RunDirectory
 from lora_dpo.versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,11 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
         adapter_dir = path / "adapter"
     else:
         raise ConfigError(f"--adapter {path}: no adapter_config.json there or in {path / 'adapter'}")
+    run = RunDirectory(adapter_dir.parent)
+    in_run = adapter_dir == run.adapter_dir and run.config_path.is_file()
+    problem = run.adapter_problem() if in_run else None
+    if problem is not None:
+        raise ConfigError(f"--adapter {path}: the run's adapter is incomplete ({problem}); resume or retrain the run")
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     if adapter_config.get("peft_type") != "LORA":
         raise ConfigError(
@@ -81,12 +87,12 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
             "only LoRA adapters can be merged"
         )
     model = ModelConfig()
-    run_config = adapter_dir.parent / "config.yaml"
-    if adapter_dir.name == "adapter" and run_config.is_file():
+    run_config: Path | None = run.config_path
+    if in_run:
         import yaml
 
         try:
-            model = config_from_dict(yaml.safe_load(run_config.read_text())).model
+            model = config_from_dict(yaml.safe_load(run.config_path.read_text())).model
         except (ConfigError, yaml.YAMLError, AttributeError) as exc:
             log.warning("%s: not read (%s); using default base settings", run_config, exc)
             run_config = None

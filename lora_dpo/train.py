@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
-import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -22,18 +20,18 @@ from transformers import get_cosine_schedule_with_warmup
 
 from lora_dpo.batching import collate, collate_packed, length_grouped_batches, pad_id_of
 from lora_dpo.cache import ReferenceCache
-from lora_dpo.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
-from lora_dpo.config import Config, TrainConfig, dump_config
+from lora_dpo.checkpoint import apply_checkpoint
+from lora_dpo.config import Config, TrainConfig
 from lora_dpo.data import DataReport, TokenizedPair, load_preference_data
 from lora_dpo.distributed import DistInfo, all_gather_objects, all_reduce_, barrier, dist_info
 from lora_dpo.errors import CacheError, ConfigError, LoraDpoError, TrainingInterrupted
 from lora_dpo.evaluate import EvalMetrics, evaluate
-from lora_dpo.fileio import write_json, write_text
 from lora_dpo.identity import open_checked_cache, policy_precision
 from lora_dpo.loggers import check_backends, open_logger
 from lora_dpo.logps import SequenceLogps, check_prefix_sharing_support, sequence_logps
 from lora_dpo.loss import preference_loss
-from lora_dpo.metrics import MetricsFile, NullMetricsFile, WindowMeter, console_line
+from lora_dpo.faults import FaultHooks
+from lora_dpo.metrics import WindowMeter, console_line
 from lora_dpo.model import (
     attach_lora,
     default_device,
@@ -41,7 +39,8 @@ from lora_dpo.model import (
     load_tokenizer,
     resolve_model_dir,
 )
-from lora_dpo.report import write_report
+from lora_dpo.run.metrics_file import MetricsFile, NullMetricsFile
+from lora_dpo.run.transaction import RunTransaction
 
 log = logging.getLogger(__name__)
 
@@ -99,27 +98,20 @@ def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = Fal
     With `resume`, continues from the latest checkpoint in output_dir: same data order, same
     RNG, so the losses equal those of an uninterrupted run.
     """
-    cfg = config.train
-    output_dir = Path(cfg.output_dir)
-    if (output_dir / "adapter").exists() and not cfg.overwrite_output_dir:
-        raise ConfigError(
-            f"train.output_dir={str(output_dir)!r} already holds a trained run; choose another "
-            "directory or set train.overwrite_output_dir=true"
-        )
     info = dist_info()  # under torchrun: this process's rank; only rank 0 writes files
-    checkpoint = latest_checkpoint(output_dir) if resume else None
-    if info.is_main:
-        if not resume:
-            for stale in checkpoint_dirs(output_dir):  # an overwritten run's checkpoints
-                shutil.rmtree(stale)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_text(output_dir / "config.yaml", dump_config(config))
+    device = inputs.device if inputs else default_device()
+    with RunTransaction.open(config, resume=resume, is_main=info.is_main, device=device) as run:
+        barrier()  # every rank has checked the run directory before any writes
+        return _train(config, inputs, run, info)
+
+
+def _train(config: Config, inputs: RunInputs | None, run: RunTransaction, info: DistInfo) -> TrainResult:
+    cfg = config.train
     seed_everything(cfg.seed)
     started = time.perf_counter()  # wall time in metrics.jsonl counts from here
     check_backends(cfg.report_to)  # a missing tensorboard/wandb costs seconds, not a model load
     inputs = inputs or load_run_inputs(config)
-    if info.is_main:
-        write_json(output_dir / "data_report.json", inputs.data_report.to_dict())
+    run.begin(config, inputs.data_report.to_dict())
     device, cache = inputs.device, inputs.cache
 
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
@@ -145,22 +137,16 @@ def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = Fal
 
     meter = WindowMeter(device)
     start_step = 0
+    checkpoint = run.resume_from
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, policy, optimizer, scheduler, info.rank, info.world_size)
-        start_step = state["step"]
-        meter.load_state_dict(state["meter"])
+        chosen = all_gather_objects(checkpoint.path.name)
+        if len(set(chosen)) > 1:
+            raise LoraDpoError(f"{run.work.checkpoints_dir}: the ranks found different newest intact checkpoints: {chosen}")
+        meter.load_state_dict(apply_checkpoint(checkpoint, policy, optimizer, scheduler, info.rank, info.world_size))
+        start_step = checkpoint.step
         step0_tolerance = None  # the policy has trained: it is not the reference any more
-        log.info("resuming %s from %s (step %d of %d)", output_dir, checkpoint.name, start_step, total_steps)
-    metrics_file = (
-        MetricsFile(
-            output_dir / "metrics.jsonl",
-            open_logger(cfg.report_to, output_dir, config.to_dict()),
-            started,
-            keep_until_step=start_step if checkpoint is not None else None,
-        )
-        if info.is_main
-        else NullMetricsFile()
-    )
+        log.info("resuming %s from %s (step %d of %d)", run.target.path, checkpoint.path.name, start_step, total_steps)
+    metrics_file = run.open_metrics(lambda path: open_logger(cfg.report_to, path, config.to_dict()), started)
     eval_before = None
     if checkpoint is None:
         eval_before = run_eval()
@@ -170,22 +156,16 @@ def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = Fal
     with StopOnSignal() as stop:
         history, eval_after = loop.run(
             total_steps, start_step, meter, metrics_file, run_eval, step0_tolerance, stop,
-            save=lambda step, meter_state: save_checkpoint(
-                output_dir, step, policy, optimizer, scheduler, meter_state, cfg.save_total_limit
+            save=lambda step, meter_state: run.save_checkpoint(
+                step, policy, optimizer, scheduler, meter_state, cfg.save_total_limit
             ),
         )
 
     if not all(torch.isfinite(p).all() for p in trainable):  # cannot happen: skipped steps
         raise LoraDpoError("the trained adapter holds non-finite values; it was not saved")
-    adapter_dir = output_dir / "adapter"
-    if info.is_main:
-        policy.save_pretrained(str(adapter_dir))
-        inputs.tokenizer.save_pretrained(str(adapter_dir))
-        log.info("adapter saved to %s", adapter_dir)
-        metrics_file.close()
-        write_report(output_dir)  # report.png + report.md; health warnings go to the console too
+    run.publish(policy, inputs.tokenizer)
     barrier()
-    return TrainResult(output_dir, adapter_dir, history, policy, eval_before, eval_after)
+    return TrainResult(run.target.path, run.target.adapter_dir, history, policy, eval_before, eval_after)
 
 
 class PairLogpsModule(torch.nn.Module):
@@ -240,6 +220,7 @@ class TrainLoop:
     pad_id: int
     device: torch.device
     dist: DistInfo = DistInfo()
+    faults: FaultHooks = field(default_factory=FaultHooks.from_env)
 
     def __post_init__(self) -> None:
         # Under torchrun the log-prob function runs through DDP, which all-reduces the LoRA
@@ -261,11 +242,11 @@ class TrainLoop:
         total_steps: int,
         start_step: int,
         meter: WindowMeter,
-        metrics_file: MetricsFile,
+        metrics_file: MetricsFile | NullMetricsFile,
         run_eval: Callable[[], EvalMetrics | None],
         step0_tolerance: float | None,
         stop: StopOnSignal,
-        save: Callable[[int, dict[str, Any]], Path],
+        save: Callable[[int, list[dict[str, Any]]], Path | None],
     ) -> tuple[list[dict[str, float]], EvalMetrics | None]:
         """Optimizer steps start_step+1 .. total_steps; returns the logged records and the
         final eval (run at the last step)."""
@@ -308,6 +289,7 @@ class TrainLoop:
                         f"continue with: lora-dpo train --resume {Path(cfg.output_dir)}",
                         stop.signal_name or "SIGTERM",
                     )
+            self.faults.after_step(step, self.dist.rank)
         progress.close()
         return history, last_eval
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -66,27 +66,14 @@ def uninterrupted(workdir, tmp_path_factory):
     return run_dir
 
 
-SLOW_TRAIN = """
-import sys, time
-import lora_dpo.train as train_module
-from lora_dpo.cli import main
-
-real_step = train_module.TrainLoop.step
-def slow_step(self, *args, **kwargs):  # slow enough for the test to act between steps
-    result = real_step(self, *args, **kwargs)
-    time.sleep(0.5)
-    return result
-train_module.TrainLoop.step = slow_step
-sys.exit(main(["train", "--config", sys.argv[1]]))
-"""
-
-
 def start_slow_training(config, tmp_path: Path) -> subprocess.Popen:
+    """`lora-dpo train` slow enough for the test to act between steps (the fault hook)."""
     config_file = tmp_path / "config.yaml"
     config_file.write_text(dump_config(config))
     return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SLOW_TRAIN), str(config_file)],
+        [sys.executable, "-m", "lora_dpo.cli", "train", "--config", str(config_file)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "LORA_DPO_STEP_DELAY_S": "0.5"},
     )
 
 
