@@ -17,14 +17,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_dpo.config import COSMETIC_KEYS, Config, TrainConfig
-from lora_dpo.errors import ConfigError, LoraDpoError
+from lora_dpo import fileio
+from lora_dpo.config import COSMETIC_KEYS, Config, TrainConfig, dump_config
+from lora_dpo.errors import ConfigError, DataError, LoraDpoError
 from lora_dpo.faults import FaultHooks, InjectedFault
 from lora_dpo.run.directory import RunDirectory, RunState, checkpoint_dirs
 from lora_dpo.run.disk import DiskFullError, disk_full_is_an_error
 from lora_dpo.run.lock import RunLock
 from lora_dpo.run.metrics_file import MetricsFile, records_until
 from lora_dpo.run.resume import check_resume
+from lora_dpo.train import train
+from runs import interrupt, losses, prepare_workdir, run_config, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -337,3 +340,172 @@ def test_saving_prunes_old_checkpoints_and_newer_ones_of_an_earlier_attempt(poli
     # resumed from step 8 (say step 12 was damaged): step 10 is now the newest
     save_checkpoint(tmp_path, 10, policy, optimizer, scheduler, RANKS, keep=2)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-000008", "step-000010"]
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+@pytest.fixture(scope="module")
+def workdir(demo_workdir, tmp_path_factory):
+    return prepare_workdir(demo_workdir, tmp_path_factory.mktemp("run-dir-tests"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    train(run_config(workdir, run_dir))
+    return run_dir
+
+
+@pytest.fixture
+def finished(workdir, tmp_path):
+    """A finished run that differs from `uninterrupted` (another seed)."""
+    config = run_config(workdir, tmp_path / "run")
+    config.train.seed = 7
+    train(config)
+    return tmp_path / "run"
+
+
+def test_a_relaunched_job_keeps_its_checkpoints_and_is_told_to_resume(workdir, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    interrupt(run_config(workdir, run_dir), 6, monkeypatch)
+    before = snapshot(run_dir)
+    assert "checkpoints/step-000004/optimizer.pt" in before
+    config = run_config(workdir, run_dir)
+    config.data.train_path += ".typo"  # the relaunch would fail later anyway: nothing may go first
+    with pytest.raises(ConfigError) as refused:
+        train(config)
+    assert str(refused.value) == (
+        f"train.output_dir={run_dir} holds an interrupted run (checkpoint step-000004); continue with: "
+        f"lora-dpo train --resume {run_dir} (or set train.overwrite_output_dir=true to start over)"
+    )
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("failure", ["data-typo", "crash-mid-training"])
+def test_a_failed_overwrite_leaves_the_finished_run_whole(workdir, finished, monkeypatch, failure):
+    before = snapshot(finished)
+    config = run_config(workdir, finished)
+    config.train.overwrite_output_dir = True
+    if failure == "data-typo":
+        config.data.train_path += ".typo"
+        with pytest.raises(DataError, match="file not found"):
+            train(config)
+    else:
+        interrupt(config, 6, monkeypatch)
+    assert snapshot(finished) == before  # config.yaml, metrics, checkpoints, adapter, report
+    assert RunDirectory(finished).state() is RunState.FINISHED
+    staged = RunDirectory(finished).staged_overwrite()
+    assert staged.path.exists() == (failure == "crash-mid-training")  # resumable only with a checkpoint
+
+
+def test_an_interrupted_overwrite_resumes_and_then_replaces_the_old_run(workdir, finished, uninterrupted, monkeypatch):
+    before = snapshot(finished)
+    config = run_config(workdir, finished)
+    config.train.overwrite_output_dir = True
+    interrupt(config, 6, monkeypatch)
+    staged = RunDirectory(finished).staged_overwrite()
+    with pytest.raises(ConfigError, match=rf"holds an interrupted run \(checkpoint step-000004 of an unfinished "
+                                          rf"overwrite, in \.run\.overwrite\); continue with: lora-dpo train --resume"):
+        train(run_config(workdir, finished))
+    assert snapshot(finished) == before
+    train(config, resume=True)
+    assert not staged.path.exists()
+    assert losses(finished) == losses(uninterrupted)  # the new run, resumed, in place of the old
+    assert snapshot(finished)["adapter/adapter_model.safetensors"] == snapshot(uninterrupted)["adapter/adapter_model.safetensors"]
+    assert "seed: 7" not in (finished / "config.yaml").read_text()
+
+
+def test_a_completed_overwrite_replaces_the_old_run_whole(workdir, finished, uninterrupted):
+    config = run_config(workdir, finished)
+    config.train.overwrite_output_dir = True
+    train(config)
+    after, expected = snapshot(finished), snapshot(uninterrupted)
+    assert sorted(after) == sorted(expected)
+    assert after["adapter/adapter_model.safetensors"] == expected["adapter/adapter_model.safetensors"]
+    assert losses(finished) == losses(uninterrupted)
+    assert not RunDirectory(finished).staged_overwrite().path.exists()
+
+
+def test_a_second_writer_is_refused_before_it_writes(workdir, tmp_path):
+    run_dir = tmp_path / "run"
+    with RunLock(run_dir / ".lock", run_dir):
+        with pytest.raises(ConfigError, match=rf"being written by another training run \(pid {os.getpid()} "):
+            train(run_config(workdir, run_dir))
+    assert RunDirectory(run_dir).entries() == []
+
+
+def test_a_foreign_directory_is_refused(workdir, tmp_path):
+    (tmp_path / "model.bin").write_text("not a run")
+    config = run_config(workdir, tmp_path)
+    config.train.overwrite_output_dir = True
+    with pytest.raises(ConfigError, match=r"holds files that are not a training run's \(model.bin\)"):
+        train(config)
+    assert (tmp_path / "model.bin").read_text() == "not a run"
+
+
+def full_disk_on(monkeypatch, name: str, inside: str, after: int = 0) -> None:
+    """ENOSPC when the file `name` in a directory whose name contains `inside` is synced
+    (where a full disk shows for buffered writes), from the (after+1)-th such file on."""
+    real = fileio.fsync_file
+    seen = []
+
+    def fsync(path: Path) -> None:
+        if path.name == name and inside in path.parent.name:
+            seen.append(path)
+            if len(seen) > after:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path)
+
+    monkeypatch.setattr(fileio, "fsync_file", fsync)
+
+
+def test_a_full_disk_saving_the_adapter_leaves_the_old_run(workdir, finished, monkeypatch):
+    before = snapshot(finished)
+    config = run_config(workdir, finished)
+    config.train.overwrite_output_dir = True
+    full_disk_on(monkeypatch, "tokenizer.json", ".adapter.")
+    with pytest.raises(DiskFullError) as full:
+        train(config)
+    message = str(full.value)
+    assert "\n" not in message and "no space left on the device while writing" in message
+    assert "tokenizer.json" in message and "free there" in message
+    assert snapshot(finished) == before
+    staged = RunDirectory(finished).staged_overwrite()
+    assert staged.adapter_problem() == "not saved" and not list(staged.path.glob(".adapter.*"))
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_older_one(workdir, uninterrupted, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    full_disk_on(monkeypatch, "optimizer.pt", ".step-000008.", after=0)
+    with pytest.raises(DiskFullError, match=r"optimizer.pt \(.* free there\)"):
+        train(run_config(workdir, run_dir))
+    monkeypatch.undo()
+    checkpoints = run_dir / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-000004"]  # no partial step-000008
+    train(run_config(workdir, run_dir), resume=True)
+    assert losses(run_dir) == losses(uninterrupted)
+
+
+@pytest.mark.slow
+def test_two_train_commands_into_one_directory(workdir, tmp_path):
+    run_dir = tmp_path / "run"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(run_config(workdir, run_dir)))
+    command = [sys.executable, "-m", "lora_dpo.cli", "train", "--config", str(config_file)]
+    first = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "LORA_DPO_STEP_DELAY_S": "0.5"},
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").is_file():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2
+        assert f"is being written by another training run (pid {first.pid} on " in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
