@@ -86,8 +86,8 @@ def build_fixtures(workdir: Path, pairs: int) -> tuple[list[Fixture], dict[str, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lora_dpo.tiny import train_bpe_tokenizer
-    from lora_dpo.tiny_model import tiny_config
+    from lora_dpo.demo.models import tiny_config
+    from lora_dpo.demo.tokenizer import train_bpe_tokenizer
 
     rng = random.Random(SEED)
     words = pseudo_words(400, rng)

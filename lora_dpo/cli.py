@@ -58,7 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-dpo",
         description="Memory-efficient LoRA/QLoRA DPO with a cached reference.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="store_true", help="print package versions and exit")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
@@ -66,14 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     precompute = verbs.add_parser(
         "precompute-ref",
         help="run the frozen reference once and write the reference cache",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_config_args(precompute)
 
     train = verbs.add_parser(
         "train",
         help="train a LoRA policy against the reference cache",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     train.add_argument(
         "--resume",
@@ -85,7 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = verbs.add_parser(
         "eval",
         help="held-out reward and preference accuracy of an adapter (or the base)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     evaluate.add_argument("--adapter", help="PEFT adapter directory (default: the bare base)")
     _add_config_args(evaluate)
@@ -93,7 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = verbs.add_parser(
         "sweep",
         help="one training run per beta on one reference cache, with a summary table and plot",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sweep.add_argument("--betas", required=True, help="comma-separated betas, e.g. 0.01,0.05,0.1,0.5")
     _add_config_args(sweep)
@@ -101,7 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     cache = verbs.add_parser(
         "cache",
         help="inspect a reference cache",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     cache_verbs = cache.add_subparsers(dest="cache_verb", metavar="ACTION", required=True)
     cache_info = cache_verbs.add_parser("info", help="the manifest in human form, with statistics")
@@ -114,7 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     merge = verbs.add_parser(
         "merge",
         help="merge a LoRA adapter into its base and save a plain transformers model",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     merge.add_argument("--adapter", required=True, help="a train run directory (RUN or RUN/adapter) or any PEFT LoRA adapter directory")
     merge.add_argument("--out", required=True, help="where the merged model goes (must not exist, unless --overwrite)")
@@ -132,7 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser(
         "demo",
         help="the whole pipeline on an embedded tiny model (CPU, no downloads)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--workdir", default="runs/demo", help="where the demo writes everything")
     _add_quiet_arg(demo)

@@ -14,32 +14,43 @@ from lora_dpo.config import Config
 from lora_dpo.errors import ConfigError
 from lora_dpo.data import TokenizedPair, load_preference_data
 from lora_dpo.logps import sequence_logps
+from lora_dpo.loss import LossSettings, preference_loss
+from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
 
 
 @dataclass
 class EvalMetrics:
-    reward_accuracy: float  # share of pairs with chosen reward > rejected reward (ties count half)
-    reward_margin: float  # mean β·(Δchosen - Δrejected)
+    """Means over the held-out pairs; `to_dict` names them as training does, under `eval/`."""
+
+    # PAIR_METRICS name -> mean, computed as in training (same loss, same per-pair function)
+    pair_means: dict[str, float]
     preference_accuracy: float  # share with mean-token log-prob of chosen > rejected (no reference)
-    # KL proxy: mean log πθ(yw|x) - log πref(yw|x). Large negative values mean the policy has
-    # pushed the chosen responses down too (the classic DPO drift), large positive ones that it
-    # has moved far from the reference.
+    # Mean of log πθ(yw|x) - log πref(yw|x) over the chosen responses, in nats. Large negative
+    # values mean the policy has pushed the chosen responses down too (the classic DPO drift),
+    # large positive ones that it has moved far from the reference.
     chosen_logratio: float
     pairs: int
 
+    @property
+    def loss(self) -> float:
+        return self.pair_means["loss"]
+
+    @property
+    def reward_accuracy(self) -> float:
+        """Share of pairs with chosen reward > rejected reward (ties count half)."""
+        return self.pair_means["rewards/accuracies"]
+
+    @property
+    def reward_margin(self) -> float:
+        """Mean β·(Δchosen - Δrejected), log-ratios summed over each response."""
+        return self.pair_means["rewards/margins"]
+
     def to_dict(self, prefix: str = "eval/") -> dict[str, float]:
         return {
-            f"{prefix}rewards/accuracies": self.reward_accuracy,
-            f"{prefix}rewards/margins": self.reward_margin,
+            **{prefix + name: value for name, value in self.pair_means.items()},
             f"{prefix}preference_accuracy": self.preference_accuracy,
-            f"{prefix}kl_proxy": self.chosen_logratio,
+            f"{prefix}logratio/chosen": self.chosen_logratio,
         }
-
-
-def tie_aware_accuracy(margins: torch.Tensor) -> torch.Tensor:
-    """Share of positive margins, a tie counting half: a policy equal to its reference scores
-    0.5 (chance), not 0."""
-    return (margins > 0).float().mean() + 0.5 * (margins == 0).float().mean()
 
 
 @torch.no_grad()
@@ -47,34 +58,38 @@ def evaluate(
     model: torch.nn.Module,
     pairs: Sequence[TokenizedPair],
     cache: ReferenceCache,
-    beta: float,
+    loss: LossSettings,
     pad_id: int,
     batch_size: int,
     device: torch.device,
 ) -> EvalMetrics:
+    """Score `pairs` with the training objective and training's per-pair metrics."""
     was_training = model.training
     model.eval()  # no LoRA dropout
-    margins, preferences, chosen_logratios = [], [], []
+    sums = torch.zeros(len(PAIR_METRICS), dtype=torch.float64, device=device)
+    preferences, chosen_logratios = [], []
     batches = length_sorted_batches(pairs, batch_size)
     for indices in tqdm(batches, desc="eval", unit="batch", leave=False):
         batch = collate([pairs[i] for i in indices], pad_id).to(device)
-        out = sequence_logps(model, batch)
-        ref_chosen, ref_rejected = cache.lookup(batch.pair_hashes)
-        chosen_logratio = out.chosen.cpu() - ref_chosen  # [B]
-        margins.append(beta * (chosen_logratio - (out.rejected.cpu() - ref_rejected)))
-        chosen_logratios.append(chosen_logratio)
-        mean_chosen = out.chosen / out.chosen_tokens.clamp(min=1)
-        mean_rejected = out.rejected / out.rejected_tokens.clamp(min=1)
-        preferences.append((mean_chosen - mean_rejected).cpu())
+        policy = sequence_logps(model, batch)
+        ref_chosen, ref_rejected = (t.to(device) for t in cache.lookup(batch.pair_hashes))
+        out = preference_loss(
+            policy.chosen, policy.rejected, ref_chosen, ref_rejected, loss.beta,
+            loss_type=loss.loss_type, label_smoothing=loss.label_smoothing, rpo_alpha=loss.rpo_alpha,
+            chosen_tokens=policy.chosen_tokens, rejected_tokens=policy.rejected_tokens,
+        )
+        sums += pair_metrics(out, policy).sum(dim=1)  # [M]
+        chosen_logratios.append(policy.chosen.double() - ref_chosen.double())  # [B]
+        mean_chosen = policy.chosen / policy.chosen_tokens.clamp(min=1)
+        mean_rejected = policy.rejected / policy.rejected_tokens.clamp(min=1)
+        preferences.append(tie_aware_accuracy(mean_chosen - mean_rejected))  # [B]
     model.train(was_training)
-    margin = torch.cat(margins)  # [N]
-    preference = torch.cat(preferences)  # [N]
+    count = len(pairs)
     return EvalMetrics(
-        reward_accuracy=tie_aware_accuracy(margin).item(),
-        reward_margin=margin.mean().item(),
-        preference_accuracy=tie_aware_accuracy(preference).item(),
+        pair_means=dict(zip(PAIR_METRICS, (sums / max(count, 1)).tolist())),
+        preference_accuracy=torch.cat(preferences).mean().item(),
         chosen_logratio=torch.cat(chosen_logratios).mean().item(),
-        pairs=len(margin),
+        pairs=count,
     )
 
 
@@ -100,7 +115,7 @@ def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
         model,
         pairs,
         cache,
-        config.train.beta,
+        LossSettings.of(config.train),
         pad_id_of(tokenizer),
         config.precompute.batch_size,
         device,

@@ -1,5 +1,8 @@
 """Hugging Face Hub access that fails in seconds, in one line, when there is no network.
 
+It also tells a hub name from a local path (`looks_like_hub_name`), for every place that
+takes either.
+
 Without network huggingface_hub retries every request for half a minute or more, printing a
 warning per attempt, before the error comes. One short TCP connect to the Hub's host (or to
 the configured HTTPS proxy) answers "is there a network" first; when there is none the
@@ -23,6 +26,15 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 3.0
 
 _reachable: dict[tuple[str, int], bool] = {}
+
+
+def looks_like_hub_name(path: str) -> bool:
+    """Whether `path` can name a Hub repository: "owner/name" or "name", relative, no backslash.
+
+    Anything else can only be a local path, so when it is missing the error says so at once
+    instead of asking the Hub for a name it cannot hold.
+    """
+    return not (path.startswith(("/", ".", "~")) or "\\" in path or path.count("/") > 1)
 
 
 def offline_mode() -> bool:

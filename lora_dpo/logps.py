@@ -31,11 +31,13 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from lora_dpo.batching import PackedPairBatch, PairBatch
+from lora_dpo.config import TrainConfig
 from lora_dpo.errors import ConfigError
 
-# Response tokens per LM-head chunk. At a 128,256 vocabulary one chunk of fp32 logits is
-# 263 MB; the fused path holds about one such block at a time (two with soft-capping).
-DEFAULT_LOGITS_CHUNK_SIZE = 512
+# Response tokens per LM-head chunk, train.logits_chunk_size's default. At a 128,256 vocabulary
+# one chunk of fp32 logits is 263 MB; the fused path holds about one such block at a time (two
+# with soft-capping).
+DEFAULT_LOGITS_CHUNK_SIZE = TrainConfig.logits_chunk_size
 
 # Architectures whose attention code prefix sharing is tested against (custom 4D masks,
 # explicit position ids, sliding windows); others are refused rather than trusted.

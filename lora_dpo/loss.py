@@ -7,7 +7,9 @@ Every function takes per-pair summed response log-probs, all `[B]`:
 
 and returns a `DPOOutput` of `[B]` tensors. With Δw = log πθ(yw|x) - log πref(yw|x), Δl likewise,
 and z = Δw - Δl, the variants differ only in the function of z they minimise. The reference terms
-never meet β, so one reference cache serves every variant and every β.
+never meet β, so one reference cache serves every variant and every β. The rewards they return
+are one quantity for every variant (β·Δ, see `DPOOutput`), so runs of different variants, and a
+run's training and eval records, are compared in one unit.
 
 Names follow TRL's `loss_type` so settings carry over: `sigmoid` (DPO; cDPO with label
 smoothing), `ipo`, `hinge`, `robust`, plus the RPO term (TRL's `rpo_alpha`) on top of any of them.
@@ -16,9 +18,13 @@ smoothing), `ipo`, `hinge`, `robust`, plus the RPO term (TRL's `rpo_alpha`) on t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from lora_dpo.config import TrainConfig
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 # Loss types whose formula reads `label_smoothing`; elsewhere a non-zero value is a config error.
@@ -27,9 +33,34 @@ SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
 
 @dataclass
 class DPOOutput:
-    losses: torch.Tensor  # [B]
-    chosen_rewards: torch.Tensor  # [B] β·(log πθ(yw|x) - log πref(yw|x)), detached
-    rejected_rewards: torch.Tensor  # [B] β·(log πθ(yl|x) - log πref(yl|x)), detached
+    """Per-pair losses and implicit rewards.
+
+    The rewards are the DPO implicit rewards of the whole responses, β times the summed
+    log-ratio against the reference, for EVERY loss type: a length-normalised variant (IPO)
+    normalises inside its loss only. So `rewards / β` is always the change in nats of each
+    response's log-likelihood against the reference, which the health checks rely on.
+    """
+
+    losses: torch.Tensor  # [B] the objective per pair (the RPO term included); carries the graph
+    # [B] β·(log πθ(yw|x) - log πref(yw|x)), log-probs summed over yw's tokens; detached
+    chosen_rewards: torch.Tensor
+    # [B] β·(log πθ(yl|x) - log πref(yl|x)), log-probs summed over yl's tokens; detached
+    rejected_rewards: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The objective `train.*` configures, as one value for every caller of `preference_loss`
+    (training and eval score pairs with the same loss)."""
+
+    beta: float
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
+
+    @classmethod
+    def of(cls, train: "TrainConfig") -> "LossSettings":
+        return cls(train.beta, train.loss_type, train.label_smoothing, train.rpo_alpha)
 
 
 def _check_shapes(*tensors: torch.Tensor) -> None:
@@ -157,15 +188,20 @@ def ipo_loss(
 
     Every log-prob is divided by its response's token count (policy and reference alike: the
     counts are the same pair's), so long responses do not dominate a squared loss. IPO
-    regresses the margin to 1/(2β) instead of pushing it to infinity. The returned rewards
-    are the length-normalised ones, β·Δ/|y|, as TRL reports them for IPO.
+    regresses the margin to 1/(2β) instead of pushing it to infinity.
+
+    The returned rewards are the summed ones, β·Δ, like every variant's (TRL reports β·Δ/|y|
+    for IPO): the per-token log-ratios stay inside the loss, so no metric mixes two units.
 
     Shape: log-prob sums and token counts all [B]; outputs [B].
     """
     _check_shapes(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens)
-    chosen_logratios = (policy_chosen - ref_chosen) / chosen_tokens.clamp(min=1)  # [B] per token
-    rejected_logratios = (policy_rejected - ref_rejected) / rejected_tokens.clamp(min=1)  # [B]
-    losses = (chosen_logratios - rejected_logratios - 1 / (2 * beta)) ** 2
+    chosen_logratios = policy_chosen - ref_chosen  # [B] summed over the response
+    rejected_logratios = policy_rejected - ref_rejected  # [B]
+    per_token_margin = (
+        chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
+    )  # [B] h
+    losses = (per_token_margin - 1 / (2 * beta)) ** 2
     return _output(losses, chosen_logratios, rejected_logratios, beta)
 
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from lora_dpo.config import ModelConfig, config_from_dict
 from lora_dpo.errors import ConfigError
 from lora_dpo.fileio import staged_directory, write_json
+from lora_dpo.hub import looks_like_hub_name
 from lora_dpo.model import DTYPES, compute_dtype, default_device, load_adapter, load_base_model
 from lora_dpo.run.directory import RunDirectory
 from lora_dpo.versions import package_versions
@@ -112,9 +113,7 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
 
 def _check_base(source: AdapterSource) -> None:
     """A local-looking base path that does not exist: say where it came from, before any load."""
-    path = Path(source.base).expanduser()
-    looks_local = path.is_absolute() or source.base.startswith((".", "~")) or source.base.count("/") > 1
-    if looks_local and not path.is_dir():
+    if not looks_like_hub_name(source.base) and not Path(source.base).expanduser().is_dir():
         raise ConfigError(
             f"base model {source.base!r} (from {source.base_origin}): no such directory; "
             "give the base model with --base"

@@ -217,6 +217,8 @@ class FingerprintMemo:
 
 
 def _require_model_path(cfg: ModelConfig) -> str:
+    from lora_dpo.hub import looks_like_hub_name
+
     path = cfg.name_or_path
     if not path:
         raise ConfigError("model.name_or_path is not set: give a local model directory or hub name")
@@ -225,8 +227,7 @@ def _require_model_path(cfg: ModelConfig) -> str:
         return path
     if local.exists():
         raise ConfigError(f"model.name_or_path={path!r}: a file, not a model directory")
-    # A hub name is "owner/name" or "name"; anything else can only be a local path.
-    if path.startswith(("/", ".", "~")) or "\\" in path or path.count("/") > 1:
+    if not looks_like_hub_name(path):
         raise ConfigError(f"model.name_or_path={path!r}: no such directory")
     return path
 

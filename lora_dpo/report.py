@@ -8,7 +8,9 @@ Health checks over the training records (β from config.yaml). They read the rew
 the raw `logps/*`: a record's `logps/chosen` is a mean over whichever pairs fell into its
 logging window, so it moves with their lengths, while `rewards/chosen / β` is each pair's
 change against its own cached reference value, averaged: the drift of the chosen
-log-likelihood in nats, free of batch composition.
+log-likelihood in nats, free of batch composition. The rewards are β·(summed log-ratio) for
+every loss type (IPO's per-token normalisation stays inside its loss), so the thresholds below
+mean the same nats whatever `train.loss_type` is.
 
 - **chosen log-probs falling while margins rise** (the classic DPO failure: the margin grows
   by pushing both responses down). Needs >= 4 training records; fires when the least-squares
@@ -16,11 +18,12 @@ log-likelihood in nats, free of batch composition.
   -1 nat (`rewards/chosen / β <= -1`: chosen responses at least e times less likely than
   under the reference, and not for one noisy window only), and the least-squares slope of
   `rewards/margins` is positive.
-- **KL proxy exploding**: the proxy is the mean absolute log-prob drift from the reference,
+- **drift from the reference**: the mean absolute summed log-ratio against the reference,
   `(|rewards/chosen| + |rewards/rejected|) / (2β)` nats, relative to the reference's own mean
   |log-prob| of the same responses, `(|logps/chosen - rewards/chosen/β| + |logps/rejected -
   rewards/rejected/β|) / 2`. Fires when the last record's ratio is >= 0.5: the policy's
-  summed log-probs have moved by half their own size.
+  summed log-probs have moved by half their own size. (Not a KL estimate: the KL would need
+  samples from the policy; this is a drift on the training responses.)
 - **reward accuracy stuck at chance**: needs >= 4 training records; fires when the mean of
   `rewards/accuracies` over the last half is within 0.5 +- 0.05 (a policy equal to its
   reference scores exactly 0.5: ties count half).
@@ -33,15 +36,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import yaml
 
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.fileio import atomic_write, write_text
+from lora_dpo.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ METRICS = "metrics.jsonl"
 
 MIN_TREND_RECORDS = 4  # fewer logged steps than this cannot show a trend
 CHOSEN_DROP_NATS = 1.0  # chosen responses e times less likely than under the reference
-KL_RATIO_LIMIT = 0.5  # policy log-probs moved by half the reference's own |log-prob|
+DRIFT_RATIO_LIMIT = 0.5  # policy log-probs moved by half the reference's own |log-prob|
 CHANCE_BAND = 0.05  # accuracy within 0.5 +- this is chance
 DEFAULT_BETA = 0.1  # TrainConfig's default, for a run directory without config.yaml
 GUIDE = "guide"  # gid of reference lines in the plot (ln 2, chance, zero, clip)
@@ -159,8 +162,8 @@ def check_chosen_falling(train: Sequence[dict[str, float]], beta: float) -> Chec
     return Check(name, detail)
 
 
-def check_kl_proxy(train: Sequence[dict[str, float]], beta: float) -> Check:
-    name = "KL proxy (drift from the reference)"
+def check_drift(train: Sequence[dict[str, float]], beta: float) -> Check:
+    name = "drift from the reference"
     keys = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
     records = [r for r in train if _finite(r, *keys)]
     if not records:
@@ -176,12 +179,12 @@ def check_kl_proxy(train: Sequence[dict[str, float]], beta: float) -> Check:
         f"mean |log-prob drift| {drift:.2f} nats = {ratio:.1%} of the reference's own "
         f"|log-prob| ({reference:.1f} nats) at step {int(last['step'])}"
     )
-    if ratio >= KL_RATIO_LIMIT:
+    if ratio >= DRIFT_RATIO_LIMIT:
         return Check(
             name,
             detail,
-            f"KL proxy exploding: at step {int(last['step'])} the policy's summed log-probs have "
-            f"moved {drift:.1f} nats from the reference on average, {ratio:.0%} of the reference's "
+            f"policy drifting far from the reference: at step {int(last['step'])} its summed log-probs "
+            f"have moved {drift:.1f} nats from the reference on average, {ratio:.0%} of the reference's "
             f"own {reference:.1f}: the policy has left the reference far behind (degenerate text "
             "is likely). Try a larger beta, a lower learning rate, or fewer steps.",
         )
@@ -242,7 +245,7 @@ def check_finite(train: Sequence[dict[str, float]]) -> Check:
 def health_checks(train: Sequence[dict[str, float]], beta: float) -> list[Check]:
     return [
         check_chosen_falling(train, beta),
-        check_kl_proxy(train, beta),
+        check_drift(train, beta),
         check_accuracy_stuck(train),
         check_finite(train),
     ]
@@ -292,7 +295,7 @@ def plot_metrics(records: RunRecords, title: str, max_grad_norm: float | None = 
     curve(ax, train, "rewards/chosen", "chosen", color="C2", linewidth=1)
     curve(ax, train, "rewards/rejected", "rejected", color="C3", linewidth=1)
     guide(ax, 0.0, "reference")
-    ax.set(title="implicit rewards", ylabel="β · (log π − log π_ref)")
+    ax.set(title="implicit rewards", ylabel="β · (log π − log π_ref), summed over the response")
 
     ax = axes[1, 0]
     curve(ax, train, "logps/chosen", "chosen", color="C2")
@@ -341,22 +344,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return raw if isinstance(raw, dict) else None
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        text = f"{value:.4g}"
-    elif isinstance(value, list):
-        text = ", ".join(str(v) for v in value) or "[]"
-    else:
-        text = str(value)
-    return text.replace("|", "\\|")  # a bare | would end the table cell
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return lines
-
-
 def run_totals(train: Sequence[dict[str, float]]) -> dict[str, float]:
     """Overall tokens/s, time in optimizer steps and peak memory from the training records.
 
@@ -402,7 +389,7 @@ def _summary_lines(records: RunRecords, run_dir: Path) -> list[str]:
     run, problem = RunDirectory(run_dir), RunDirectory(run_dir).adapter_problem()
     saved = "not saved (the run did not finish?)" if not run.adapter_dir.exists() else f"incomplete: {problem}"
     rows.append(("adapter", "adapter/ (PEFT format)" if problem is None else saved))
-    return ["## Summary", "", *_table(("", ""), rows)]
+    return ["## Summary", "", *markdown_table(("", ""), rows)]
 
 
 def _final_metrics_lines(records: RunRecords) -> list[str]:
@@ -411,15 +398,15 @@ def _final_metrics_lines(records: RunRecords) -> list[str]:
         last = records.train[-1]
         lines.append(f"Training, step {int(last['step'])} (mean over the last logging window):")
         lines.append("")
-        lines += _table(("metric", "value"), [(k, v) for k, v in last.items() if k != "step"])
+        lines += markdown_table(("metric", "value"), [(k, v) for k, v in last.items() if k != "step"])
         lines.append("")
     if records.evals:
         first, last = records.evals[0], records.evals[-1]
         names = [k for k in last if k.startswith("eval/")]
         lines.append(f"Held-out pairs, step {int(first['step'])} -> step {int(last['step'])}:")
         lines.append("")
-        lines += _table(("metric", f"step {int(first['step'])}", f"step {int(last['step'])}"),
-                        [(k, first.get(k, "-"), last[k]) for k in names])
+        lines += markdown_table(("metric", f"step {int(first['step'])}", f"step {int(last['step'])}"),
+                                [(k, first.get(k, "-"), last[k]) for k in names])
         lines.append("")
     if not records.train and not records.evals:
         lines += ["No records yet.", ""]
@@ -445,7 +432,7 @@ def _config_lines(config: dict[str, Any]) -> list[str]:
         section, key = dotted.split(".")
         if key in (config.get(section) or {}):
             rows.append((f"`{dotted}`", config[section][key]))
-    return ["## Config", "", "The full resolved config is in config.yaml.", "", *_table(("key", "value"), rows), ""]
+    return ["## Config", "", "The full resolved config is in config.yaml.", "", *markdown_table(("key", "value"), rows), ""]
 
 
 def _cache_lines(config: dict[str, Any]) -> list[str]:
@@ -473,7 +460,7 @@ def _cache_lines(config: dict[str, Any]) -> list[str]:
         ("pairs", ", ".join(f"{k} {v}" for k, v in manifest.get("pairs", {}).items())),
         ("built with", ", ".join(f"{k} {v}" for k, v in versions.items())),
     ]
-    return lines + _table(("", ""), rows) + [""]
+    return lines + markdown_table(("", ""), rows) + [""]
 
 
 def _data_lines(report: dict[str, Any] | None) -> list[str]:
@@ -489,12 +476,12 @@ def _data_lines(report: dict[str, Any] | None) -> list[str]:
         ("dropped", ", ".join(f"{reason} {n}" for reason, n in dropped.items()) or "none"),
         ("truncated to max_length", report.get("truncated")),
     ]
-    lines += _table(("", ""), rows) + [""]
+    lines += markdown_table(("", ""), rows) + [""]
     lengths = report.get("lengths") or {}
     if lengths:
         lines += ["Tokens per pair part:", ""]
         stats = ("p50", "p90", "p99", "max")
-        lines += _table(("", *stats), [(part, *(int(s.get(k, 0)) for k in stats)) for part, s in lengths.items()])
+        lines += markdown_table(("", *stats), [(part, *(int(s.get(k, 0)) for k in stats)) for part, s in lengths.items()])
         lines.append("")
     return lines
 
@@ -507,7 +494,7 @@ def _health_lines(checks: Sequence[Check]) -> list[str]:
     lines += [f"- **WARNING**: {c.warning}" for c in fired]
     if fired:
         lines.append("")
-    lines += _table(("check", "result", "measured"), [(c.name, "WARNING" if c.warning else "ok", c.detail) for c in checks])
+    lines += markdown_table(("check", "result", "measured"), [(c.name, "WARNING" if c.warning else "ok", c.detail) for c in checks])
     return lines + ["", "How each check is defined: `lora_dpo/report.py` and the README."]
 
 

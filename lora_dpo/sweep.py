@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from lora_dpo.config import Config
 from lora_dpo.errors import ConfigError
 from lora_dpo.fileio import atomic_write, write_json, write_text
+from lora_dpo.tables import markdown_table
 from lora_dpo.train import load_run_inputs, train
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ COLUMNS = (
     ("eval_reward_accuracy", "eval reward accuracy"),
     ("eval_reward_margin", "eval margin"),
     ("eval_preference_accuracy", "eval preference accuracy"),
-    ("kl_proxy", "KL proxy (chosen)"),
+    ("eval_chosen_logratio", "chosen log-ratio (eval)"),
 )
 
 
@@ -75,28 +76,24 @@ def run_sweep(config: Config, betas: Sequence[float]) -> SweepResult:
                 "eval_reward_accuracy": final.reward_accuracy,
                 "eval_reward_margin": final.reward_margin,
                 "eval_preference_accuracy": final.preference_accuracy,
-                "kl_proxy": final.chosen_logratio,
+                "eval_chosen_logratio": final.chosen_logratio,
                 "run_dir": str(result.output_dir),
             }
         )
         inputs.base = result.policy.unload()  # the frozen base without adapters, for the next β
     table_md, table_json = root / "sweep.md", root / "sweep.json"
-    write_text(table_md, markdown_table(rows))
+    write_text(table_md, sweep_table(rows))
     write_json(table_json, {"runs": rows})
     plot = plot_sweep(rows, root / "sweep.png")
-    print(markdown_table(rows))
+    print(sweep_table(rows))
     log.info("sweep summary: %s, %s, %s", table_md, table_json, plot)
     return SweepResult(rows, table_md, table_json, plot)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
-    rule = "|" + "---|" * len(COLUMNS)
-    body = [
-        "| " + " | ".join(f"{row[key]:g}" if key == "beta" else f"{row[key]:.4f}" for key, _ in COLUMNS) + " |"
-        for row in rows
-    ]
-    return "\n".join([header, rule, *body]) + "\n"
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    """sweep.md: one line per β, every metric to 4 decimals."""
+    cells = [[f"{row[key]:g}" if key == "beta" else f"{row[key]:.4f}" for key, _ in COLUMNS] for row in rows]
+    return "\n".join(markdown_table([title for _, title in COLUMNS], cells)) + "\n"
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -111,7 +108,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
         (axes[0, 0], [("train_loss", "final train loss")], "loss"),
         (axes[0, 1], [("eval_reward_accuracy", "reward accuracy"), ("eval_preference_accuracy", "preference accuracy")], "accuracy (eval)"),
         (axes[1, 0], [("eval_reward_margin", "reward margin")], "margin (eval)"),
-        (axes[1, 1], [("kl_proxy", "mean log πθ/πref of chosen")], "KL proxy (eval)"),
+        (axes[1, 1], [("eval_chosen_logratio", "mean log πθ(yw|x) − log πref(yw|x)")], "chosen log-ratio (eval, nats)"),
     ]
     for ax, series, ylabel in panels:
         for (key, label), marker in zip(series, ("o", "x")):

@@ -29,8 +29,8 @@ from lora_dpo.evaluate import EvalMetrics, evaluate
 from lora_dpo.identity import open_checked_cache, policy_precision
 from lora_dpo.loggers import check_backends, open_logger
 from lora_dpo.logps import SequenceLogps, check_prefix_sharing_support, sequence_logps
-from lora_dpo.loss import preference_loss
 from lora_dpo.faults import FaultHooks
+from lora_dpo.loss import LossSettings, preference_loss
 from lora_dpo.metrics import WindowMeter, console_line
 from lora_dpo.model import (
     attach_lora,
@@ -131,7 +131,7 @@ def _train(config: Config, inputs: RunInputs | None, run: RunTransaction, info: 
         """On rank 0 (the others wait): evaluation is a small fraction of a run."""
         metrics = None
         if inputs.eval_pairs and info.is_main:
-            metrics = evaluate(policy, inputs.eval_pairs, cache, cfg.beta, pad_id, cfg.per_device_batch_size, device)
+            metrics = evaluate(policy, inputs.eval_pairs, cache, LossSettings.of(cfg), pad_id, cfg.per_device_batch_size, device)
         barrier()
         return metrics
 

@@ -167,10 +167,10 @@ def test_hub_name_without_network_is_one_quick_line(hub_unreachable, caplog):
     assert "Retrying" not in caplog.text and "thrown while requesting" not in caplog.text
     with pytest.raises(ConfigError, match="cannot be reached"):
         load_model(ModelConfig(name_or_path="someone/not-downloaded"))
-    from lora_dpo.data import load_rows
+    from lora_dpo.sources import read_source
 
     with pytest.raises(DataError) as caught:
-        load_rows("someone/preference-set")
+        read_source("someone/preference-set")
     assert "\n" not in str(caught.value) and "cannot be reached (127.0.0.1:9" in str(caught.value)
     assert time.perf_counter() - started < 20
 

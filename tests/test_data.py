@@ -18,19 +18,21 @@ from lora_dpo.data import (
     DIALOGUES_DIFFER,
     EMPTY_RESPONSE,
     IDENTICAL_RESPONSES,
+    INVALID_JSON,
     MISSING_FIELD,
+    NOT_AN_OBJECT,
     NOTHING_LEFT,
     TokenizedPair,
     build_pairs,
     detect_format,
     load_preference_data,
-    load_rows,
     split_implicit,
     tokenization_settings,
     tokenizer_fingerprint,
 )
+from lora_dpo.demo.tokenizer import train_bpe_tokenizer
 from lora_dpo.errors import DataError
-from lora_dpo.tiny import train_bpe_tokenizer
+from lora_dpo.sources import read_source
 
 
 def shared_data(*parts: str) -> Path:
@@ -180,39 +182,45 @@ def write_source(kind: str, tmp_path: Path) -> tuple[str, str]:
     ["jsonl", "json-list", "json-data", "json-lines", "jsonl.gz", "parquet", "csv",
      "dataset-dir", "datasetdict-dir"],
 )
-def test_every_source_format_round_trips_the_rows(kind, tmp_path):
+def test_every_source_format_round_trips_the_rows(kind, tmp_path, bpe):
     path, split = write_source(kind, tmp_path)
-    assert load_rows(path, split) == ROWS
+    assert read_source(path, split).rows == ROWS
+    pairs, report = load_preference_data(config(train_path=path, train_split=split), bpe)
+    assert [p.source_index for p in pairs] == [0, 1, 2] and not report.dropped
 
 
-def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, bpe):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n\n" + '{"prompt": "x", "chosen": \n')
-    with pytest.raises(DataError, match=r"broken\.jsonl: line 3: not valid JSON"):
-        load_rows(str(path))
+    pairs, report = load_preference_data(config(train_path=str(path)), bpe)
+    assert len(pairs) == 1 and report.example_lines == {INVALID_JSON: [3]}
+    with pytest.raises(DataError, match=r"broken\.jsonl: line 3 \(row 1\): not valid JSON"):
+        load_preference_data(config(train_path=str(path), strict=True), bpe)
 
 
-def test_jsonl_line_that_is_not_an_object_is_named(tmp_path):
+def test_jsonl_line_that_is_not_an_object_is_named(tmp_path, bpe):
     path = write_jsonl(tmp_path / "list.jsonl", [ROWS[0]])
     path.write_text(path.read_text() + "[1, 2]\n")
-    with pytest.raises(DataError, match=r"list\.jsonl: line 2: expected a JSON object"):
-        load_rows(str(path))
+    pairs, report = load_preference_data(config(train_path=str(path)), bpe)
+    assert len(pairs) == 1 and report.example_lines == {NOT_AN_OBJECT: [2]}
+    with pytest.raises(DataError, match=r"list\.jsonl: line 2 \(row 1\): expected a JSON object"):
+        load_preference_data(config(train_path=str(path), strict=True), bpe)
 
 
-def test_missing_local_file(tmp_path):
+def test_missing_local_file(tmp_path, bpe):
     with pytest.raises(DataError, match="file not found: .*nope.jsonl"):
-        load_rows(str(tmp_path / "nope.jsonl"))
+        load_preference_data(config(train_path=str(tmp_path / "nope.jsonl")), bpe)
     with pytest.raises(DataError, match="file not found"):
-        load_rows("data/sub/train")
+        load_preference_data(config(train_path="data/sub/train"), bpe)
 
 
-def test_missing_split_of_a_saved_datasetdict(tmp_path):
+def test_missing_split_of_a_saved_datasetdict(tmp_path, bpe):
     path, _ = write_source("datasetdict-dir", tmp_path)
     with pytest.raises(DataError, match="no split 'validation'; splits: train, test"):
-        load_rows(path, "validation")
+        load_preference_data(config(train_path=path, train_split="validation"), bpe)
 
 
-def test_hub_name_offline_is_one_clear_line(monkeypatch):
+def test_hub_name_offline_is_one_clear_line(monkeypatch, bpe):
     import datasets
     import huggingface_hub
 
@@ -223,7 +231,7 @@ def test_hub_name_offline_is_one_clear_line(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError) as caught:
-        load_rows("someone/no-such-preference-set")
+        load_preference_data(config(train_path="someone/no-such-preference-set"), bpe)
     message = str(caught.value)
     assert "\n" not in message
     assert "someone/no-such-preference-set" in message and "network" in message
@@ -539,7 +547,7 @@ def test_real_hh_rlhf_with_the_llama2_tokenizer(llama):
             assert len(ids) <= room
             assert ids[-1] == eos or len(ids) == room  # EOS unless cut by truncation
             assert eos not in ids[:-1]
-    rows = load_rows(str(path))
+    rows = read_source(str(path)).rows
     for pair in pairs[:50]:
         row = rows[pair.source_index]
         _, chosen, _ = split_implicit(row["chosen"], row["rejected"])

@@ -35,10 +35,9 @@ from lora_dpo.data import (
     TEMPLATE_REJECTED,
     build_pairs,
     load_preference_data,
-    load_rows,
 )
+from lora_dpo.demo.tokenizer import train_bpe_tokenizer
 from lora_dpo.errors import DataError, LoraDpoError
-from lora_dpo.tiny import train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [
@@ -229,8 +228,8 @@ def test_json_list_items_that_are_not_objects_are_dropped_by_row(bpe, tmp_path):
     assert report.dropped == {NOT_AN_OBJECT: 1} and report.examples == {NOT_AN_OBJECT: [1]}
     assert report.example_lines == {}  # a .json file has no line per row
     assert "row 1: expected a JSON object, got a string" in report.summary()
-    with pytest.raises(DataError, match=r"d\.json: item 1: expected a JSON object"):
-        load_rows(str(path))  # the raw loader takes every item or nothing
+    with pytest.raises(DataError, match=r"d\.json: row 1: expected a JSON object"):
+        load_preference_data(config(path, strict=True), bpe)
 
 
 @pytest.mark.parametrize(
@@ -459,15 +458,12 @@ def test_fuzzed_files_give_pairs_or_data_errors(bpe, file, overrides):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"fuzz{suffix}"
         path.write_bytes(content)
-        cfg = config(path, **overrides)
-        try:
-            check_result(*load_preference_data(cfg, bpe), cfg, bpe.eos_token_id)
-        except LoraDpoError as exc:
-            assert "\n" not in str(exc)
-        try:
-            load_rows(str(path))
-        except LoraDpoError:
-            pass
+        # As configured, then strict: the first bad row ends the read, in one line.
+        for cfg in (config(path, **overrides), config(path, **{**overrides, "strict": True})):
+            try:
+                check_result(*load_preference_data(cfg, bpe), cfg, bpe.eos_token_id)
+            except LoraDpoError as exc:
+                assert "\n" not in str(exc)
 
 
 @FUZZ

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from lora_dpo.batching import IGNORE_INDEX, PairBatch, collate, collate_packed
 from lora_dpo.config import TrainConfig
 from lora_dpo.data import TokenizedPair
+from lora_dpo.demo.models import ARCHITECTURES, tiny_config
 from lora_dpo.errors import ConfigError
 from lora_dpo.logps import (
     DEFAULT_LOGITS_CHUNK_SIZE,
@@ -28,7 +29,6 @@ from lora_dpo.logps import (
     check_prefix_sharing_support,
     sequence_logps,
 )
-from lora_dpo.tiny_model import ARCHITECTURES, tiny_config
 
 VOCAB = 97
 

@@ -90,18 +90,19 @@ def test_hinge_hand_derived():
 
 def test_ipo_hand_derived():
     """Token counts chosen (2, 4, 4), rejected (4, 4, 2); β = 0.5, so the target 1/(2β) = 1.
+    The loss is length-normalised; the rewards are not: β·Δ summed, as for every variant.
 
     pair 1: Δw/|yw| = 1/2,  Δl/|yl| = -1/4, h = 0.75, L = (0.75 - 1)² = 0.0625
-            rewards β·Δ/|y|: 0.25, -0.125
+            rewards β·Δ: 0.5·1 = 0.5, 0.5·(-1) = -0.5
     pair 2: h = 0,  L = (0 - 1)² = 1;  rewards 0, 0
     pair 3: Δw/|yw| = -4/4 = -1, Δl/|yl| = 2/2 = 1, h = -2, L = (-2 - 1)² = 9
-            rewards -0.5, 0.5
+            rewards 0.5·(-4) = -2, 0.5·2 = 1
     """
     out = ipo_loss(**example(), beta=0.5, chosen_tokens=torch.tensor([2, 4, 4]),
                    rejected_tokens=torch.tensor([4, 4, 2]))
     close(out.losses, [0.0625, 1.0, 9.0])
-    close(out.chosen_rewards, [0.25, 0.0, -0.5])
-    close(out.rejected_rewards, [-0.125, 0.0, 0.5])
+    close(out.chosen_rewards, [0.5, 0.0, -2.0])
+    close(out.rejected_rewards, [-0.5, 0.0, 1.0])
 
 
 def test_rpo_term_hand_derived():
@@ -189,6 +190,10 @@ def test_equals_trl_formula_on_random_inputs(loss_type, eps, beta):
     out = preference_loss(pc, pr, rc, rr, beta, loss_type=loss_type, label_smoothing=eps,
                           chosen_tokens=nc, rejected_tokens=nr)
     torch.testing.assert_close(out.losses, expected, rtol=1e-10, atol=1e-10)
+    # The rewards are β·(summed log-ratio) for every variant, IPO included (TRL's IPO rewards
+    # are per token; here the length normalisation stays inside the loss).
+    torch.testing.assert_close(out.chosen_rewards, beta * (pc - rc), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.rejected_rewards, beta * (pr - rr), rtol=1e-12, atol=1e-12)
 
     alpha = 0.7
     with_rpo = preference_loss(pc, pr, rc, rr, beta, loss_type=loss_type, label_smoothing=eps,
@@ -259,11 +264,13 @@ def test_variant_trains_the_demo_task(name, variants_workdir, tmp_path):
     result = train(config)
 
     first = result.history[0]
-    if step1_loss is not None:  # the configured variant is the one that ran
+    before, after = result.eval_before, result.eval_after
+    if step1_loss is not None:  # the configured variant is the one that ran, in train and eval
         assert first["loss"] == pytest.approx(step1_loss, abs=1e-5)
+        assert before.loss == pytest.approx(step1_loss, abs=1e-5)
     else:  # RPO adds the chosen NLL per token, several nats on a random tiny model
         assert first["loss"] > math.log(2) + 1.0
-    before, after = result.eval_before, result.eval_after
+        assert before.loss > math.log(2) + 1.0
     assert after.reward_accuracy >= 0.8, (before, after)
     assert after.reward_accuracy > before.reward_accuracy + 0.25, (before, after)
     assert after.reward_margin > 0

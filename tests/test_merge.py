@@ -196,7 +196,7 @@ def test_any_peft_adapter_dir_tied_embeddings_and_partial_targets(tiny_tokenizer
     --base, and the merged model still matches base+adapter."""
     from peft import LoraConfig, get_peft_model
 
-    from lora_dpo.tiny_model import tiny_config
+    from lora_dpo.demo.models import tiny_config
 
     config = tiny_config("qwen2", vocab_size=len(tiny_tokenizer), hidden_size=32)
     config.tie_word_embeddings = True

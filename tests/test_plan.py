@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from lora_dpo.cli import main
 from lora_dpo.config import LoraConfig, ModelConfig, load_config
+from lora_dpo.demo.models import ARCHITECTURES, tiny_config
 from lora_dpo.errors import ConfigError
 from lora_dpo.model import attach_lora, load_base_model
 from lora_dpo.plan import NF4_BYTES_PER_WEIGHT, Architecture, estimate, find_model_config
-from lora_dpo.tiny_model import ARCHITECTURES, tiny_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

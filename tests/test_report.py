@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,22 @@ from pathlib import Path
 import pytest
 import yaml
 
+import lora_dpo.train as train_module
 from lora_dpo.cli import HelpFormatter, build_parser, main
-from lora_dpo.demo import demo_config
+from lora_dpo.demo import HELD_OUT_NAMES, KIND, NAMES, UNKIND, demo_config, write_jsonl
 from lora_dpo.errors import LoraDpoError
-from lora_dpo.report import GUIDE, health_checks, plot_metrics, read_metrics, run_totals, write_report
+from lora_dpo.report import (
+    GUIDE,
+    check_chosen_falling,
+    health_checks,
+    plot_metrics,
+    read_metrics,
+    run_totals,
+    write_report,
+)
+from lora_dpo.tables import markdown_table
+from lora_dpo.train import train
+from precompute import precompute_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 BETA = 0.1
@@ -111,7 +124,7 @@ def test_healthy_run_has_no_warnings(tmp_path, caplog):
     "case, check",
     [
         # |drift| 45 nats against a reference of 61: the policy has left it far behind.
-        (dict(chosen_drift=lambda t: 30 * t, rejected_drift=lambda t: -60 * t), "KL proxy (drift from the reference)"),
+        (dict(chosen_drift=lambda t: 30 * t, rejected_drift=lambda t: -60 * t), "drift from the reference"),
         (dict(chosen_drift=lambda t: 0.01 * t, rejected_drift=lambda t: -0.01 * t,
               accuracy=lambda t: 0.5 + 0.04 * math.sin(7 * t)), "reward accuracy"),
         (dict(chosen_drift=lambda t: 3 * t, rejected_drift=lambda t: -5 * t,
@@ -120,7 +133,7 @@ def test_healthy_run_has_no_warnings(tmp_path, caplog):
               extra_train={4: {"skipped_steps": 2}}), "finite values"),
         (dict(chosen_drift=lambda t: -4 * t, rejected_drift=lambda t: -9 * t), "chosen log-probs vs margins"),
     ],
-    ids=["kl-proxy", "accuracy-at-chance", "non-finite", "skipped-steps", "chosen-falling"],
+    ids=["drift", "accuracy-at-chance", "non-finite", "skipped-steps", "chosen-falling"],
 )
 def test_each_check_fires_on_its_failure_alone(tmp_path, case, check):
     assert fired_checks(synthetic_run(tmp_path / "run", **case)) == {check}
@@ -152,6 +165,91 @@ def test_trend_checks_wait_for_enough_records(tmp_path):
     judged = {c.name: c.detail for c in result.checks}
     assert "not judged" in judged["chosen log-probs vs margins"]
     assert "not judged" in judged["reward accuracy"]
+
+
+# ---- the chosen-falling check on real runs ------------------------------------------------
+
+
+def shared_opening_pairs(names: list[str], count: int, rng: random.Random) -> list[dict[str, str]]:
+    """Demo-style pairs whose chosen and rejected share a long opening; the rejected one ends
+    a word sooner."""
+    rows = []
+    for _ in range(count):
+        name = rng.choice(names)
+        kind, unkind = rng.sample(KIND, 2), rng.choice(UNKIND)
+        opening = f"{name} is a person who is known to all of us as"
+        rows.append({"prompt": f"Describe {name} in a few words.\n",
+                     "chosen": f"{opening} {kind[0]} and {kind[1]}.", "rejected": f"{opening} {unkind}."})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def shared_opening_workdir(demo_workdir, tmp_path_factory):
+    """The demo's tiny model and tokenizer, shared-opening pairs, and their reference cache."""
+    workdir = tmp_path_factory.mktemp("shared-opening")
+    rng = random.Random(0)
+    write_jsonl(workdir / "train.jsonl", shared_opening_pairs(NAMES[:-HELD_OUT_NAMES], 256, rng))
+    write_jsonl(workdir / "eval.jsonl", shared_opening_pairs(NAMES[-HELD_OUT_NAMES:], 32, rng))
+    precompute_reference(shared_opening_config(demo_workdir, workdir, workdir / "unused", "sigmoid"))
+    return demo_workdir, workdir
+
+
+def shared_opening_config(demo_workdir: Path, workdir: Path, run_dir: Path, loss_type: str):
+    config = demo_config(demo_workdir)
+    config.data.train_path, config.data.eval_path = str(workdir / "train.jsonl"), str(workdir / "eval.jsonl")
+    config.precompute.cache_dir = str(workdir / "cache")
+    config.train.output_dir = str(run_dir)
+    config.train.loss_type = loss_type
+    config.train.learning_rate = 0.01  # five times the demo's: a fast, clear trend
+    config.train.max_steps = 32  # one epoch of 256 pairs, 8 per step
+    config.train.logging_steps = 1
+    config.train.beta = BETA
+    config.validate()
+    return config
+
+
+def test_chosen_falling_fires_on_a_real_ipo_run(shared_opening_workdir, tmp_path, monkeypatch):
+    """IPO on pairs that share a long opening, the rejected response shorter: the per-token
+    normalisation weighs the rejected copy of the shared tokens more than the chosen one, so
+    pushing the rejected responses down pushes the chosen ones down too while the margin grows.
+    The check fires on the summed rewards the run logs. Control: the same run's rewards taken
+    per token (β·Δ/|y|, how IPO rewards were logged before every loss type logged summed ones)
+    stay far from -1 nat, so the same check on them stays silent."""
+    per_token, summed = [], []  # per logged step (one micro-batch each): means over its pairs
+    real_loss = train_module.preference_loss
+
+    def recording_loss(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        chosen_tokens, rejected_tokens = kwargs["chosen_tokens"].clamp(min=1), kwargs["rejected_tokens"].clamp(min=1)
+        per_token.append(((out.chosen_rewards / chosen_tokens).double().mean().item(),
+                          (out.rejected_rewards / rejected_tokens).double().mean().item()))
+        summed.append(out.chosen_rewards.double().mean().item())
+        return out
+
+    monkeypatch.setattr(train_module, "preference_loss", recording_loss)
+    result = train(shared_opening_config(*shared_opening_workdir, tmp_path / "run", "ipo"))
+    records = read_metrics(result.output_dir / "metrics.jsonl").train
+    assert [r["rewards/chosen"] for r in records] == pytest.approx(summed, rel=1e-9)  # step k = call k
+    assert records[-1]["rewards/chosen"] / BETA < -2  # the chosen responses really fell ...
+    assert records[-1]["rewards/margins"] > 0.2  # ... while the margin grew
+
+    checks = health_checks(records, BETA)
+    assert {c.name for c in checks if c.warning} == {"chosen log-probs vs margins"}
+    assert "chosen log-probs falling while margins rise" in (result.output_dir / "report.md").read_text()
+
+    per_token_records = [{**r, "rewards/chosen": c, "rewards/rejected": rej, "rewards/margins": c - rej}
+                         for r, (c, rej) in zip(records, per_token, strict=True)]
+    old_way = check_chosen_falling(per_token_records, BETA)
+    assert old_way.warning is None, old_way.detail
+    assert per_token_records[-1]["rewards/chosen"] / BETA > -0.5  # a tenth of a nat per token
+
+
+def test_chosen_falling_stays_silent_on_a_sigmoid_run_of_the_same_pairs(shared_opening_workdir, tmp_path):
+    """Same pairs and settings with the sigmoid loss: the chosen responses become more likely."""
+    result = train(shared_opening_config(*shared_opening_workdir, tmp_path / "run", "sigmoid"))
+    records = read_metrics(result.output_dir / "metrics.jsonl").train
+    assert records[-1]["rewards/chosen"] > 0 and records[-1]["rewards/margins"] > 0.1
+    assert check_chosen_falling(records, BETA).warning is None
 
 
 def test_every_panel_has_data_and_labelled_axes(tmp_path):
@@ -208,6 +306,21 @@ def test_report_md_has_every_section(tmp_path):
     assert "![training curves](report.png)" in text
     png = result.png.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 200_000
+
+
+def test_markdown_table_formats_and_escapes_cells():
+    lines = markdown_table(("metric", "value"), [("loss", 0.123456), ("targets", ["q_proj", "v_proj"]),
+                                                 ("empty", []), ("steps", 4), ("path", "a|b"), ("text", "0.5")])
+    assert lines == [
+        "| metric | value |",
+        "|---|---|",
+        "| loss | 0.1235 |",  # floats to 4 significant digits
+        "| targets | q_proj, v_proj |",
+        "| empty | [] |",
+        "| steps | 4 |",
+        "| path | a\\|b |",  # a bare | would end the cell
+        "| text | 0.5 |",  # text is kept as it is: the caller's own format
+    ]
 
 
 def test_overall_throughput_weighs_each_window_by_its_length():

@@ -1,4 +1,4 @@
-"""Tiny local building blocks for the demo and the tests: no downloads."""
+"""A byte-level BPE tokenizer trained locally in seconds, for the demo and the tests: no downloads."""
 
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ a byte-level BPE tokenizer and a random tiny Llama locally, then runs precompute
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -16,40 +15,12 @@ from pathlib import Path
 import torch
 
 from lora_dpo.config import Config, load_config
+from lora_dpo.demo.models import build_tiny_llama
+from lora_dpo.demo.task import HELD_OUT_NAMES, NAMES, make_pairs, write_jsonl
+from lora_dpo.demo.tokenizer import train_bpe_tokenizer
 from lora_dpo.train import TrainResult, train
-from lora_dpo.tiny import train_bpe_tokenizer
-from lora_dpo.tiny_model import build_tiny_llama
 
 log = logging.getLogger(__name__)
-
-NAMES = (
-    "Ada Alan Grace Edsger Barbara Donald Frances John Margaret Ken Dennis Radia Leslie Tony "
-    "Niklaus Shafi Sophie Linus Guido Bjarne Anders Yukihiro Larry Brian Rob Robin Jean Hedy "
-    "Katherine Dorothy Mary Annie Vint Tim Whitfield Martin Ivan Butler Judea Geoffrey"
-).split()
-KIND = "kind honest patient generous gentle brave thoughtful clever warm curious calm fair".split()
-UNKIND = "rude cruel lazy greedy harsh sneaky bitter petty vain cold selfish sloppy".split()
-HELD_OUT_NAMES = 10  # the last names never appear in training pairs
-
-
-def make_pairs(names: list[str], count: int, rng: random.Random) -> list[dict[str, str]]:
-    rows = []
-    for _ in range(count):
-        name = rng.choice(names)
-        kind, unkind = rng.sample(KIND, 2), rng.sample(UNKIND, 2)
-        rows.append(
-            {
-                "prompt": f"Describe {name} in a few words.\n",
-                "chosen": f"{name} is {kind[0]} and {kind[1]}.",
-                "rejected": f"{name} is {unkind[0]} and {unkind[1]}.",
-            }
-        )
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def prepare(workdir: Path, seed: int = 0) -> None:
