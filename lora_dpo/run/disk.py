@@ -28,14 +28,15 @@ def full_disk_errno(exc: BaseException) -> int | None:
 
 def free_space(path: Path) -> str:
     """Free space on the file system of `path` (or of its nearest existing parent)."""
-    for where in (path, *path.parents):
-        if where.exists():
-            free = shutil.disk_usage(where).free
-            for unit in ("bytes", "KiB", "MiB", "GiB"):
-                if free < 1024 or unit == "GiB":
-                    return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
-                free /= 1024
-    return "unknown"
+    where = next((p for p in (path, *path.parents) if p.exists()), None)
+    if where is None:
+        return "unknown"
+    free = float(shutil.disk_usage(where).free)
+    for unit in ("bytes", "KiB", "MiB"):
+        if free < 1024:
+            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
+        free /= 1024
+    return f"{free:.1f} GiB"
 
 
 @contextmanager

@@ -183,9 +183,9 @@ class RunTransaction:
 
     # ------------------------------------------------------------------ publish
 
-    def publish(self, policy: torch.nn.Module, tokenizer: Any) -> None:
-        """The adapter (with its tokenizer) as `adapter/`, whole or not at all; the report; for
-        an overwrite, the new run in place of the old one."""
+    def publish(self, policy: Any, tokenizer: Any) -> None:
+        """The adapter of the peft model `policy` (with its tokenizer) as `adapter/`, whole or
+        not at all; the report; for an overwrite, the new run in place of the old one."""
         if not self.is_main:
             return
         from lora_dpo.report import write_report
