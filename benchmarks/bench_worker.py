@@ -61,6 +61,7 @@ class RssSampler:
 
 def lora_precompute(config_path: str, overrides: list[str]) -> dict:
     from lora_dpo import cli
+    from lora_dpo.cache import Manifest
     from lora_dpo.config import load_config
 
     sampler = RssSampler()
@@ -68,9 +69,9 @@ def lora_precompute(config_path: str, overrides: list[str]) -> dict:
     code = cli.main(["precompute-ref", "--config", config_path, *overrides])
     peaks = sampler.stop()
     config = load_config(config_path, overrides)
-    manifest = json.loads((Path(config.precompute.cache_dir) / "manifest.json").read_text())
-    pairs = sum(manifest["pairs"].values())
-    return {"exit_code": code, "pairs": pairs, "precompute_s": manifest["seconds"], "rss_peaks": peaks}
+    manifest = Manifest.read(Path(config.precompute.cache_dir))
+    pairs = sum(manifest.pairs.values())
+    return {"exit_code": code, "pairs": pairs, "precompute_s": manifest.seconds, "rss_peaks": peaks}
 
 
 def lora_train(config_path: str, overrides: list[str]) -> dict:

@@ -235,9 +235,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_stage(args: argparse.Namespace, config: Any) -> int:
     if args.verb == "precompute-ref":
-        from precompute import precompute_reference
+        from lora_dpo.cache import build_cache
 
-        precompute_reference(config)
+        build_cache(config)
     elif args.verb == "train":
         from lora_dpo.train import train
 
@@ -256,7 +256,7 @@ def _run_stage(args: argparse.Namespace, config: Any) -> int:
 
 
 def _run_cache(args: argparse.Namespace) -> int:
-    from lora_dpo.cache_inspect import describe_cache, verify_cache
+    from lora_dpo.cache import describe_cache, verify_cache
 
     if args.cache_verb == "info":
         print(describe_cache(args.cache_dir))

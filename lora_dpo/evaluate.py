@@ -8,12 +8,13 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from lora_dpo.batching import collate, length_sorted_batches, pad_id_of
-from lora_dpo.cache import ReferenceCache
+from lora_dpo.batching import length_sorted_batches, pad_id_of
+from lora_dpo.cache import ReferenceValues
 from lora_dpo.config import Config
 from lora_dpo.errors import ConfigError
 from lora_dpo.data import TokenizedPair, load_preference_data
-from lora_dpo.logps import sequence_logps
+from lora_dpo.logps import SequenceLogps
+from lora_dpo.scoring import score_pairs
 from lora_dpo.loss import LossSettings, preference_loss
 from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
 
@@ -57,45 +58,44 @@ class EvalMetrics:
 def evaluate(
     model: torch.nn.Module,
     pairs: Sequence[TokenizedPair],
-    cache: ReferenceCache,
+    reference: ReferenceValues,
     loss: LossSettings,
     pad_id: int,
     batch_size: int,
     device: torch.device,
 ) -> EvalMetrics:
-    """Score `pairs` with the training objective and training's per-pair metrics."""
+    """Score `pairs` (aligned with `reference`) with the training objective and training's
+    per-pair metrics, over all held-out pairs at once (RPO's per-token NLL is over all of them)."""
     was_training = model.training
     model.eval()  # no LoRA dropout
-    sums = torch.zeros(len(PAIR_METRICS), dtype=torch.float64, device=device)
-    preferences, chosen_logratios = [], []
-    batches = length_sorted_batches(pairs, batch_size)
-    for indices in tqdm(batches, desc="eval", unit="batch", leave=False):
-        batch = collate([pairs[i] for i in indices], pad_id).to(device)
-        policy = sequence_logps(model, batch)
-        ref_chosen, ref_rejected = (t.to(device) for t in cache.lookup(batch.pair_hashes))
-        out = preference_loss(
-            policy.chosen, policy.rejected, ref_chosen, ref_rejected, loss.beta,
-            loss_type=loss.loss_type, label_smoothing=loss.label_smoothing, rpo_alpha=loss.rpo_alpha,
-            chosen_tokens=policy.chosen_tokens, rejected_tokens=policy.rejected_tokens,
-        )
-        sums += pair_metrics(out, policy).sum(dim=1)  # [M]
-        chosen_logratios.append(policy.chosen.double() - ref_chosen.double())  # [B]
-        mean_chosen = policy.chosen / policy.chosen_tokens.clamp(min=1)
-        mean_rejected = policy.rejected / policy.rejected_tokens.clamp(min=1)
-        preferences.append(tie_aware_accuracy(mean_chosen - mean_rejected))  # [B]
+    order = [i for batch in length_sorted_batches(pairs, batch_size) for i in batch]  # little padding
+    progress = tqdm(total=len(order), desc="eval", unit="pair", leave=False)
+    scores = score_pairs(model, [pairs[i] for i in order], batch_size=batch_size, pad_id=pad_id, device=device, progress=progress)
+    progress.close()
     model.train(was_training)
-    count = len(pairs)
+    policy = SequenceLogps(
+        logps=torch.cat([scores.chosen, scores.rejected]),  # [2N], chosen first
+        tokens=torch.cat([scores.chosen_tokens, scores.rejected_tokens]),
+    )
+    ref_chosen, ref_rejected = reference.logps(order)  # [N] each, in scoring order
+    out = preference_loss(
+        policy.chosen, policy.rejected, ref_chosen, ref_rejected, loss.beta,
+        loss_type=loss.loss_type, label_smoothing=loss.label_smoothing, rpo_alpha=loss.rpo_alpha,
+        chosen_tokens=policy.chosen_tokens, rejected_tokens=policy.rejected_tokens,
+    )
+    mean_chosen = policy.chosen / policy.chosen_tokens.clamp(min=1)  # [N] per-token log-prob
+    mean_rejected = policy.rejected / policy.rejected_tokens.clamp(min=1)
     return EvalMetrics(
-        pair_means=dict(zip(PAIR_METRICS, (sums / max(count, 1)).tolist())),
-        preference_accuracy=torch.cat(preferences).mean().item(),
-        chosen_logratio=torch.cat(chosen_logratios).mean().item(),
-        pairs=count,
+        pair_means=dict(zip(PAIR_METRICS, pair_metrics(out, policy).mean(dim=1).tolist())),
+        preference_accuracy=tie_aware_accuracy(mean_chosen - mean_rejected).mean().item(),
+        chosen_logratio=(policy.chosen.double() - ref_chosen.double()).mean().item(),
+        pairs=len(pairs),
     )
 
 
 def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
     """`lora-dpo eval`: the eval split of `config` against its cache, for an adapter or the base."""
-    from lora_dpo.identity import open_checked_cache, policy_precision
+    from lora_dpo.cache import open_checked_cache, policy_precision
     from lora_dpo.model import default_device, load_adapter, load_base_model, load_tokenizer
 
     if not config.data.eval_path:
@@ -105,7 +105,7 @@ def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
     tokenizer = load_tokenizer(config.model)
     pairs, _ = load_preference_data(config.data, tokenizer, "eval")
     cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
-    cache.check_covers(pairs, "eval")
+    reference = cache.aligned(pairs, "eval")
     model = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
     )
@@ -114,7 +114,7 @@ def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
     return evaluate(
         model,
         pairs,
-        cache,
+        reference,
         LossSettings.of(config.train),
         pad_id_of(tokenizer),
         config.precompute.batch_size,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import warnings
@@ -14,7 +12,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from lora_dpo.config import LoraConfig, ModelConfig
 from lora_dpo.errors import ConfigError
-from lora_dpo.fileio import sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -154,66 +151,6 @@ def resolve_model_dir(cfg: ModelConfig) -> Path | None:
         return Path(snapshot_download(cfg.name_or_path, local_files_only=True))
     except Exception:  # not a hub name, or not in the local hub cache
         return None
-
-
-def weights_fingerprint(cfg: ModelConfig) -> str:
-    """sha256 over the model's weight files (names, sizes, contents), for the cache identity.
-
-    Hashing 16 GB of weights takes minutes, so each file's digest is memoised by its resolved
-    path, size and modification time: any rewrite of a weight file changes the fingerprint.
-    """
-    directory = resolve_model_dir(cfg)
-    if directory is None:
-        raise ConfigError(
-            f"model.name_or_path={cfg.name_or_path!r}: not a local directory and not in the "
-            "local hub cache"
-        )
-    files = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    if not files:
-        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: no weight files in {directory}")
-    memo = FingerprintMemo.load()
-    digest = hashlib.sha256()
-    for weight_file in files:
-        digest.update(f"{weight_file.name}:{memo.file_digest(weight_file)}\n".encode())
-    memo.save()
-    return digest.hexdigest()
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
-class FingerprintMemo:
-    """sha256 of weight files, keyed by (resolved path, size, mtime), in the user's cache dir."""
-
-    def __init__(self, path: Path, entries: dict[str, str]):
-        self.path, self.entries, self.changed = path, entries, False
-
-    @classmethod
-    def load(cls) -> "FingerprintMemo":
-        home = Path(os.environ.get("LORA_DPO_CACHE_HOME", Path.home() / ".cache" / "lora-dpo"))
-        path = home / "weight-fingerprints.json"
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, ValueError):  # absent or damaged: start afresh, it is only a memo
-            entries = {}
-        return cls(path, entries if isinstance(entries, dict) else {})
-
-    def file_digest(self, weight_file: Path) -> str:
-        real = weight_file.resolve()  # hub snapshots are symlinks into a blob store
-        stat = real.stat()
-        key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
-        if key not in self.entries:
-            self.entries[key] = sha256_file(real)
-            self.changed = True
-        return self.entries[key]
-
-    def save(self) -> None:
-        if not self.changed:
-            return
-        try:
-            write_json(self.path, self.entries)
-        except OSError as exc:  # a read-only home only costs re-hashing next time
-            log.warning("could not save weight fingerprints to %s: %s", self.path, exc)
 
 
 def _require_model_path(cfg: ModelConfig) -> str:

@@ -436,31 +436,20 @@ def _config_lines(config: dict[str, Any]) -> list[str]:
 
 
 def _cache_lines(config: dict[str, Any]) -> list[str]:
+    from lora_dpo.cache import MANIFEST, Manifest, manifest_rows
+    from lora_dpo.errors import CacheError
+
     cache_dir = (config.get("precompute") or {}).get("cache_dir")
     lines = ["## Reference cache", ""]
     if not cache_dir:
         return lines + ["No precompute.cache_dir in config.yaml.", ""]
-    manifest = _read_json(Path(cache_dir) / "manifest.json")
-    if manifest is None:
+    if not (Path(cache_dir) / MANIFEST).is_file():
         return lines + [f"No manifest at `{cache_dir}` (relative paths are read from the current directory).", ""]
-    identity = manifest.get("identity", {})
-    model, tokenization = identity.get("model", {}), identity.get("tokenization", {})
-    reference = manifest.get("reference", {})
-    versions = manifest.get("versions", {})
-    rows = [
-        ("path", cache_dir),
-        ("format", f"{manifest.get('format')} v{manifest.get('version')}"),
-        ("created", manifest.get("created")),
-        ("reference", ", ".join(f"{k} {v}" for k, v in reference.items())),
-        ("model weights sha256", model.get("weights_sha256", "-")),
-        ("model config sha256", model.get("config_sha256", "-")),
-        ("tokenizer sha256", tokenization.get("tokenizer_sha256", "-")),
-        ("chat template sha256", tokenization.get("chat_template_sha256", "-")),
-        ("max_length / max_prompt_length", f"{tokenization.get('max_length')} / {tokenization.get('max_prompt_length')}"),
-        ("pairs", ", ".join(f"{k} {v}" for k, v in manifest.get("pairs", {}).items())),
-        ("built with", ", ".join(f"{k} {v}" for k, v in versions.items())),
-    ]
-    return lines + markdown_table(("", ""), rows) + [""]
+    try:
+        manifest = Manifest.read(Path(cache_dir))
+    except CacheError as exc:  # the report still gets written; the cache is described as it is
+        return lines + [f"The manifest cannot be read: {exc}", ""]
+    return lines + markdown_table(("", ""), [("path", cache_dir), *manifest_rows(manifest)]) + [""]
 
 
 def _data_lines(report: dict[str, Any] | None) -> list[str]:

@@ -25,15 +25,21 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lora_dpo.batching import collate, collate_packed, pad_id_of
-from lora_dpo.cache import ReferenceCache
+from lora_dpo.cache import (
+    ReferenceCache,
+    ReferenceValues,
+    check_step0_agreement,
+    open_checked_cache,
+    policy_precision,
+    step0_tolerance_for,
+)
 from lora_dpo.checkpoint import Checkpoint, apply_checkpoint
 from lora_dpo.config import Config, TrainConfig
 from lora_dpo.data import DataReport, TokenizedPair, load_preference_data
 from lora_dpo.distributed import DistInfo, all_gather_objects, all_reduce_, barrier, dist_info
-from lora_dpo.errors import CacheError, LoraDpoError, TrainingInterrupted
+from lora_dpo.errors import LoraDpoError, TrainingInterrupted
 from lora_dpo.evaluate import EvalMetrics, evaluate
 from lora_dpo.faults import FaultHooks
-from lora_dpo.identity import open_checked_cache, policy_precision
 from lora_dpo.loggers import check_backends, open_logger
 from lora_dpo.logps import SequenceLogps, check_prefix_sharing_support, sequence_logps
 from lora_dpo.loss import LossSettings, preference_loss
@@ -72,6 +78,8 @@ class RunInputs:
     eval_pairs: list[TokenizedPair]
     data_report: DataReport
     cache: ReferenceCache
+    reference: ReferenceValues  # aligned with `pairs`
+    eval_reference: ReferenceValues  # aligned with `eval_pairs`
     base: torch.nn.Module  # the frozen (4-bit) base, without adapters
     device: torch.device
 
@@ -94,10 +102,9 @@ def load_run_inputs(config: Config) -> RunInputs:
     # A hub model not downloaded yet has no weights to fingerprint before it is loaded.
     base = None if resolve_model_dir(config.model) else load_base()
     cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
-    cache.check_covers(pairs, "train")
-    cache.check_covers(eval_pairs, "eval")
+    reference, eval_reference = cache.aligned(pairs, "train"), cache.aligned(eval_pairs, "eval")
     base = base or load_base()
-    return RunInputs(tokenizer, pairs, eval_pairs, report, cache, base, device)
+    return RunInputs(tokenizer, pairs, eval_pairs, report, cache, reference, eval_reference, base, device)
 
 
 @dataclass
@@ -171,7 +178,7 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
     if run.resume_from is not None:
         resume_from(state, run.resume_from)
     elif not cfg.accept_cache_mismatch:
-        state.step0_tolerance = step0_tolerance_for(inputs.cache)
+        state.step0_tolerance = step0_tolerance_for(inputs.cache.manifest)
     state.metrics = run.open_metrics(lambda path: open_logger(cfg.report_to, path, config.to_dict()), started)
     return state
 
@@ -256,7 +263,7 @@ class TrainLoop:
             tokens = batch.sequence_tokens  # counted on the CPU: no device sync
             rows += batch.source_indices
             batch = batch.to(s.device)
-            ref_chosen, ref_rejected = (t.to(s.device) for t in s.inputs.cache.lookup(batch.pair_hashes))
+            ref_chosen, ref_rejected = (t.to(s.device) for t in s.inputs.reference.logps(indices))
             # Under DDP, gradients are all-reduced once per step: on its last micro-batch.
             last = number == len(micro_batches) - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
@@ -304,7 +311,7 @@ class TrainLoop:
         metrics = None
         if s.inputs.eval_pairs and s.dist.is_main:
             metrics = evaluate(
-                s.policy, s.inputs.eval_pairs, s.inputs.cache, LossSettings.of(s.cfg), s.pad_id,
+                s.policy, s.inputs.eval_pairs, s.inputs.eval_reference, LossSettings.of(s.cfg), s.pad_id,
                 s.cfg.per_device_batch_size, s.device,
             )
             s.metrics.write({"step": step, **metrics.to_dict()})
@@ -402,37 +409,6 @@ class StopOnSignal:
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-
-
-def step0_tolerance_for(cache: ReferenceCache) -> float | None:
-    """Largest allowed mean per-token gap between the untrained policy and the cache.
-
-    A cache built at the policy's own precision must agree with the policy at init (LoRA B = 0)
-    up to float rounding from different batch shapes; anything more means another model,
-    template or tokenizer slipped past the fingerprints. A reference at another precision by
-    design differs, so its gap is only reported.
-    """
-    if cache.manifest["reference"]["mode"] != "policy":
-        return None
-    return 1e-4 if cache.manifest["reference"]["dtype"] == "float32" else 2e-2
-
-
-def check_step0_agreement(
-    policy_logps: SequenceLogps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, tolerance: float
-) -> None:
-    """Stop when the policy at init disagrees with the cached reference (one sync, step 1 only)."""
-    policy = torch.cat([policy_logps.chosen, policy_logps.rejected]).detach()  # [2B]
-    reference = torch.cat([ref_chosen, ref_rejected])  # [2B]
-    per_token = (policy - reference).abs() / policy_logps.tokens.clamp(min=1)  # [2B]
-    # Non-finite values are the skip logic's business (the step will not be applied).
-    gap = torch.nan_to_num(per_token, nan=0.0, posinf=0.0).max().item()
-    log.info("step-0 check: policy at init vs cached reference, max mean per-token gap %.2e", gap)
-    if gap > tolerance:
-        raise CacheError(
-            f"the policy at init disagrees with the cached reference by {gap:.3g} nats per token "
-            f"(allowed {tolerance:g}): the cache was built from another model, template or "
-            "tokenizer; rebuild it, or set train.accept_cache_mismatch=true if this is deliberate"
-        )
 
 
 def seed_everything(seed: int) -> None:

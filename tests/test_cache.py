@@ -4,8 +4,10 @@ interrupted builds resume to identical bytes, corruption is named, sweeps never 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -19,12 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cache_edit import edited_cache_copy
+from lora_dpo.cache import ReferenceCache, verify_cache, weights_fingerprint
 from lora_dpo.fileio import write_json
 from lora_dpo.cli import main as cli_main
 from lora_dpo.config import dump_config
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import CacheError
-from lora_dpo.model import weights_fingerprint
 from lora_dpo.train import load_run_inputs, train
 from precompute import precompute_reference
 
@@ -120,6 +122,26 @@ def test_shuffled_subset_hits_the_cache(workdir, tmp_path):
     assert len(inputs.pairs) == 20
 
 
+def test_aligned_values_follow_the_run_order(workdir, tmp_path):
+    """Training indexes reference values by pair index: row i must be pairs[i]'s, whatever the order."""
+    rows = (workdir / "data" / "train.jsonl").read_text().splitlines()[:48]
+    random.Random(2).shuffle(rows)
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("\n".join(rows[:30]) + "\n")
+    inputs = load_run_inputs(base_config(workdir, train_path=str(shuffled)))
+    pairs, values = inputs.pairs, inputs.reference
+    assert len(values) == len(pairs) == 30
+    cache = inputs.cache
+    rows = [cache.row_of[p.pair_hash] for p in pairs]  # by content hash, the oracle
+    chosen, rejected = cache.chosen_logps[rows], cache.rejected_logps[rows]
+    assert torch.equal(values.chosen_logps, chosen) and torch.equal(values.rejected_logps, rejected)
+    assert values.chosen_tokens.tolist() == [len(p.chosen_ids) for p in pairs]
+    assert values.rejected_tokens.tolist() == [len(p.rejected_ids) for p in pairs]
+    some = [29, 3, 3, 11]
+    assert torch.equal(values.logps(some)[0], cache.chosen_logps[[cache.row_of[pairs[i].pair_hash] for i in some]])
+    assert len(inputs.eval_reference) == len(inputs.eval_pairs) == 48
+
+
 def test_deliberate_mismatch_can_be_accepted(workdir):
     config = base_config(workdir, max_length=128)
     config.train.accept_cache_mismatch = True
@@ -158,6 +180,70 @@ def test_flipped_byte_fails_verify_and_train(workdir, tmp_path, capsys):
     assert "is sound (96 pairs)" in capsys.readouterr().out
 
 
+def bad_values(name: str):
+    """(an edit of a shard's tensors, the problem it must be refused with)."""
+    def nan(tensors):
+        tensors["chosen_logps"][:3] = math.nan
+
+    def minus_inf(tensors):
+        tensors["rejected_logps"][1:3] = -math.inf
+
+    def positive(tensors):
+        tensors["chosen_logps"][:4] = 0.5
+
+    def no_tokens(tensors):
+        tensors["rejected_tokens"][:1] = 0
+
+    return {
+        "nan": (nan, "chosen_logps holds 3 non-finite values"),
+        "-inf": (minus_inf, "rejected_logps holds 2 non-finite values"),
+        "positive": (positive, "chosen_logps holds 4 positive log-probs"),
+        "no-tokens": (no_tokens, "rejected_tokens holds 1 counts <= 0"),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["nan", "-inf", "positive", "no-tokens"])
+def test_bad_cached_values_stop_train_before_any_step(workdir, tmp_path, capsys, name):
+    """Values the checksums cannot see are refused when the cache is opened, in one line naming
+    the shard, not discovered later as skipped steps (or never, for a positive log-prob)."""
+    edit, problem = bad_values(name)
+    shard = "shard-00001.safetensors"
+    cache_dir = edited_cache_copy(workdir / "cache", tmp_path / "cache", edit, only={shard})
+    config = base_config(workdir)
+    config.precompute.cache_dir = str(cache_dir)
+    config.train.output_dir = str(tmp_path / "run")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(config))
+
+    assert cli_main(["train", "--config", str(config_file)]) == 2
+    expected = (
+        f"error: {cache_dir / shard}: {problem}; rebuild the cache with precompute-ref "
+        "(lora-dpo cache verify lists every problem)"
+    )
+    assert capsys.readouterr().err.splitlines()[-1] == expected
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no training step ran
+    with pytest.raises(CacheError, match=re.escape(f"{cache_dir / shard}: {problem};")):
+        ReferenceCache(cache_dir)
+
+
+def test_verify_lists_every_bad_value(workdir, tmp_path, capsys):
+    def two_problems(tensors):
+        bad_values("positive")[0](tensors)  # the first four values
+        bad_values("nan")[0](tensors)  # the first three of them
+
+    edited = {"shard-00000.safetensors", "shard-00001.safetensors"}
+    cache_dir = edited_cache_copy(workdir / "cache", tmp_path / "cache", two_problems, only=edited)
+    problems, pairs = verify_cache(cache_dir)
+    assert pairs == 96
+    assert problems == [
+        f"{cache_dir / shard}: {problem}"
+        for shard in sorted(edited)
+        for problem in ("chosen_logps holds 3 non-finite values", "chosen_logps holds 1 positive log-probs")
+    ]
+    assert cli_main(["cache", "verify", str(cache_dir)]) == 1
+    assert "cache verify: 4 problem(s)" in capsys.readouterr().err
+
+
 def test_cache_info_describes_the_cache(workdir, capsys):
     assert cli_main(["cache", "info", str(workdir / "cache")]) == 0
     out = capsys.readouterr().out
@@ -167,16 +253,16 @@ def test_cache_info_describes_the_cache(workdir, capsys):
 
 SLOW_PRECOMPUTE = """
 import sys, time
-import precompute.run as run
+import lora_dpo.cache.build as build
 from lora_dpo.config import load_config
 
-real_write = run.write_shard
+real_write = build.write_shard
 def slow_write(*args, **kwargs):  # slow enough that the kill lands between shards
     checksum = real_write(*args, **kwargs)
     time.sleep(0.4)
     return checksum
-run.write_shard = slow_write
-run.precompute_reference(load_config(sys.argv[1]))
+build.write_shard = slow_write
+build.build_cache(load_config(sys.argv[1]))
 """
 
 
@@ -241,14 +327,15 @@ def test_weight_fingerprint_is_memoised_and_tracks_changes(workdir, tmp_path):
 
 
 def test_sweep_never_runs_the_reference(workdir, tmp_path, monkeypatch):
-    import precompute.run as precompute_run
     from transformers import AutoModelForCausalLM
+
+    import lora_dpo.cache.build as build
 
     import lora_dpo.sweep as sweep
 
     reference_runs, model_loads = [], []
-    real_score = precompute_run._score
-    monkeypatch.setattr(precompute_run, "_score", lambda *a, **k: reference_runs.append(1) or real_score(*a, **k))
+    real_score = build.score_pairs
+    monkeypatch.setattr(build, "score_pairs", lambda *a, **k: reference_runs.append(1) or real_score(*a, **k))
     real_load = AutoModelForCausalLM.from_pretrained.__func__
     monkeypatch.setattr(
         AutoModelForCausalLM, "from_pretrained",

@@ -30,7 +30,7 @@ def test_demo_yaml_matches_the_demo_config():
 
 def test_every_module_imports():
     names = [m.name for m in pkgutil.walk_packages(lora_dpo.__path__, "lora_dpo.")]
-    for name in names + ["precompute", "precompute.run"]:
+    for name in names + ["precompute"]:
         importlib.import_module(name)
 
 

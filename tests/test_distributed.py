@@ -72,7 +72,7 @@ def test_precompute_under_torchrun_equals_one_process(workdir, tmp_path):
     torch.testing.assert_close(a.chosen_logps, b.chosen_logps[rows], rtol=0, atol=1e-6)
     torch.testing.assert_close(a.rejected_logps, b.rejected_logps[rows], rtol=0, atol=1e-6)
     assert torch.equal(a.chosen_tokens, b.chosen_tokens[rows])
-    assert a.manifest["identity"] == b.manifest["identity"]
+    assert a.manifest.identity == b.manifest.identity
 
 
 def test_training_on_two_ranks_equals_one_at_the_same_global_batch(workdir, tmp_path):

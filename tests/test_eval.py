@@ -44,7 +44,8 @@ def eval_setup(demo_workdir):
         for name, param in policy.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    return config, pairs, ReferenceCache(config.precompute.cache_dir), policy, pad_id_of(tokenizer)
+    cache = ReferenceCache(config.precompute.cache_dir)
+    return config, pairs, cache, policy, pad_id_of(tokenizer)
 
 
 def expected_losses(settings: LossSettings, pc, pr, rc, rr, nc, nr) -> torch.Tensor:
@@ -75,7 +76,7 @@ def expected_losses(settings: LossSettings, pc, pr, rc, rr, nc, nr) -> torch.Ten
 )
 def test_eval_uses_the_configured_loss_and_training_names(eval_setup, settings):
     config, pairs, cache, policy, pad_id = eval_setup
-    metrics = evaluate(policy, pairs, cache, settings, pad_id, batch_size=len(pairs), device=CPU)
+    metrics = evaluate(policy, pairs, cache.aligned(pairs, "eval"), settings, pad_id, batch_size=len(pairs), device=CPU)
 
     # The reference computation: one forward over all pairs, the cache, each formula by hand.
     batch = collate(pairs, pad_id)
@@ -84,7 +85,8 @@ def test_eval_uses_the_configured_loss_and_training_names(eval_setup, settings):
         out = sequence_logps(policy, batch)
     pc, pr = out.chosen.double(), out.rejected.double()
     nc, nr = out.chosen_tokens.double(), out.rejected_tokens.double()
-    rc, rr = (t.double() for t in cache.lookup(batch.pair_hashes))
+    rows = [cache.row_of[h] for h in batch.pair_hashes]  # by content hash, not through `aligned`
+    rc, rr = cache.chosen_logps[rows].double(), cache.rejected_logps[rows].double()
     chosen_rewards, rejected_rewards = BETA * (pc - rc), BETA * (pr - rr)  # summed, for every loss
     margins = chosen_rewards - rejected_rewards
     preference = pc / nc - pr / nr
@@ -114,8 +116,9 @@ def test_eval_batches_do_not_change_the_values(eval_setup):
     per pair, so batching cannot move it)."""
     config, pairs, cache, policy, pad_id = eval_setup
     settings = LossSettings(BETA, "ipo")
-    whole = evaluate(policy, pairs, cache, settings, pad_id, batch_size=len(pairs), device=CPU).to_dict()
-    batched = evaluate(policy, pairs, cache, settings, pad_id, batch_size=5, device=CPU).to_dict()
+    reference = cache.aligned(pairs, "eval")
+    whole = evaluate(policy, pairs, reference, settings, pad_id, batch_size=len(pairs), device=CPU).to_dict()
+    batched = evaluate(policy, pairs, reference, settings, pad_id, batch_size=5, device=CPU).to_dict()
     for name, value in whole.items():
         assert batched[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 

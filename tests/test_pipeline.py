@@ -193,14 +193,14 @@ def test_precompute_resumes_from_complete_shards(cached_workdir, tmp_path):
     whole = ReferenceCache(config.precompute.cache_dir)
     # An interruption: the manifest and the last shard never got written.
     (tmp_path / "cache" / "manifest.json").unlink()
-    last = whole.manifest["shards"][-1]["file"]
+    last = whole.manifest.shards[-1].file
     (tmp_path / "cache" / last).unlink()
     precompute_reference(config)
     resumed = ReferenceCache(config.precompute.cache_dir)
     assert resumed.pair_hashes == whole.pair_hashes
     assert torch.equal(resumed.chosen_logps, whole.chosen_logps)
     assert torch.equal(resumed.rejected_logps, whole.rejected_logps)
-    assert [s["sha256"] for s in resumed.manifest["shards"]] == [s["sha256"] for s in whole.manifest["shards"]]
+    assert [s.sha256 for s in resumed.manifest.shards] == [s.sha256 for s in whole.manifest.shards]
 
 
 def test_corrupted_shard_is_named(cached_workdir, tmp_path):

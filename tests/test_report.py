@@ -16,7 +16,8 @@ import yaml
 
 import lora_dpo.train as train_module
 from lora_dpo.cli import HelpFormatter, build_parser, main
-from lora_dpo.demo import HELD_OUT_NAMES, KIND, NAMES, UNKIND, demo_config, write_jsonl
+from lora_dpo.demo import demo_config
+from lora_dpo.demo.task import HELD_OUT_NAMES, KIND, NAMES, UNKIND, write_jsonl
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.report import (
     GUIDE,
@@ -281,7 +282,8 @@ def test_report_md_has_every_section(tmp_path):
         "identity": {"model": {"weights_sha256": "ab" * 32, "config_sha256": "cd" * 32},
                      "tokenization": {"tokenizer_sha256": "ef" * 32, "max_length": 64, "max_prompt_length": 32}},
         "reference": {"mode": "policy", "quantization": "nf4", "dtype": "float32"},
-        "pairs": {"train": 256, "eval": 64}, "versions": {"torch": "2.13.0"},
+        "data": {}, "pairs": {"train": 256, "eval": 64}, "shards": [], "seconds": 61.5,
+        "versions": {"torch": "2.13.0"},
     }))
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["precompute"]["cache_dir"] = str(cache)

@@ -16,10 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cache_edit import edited_cache_copy
 from lora_dpo.config import dump_config
 from lora_dpo.errors import ConfigError, LoraDpoError
-from lora_dpo.train import train
+from lora_dpo.train import RunInputs, load_run_inputs, train
 from runs import interrupt, losses, prepare_workdir, run_config, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,25 +185,21 @@ def test_cli_resume_refuses_a_changed_beta(workdir, tmp_path, monkeypatch, capsy
     assert "logging_steps" not in err
 
 
-def poisoned_cache(workdir: Path, tmp_path: Path, rows) -> Path:
-    """A copy of the cache whose chosen reference value is NaN for the given source rows."""
-
-    def poison(tensors):
-        if rows == "all":
-            hit = torch.ones_like(tensors["source_index"], dtype=torch.bool)
-        else:
-            hit = torch.isin(tensors["source_index"], torch.tensor(rows))
-        tensors["chosen_logps"][hit] = math.nan
-
-    return edited_cache_copy(workdir / "cache", tmp_path / "cache", poison)
+def poisoned_inputs(config, rows) -> RunInputs:
+    """The run's inputs with a NaN chosen reference value for the given source rows (in memory:
+    a cache holding one is refused when it is opened)."""
+    inputs = load_run_inputs(config)
+    sources = torch.tensor([pair.source_index for pair in inputs.pairs])
+    hit = torch.ones_like(sources, dtype=torch.bool) if rows == "all" else torch.isin(sources, torch.tensor(rows))
+    inputs.reference.chosen_logps[hit] = math.nan
+    return inputs
 
 
 def test_non_finite_step_is_skipped_and_reported(workdir, tmp_path, caplog):
     config = run_config(workdir, tmp_path / "run")
-    config.precompute.cache_dir = str(poisoned_cache(workdir, tmp_path, [7]))
     config.train.epochs = 1
     with caplog.at_level("WARNING"):
-        result = train(config)
+        result = train(config, poisoned_inputs(config, [7]))
     records = [r for r in result.history]
     skipped = [r["step"] for r in records if r["skipped_steps"]]
     assert len(skipped) == 1
@@ -216,8 +211,7 @@ def test_non_finite_step_is_skipped_and_reported(workdir, tmp_path, caplog):
 
 def test_consecutive_non_finite_steps_stop_the_run(workdir, tmp_path):
     config = run_config(workdir, tmp_path / "run")
-    config.precompute.cache_dir = str(poisoned_cache(workdir, tmp_path, "all"))
     config.train.max_consecutive_skips = 3
     with pytest.raises(LoraDpoError, match=r"stopping: 3 optimizer steps in a row had a non-finite loss"):
-        train(config)
+        train(config, poisoned_inputs(config, "all"))
     assert not (tmp_path / "run" / "adapter").exists()

@@ -405,8 +405,8 @@ def test_an_interrupted_overwrite_resumes_and_then_replaces_the_old_run(workdir,
     config.train.overwrite_output_dir = True
     interrupt(config, 6, monkeypatch)
     staged = RunDirectory(finished).staged_overwrite()
-    with pytest.raises(ConfigError, match=rf"holds an interrupted run \(checkpoint step-000004 of an unfinished "
-                                          rf"overwrite, in \.run\.overwrite\); continue with: lora-dpo train --resume"):
+    with pytest.raises(ConfigError, match=r"holds an interrupted run \(checkpoint step-000004 of an unfinished "
+                                          r"overwrite, in \.run\.overwrite\); continue with: lora-dpo train --resume"):
         train(run_config(workdir, finished))
     assert snapshot(finished) == before
     train(config, resume=True)

@@ -65,7 +65,7 @@ def demo_config(workdir: str | Path) -> Config:
 
 
 def run_demo(workdir: str | Path = "runs/demo") -> TrainResult:
-    from precompute import precompute_reference
+    from lora_dpo.cache import build_cache
 
     workdir = Path(workdir)
     # A hidden-64 model gains nothing from intra-op threads, and on a busy machine their
@@ -74,7 +74,7 @@ def run_demo(workdir: str | Path = "runs/demo") -> TrainResult:
     log.info("demo: building a tiny Llama, a tokenizer and a preference task in %s", workdir)
     prepare(workdir)
     config = demo_config(workdir)
-    precompute_reference(config)
+    build_cache(config)
     result = train(config)
     before, after = result.eval_before, result.eval_after
     assert before is not None and after is not None

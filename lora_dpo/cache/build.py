@@ -1,4 +1,5 @@
-"""Run the frozen reference over every pair once; store per-pair log-prob sums in shards."""
+"""Build a reference cache: run the frozen reference over every pair once, write shards, then the
+manifest. Resumable (complete shards of an interrupted build are reused) and torchrun-aware."""
 
 from __future__ import annotations
 
@@ -6,39 +7,46 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from lora_dpo.batching import collate, length_sorted_batches, pad_id_of
-from lora_dpo.cache import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
+from lora_dpo.batching import length_sorted_batches, pad_id_of
+from lora_dpo.cache.format import (
+    CONFIG,
     MANIFEST,
+    SHARD_GLOB,
     ShardRecords,
     read_shard,
     shard_metadata,
     shard_name,
     write_shard,
 )
+from lora_dpo.cache.identity import Precision, reference_identity, reference_precision
+from lora_dpo.cache.manifest import (
+    Manifest,
+    ReferenceIdentity,
+    ReferenceRun,
+    ShardEntry,
+)
 from lora_dpo.config import Config, dump_config
-from lora_dpo.errors import CacheError
-from lora_dpo.fileio import sha256_file, write_json, write_text
 from lora_dpo.data import TokenizedPair, load_preference_data
 from lora_dpo.distributed import barrier, dist_info
-from lora_dpo.identity import Precision, reference_identity, reference_precision
-from lora_dpo.logps import sequence_logps
+from lora_dpo.errors import CacheError
+from lora_dpo.fileio import sha256_file, write_text
 from lora_dpo.model import default_device, load_base_model, load_tokenizer
+from lora_dpo.scoring import score_pairs
 from lora_dpo.versions import package_versions
 
 log = logging.getLogger(__name__)
 
 
-def precompute_reference(config: Config) -> Path:
+def build_cache(config: Config) -> Path:
     """Build (or resume) the reference cache at `config.precompute.cache_dir`; returns its path."""
     cache_dir = Path(config.precompute.cache_dir)
     device = default_device()
@@ -56,7 +64,7 @@ def precompute_reference(config: Config) -> Path:
     model.eval()
     identity = reference_identity(config, tokenizer)  # after the load: a hub model is local now
     # A shard is reused on resume only if it was written for this exact reference and data.
-    stamp = _identity_stamp(identity, precision)
+    stamp = identity_stamp(identity, precision)
     # Until the new manifest is written the cache is incomplete: an interrupted rebuild must
     # not leave an old manifest pointing at shards that were rewritten since.
     if dist_info().is_main:
@@ -76,50 +84,56 @@ def precompute_reference(config: Config) -> Path:
         pairs = splits[spec.split][0]
         shard_pairs = [pairs[i] for i in spec.indices]
         path = cache_dir / spec.file
-        if _reusable_shard(path, shard_pairs, stamp):
+        if reusable_shard(path, shard_pairs, stamp):
             progress.update(len(shard_pairs))
-        else:
-            records = _score(model, shard_pairs, config, pad_id, device, progress)
-            write_shard(path, records, spec.split, extra_metadata={"identity": stamp})
+            continue
+        scores = score_pairs(
+            model, shard_pairs, batch_size=config.precompute.batch_size, pad_id=pad_id, device=device, progress=progress
+        )
+        records = ShardRecords(
+            pair_hashes=[p.pair_hash for p in shard_pairs],
+            chosen_logps=scores.chosen,
+            rejected_logps=scores.rejected,
+            chosen_tokens=scores.chosen_tokens,
+            rejected_tokens=scores.rejected_tokens,
+            source_indices=torch.tensor([p.source_index for p in shard_pairs], dtype=torch.long),
+        )
+        write_shard(path, records, spec.split, extra_metadata={"identity": stamp})
     progress.close()
     barrier()  # every shard is on disk
     if not info.is_main:
         return cache_dir
-    shards = [
-        {"file": spec.file, "split": spec.split, "pairs": len(spec.indices), "sha256": sha256_file(cache_dir / spec.file)}
-        for spec in plan
-    ]
+    shards = tuple(
+        ShardEntry(spec.file, spec.split, len(spec.indices), sha256_file(cache_dir / spec.file)) for spec in plan
+    )
     elapsed = time.perf_counter() - started
-
-    manifest = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "identity": identity,
-        "reference": {"mode": config.precompute.reference, **precision.to_dict()},
-        "data": {split: report.to_dict() for split, (_, report) in splits.items()},
-        "pairs": {split: len(pairs) for split, (pairs, _) in splits.items()},
-        "shards": shards,
-        "seconds": round(elapsed, 2),
-        "versions": package_versions(),
-    }
-    write_text(cache_dir / "config.yaml", dump_config(config))
-    write_json(cache_dir / MANIFEST, manifest)
-    _remove_stale_shards(cache_dir, keep={entry["file"] for entry in shards})
+    manifest = Manifest(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        identity=identity,
+        reference=ReferenceRun(config.precompute.reference, **precision.to_dict()),
+        data={split: report for split, (_, report) in splits.items()},
+        pairs={split: len(pairs) for split, (pairs, _) in splits.items()},
+        shards=shards,
+        seconds=round(elapsed, 2),
+        versions=package_versions(),
+    )
+    write_text(cache_dir / CONFIG, dump_config(config))
+    manifest.write(cache_dir)
+    remove_stale_shards(cache_dir, keep={entry.file for entry in shards})
     total = sum(len(pairs) for pairs, _ in splits.values())
     log.info("reference cache: %s (%d pairs, %.1f s)", cache_dir, total, elapsed)
     return cache_dir
 
 
-def _remove_stale_shards(cache_dir: Path, keep: set[str]) -> None:
+def remove_stale_shards(cache_dir: Path, keep: set[str]) -> None:
     """Shards left by an earlier, larger build of this cache are not part of it any more."""
-    for path in cache_dir.glob("shard-*.safetensors"):
+    for path in cache_dir.glob(SHARD_GLOB):
         if path.name not in keep:
             path.unlink()
 
 
-def _identity_stamp(identity: dict[str, Any], precision: Precision) -> str:
-    payload = json.dumps({"identity": identity, "reference": precision.to_dict()}, sort_keys=True)
+def identity_stamp(identity: ReferenceIdentity, precision: Precision) -> str:
+    payload = json.dumps({"identity": identity.to_dict(), "reference": precision.to_dict()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -130,7 +144,7 @@ class ShardSpec:
     indices: list[int]  # into the split's pairs, in scoring order
 
 
-def plan_shards(splits: dict[str, tuple[Sequence[TokenizedPair], Any]], config: Config) -> list[ShardSpec]:
+def plan_shards(splits: Mapping[str, tuple[Sequence[TokenizedPair], Any]], config: Config) -> list[ShardSpec]:
     """Each split in length-sorted order (little padding), cut into shards of `shard_size` pairs;
     shards are numbered across splits. Deterministic: resume and ranks rely on it."""
     specs: list[ShardSpec] = []
@@ -142,7 +156,7 @@ def plan_shards(splits: dict[str, tuple[Sequence[TokenizedPair], Any]], config: 
     return specs
 
 
-def _reusable_shard(path: Path, pairs: Sequence[TokenizedPair], stamp: str) -> bool:
+def reusable_shard(path: Path, pairs: Sequence[TokenizedPair], stamp: str) -> bool:
     """Whether `path` is a complete shard from an interrupted run, for the same pairs and reference."""
     if not path.is_file():
         return False
@@ -156,32 +170,3 @@ def _reusable_shard(path: Path, pairs: Sequence[TokenizedPair], stamp: str) -> b
         return False
     log.info("resuming: reusing complete shard %s", path.name)
     return True
-
-
-@torch.no_grad()
-def _score(
-    model: torch.nn.Module,
-    pairs: Sequence[TokenizedPair],
-    config: Config,
-    pad_id: int,
-    device: torch.device,
-    progress: tqdm,
-) -> ShardRecords:
-    chosen, rejected, chosen_tokens, rejected_tokens = [], [], [], []
-    batch_size = config.precompute.batch_size
-    for start in range(0, len(pairs), batch_size):
-        batch = collate(pairs[start : start + batch_size], pad_id).to(device)
-        out = sequence_logps(model, batch)
-        chosen.append(out.chosen.cpu())
-        rejected.append(out.rejected.cpu())
-        chosen_tokens.append(out.chosen_tokens.cpu())
-        rejected_tokens.append(out.rejected_tokens.cpu())
-        progress.update(batch.num_pairs)
-    return ShardRecords(
-        pair_hashes=[p.pair_hash for p in pairs],
-        chosen_logps=torch.cat(chosen),
-        rejected_logps=torch.cat(rejected),
-        chosen_tokens=torch.cat(chosen_tokens),
-        rejected_tokens=torch.cat(rejected_tokens),
-        source_indices=torch.tensor([p.source_index for p in pairs], dtype=torch.long),
-    )

@@ -1,4 +1,4 @@
-"""What makes reference log-probs what they are: the cache records it, training compares it."""
+"""What makes reference log-probs what they are: the cache records it, a run compares it."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from typing import Any
 
 import torch
 
-from lora_dpo.cache import ReferenceCache, identity_differences
+from lora_dpo.cache.fingerprints import weights_fingerprint
+from lora_dpo.cache.manifest import ModelIdentity, ReferenceIdentity
+from lora_dpo.cache.reader import ReferenceCache
 from lora_dpo.config import Config
 from lora_dpo.data import tokenization_settings
 from lora_dpo.errors import CacheError
-from lora_dpo.model import compute_dtype, resolve_model_dir, weights_fingerprint
+from lora_dpo.model import compute_dtype, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +41,34 @@ def reference_precision(config: Config, device: torch.device) -> Precision:
     return Precision("none", compute_dtype(mode, device))
 
 
-def model_identity(config: Config) -> dict[str, Any]:
-    """Weights and architecture fingerprints; not the path, so a cache moves between machines."""
+def model_identity(config: Config) -> ModelIdentity:
     directory = resolve_model_dir(config.model)
     config_file = directory / "config.json" if directory else None
-    return {
-        "weights_sha256": weights_fingerprint(config.model),
-        "config_sha256": hashlib.sha256(config_file.read_bytes()).hexdigest()
+    return ModelIdentity(
+        weights_sha256=weights_fingerprint(config.model),
+        config_sha256=hashlib.sha256(config_file.read_bytes()).hexdigest()
         if config_file and config_file.is_file()
         else None,
-    }
+    )
 
 
-def reference_identity(config: Config, tokenizer: Any) -> dict[str, Any]:
-    """Everything that must match between a cache and a run, precision aside (see train)."""
-    return {
-        "model": model_identity(config),
-        "tokenization": tokenization_settings(tokenizer, config.data),
-    }
+def reference_identity(config: Config, tokenizer: Any) -> ReferenceIdentity:
+    """This run's identity (a hub model must be downloaded: its weights are fingerprinted)."""
+    return ReferenceIdentity(model_identity(config), tokenization_settings(tokenizer, config.data))
+
+
+def identity_differences(cached: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two identity dicts, e.g.
+    `tokenization.max_length: cache was built with 1024, this run uses 2048`."""
+    differences = []
+    for key in sorted(set(cached) | set(current)):
+        name = f"{prefix}{key}"
+        old, new = cached.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += identity_differences(old, new, prefix=f"{name}.")
+        elif old != new:
+            differences.append(f"{name}: cache was built with {old!r}, this run uses {new!r}")
+    return differences
 
 
 def open_checked_cache(
@@ -65,15 +77,15 @@ def open_checked_cache(
     """The reference cache, refused when it was built for another model, tokenizer, tokenization
     or (for a `policy` reference) precision; with `accept_mismatch` the differences are logged."""
     cache = ReferenceCache(config.precompute.cache_dir)
-    differences = identity_differences(cache.manifest["identity"], reference_identity(config, tokenizer))
-    reference = cache.manifest["reference"]
-    if reference["mode"] == "policy":
-        cached = {"quantization": reference["quantization"], "dtype": reference["dtype"]}
-        differences += identity_differences(cached, precision.to_dict(), prefix="precision.")
+    manifest = cache.manifest
+    differences = identity_differences(manifest.identity.to_dict(), reference_identity(config, tokenizer).to_dict())
+    reference = manifest.reference
+    if reference.mode == "policy":
+        differences += identity_differences(reference.precision, precision.to_dict(), prefix="precision.")
     else:
         log.info(
             "the reference ran at %s/%s by choice; the policy runs at %s/%s",
-            reference["quantization"], reference["dtype"], *precision.to_dict().values(),
+            reference.quantization, reference.dtype, *precision.to_dict().values(),
         )
     if differences and not accept_mismatch:
         raise CacheError(

@@ -1,0 +1,90 @@
+"""A complete cache loaded into memory (a few bytes per pair), checked, and aligned with a run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_dpo.cache.format import REBUILD_HINT, ShardRecords, read_shard, value_problems
+from lora_dpo.cache.manifest import Manifest, ShardEntry
+from lora_dpo.errors import CacheError
+from lora_dpo.fileio import sha256_file
+
+
+@dataclass(frozen=True)
+class ReferenceValues:
+    """Reference values of a run's pairs, row i for pairs[i]: indexed by pair index, no hashing."""
+
+    chosen_logps: torch.Tensor  # [N] fp32
+    rejected_logps: torch.Tensor  # [N] fp32
+    chosen_tokens: torch.Tensor  # [N] int32
+    rejected_tokens: torch.Tensor  # [N] int32
+
+    def __len__(self) -> int:
+        return len(self.chosen_logps)
+
+    def logps(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen [B], rejected [B]) for the pairs at these indices."""
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        return self.chosen_logps[rows], self.rejected_logps[rows]
+
+
+def load_listed_shard(cache_dir: Path, entry: ShardEntry, verify_checksum: bool = True) -> ShardRecords:
+    """One shard of the manifest, checked against its recorded checksum and pair count."""
+    path = cache_dir / entry.file
+    if not path.is_file():
+        raise CacheError(f"{path}: shard listed in the manifest is missing")
+    if verify_checksum and sha256_file(path) != entry.sha256:
+        raise CacheError(f"{path}: checksum mismatch, the shard is truncated or altered")
+    records = read_shard(path)
+    if len(records.pair_hashes) != entry.pairs:
+        raise CacheError(f"{path}: holds {len(records.pair_hashes)} pairs, manifest says {entry.pairs}")
+    return records
+
+
+class ReferenceCache:
+    """A complete cache on disk, loaded into memory and indexed by pair hash.
+
+    Opening it checks every value: a NaN or a positive log-prob is refused here, with the
+    shard named, instead of surfacing later as skipped training steps.
+    """
+
+    def __init__(self, cache_dir: str | Path, *, verify_checksums: bool = True):
+        self.cache_dir = Path(cache_dir)
+        self.manifest = Manifest.read(self.cache_dir)
+        parts = []
+        for entry in self.manifest.shards:
+            records = load_listed_shard(self.cache_dir, entry, verify_checksums)
+            problems = value_problems(self.cache_dir / entry.file, records)
+            if problems:
+                raise CacheError(f"{problems[0]}; {REBUILD_HINT}")
+            parts.append(records)
+        self.pair_hashes = [h for part in parts for h in part.pair_hashes]
+        self.chosen_logps = torch.cat([p.chosen_logps for p in parts])  # [N]
+        self.rejected_logps = torch.cat([p.rejected_logps for p in parts])  # [N]
+        self.chosen_tokens = torch.cat([p.chosen_tokens for p in parts])  # [N]
+        self.rejected_tokens = torch.cat([p.rejected_tokens for p in parts])  # [N]
+        self.row_of = {pair_hash: row for row, pair_hash in enumerate(self.pair_hashes)}
+
+    def __len__(self) -> int:
+        return len(self.pair_hashes)
+
+    def aligned(self, pairs: Sequence[Any], what: str) -> ReferenceValues:
+        """The values of `pairs` (TokenizedPair) in their order; every pair must be in the
+        cache, else the first missing ones are named by their source rows."""
+        rows = [self.row_of.get(p.pair_hash) for p in pairs]
+        missing = [p.source_index for p, row in zip(pairs, rows) if row is None]
+        if missing:
+            raise CacheError(
+                f"{self.cache_dir}: {len(missing)} of {len(pairs)} {what} pairs are not in "
+                f"the reference cache (source rows {missing[:5]}...); rebuild it with precompute-ref "
+                "on this data"
+            )
+        index = torch.tensor(rows, dtype=torch.long)  # [N]
+        return ReferenceValues(
+            self.chosen_logps[index], self.rejected_logps[index], self.chosen_tokens[index], self.rejected_tokens[index]
+        )

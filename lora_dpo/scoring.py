@@ -1,0 +1,48 @@
+"""Score pairs with a frozen model: summed response log-probs and token counts, in pair order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lora_dpo.batching import collate
+from lora_dpo.data import TokenizedPair
+from lora_dpo.logps import sequence_logps
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """Row i belongs to the i-th pair scored."""
+
+    chosen: torch.Tensor  # [N] fp32, summed log-probs of the chosen response
+    rejected: torch.Tensor  # [N] fp32
+    chosen_tokens: torch.Tensor  # [N] response token counts
+    rejected_tokens: torch.Tensor  # [N]
+
+
+@torch.no_grad()
+def score_pairs(
+    model: torch.nn.Module,
+    pairs: Sequence[TokenizedPair],
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    progress: Any = None,
+) -> PairScores:
+    """Consecutive batches of `batch_size` pairs, in the given order (sort the pairs by length
+    first for little padding). `progress` (a tqdm bar) is advanced by the pairs scored."""
+    chosen, rejected, chosen_tokens, rejected_tokens = [], [], [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate(pairs[start : start + batch_size], pad_id).to(device)
+        out = sequence_logps(model, batch)
+        chosen.append(out.chosen.cpu())
+        rejected.append(out.rejected.cpu())
+        chosen_tokens.append(out.chosen_tokens.cpu())
+        rejected_tokens.append(out.rejected_tokens.cpu())
+        if progress is not None:
+            progress.update(batch.num_pairs)
+    return PairScores(torch.cat(chosen), torch.cat(rejected), torch.cat(chosen_tokens), torch.cat(rejected_tokens))
