@@ -50,7 +50,10 @@ def test_states_follow_the_files(tmp_path):
     run.path.mkdir()
     (run.path / ".lock").write_text("")
     (run.path / ".metrics.jsonl.x1.tmp").write_text("")  # an atomic write's leftover
+    (run.path / ".gitkeep").write_text("")
     assert run.state() is RunState.ABSENT
+    assert run.foreign_entries() == [".gitkeep"]  # not ours: an overwrite would lose it
+    (run.path / ".gitkeep").unlink()
     run.config_path.write_text("train: {}\n")
     assert run.state() is RunState.STARTED
     (run.checkpoints_dir / "step-000004").mkdir(parents=True)

@@ -12,7 +12,7 @@
         tensorboard/, wandb/       optional logging backends
 
 A run directory is in one of these states:
-    absent       no directory, or nothing in it but the lock and temp files;
+    absent       no directory, or nothing in it but hidden files (the lock, temp files);
     started      run files, but neither a checkpoint nor an adapter: nothing to resume or keep;
     interrupted  checkpoints and no complete adapter: `lora-dpo train --resume RUN` continues it;
     finished     a complete adapter;
@@ -149,18 +149,18 @@ class RunDirectory:
         return sorted(name.name for name in self.path.iterdir() if not _is_own_hidden(name.name))
 
     def foreign_entries(self) -> list[str]:
-        """Entries that are not a run's: replacing the directory would lose them."""
+        """Entries that are not a run's, hidden ones too: replacing the directory would lose them."""
         return [name for name in self.entries() if name not in RUN_ENTRIES]
 
     def state(self) -> RunState:
-        entries = self.entries()
         if self.adapter_problem() is None:
             return RunState.FINISHED
         if self.checkpoints():
             return RunState.INTERRUPTED
-        if any(name in RUN_ENTRIES for name in entries):
+        visible = [name for name in self.entries() if not name.startswith(".")]  # a .gitkeep is no content
+        if any(name in RUN_ENTRIES for name in visible):
             return RunState.STARTED
-        return RunState.FOREIGN if entries else RunState.ABSENT
+        return RunState.FOREIGN if visible else RunState.ABSENT
 
     def adapter_problem(self) -> str | None:
         """None when adapter/ is complete; else what is missing or damaged. The adapter is
