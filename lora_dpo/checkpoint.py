@@ -98,7 +98,7 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     file that is missing or does not load."""
 
     def problem(name: str, what: str) -> DamagedCheckpoint:
-        return DamagedCheckpoint(f"{name}: {what}")
+        return DamagedCheckpoint(f"{path / name}: {what}")
 
     for name in (ADAPTER, *TORCH_FILES, STATE):
         if not (path / name).is_file():
@@ -113,27 +113,28 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     try:
         adapter = load_safetensors((path / ADAPTER).read_bytes())
     except Exception as exc:  # safetensors raises its own error type
-        raise problem(ADAPTER, _first_line(exc)) from None
+        raise problem(ADAPTER, f"cannot load: {_first_line(exc)}") from None
     loaded = []
     for name in TORCH_FILES:
         try:
             loaded.append(torch.load(path / name, weights_only=True, map_location=device if name == "optimizer.pt" else "cpu"))
         except Exception as exc:  # zip, unpickling and EOF errors alike
-            raise problem(name, _first_line(exc)) from None
+            raise problem(name, f"cannot load: {_first_line(exc)}") from None
     optimizer, scheduler, ranks = loaded
     if not isinstance(ranks, list) or len(ranks) != world_size:
-        raise problem("ranks.pt", f"holds {len(ranks) if isinstance(ranks, list) else 'no'} rank states for {world_size} ranks")
+        held = len(ranks) if isinstance(ranks, list) else "no"
+        raise problem("ranks.pt", f"holds {held} rank states for {world_size} ranks")
     return Checkpoint(path, step, world_size, {k: v.to(device) for k, v in adapter.items()}, optimizer, scheduler, ranks)
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def newest_intact_checkpoint(root: Path, device: torch.device | str = "cpu") -> Checkpoint:
     """The newest checkpoint under `root` whose files all load; a warning names each newer
-    damaged one; a ConfigError when none is intact."""
+    damaged one; a ConfigError when none is intact (the one checkpoint's problem, or all)."""
     found = checkpoint_dirs(root)
     if not found:
         raise ConfigError(f"{root.parent}: no checkpoint to resume from (looked in {root})")
@@ -142,12 +143,14 @@ def newest_intact_checkpoint(root: Path, device: torch.device | str = "cpu") -> 
         try:
             checkpoint = read_checkpoint(path, device)
         except DamagedCheckpoint as exc:
-            damaged.append(f"{path.name} ({exc})")
-            log.warning("checkpoint %s is damaged (%s); trying the next older one", path, exc)
+            damaged.append(str(exc))
+            log.warning("damaged checkpoint: %s; trying the next older one", exc)
             continue
         if damaged:
             log.warning("resuming from %s, the newest intact checkpoint", path.name)
         return checkpoint
+    if len(damaged) == 1:
+        raise ConfigError(damaged[0])
     raise ConfigError(f"{root}: no intact checkpoint to resume from: {'; '.join(damaged)}")
 
 

@@ -131,7 +131,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_older(workdir, uninterrupt
     damage(run_dir / "checkpoints" / "step-000008")
     with caplog.at_level("INFO"):
         train(run_config(workdir, run_dir), resume=True)
-    assert f"checkpoint {run_dir / 'checkpoints' / 'step-000008'} is damaged" in caplog.text
+    assert f"damaged checkpoint: {run_dir / 'checkpoints' / 'step-000008'}/" in caplog.text
     assert "from step-000004 (step 4 of 12)" in caplog.text
     assert losses(run_dir) == losses(uninterrupted)
     a = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))

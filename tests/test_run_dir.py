@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -282,10 +283,11 @@ RANKS = [{"meter": {"steps": 0}, "torch_rng": torch.get_rng_state(), "python_rng
 @pytest.mark.parametrize(
     "damage, problem",
     [
-        (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]), "optimizer.pt: RuntimeError"),
+        (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]),
+         "optimizer.pt: cannot load: PytorchStreamReader failed"),
         (lambda c: (c / "trainer_state.json").write_text('{"step": 8'), "trainer_state.json: not a trainer state"),
         (lambda c: (c / "adapter_model.safetensors").unlink(), "adapter_model.safetensors: missing"),
-        (lambda c: (c / "ranks.pt").write_bytes(b""), "ranks.pt: "),
+        (lambda c: (c / "ranks.pt").write_bytes(b""), "ranks.pt: cannot load: "),
     ],
     ids=["truncated-optimizer", "torn-state", "missing-adapter", "empty-ranks"],
 )
@@ -302,10 +304,16 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older(policy, tmp_path, c
     with caplog.at_level(logging.WARNING):
         chosen = newest_intact_checkpoint(root)
     assert chosen.path == older and chosen.step == 4
-    assert f"checkpoint {newest} is damaged ({problem}" in caplog.text
+    assert f"damaged checkpoint: {newest}/{problem}" in caplog.text
     damage(older)
-    with pytest.raises(ConfigError, match=r"no intact checkpoint to resume from: step-000008 \(.*\); step-000004 \("):
+    with pytest.raises(ConfigError) as none_intact:
         newest_intact_checkpoint(root)
+    assert str(none_intact.value).startswith(f"{root}: no intact checkpoint to resume from: {newest}/{problem}")
+    assert f"; {older}/{problem}" in str(none_intact.value)
+    shutil.rmtree(newest)
+    with pytest.raises(ConfigError) as only_one:  # the one checkpoint's problem is the error
+        newest_intact_checkpoint(root)
+    assert str(only_one.value).startswith(f"{older}/{problem}")
 
 
 def test_a_checkpoint_restores_weights_optimizer_and_rng(policy, tmp_path):
