@@ -506,7 +506,7 @@ def test_two_train_commands_into_one_directory(workdir, tmp_path):
     command = [sys.executable, "-m", "lora_dpo.cli", "train", "--config", str(config_file)]
     first = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "LORA_DPO_STEP_DELAY_S": "0.5"},
+        env={**os.environ, "LORA_DPO_STEP_DELAY_S": "5"},  # still training when the second starts; killed after
     )
     try:
         deadline = time.monotonic() + 300
