@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -117,8 +118,10 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     loaded = []
     for name in TORCH_FILES:
         try:
-            loaded.append(torch.load(path / name, weights_only=True, map_location=device if name == "optimizer.pt" else "cpu"))
-        except Exception as exc:  # zip, unpickling and EOF errors alike
+            loaded.append(load_state(path / name, map_location=device if name == "optimizer.pt" else "cpu"))
+        except ConfigError as exc:  # already one line naming the file
+            raise DamagedCheckpoint(str(exc)) from None
+        except Exception as exc:  # damage torch has no specific error for
             raise problem(name, f"cannot load: {_first_line(exc)}") from None
     optimizer, scheduler, ranks = loaded
     if not isinstance(ranks, list) or len(ranks) != world_size:
@@ -184,3 +187,25 @@ def apply_checkpoint(
         torch.cuda.set_rng_state(mine["cuda_rng"])
     random.setstate(mine["python_rng"])
     return mine["meter"]
+
+
+def load_state(file: Path, map_location: Any = None) -> Any:
+    """torch.load(weights_only=True), which refuses pickled code; a refused, damaged or missing
+    file is one line naming it instead of torch's page-long message."""
+    try:
+        return torch.load(file, weights_only=True, map_location=map_location)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(
+            f"{file}: refused by torch.load(weights_only=True), which loads only tensors and plain "
+            f"data and runs no pickled code: {_unpickling_reason(exc)}"
+        ) from None
+    except (OSError, EOFError, RuntimeError) as exc:  # missing, truncated, not a torch file
+        raise ConfigError(f"{file}: cannot load: {str(exc).strip().splitlines()[0][:200]}") from None
+
+
+def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
+    # torch's message: a paragraph of advice, the reason, a link to the docs.
+    paragraphs = [p.strip() for p in str(exc).split("\n\n") if p.strip()]
+    reasons = [p for p in paragraphs[1:] if not p.startswith("Check the documentation")]
+    text = (reasons or paragraphs or [type(exc).__name__])[0]
+    return text.splitlines()[0][:200]
