@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def fake_adapter(directory: Path) -> None:
     """An adapter directory with real files of the right formats (not a trained adapter)."""
     directory.mkdir(parents=True)
-    save_file({"w": torch.zeros(4, 4)}, str(directory / "adapter_model.safetensors"))
+    lora = "base_model.model.layers.0.q_proj.lora_"
+    save_file({f"{lora}A.weight": torch.zeros(2, 4), f"{lora}B.weight": torch.zeros(4, 2)},
+              str(directory / "adapter_model.safetensors"))
     (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (directory / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0}}}))
     (directory / "tokenizer_config.json").write_text("{}")
@@ -84,15 +87,15 @@ def test_a_damaged_adapter_is_not_complete(tmp_path):
     assert run.adapter_problem() is None
     tokenizer = run.adapter_dir / "tokenizer.json"
     tokenizer.write_text(tokenizer.read_text()[:-5])  # what a full disk left before publishing was atomic
-    assert "tokenizer.json is not valid JSON" in run.adapter_problem()
+    assert run.adapter_problem().startswith(f"{tokenizer}: not valid JSON")
     assert run.state() is RunState.STARTED  # no checkpoint either: nothing to keep
     other = RunDirectory(tmp_path / "other")
     fake_adapter(other.adapter_dir)
     weights = other.adapter_dir / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
-    assert "adapter_model.safetensors is damaged" in other.adapter_problem()
+    assert other.adapter_problem().startswith(f"{weights}: not a complete safetensors file")
     weights.unlink()
-    assert other.adapter_problem() == "adapter_model.safetensors is missing"
+    assert other.adapter_problem() == f"{other.adapter_dir}: no adapter_model.safetensors"
     assert RunDirectory(tmp_path / "none").adapter_problem() == "not saved"
 
 
@@ -221,8 +224,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_free_space(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device", str(target))
     message = str(full.value)
     assert "\n" not in message
-    assert f"no space left on the device while writing {target}" in message
-    assert "free there" in message and ("KiB" in message or "MiB" in message or "GiB" in message)
+    assert re.fullmatch(rf"no space left on device writing {re.escape(str(target))} \(free there: \d+ MB\); "
+                        "the files written before it are intact", message)
     with pytest.raises(DiskFullError, match="disk quota exceeded"):
         with disk_full_is_an_error(target):
             raise OSError(errno.EDQUOT, "Disk quota exceeded")
@@ -479,8 +482,8 @@ def test_a_full_disk_saving_the_adapter_leaves_the_old_run(workdir, finished, mo
     with pytest.raises(DiskFullError) as full:
         train(config)
     message = str(full.value)
-    assert "\n" not in message and "no space left on the device while writing" in message
-    assert "tokenizer.json" in message and "free there" in message
+    assert re.fullmatch(r"no space left on device writing \S+/\.adapter\.\w+\.partial/tokenizer\.json "
+                        r"\(free there: \d+ MB\); the files written before it are intact", message), message
     assert snapshot(finished) == before
     staged = RunDirectory(finished).staged_overwrite()
     assert staged.adapter_problem() == "not saved" and not list(staged.path.glob(".adapter.*"))
@@ -489,7 +492,7 @@ def test_a_full_disk_saving_the_adapter_leaves_the_old_run(workdir, finished, mo
 def test_a_full_disk_at_a_checkpoint_keeps_the_older_one(workdir, uninterrupted, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     full_disk_on(monkeypatch, "optimizer.pt", ".step-000008.", after=0)
-    with pytest.raises(DiskFullError, match=r"optimizer.pt \(.* free there\)"):
+    with pytest.raises(DiskFullError, match=r"writing \S+/optimizer.pt \(free there: \d+ MB\)"):
         train(run_config(workdir, run_dir))
     monkeypatch.undo()
     checkpoints = run_dir / "checkpoints"

@@ -31,6 +31,7 @@ import json
 import re
 from pathlib import Path
 
+from lora_dpo.errors import ConfigError
 from lora_dpo.loggers import TENSORBOARD_DIR
 
 LOCK = ".lock"
@@ -48,7 +49,6 @@ RUN_ENTRIES = frozenset(
 )
 OVERWRITE_SUFFIX = ".overwrite"
 STEP_DIR = re.compile(r"step-(\d+)")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class RunState(enum.Enum):
@@ -165,25 +165,19 @@ class RunDirectory:
     def adapter_problem(self) -> str | None:
         """None when adapter/ is complete; else what is missing or damaged. The adapter is
         published whole, so this only finds damage done after (or by an older version)."""
-        adapter = self.adapter_dir
-        if not adapter.is_dir():
+        if not self.adapter_dir.is_dir():
             return "not saved"
-        weights = adapter / ADAPTER_WEIGHTS
-        for required in ("adapter_config.json", ADAPTER_WEIGHTS):
-            if not (adapter / required).is_file():
-                return f"{required} is missing"
-        for path in sorted(adapter.glob("*.json")):
+        from lora_dpo.adapters import read_adapter  # torch and safetensors: only when there is one
+
+        try:
+            read_adapter(self.adapter_dir)  # adapter_config.json, the weights (headers, extent)
+        except ConfigError as exc:
+            return str(exc)
+        for path in sorted(self.adapter_dir.glob("*.json")):  # the tokenizer's files among them
             try:
                 json.loads(path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                return f"{path.name} is not valid JSON ({exc})"
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(weights), "pt") as handle:  # reads the header, checks the size
-                handle.keys()
-        except Exception as exc:  # safetensors raises its own error type
-            return f"{ADAPTER_WEIGHTS} is damaged ({exc})"
+                return f"{path}: not valid JSON ({exc}); the file is damaged"
         return None
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lora_dpo.errors import LoraDpoError
 
-FULL_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
+FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 # Writers in Rust (safetensors) and C++ report the OS error in their message, not as an OSError.
 FULL_MESSAGES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT}
 
@@ -26,24 +26,18 @@ def full_disk_errno(exc: BaseException) -> int | None:
     return next((code for message, code in FULL_MESSAGES.items() if message in text), None)
 
 
-def free_space(path: Path) -> str:
-    """Free space on the file system of `path` (or of its nearest existing parent)."""
-    where = next((p for p in (path, *path.parents) if p.exists()), None)
-    if where is None:
-        return "unknown"
-    free = float(shutil.disk_usage(where).free)
-    for unit in ("bytes", "KiB", "MiB"):
-        if free < 1024:
-            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
-        free /= 1024
-    return f"{free:.1f} GiB"
+def free_mb(path: Path) -> int:
+    """Free megabytes on the file system of `path` (or of its nearest existing parent)."""
+    where = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
+    return shutil.disk_usage(where).free // 1_000_000 if where is not None else 0
 
 
 @contextmanager
 def disk_full_is_an_error(path: Path) -> Iterator[None]:
     """Turn a full disk (ENOSPC, EDQUOT) inside the block into a DiskFullError naming the file
-    being written (or `path`) and the free space there; other errors pass unchanged. The
-    writers under it are atomic, so what was on disk before is still there."""
+    being written (or `path`) and the free space there, worded as the command line words one
+    anywhere else; other errors pass unchanged. The writers under it are atomic, so what was on
+    disk before is still there."""
     try:
         yield
     except DiskFullError:
@@ -55,6 +49,6 @@ def disk_full_is_an_error(path: Path) -> Iterator[None]:
         filename = getattr(exc, "filename", None)
         where = Path(filename) if filename else Path(path)
         raise DiskFullError(
-            f"{FULL_ERRNOS[code]} while writing {where} ({free_space(where)} free there); "
+            f"{FULL_ERRNOS[code]} writing {where} (free there: {free_mb(where)} MB); "
             "the files written before it are intact"
         ) from None
