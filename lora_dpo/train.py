@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
-from lora_dpo.batching import collate, collate_packed, length_grouped_batches, pad_id_of
+from lora_dpo.batching import collate, collate_prompt_shared, length_grouped_batches, pad_id_of
 from lora_dpo.cache import (
     ReferenceCache,
     ReferenceValues,
@@ -36,7 +36,8 @@ from lora_dpo.errors import ConfigError, LoraDpoError, TrainingInterrupted
 from lora_dpo.evaluate import EvalMetrics, evaluate
 from lora_dpo.fileio import write_json, write_text
 from lora_dpo.loggers import check_backends, open_logger
-from lora_dpo.logps import SequenceLogps, check_prefix_sharing_support, sequence_logps
+from lora_dpo.attention import check_packing_support as check_prefix_sharing_support
+from lora_dpo.logps import SequenceLogps, sequence_logps
 from lora_dpo.loss import LossSettings, preference_loss
 from lora_dpo.metrics import MetricsFile, NullMetricsFile, WindowMeter, console_line
 from lora_dpo.model import (
@@ -333,7 +334,7 @@ class TrainLoop:
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         rows: list[int] = []
         for number, indices in enumerate(micro_batches):
-            pack = collate_packed if cfg.prefix_sharing else collate  # prompt once per pair, or twice
+            pack = collate_prompt_shared if cfg.prefix_sharing else collate  # prompt once per pair, or twice
             batch = pack([self.pairs[i] for i in indices], self.pad_id)
             tokens = batch.sequence_tokens  # counted on the CPU: no device sync
             rows += batch.source_indices
