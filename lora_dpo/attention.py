@@ -110,6 +110,13 @@ def prepare_packed_attention(model: torch.nn.Module, device: torch.device) -> Pa
     return PackedAttention("pairwise", problem)
 
 
+def restore_unpacked_attention(model: torch.nn.Module) -> None:
+    """Undo a pairwise switch (a base reused for a padded run): back to the implementation it wraps."""
+    implementation = text_config(model)._attn_implementation
+    if implementation in PAIRWISE:
+        base_model(model).set_attn_implementation(PAIRWISE[implementation])
+
+
 def packed_decoder_inputs(model: torch.nn.Module, batch: PackedPairBatch) -> dict[str, Any]:
     """Decoder keyword arguments for a packed batch: ids, restarting position ids, and how
     attention keeps pairs and responses apart, for the model's implementation."""

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from lora_dpo.attention import PackedAttention, packing_problem, prepare_packed_attention
+from lora_dpo.attention import PackedAttention, packing_problem, prepare_packed_attention, restore_unpacked_attention
 from lora_dpo.batching import COLLATE, LAYOUTS, PackedPairBatch, PairBatch
 from lora_dpo.data import TokenizedPair
 from lora_dpo.errors import ConfigError
@@ -63,6 +63,7 @@ def choose_layout(requested: str, model: torch.nn.Module, device: torch.device) 
     if requested not in LAYOUT_CHOICES:
         raise ConfigError(f"train.layout={requested!r}: must be one of {', '.join(LAYOUT_CHOICES)}")
     if requested == "padded":
+        restore_unpacked_attention(model)
         return Layout("padded")
     problem = packing_problem(model)
     if problem is not None:

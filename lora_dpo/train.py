@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
-from lora_dpo.batching import collate, collate_prompt_shared, length_grouped_batches, pad_id_of
+from lora_dpo.batching import COLLATE, length_grouped_batches, pad_id_of, token_budget_batches
 from lora_dpo.cache import (
     ReferenceCache,
     ReferenceValues,
@@ -36,7 +36,6 @@ from lora_dpo.errors import ConfigError, LoraDpoError, TrainingInterrupted
 from lora_dpo.evaluate import EvalMetrics, evaluate
 from lora_dpo.fileio import write_json, write_text
 from lora_dpo.loggers import check_backends, open_logger
-from lora_dpo.attention import check_packing_support as check_prefix_sharing_support
 from lora_dpo.logps import SequenceLogps, sequence_logps
 from lora_dpo.loss import LossSettings, preference_loss
 from lora_dpo.metrics import MetricsFile, NullMetricsFile, WindowMeter, console_line
@@ -47,6 +46,7 @@ from lora_dpo.model import (
     load_tokenizer,
     resolve_model_dir,
 )
+from lora_dpo.packing import choose_layout
 from lora_dpo.report import write_report
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,8 @@ def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = Fal
 
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
     policy = attach_lora(inputs.base, config.lora, gradient_checkpointing=cfg.gradient_checkpointing)
-    if cfg.prefix_sharing:
-        check_prefix_sharing_support(policy)  # refused now, not at the first batch
+    layout = choose_layout(cfg.layout, policy, device)  # a refusal comes now, not at the first batch
+    log.info("%s", layout.describe(cfg.max_tokens_per_batch, cfg.per_device_batch_size))
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg, device)
     total_steps = count_optimizer_steps(len(inputs.pairs), cfg, info.world_size)
@@ -148,7 +148,7 @@ def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = Fal
         if inputs.eval_pairs and info.is_main:
             metrics = evaluate(
                 policy, inputs.eval_pairs, inputs.eval_reference, LossSettings.of(cfg), pad_id,
-                cfg.per_device_batch_size, device,
+                config.precompute.batch_size, device, layout.name, config.precompute.max_tokens_per_batch,
             )
         barrier()
         return metrics
@@ -176,7 +176,7 @@ def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = Fal
         eval_before = run_eval()
         if eval_before:
             metrics_file.write({"step": 0, **eval_before.to_dict()})
-    loop = TrainLoop(policy, optimizer, scheduler, inputs.pairs, inputs.reference, cfg, pad_id, device, info)
+    loop = TrainLoop(policy, optimizer, scheduler, inputs.pairs, inputs.reference, cfg, pad_id, device, info, layout.name)
     with StopOnSignal() as stop:
         history, eval_after = loop.run(
             total_steps, start_step, meter, metrics_file, run_eval, step0_tolerance, stop,
@@ -250,6 +250,7 @@ class TrainLoop:
     pad_id: int
     device: torch.device
     dist: DistInfo = DistInfo()
+    layout: str = "padded"  # lora_dpo.packing.choose_layout prepared the policy for it
 
     def __post_init__(self) -> None:
         # Under torchrun the log-prob function runs through DDP, which all-reduces the LoRA
@@ -286,7 +287,7 @@ class TrainLoop:
         consecutive_skips = 0
         quiet = {} if self.dist.is_main else {"disable": True}  # one bar per job, not per rank
         progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", **quiet)
-        steps = optimizer_steps(self.pairs, cfg, self.dist.rank, self.dist.world_size)
+        steps = optimizer_steps(self.pairs, cfg, self.dist.rank, self.dist.world_size, self.layout)
         for step, (micro_batches, pairs_in_step) in enumerate(steps, start=1):
             if step <= start_step:
                 continue  # a resumed run: these batches were trained before the checkpoint
@@ -334,8 +335,7 @@ class TrainLoop:
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         rows: list[int] = []
         for number, indices in enumerate(micro_batches):
-            pack = collate_prompt_shared if cfg.prefix_sharing else collate  # prompt once per pair, or twice
-            batch = pack([self.pairs[i] for i in indices], self.pad_id)
+            batch = COLLATE[self.layout]([self.pairs[i] for i in indices], self.pad_id)
             tokens = batch.sequence_tokens  # counted on the CPU: no device sync
             rows += batch.source_indices
             batch = batch.to(self.device)
@@ -426,14 +426,15 @@ def finite_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramete
 
 
 def optimizer_steps(
-    pairs: Sequence[TokenizedPair], cfg: TrainConfig, rank: int = 0, world_size: int = 1
+    pairs: Sequence[TokenizedPair], cfg: TrainConfig, rank: int = 0, world_size: int = 1, layout: str = "padded"
 ) -> Iterator[tuple[list[list[int]], int]]:
     """(this rank's micro-batches as lists of pair indices, pairs in the global step) for each
     optimizer step, across epochs.
 
     The pairs of a step are a global batch of per_device_batch_size x world_size x
     gradient_accumulation_steps similar-length pairs, split evenly over the ranks and then into
-    micro-batches: the order depends on the global batch only, so one process with
+    micro-batches (of per_device_batch_size pairs, or of at most max_tokens_per_batch decoder
+    tokens in `layout`): the order depends on the global batch only, so one process with
     accumulation sees the same steps as several without. Each epoch reshuffles with its own
     seed; the step count is global, so the learning-rate schedule runs once over the whole run
     instead of restarting every epoch. A last global batch with fewer pairs than ranks is left
@@ -449,6 +450,9 @@ def optimizer_steps(
                 return
             step += 1
             share = even_split(step_pairs, world_size)[rank]
+            if cfg.max_tokens_per_batch:  # by tokens in the run's layout: as many pairs as fit
+                yield token_budget_batches(pairs, share, layout, cfg.max_tokens_per_batch), len(step_pairs)
+                continue
             micro_batches = math.ceil(len(share) / cfg.per_device_batch_size)
             yield even_split(share, micro_batches), len(step_pairs)
 

@@ -217,3 +217,275 @@ def test_scoring_by_token_budget_equals_padded_scoring():
             torch.testing.assert_close(getattr(scored, field), getattr(padded, field), **TOLERANCE[torch.float32])
         assert torch.equal(scored.chosen_tokens, padded.chosen_tokens)
         assert torch.equal(scored.rejected_tokens, padded.rejected_tokens)
+
+
+def test_a_padded_layout_undoes_the_pairwise_switch():
+    """A base reused by a later padded run (a sweep) runs padded batches again."""
+    model = model_for("llama", "sdpa", backend="pairwise")
+    assert choose_layout("padded", model, CPU).name == "padded"
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        sequence_logps(model, collate(unequal_pairs(), pad_id=5))
+
+
+def test_config_layout_choices_are_the_layouts():
+    import dataclasses
+
+    from lora_dpo.batching import LAYOUTS
+    from lora_dpo.config import TrainConfig
+    from lora_dpo.domains import DOMAIN
+    from lora_dpo.packing import LAYOUT_CHOICES
+
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "layout")
+    assert set(field.metadata[DOMAIN].choices) == set(LAYOUT_CHOICES) == {"auto", *LAYOUTS}
+
+
+# Training: micro-batches by token budget, in every layout, against one big padded batch.
+
+
+@pytest.fixture(scope="module")
+def policy_setup(demo_workdir):
+    """A 4-bit LoRA policy moved off its init, 12 demo pairs, and reference values near it."""
+    from lora_dpo.batching import pad_id_of
+    from lora_dpo.data import load_preference_data
+    from lora_dpo.demo import demo_config
+    from lora_dpo.model import attach_lora, load_base_model, load_tokenizer
+
+    config = demo_config(demo_workdir)
+    tokenizer = load_tokenizer(config.model)
+    pairs = load_preference_data(config.data, tokenizer, "train")[0][:12]
+    base = load_base_model(config.model, quantize=True, dtype=torch.float32, device=CPU)
+    torch.manual_seed(0)
+    policy = attach_lora(base, config.lora, gradient_checkpointing=True)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    initial = {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        start = score_pairs(policy, pairs, batch_size=12, pad_id=pad_id_of(tokenizer), device=CPU)
+    from lora_dpo.cache import ReferenceValues
+
+    reference = ReferenceValues(
+        start.chosen + torch.randn(12, generator=generator), start.rejected + torch.randn(12, generator=generator),
+        start.chosen_tokens, start.rejected_tokens,
+    )
+    return policy, initial, pairs, reference, pad_id_of(tokenizer), config.train
+
+
+def one_step(policy_setup, layout: str, micro_batches: list[list[int]]):
+    """One optimizer step of SGD at lr 1 without clipping: the update is minus the gradient."""
+    import dataclasses
+
+    from lora_dpo.metrics import WindowMeter
+    from lora_dpo.train import TrainLoop
+
+    policy, initial, pairs, reference, pad_id, train_cfg = policy_setup
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if name in initial:
+                param.copy_(initial[name])
+    assert choose_layout(layout, policy, CPU).name == layout
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    cfg = dataclasses.replace(train_cfg, max_grad_norm=None)
+    loop = TrainLoop(policy, optimizer, scheduler, pairs, reference, cfg, pad_id, CPU, layout=layout)
+    meter = WindowMeter(CPU)
+    grad_norm, finite = loop.step(micro_batches, len(pairs), meter, None)
+    assert bool(finite)
+    metrics, _ = meter.flush()
+    update = {name: initial[name] - p.detach() for name, p in policy.named_parameters() if name in initial}
+    return metrics, float(grad_norm), update
+
+
+@pytest.mark.parametrize("layout", ["packed", "prompt_shared", "padded"])
+def test_token_budget_micro_batches_equal_one_big_batch(policy_setup, layout):
+    """Micro-batches of different pair counts weight every pair alike: the loss, the metrics
+    and the gradient equal those of all pairs in one padded batch."""
+    from lora_dpo.batching import token_budget_batches
+
+    pairs = policy_setup[2]
+    big_metrics, big_norm, big_update = one_step(policy_setup, "padded", [list(range(12))])
+    from lora_dpo.batching import batch_tokens
+
+    micro_batches = token_budget_batches(pairs, range(12), layout, batch_tokens(layout, pairs[:5]))
+    assert len({len(batch) for batch in micro_batches}) > 1  # pair counts differ
+    metrics, norm, update = one_step(policy_setup, layout, micro_batches)
+    assert big_metrics["loss"] > 0.1
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert metrics[key] == pytest.approx(big_metrics[key], rel=1e-5, abs=1e-6), key
+    assert norm == pytest.approx(big_norm, rel=1e-5)
+    assert_grads_close(list(update.values()), list(big_update.values()), TOLERANCE[torch.float32])
+
+
+def test_training_steps_by_token_budget_are_deterministic_and_cover_every_pair(policy_setup):
+    import dataclasses
+
+    from lora_dpo.batching import batch_tokens
+    from lora_dpo.train import count_optimizer_steps, optimizer_steps
+
+    pairs = policy_setup[2] * 4  # 48 pairs
+    cfg = dataclasses.replace(policy_setup[5], per_device_batch_size=4, gradient_accumulation_steps=2,
+                              max_tokens_per_batch=120, epochs=2, max_steps=-1)
+    steps = list(optimizer_steps(pairs, cfg, layout="packed"))
+    assert steps == list(optimizer_steps(pairs, cfg, layout="packed"))  # deterministic per seed
+    assert steps != list(optimizer_steps(pairs, dataclasses.replace(cfg, seed=cfg.seed + 1), layout="packed"))
+    assert len(steps) == count_optimizer_steps(len(pairs), cfg) == 12
+    for epoch in (steps[:6], steps[6:]):
+        assert sorted(i for micro, _ in epoch for batch in micro for i in batch) == list(range(48))
+    for micro, pairs_in_step in steps:
+        assert pairs_in_step == 8 == sum(map(len, micro))
+        assert all(batch_tokens("packed", [pairs[i] for i in batch]) <= 120 or len(batch) == 1 for batch in micro)
+    # on two ranks, each rank's micro-batches hold the rank's half of the same global batch
+    ranks = [list(optimizer_steps(pairs, cfg, rank, 2, "packed")) for rank in (0, 1)]
+    one = list(optimizer_steps(pairs, dataclasses.replace(cfg, gradient_accumulation_steps=4), layout="packed"))
+    for (a, n), (b, _), (whole, m) in zip(ranks[0], ranks[1], one):
+        assert n == m and sorted(i for batch in a + b for i in batch) == sorted(i for batch in whole for i in batch)
+
+
+# Whole runs: the cache across layouts, resume, and two ranks.
+
+
+def run_config(workdir, tmp_path, cache: str, **train):
+    from lora_dpo.demo import demo_config
+
+    config = demo_config(workdir)
+    config.data.max_pairs = 24
+    config.data.eval_path = ""
+    config.precompute.cache_dir = str(tmp_path / cache)
+    config.train.output_dir = str(tmp_path / "run")
+    config.train.per_device_batch_size = 4
+    config.train.gradient_accumulation_steps = 2
+    config.train.logging_steps = 1
+    config.train.save_steps = 0
+    for key, value in train.items():
+        setattr(config.train, key, value)
+    return config
+
+
+@pytest.mark.parametrize("cache_layout, train_layout", [("padded", "packed"), ("packed", "padded")])
+def test_the_cache_serves_every_layout(demo_workdir, tmp_path, caplog, cache_layout, train_layout):
+    """A cache built in one layout passes the step-0 check of a run in another: the same pair
+    hashes, the same values up to rounding, policy at init == reference (loss ln 2)."""
+    import math
+
+    from lora_dpo.cache import ReferenceCache
+    from lora_dpo.train import train
+    from precompute import precompute_reference
+
+    built = {}
+    for layout in ("padded", "packed"):
+        config = run_config(demo_workdir, tmp_path, f"cache-{layout}", layout=layout, max_tokens_per_batch=200)
+        precompute_reference(config)
+        built[layout] = ReferenceCache(config.precompute.cache_dir)
+    assert built["padded"].pair_hashes == built["packed"].pair_hashes
+    assert built["padded"].manifest.identity == built["packed"].manifest.identity
+    torch.testing.assert_close(built["padded"].chosen_logps, built["packed"].chosen_logps, rtol=1e-5, atol=1e-4)
+    config = run_config(demo_workdir, tmp_path, f"cache-{cache_layout}", layout=train_layout, max_steps=1,
+                        max_tokens_per_batch=150)
+    with caplog.at_level("INFO"):
+        result = train(config)  # the step-0 check raises on a disagreement
+    assert "step-0 check" in caplog.text
+    assert f"layout: {'packed, prompt shared, 150 tokens per row' if train_layout == 'packed' else 'padded'}" in caplog.text
+    assert abs(result.history[0]["loss"] - math.log(2)) < 1e-5
+
+
+def test_resume_with_token_budget_is_bit_identical(demo_workdir, tmp_path, monkeypatch):
+    """Packed micro-batches by token budget: a run stopped at step 3 and resumed has exactly
+    the losses and adapter of an uninterrupted one (the data order is a function of the seed)."""
+    from safetensors.torch import load_file
+
+    import lora_dpo.train as train_module
+    from lora_dpo.errors import TrainingInterrupted
+    from precompute import precompute_reference
+
+    def config_for(name: str):
+        config = run_config(demo_workdir, tmp_path, "cache", max_tokens_per_batch=150, epochs=2, save_steps=2)
+        config.train.output_dir = str(tmp_path / name)
+        config.lora.dropout = 0.1  # dropout draws from the RNG: its state must come back too
+        return config
+
+    precompute_reference(config_for("whole"))
+    whole = train_module.train(config_for("whole"))
+    real_stop = train_module.TrainLoop.agree_to_stop
+    calls = []
+
+    def stop_after_step_3(self, stop):
+        calls.append(1)
+        if len(calls) == 3:
+            stop.signal_name = "SIGTERM"
+        return real_stop(self, stop)
+
+    monkeypatch.setattr(train_module.TrainLoop, "agree_to_stop", stop_after_step_3)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM at step 3/6"):
+        train_module.train(config_for("stopped"))
+    monkeypatch.setattr(train_module.TrainLoop, "agree_to_stop", real_stop)
+    resumed = train_module.train(config_for("stopped"), resume=True)
+
+    def losses(history):
+        return [(r["step"], r["loss"]) for r in history]
+
+    assert losses(resumed.history) == losses(whole.history)[3:]
+    a = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(whole.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # two torchrun ranks (gloo)
+def test_token_budget_on_two_ranks_equals_one_process(demo_workdir, tmp_path):
+    """The same global batches, by token budget in packed rows: one process accumulating
+    against two ranks, equal losses and adapters."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from lora_dpo.config import dump_config
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(command: list[str], name: str, **train):
+        config = run_config(demo_workdir, tmp_path, "cache", max_steps=3, max_tokens_per_batch=100, **train)
+        config.data.max_pairs = 40
+        config.train.output_dir = str(tmp_path / name)
+        config.train.layout = "packed"
+        config_file = tmp_path / f"{name}.yaml"
+        config_file.write_text(dump_config(config))
+        result = subprocess.run([*command, "--config", str(config_file)], cwd=root, capture_output=True, text=True,
+                                timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return Path(config.train.output_dir)
+
+    cli = [sys.executable, "-m", "lora_dpo.cli"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lora_dpo.cli"]
+    run([*cli, "precompute-ref"], "cache-build")
+    one = run([*cli, "train"], "one", gradient_accumulation_steps=2)
+    two = run([*torchrun, "train"], "two", gradient_accumulation_steps=1)
+
+    def losses(run_dir: Path) -> list[float]:
+        return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    assert len(losses(one)) == len(losses(two)) == 3
+    assert max(abs(a - b) for a, b in zip(losses(one), losses(two))) < 1e-5
+    wa = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_old_prefix_sharing_key_keeps_its_meaning():
+    from lora_dpo.config import load_config
+
+    assert load_config(None, ["train.prefix_sharing=true"]).train.layout == "prompt_shared"
+    assert load_config(None, ["train.prefix_sharing=false"]).train.layout == "padded"
+    assert load_config(None, []).train.layout == "auto"
+    with pytest.raises(ConfigError, match="train.prefix_sharing: expected true or false"):
+        load_config(None, ["train.prefix_sharing=3"])
+    with pytest.raises(ConfigError, match="train.layout='tight': must be one of auto, padded, prompt_shared, packed"):
+        load_config(None, ["train.layout=tight"])
+    with pytest.raises(ConfigError, match="train.max_tokens_per_batch=-1"):
+        load_config(None, ["train.max_tokens_per_batch=-1"])
