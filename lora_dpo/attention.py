@@ -187,7 +187,7 @@ class PairMasks:
     def __init__(self, batch: PackedPairBatch, dtype: torch.dtype):
         self.spans = batch.spans
         self._ids = [
-            tuple(t[row, start:end] for t in (batch.documents, batch.segments, batch.position_ids))
+            (batch.documents[row, start:end], batch.segments[row, start:end], batch.position_ids[row, start:end])
             for row, start, end in batch.spans
         ]
         self._dtype = dtype
@@ -196,9 +196,10 @@ class PairMasks:
     def masks(self, sliding_window: int | None) -> list[torch.Tensor]:
         if sliding_window not in self._masks:
             built = []
-            for ids in self._ids:
-                index = torch.arange(len(ids[0]), device=ids[0].device)
-                query, key = tuple(t.unsqueeze(1) for t in ids), tuple(t.unsqueeze(0) for t in ids)
+            for documents, segments, positions in self._ids:
+                index = torch.arange(len(documents), device=documents.device)
+                query = (documents.unsqueeze(1), segments.unsqueeze(1), positions.unsqueeze(1))
+                key = (documents.unsqueeze(0), segments.unsqueeze(0), positions.unsqueeze(0))
                 allowed = visible(query, key, index.unsqueeze(1), index.unsqueeze(0), sliding_window)
                 built.append(additive(allowed.unsqueeze(0), self._dtype))
             self._masks[sliding_window] = built

@@ -20,8 +20,9 @@ is chosen of pair s for s < B, rejected of pair s - B otherwise.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 

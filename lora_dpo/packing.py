@@ -12,12 +12,17 @@ reference cache is valid whichever layout computed it and whichever one trains a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from lora_dpo.attention import PackedAttention, packing_problem, prepare_packed_attention, restore_unpacked_attention
+from lora_dpo.attention import (
+    PackedAttention,
+    packing_problem,
+    prepare_packed_attention,
+    restore_unpacked_attention,
+)
 from lora_dpo.batching import COLLATE, LAYOUTS, PackedPairBatch, PairBatch
 from lora_dpo.data import TokenizedPair
 from lora_dpo.errors import ConfigError
