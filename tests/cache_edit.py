@@ -44,15 +44,18 @@ def edited_cache_copy(
 
 @contextmanager
 def counted_pairs() -> Iterator[list[int]]:
-    """Pairs the reference model is run on, counted at the decoder: a scoring batch of B pairs
-    is one forward of 2B rows (chosen, rejected). torch's global forward hook, no patching."""
+    """Pairs the reference model is run on, counted at the decoder: in the padded layout
+    (train.layout=padded) a batch of B pairs is one forward of 2B rows, chosen then rejected.
+    torch's global forward hook, no patching."""
     pairs: list[int] = []
 
-    def count(module: torch.nn.Module, args: Any, output: Any) -> None:
+    def count(module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         if type(module).__name__ == "LlamaModel":  # the demo's decoder, under its LM head
+            mask = kwargs.get("attention_mask")
+            assert mask is not None and mask.ndim == 2, "counted_pairs counts padded batches: set train.layout=padded"
             pairs.append(output.last_hidden_state.shape[0] // 2)
 
-    handle = register_module_forward_hook(count)
+    handle = register_module_forward_hook(count, with_kwargs=True)
     try:
         yield pairs
     finally:

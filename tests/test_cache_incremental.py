@@ -39,6 +39,7 @@ def config_for(workdir: Path, cache_dir: Path, train_file: Path, *, batch_size: 
     config.data.train_path = str(train_file)
     config.data.eval_path = str(eval_file) if eval_file else None
     config.precompute.cache_dir = str(cache_dir)
+    config.train.layout = "padded"  # counted_pairs counts padded batches; the cache is the same in every layout
     config.precompute.shard_size = 16
     config.precompute.batch_size = batch_size
     config.train.output_dir = str(cache_dir.parent / "run")

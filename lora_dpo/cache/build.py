@@ -53,6 +53,7 @@ from lora_dpo.distributed import barrier, dist_info
 from lora_dpo.errors import CacheError
 from lora_dpo.fileio import sha256_file, write_text
 from lora_dpo.model import default_device, load_base_model, load_tokenizer, resolve_model_dir
+from lora_dpo.packing import Layout, choose_layout
 from lora_dpo.scoring import score_pairs
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
     precision = reference_precision(config, device)
     # A hub model not downloaded yet has no weights to fingerprint before it is loaded; a
     # local one is loaded only if there is something to score.
-    model = None if resolve_model_dir(config.model) else load_reference(config, precision, device)
+    reference_model = None if resolve_model_dir(config.model) else load_reference(config, precision, device)
     identity = reference_identity(config, tokenizer)
     reference = ReferenceRun(config.precompute.reference, **precision.to_dict())
     stamp = identity_stamp(identity, reference.precision)
@@ -102,9 +103,11 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
 
         started = time.perf_counter()
         mine = plan[info.rank :: info.world_size]  # the same shards as one process would write
-        if mine and model is None:
-            model = load_reference(config, precision, device)
-        write_planned_shards(cache_dir, mine, splits, model, stamp, config, device, pad_id_of(tokenizer), info.is_main)
+        if mine and reference_model is None:
+            reference_model = load_reference(config, precision, device)
+        write_planned_shards(
+            cache_dir, mine, splits, reference_model, stamp, config, device, pad_id_of(tokenizer), info.is_main
+        )
         barrier()  # every shard is on disk
         if not info.is_main:
             return cache_dir
@@ -124,11 +127,15 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
     return cache_dir
 
 
-def load_reference(config: Config, precision: Precision, device: torch.device) -> torch.nn.Module:
+def load_reference(config: Config, precision: Precision, device: torch.device) -> tuple[torch.nn.Module, Layout]:
+    """The frozen reference, and the batch layout it scores in (switched to its attention)."""
     model = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
     )
-    return model.eval()
+    model.eval()
+    layout = choose_layout(config.train.layout, model, device)  # the cache does not depend on it
+    log.info("%s", layout.describe(config.precompute.max_tokens_per_batch, config.precompute.batch_size))
+    return model, layout
 
 
 @dataclass(frozen=True)
@@ -163,7 +170,7 @@ def write_planned_shards(
     cache_dir: Path,
     specs: Sequence[ShardSpec],
     splits: Mapping[str, tuple[Sequence[TokenizedPair], Any]],
-    model: torch.nn.Module | None,
+    reference_model: tuple[torch.nn.Module, Layout] | None,
     stamp: str,
     config: Config,
     device: torch.device,
@@ -179,9 +186,11 @@ def write_planned_shards(
         if reusable_shard(path, shard_pairs, stamp):
             progress.update(len(shard_pairs))
             continue
-        assert model is not None, "the reference is loaded when there is a shard to score"
+        assert reference_model is not None, "the reference is loaded when there is a shard to score"
+        model, layout = reference_model
         scores = score_pairs(
-            model, shard_pairs, batch_size=config.precompute.batch_size, pad_id=pad_id, device=device, progress=progress
+            model, shard_pairs, batch_size=config.precompute.batch_size, pad_id=pad_id, device=device, progress=progress,
+            layout=layout.name, max_tokens=config.precompute.max_tokens_per_batch,
         )
         records = ShardRecords(
             pair_hashes=[p.pair_hash for p in shard_pairs],
