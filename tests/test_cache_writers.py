@@ -30,6 +30,7 @@ from lora_dpo.cli import main as cli_main
 from lora_dpo.config import dump_config
 from lora_dpo.data import load_preference_data
 from lora_dpo.demo import demo_config
+from lora_dpo.lockfile import describe_holder, read_holder
 from lora_dpo.model import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,8 +86,10 @@ def test_a_second_writer_waits_or_fails_at_once_naming_the_holder(workdir, tmp_p
         refused = precompute(path, "--no-wait")
         _, err = refused.communicate(timeout=180)
         assert refused.returncode == 2
+        holder = describe_holder(read_holder(cache_dir / ".lock"))
+        assert holder.startswith(f"pid {os.getpid()} on ")
         assert err.strip().splitlines()[-1] == (
-            f"error: {cache_dir}: another process (pid {os.getpid()}) is writing this reference cache; "
+            f"error: {cache_dir}: another process ({holder}) is writing this reference cache; "
             "run again when it is done, or without --no-wait to wait for it"
         )
         log = tmp_path / "waiting.log"
