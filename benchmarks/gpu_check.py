@@ -49,6 +49,9 @@ from lora_dpo.plan import GIB, Architecture, Workload, estimate  # noqa: E402
 CONFIGS = ROOT.parent / "configs"
 RECIPES = {1024: "llama3.1-8b.yaml", 4096: "llama3.1-8b-4k.yaml", 8192: "llama3.1-8b-8k.yaml"}
 STEPS = 3  # optimizer steps per length: one to warm up, two to time
+# "padded" is the layout plan models (like for like); "auto", the default, packs pairs into one
+# row (FlexAttention on CUDA): no mask, the prompt once, so plan's figure bounds it from above.
+LAYOUTS = ("padded", "auto")
 # Llama-3.2-1B's widths (the TRL comparison model)
 ONE_B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
          "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True}
@@ -102,14 +105,16 @@ def build_model(out_dir: Path, tokenizer: Any, device: torch.device, **fields: A
     return out_dir
 
 
-def run_config(recipe: str, workdir: Path, model_dir: Path, data: Path, max_length: int, dry_run: bool) -> Config:
+def run_config(recipe: str, workdir: Path, model_dir: Path, data: Path, max_length: int, dry_run: bool,
+               layout: str = "auto") -> Config:
     """A recipe's settings on the check's model and data (one data config for every length, so
     one reference cache serves them all)."""
     overrides = [
+        f"train.layout={layout}",
         f"model.name_or_path={model_dir}", f"data.train_path={data}", "data.eval_path=", "data.format=explicit",
         f"data.max_length={max_length}", f"data.max_prompt_length={max_length // 2}",
         f"precompute.cache_dir={workdir / (model_dir.name + '-cache')}",
-        f"train.output_dir={workdir / 'runs' / model_dir.name / recipe.removesuffix('.yaml')}",
+        f"train.output_dir={workdir / 'runs' / model_dir.name / recipe.removesuffix('.yaml') / layout}",
         "train.overwrite_output_dir=true", "train.gradient_accumulation_steps=1", f"train.max_steps={STEPS}",
         "train.logging_steps=1", "train.save_steps=0", "train.epochs=1",
     ]
@@ -169,11 +174,10 @@ def lora_dpo_runs(model_dir: Path, data: Path, lengths: dict[int, int], counts: 
     base_config.precompute.batch_size = 2  # 4 x 8192 tokens per forward: a 24 GB card's share
     started = time.perf_counter()
     cache_dir = precompute_reference(base_config)
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    build = json.loads((cache_dir / "manifest.json").read_text())["history"][-1]  # this precompute-ref
     result: dict[str, Any] = {
-        "precompute": {"pairs": manifest["pairs"]["train"], "batch_size": 2, "seconds": manifest["seconds"],
-                       "pairs_per_s": manifest["pairs"]["train"] / manifest["seconds"],
-                       "wall_s": time.perf_counter() - started},
+        "precompute": {"pairs": build["scored"], "batch_size": 2, "seconds": build["seconds"],
+                       "pairs_per_s": build["scored"] / build["seconds"], "wall_s": time.perf_counter() - started},
         "lengths": {},
     }
     tokenizer = load_tokenizer(base_config.model)
@@ -184,25 +188,25 @@ def lora_dpo_runs(model_dir: Path, data: Path, lengths: dict[int, int], counts: 
     first = 0
     for recipe_length in lengths:
         subset, first = pairs[first : first + counts[recipe_length]], first + counts[recipe_length]
-        config = run_config(RECIPES[recipe_length], workdir, model_dir, data, max_length, dry_run)
-        cache = open_checked_cache(config, tokenizer, precision)
-        inputs = RunInputs(tokenizer, subset, [], report, cache, cache.aligned(subset, "train"), cache.aligned([], "eval"),
-                           base, device)
-        entry: dict[str, Any] = {"recipe": RECIPES[recipe_length], "plan": planned(config, arch, subset, device)}
-        try:
-            with DeviceMemory(device) as memory:
-                trained = train(config, inputs)
-        except torch.OutOfMemoryError as exc:  # a finding, not a crash of the check
-            entry["error"] = f"out of memory: {str(exc).splitlines()[0]}"
-            result["lengths"][str(recipe_length)] = entry
-            continue
-        base = trained.policy.unload()  # the frozen base without adapters, for the next length
-        records = [json.loads(line) for line in (Path(config.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in records if "loss" in r]
-        entry.update(memory_of(memory), step1_loss=steps[0]["loss"],
-                     tokens_per_s=_mean([r["tokens_per_s"] for r in steps[1:]] or [steps[0]["tokens_per_s"]]),
-                     step_time_s=_mean([r["step_time_s"] for r in steps[1:]] or [steps[0]["step_time_s"]]))
-        result["lengths"][str(recipe_length)] = entry
+        result["lengths"][str(recipe_length)] = runs = {}
+        for layout in LAYOUTS:
+            config = run_config(RECIPES[recipe_length], workdir, model_dir, data, max_length, dry_run, layout)
+            cache = open_checked_cache(config, tokenizer, precision)
+            inputs = RunInputs(tokenizer, subset, [], report, cache, cache.aligned(subset, "train"),
+                               cache.aligned([], "eval"), base, device)
+            runs[layout] = entry = {"recipe": RECIPES[recipe_length], "plan": planned(config, arch, subset, device)}
+            try:
+                with DeviceMemory(device) as memory:
+                    trained = train(config, inputs)
+            except torch.OutOfMemoryError as exc:  # a finding, not a crash of the check
+                entry["error"] = f"out of memory: {str(exc).splitlines()[0]}"
+                return result  # the base now carries a half-made adapter: stop here
+            base = trained.policy.unload()  # the frozen base without adapters, for the next run
+            records = [json.loads(line) for line in (Path(config.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+            steps = [r for r in records if "loss" in r][1:] or [records[0]]  # after the first: warm
+            entry.update(memory_of(memory), step1_loss=next(r["loss"] for r in records if "loss" in r),
+                         tokens_per_s=_mean([r["tokens_per_s"] for r in steps]),
+                         step_time_s=_mean([r["step_time_s"] for r in steps]))
     return result
 
 
@@ -346,28 +350,30 @@ def render(results: dict[str, Any]) -> str:
         + (f", CUDA context {gib(env.get('cuda_context'))} (plan: 0.50 GiB)" if "cuda_context" in env else "")
         + f"; precompute {pre['pairs_per_s']:.2f} pairs/s ({pre['pairs']} pairs)",
         "",
-        "| recipe | batch (rows x tokens) | step-1 loss (ln 2 = 0.6931) | max_memory_allocated | plan | "
-        "max_memory_reserved | plan | tokens/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| recipe | layout | padded batch (rows x tokens) | step-1 loss (ln 2 = 0.6931) | max_memory_allocated | "
+        "plan | max_memory_reserved | plan | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for entry in run["lengths"].values():
-        plan = entry["plan"]
-        if "error" in entry:
-            lines.append(f"| {entry['recipe']} | {plan['rows']} x {plan['length']} | {entry['error']} | | {gib(plan['allocated'])} | | | |")
-            continue
-        lines.append(
-            f"| {entry['recipe']} | {plan['rows']} x {plan['length']} | {entry['step1_loss']:.4f} | "
-            f"{gib(entry['max_memory_allocated'])} | {gib(plan['allocated'])} | {gib(entry['max_memory_reserved'])} | "
-            f"{gib(plan['reserved'])} | {entry['tokens_per_s']:,.0f} |"
-        )
+    for runs in run["lengths"].values():
+        for layout, entry in runs.items():
+            plan = entry["plan"]
+            head = f"| {entry['recipe']} | {layout} | {plan['rows']} x {plan['length']} |"
+            if "error" in entry:
+                lines.append(f"{head} {entry['error']} | | {gib(plan['allocated'])} | | | |")
+                continue
+            lines.append(
+                f"{head} {entry['step1_loss']:.4f} | {gib(entry['max_memory_allocated'])} | {gib(plan['allocated'])} | "
+                f"{gib(entry['max_memory_reserved'])} | {gib(plan['reserved'])} | {entry['tokens_per_s']:,.0f} |"
+            )
     if "llama3.2-1b" in results:
         small = results["llama3.2-1b"]
         names = [n for n in ("trl", "trl_liger") if n in small]
         lines += ["", "1B-shaped model, same pairs and micro-batches: lora-dpo / peer",
                   "", "| length | peer | peak allocated ratio | step time ratio | peer step-1 loss |", "|---|---|---|---|---|"]
-        for length, ours in small["lora_dpo"]["lengths"].items():
+        for length, runs in small["lora_dpo"]["lengths"].items():
+            ours = runs.get("auto", {})  # lora-dpo's default against TRL's
             for name in names:
-                peer = small[name][length]
+                peer = small[name].get(length, {"error": "not run"})
                 lines.append(
                     f"| {length} | {name} | {ratio(ours.get('max_memory_allocated'), peer.get('max_memory_allocated'))} | "
                     f"{ratio(ours.get('step_time_s'), peer.get('step_time_s'))} | "

@@ -1,7 +1,12 @@
 """`lora-dpo plan`: peak GPU memory of a training config, estimated from the model's config.json.
 
-No weights are read and no GPU is needed. The estimate is for one micro-batch whose rows all
-reach data.max_length (padded, so an attention mask exists), every token a response token:
+No weights are read and no GPU is needed. The estimate is for one micro-batch in the padded
+layout whose rows all reach data.max_length (so an attention mask exists), every token a
+response token. The packed layouts (`train.layout`; packed is `auto`'s choice for Llama,
+Mistral and Qwen2) put the same pairs in no more tokens (the prompt once) and, with
+FlexAttention on CUDA, build no [L, L] mask and expand no key or value, so the padded figure
+bounds them from above; the pairwise fallback keeps one dense [n, n] mask per pair of n tokens,
+at most 2 x max_length^2 x (compute dtype) bytes more per pair than the padded mask.
 
 - persistent: nf4 linear layers (4 bits + an 8-bit scale per 64 weights, double quantization),
   embeddings, norms and the LM head in the compute dtype; LoRA weights in fp32; the

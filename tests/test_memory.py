@@ -101,13 +101,15 @@ def test_gpu_check_dry_run(tmp_path):
     assert results["dry_run"] and results["environment"]["device"] == "cpu"
     run = results["llama3.1-8b"]
     assert run["precompute"]["pairs"] == 15 and run["precompute"]["pairs_per_s"] > 0
-    assert [entry["recipe"] for entry in run["lengths"].values()] == ["llama3.1-8b.yaml", "llama3.1-8b-4k.yaml", "llama3.1-8b-8k.yaml"]
-    for recipe_length, entry in run["lengths"].items():
-        assert "error" not in entry, entry
-        assert entry["step1_loss"] == pytest.approx(math.log(2), abs=1e-4)  # the untrained policy is the reference
-        assert entry["tokens_per_s"] > 0 and entry["max_memory_allocated"] is None  # no CUDA statistics on the CPU
-        plan = entry["plan"]
-        assert plan["rows"] == {"1024": 4, "4096": 4, "8192": 2}[recipe_length]
-        assert 0.9 * results["lengths"][recipe_length] < plan["length"] <= results["lengths"][recipe_length]
-        assert 0 < plan["allocated"] <= plan["tensors"] <= plan["card"]
-    assert "| llama3.1-8b-8k.yaml | 2 x " in done.stdout
+    assert [runs["auto"]["recipe"] for runs in run["lengths"].values()] == ["llama3.1-8b.yaml", "llama3.1-8b-4k.yaml", "llama3.1-8b-8k.yaml"]
+    for recipe_length, runs in run["lengths"].items():
+        assert set(runs) == {"padded", "auto"}  # plan's layout, and the default
+        for entry in runs.values():
+            assert "error" not in entry, entry
+            assert entry["step1_loss"] == pytest.approx(math.log(2), abs=1e-4)  # the untrained policy is the reference
+            assert entry["tokens_per_s"] > 0 and entry["max_memory_allocated"] is None  # no CUDA statistics on the CPU
+            plan = entry["plan"]
+            assert plan["rows"] == {"1024": 4, "4096": 4, "8192": 2}[recipe_length]
+            assert 0.9 * results["lengths"][recipe_length] < plan["length"] <= results["lengths"][recipe_length]
+            assert 0 < plan["allocated"] <= plan["tensors"] <= plan["card"]
+    assert "| llama3.1-8b-8k.yaml | padded | 2 x " in done.stdout
