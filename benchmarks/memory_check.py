@@ -274,8 +274,9 @@ checkpointing), bitsandbytes' 8-bit AdamW (the state of `paged_adamw_8bit`, with
 paging), and one training step per length: `sequence_logps` (logits chunk 512) and
 `preference_loss` against reference log-probs from a no-grad `sequence_logps` forward of the
 same model (what precompute computes; not a cache file), backward, gradient clipping,
-optimizer step. One pair per micro-batch: chosen fills the length, rejected is 16 tokens
-shorter (a padded batch with its attention mask, as real pairs give); the last
+optimizer step. One pair per micro-batch in the padded layout (chosen and rejected as two
+rows; the one plan models, see `lora_dpo/plan.py` for why it bounds the packed layouts): chosen
+fills the length, rejected is 16 tokens shorter (a padded batch with its attention mask); the last
 {fraction:.0%} of each sequence is response. Every step starts from the initial adapter
 (LoRA B = 0), so the step-0 loss is ln 2.
 
