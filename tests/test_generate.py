@@ -1,0 +1,184 @@
+"""`lora-dpo generate`: held-out completions from the policy and its reference, on the demo run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from lora_dpo.batching import pad_id_of
+from lora_dpo.cli import main
+from lora_dpo.config import load_config
+from lora_dpo.data import TokenizedPair, load_preference_data
+from lora_dpo.generate import (
+    GenerationSettings,
+    cut_at_stop,
+    generate_completions,
+    held_out_prompts,
+    left_pad,
+    read_samples,
+    stop_token_ids,
+)
+from lora_dpo.model import load_adapter, load_base_model, load_tokenizer
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo, run once: a taught reference and a DPO policy that prefers kind words."""
+    from lora_dpo.demo import run_demo
+
+    workdir = tmp_path_factory.mktemp("generate-demo")
+    demo = run_demo(workdir)
+    return demo.train.output_dir
+
+
+@pytest.fixture(scope="module")
+def config(demo_run):
+    return load_config(demo_run / "config.yaml")
+
+
+@pytest.fixture(scope="module")
+def policy(config, demo_run):
+    """The 4-bit base with the demo's adapter (fp32 compute on the CPU), and the held-out prompts."""
+    tokenizer = load_tokenizer(config.model)
+    pairs, _ = load_preference_data(config.data, tokenizer, "eval")
+    base = load_base_model(config.model, quantize=True, dtype=torch.float32, device=CPU)
+    return load_adapter(base, demo_run / "adapter"), tokenizer, held_out_prompts(pairs, 10)
+
+
+def test_generate_writes_samples_of_policy_and_reference(config, demo_run, tmp_path, capsys):
+    assert main(["generate", "--config", str(demo_run / "config.yaml"), "--adapter", str(demo_run),
+                 "--prompts", "6", "--max-new-tokens", "24"]) == 0
+    samples = read_samples(demo_run / "samples.jsonl")
+    lines = (demo_run / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == len(lines) == 6
+    assert set(json.loads(lines[0])) == {
+        "step", "index", "prompt", "reference", "policy", "reference_tokens", "policy_tokens",
+        "reference_finished", "policy_finished",
+    }
+    assert [s.index for s in samples] == list(range(6)) and {s.step for s in samples} == {24}
+    # the eval split's first distinct prompts, in the data's order
+    rows = [json.loads(line) for line in open(config.data.eval_path)]
+    distinct = list(dict.fromkeys(row["prompt"] for row in rows))[:6]
+    assert [s.prompt for s in samples] == distinct
+    assert all(s.reference_finished and s.policy_finished for s in samples)
+    assert any(s.policy != s.reference for s in samples)  # DPO changed what it writes
+    markdown = (demo_run / "samples.md").read_text()
+    assert "| prompt | reference | policy |" in markdown
+    assert all(s.policy in markdown and s.reference in markdown for s in samples)
+    printed = capsys.readouterr().out
+    assert "| prompt | reference | policy |" in printed and str(demo_run / "samples.jsonl") in printed
+
+    # greedy is deterministic: a second run (to --out) writes the same samples
+    assert main(["generate", "--config", str(demo_run / "config.yaml"), "--adapter", str(demo_run / "adapter"),
+                 "--prompts", "6", "--max-new-tokens", "24", "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "samples.jsonl").read_text() == (demo_run / "samples.jsonl").read_text()
+
+
+def test_completions_stop_at_eos_and_say_when_they_ran_out(policy):
+    model, tokenizer, prompts = policy
+    eos = tokenizer.eos_token_id
+    settings = GenerationSettings(max_new_tokens=24)
+    done = generate_completions(model, tokenizer, prompts, settings, [eos], pad_id_of(tokenizer), CPU)
+    assert all(c.finished for c in done)
+    for c in done:
+        assert c.ids[-1] == eos and eos not in c.ids[:-1]  # cut right after the first EOS
+        assert c.text == tokenizer.decode(c.ids[:-1]) and tokenizer.eos_token not in c.text
+    short = generate_completions(model, tokenizer, prompts, GenerationSettings(max_new_tokens=3), [eos],
+                                 pad_id_of(tokenizer), CPU)
+    assert all(not c.finished and len(c.ids) == 3 for c in short)
+    assert [c.ids for c in short] == [c.ids[:3] for c in done]
+
+
+def test_left_padding_generates_what_each_prompt_alone_does(policy):
+    """Batched prompts of different lengths, left-padded with pad == eos: every completion is
+    exactly the one the prompt gets alone (greedy, fp32 compute), for the policy and the
+    reference."""
+    model, tokenizer, prompts = policy
+    assert len({len(p) for p in prompts}) > 1  # the batch really is padded
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the trap is armed
+    stops, pad_id = [tokenizer.eos_token_id], pad_id_of(tokenizer)
+    batched = GenerationSettings(max_new_tokens=24, batch_size=len(prompts))
+    alone = GenerationSettings(max_new_tokens=24, batch_size=1)
+    for adapter_on in (True, False):
+        with contextlib.nullcontext() if adapter_on else model.disable_adapter():
+            together = generate_completions(model, tokenizer, prompts, batched, stops, pad_id, CPU)
+            one_by_one = generate_completions(model, tokenizer, prompts, alone, stops, pad_id, CPU)
+        assert [c.ids for c in together] == [c.ids for c in one_by_one]
+
+
+def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(policy):
+    model, tokenizer, prompts = policy
+    stops, pad_id = [tokenizer.eos_token_id], pad_id_of(tokenizer)
+
+    def sample(seed: int) -> list[tuple[int, ...]]:
+        settings = GenerationSettings(max_new_tokens=24, sample=True, temperature=1.0, seed=seed)
+        return [c.ids for c in generate_completions(model, tokenizer, prompts * 2, settings, stops, pad_id, CPU)]
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = sample(1)
+    assert torch.equal(torch.get_rng_state(), state)  # training's dropout and data order are untouched
+    assert sample(1) == first
+    assert sample(2) != first
+
+
+def test_prompts_are_the_first_distinct_ones_in_data_order():
+    def pair(prompt: tuple[int, ...], index: int) -> TokenizedPair:
+        return TokenizedPair(prompt, (7, 2), (8, 2), index)
+
+    pairs = [pair((1, 5), 0), pair((1, 6), 1), pair((1, 5), 2), pair((1, 4), 3), pair((1, 6), 4)]
+    assert held_out_prompts(pairs, 10) == [(1, 5), (1, 6), (1, 4)]
+    assert held_out_prompts(pairs, 2) == [(1, 5), (1, 6)]
+
+
+def test_left_pad_masks_from_lengths_even_where_a_prompt_holds_the_pad_id():
+    input_ids, mask = left_pad([(1, 2, 0), (0,)], pad_id=0)  # pad id 0 inside a real prompt
+    assert input_ids.tolist() == [[1, 2, 0], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert cut_at_stop([5, 6, 2, 7, 2], [2, 9]) == ((5, 6, 2), True)
+    assert cut_at_stop([5, 9, 2], [2, 9]) == ((5, 9), True)
+    assert cut_at_stop([5, 6], [2]) == ((5, 6), False)
+
+
+def test_chat_data_also_stops_at_the_templates_end_of_turn(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.save_pretrained(str(tmp_path))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    eos = tokenizer.eos_token_id
+    assert stop_token_ids(tokenizer, conversational=True) == [eos]  # its turns end with EOS itself
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert stop_token_ids(tokenizer, conversational=True) == [eos, end]
+    assert stop_token_ids(tokenizer, conversational=False) == [eos]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "0.7"], "--temperature: a sampling setting, and --sample is not given"),
+        (["--sample", "--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+        (["--prompts", "0"], "--prompts 0: must be >= 1"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
+    (tmp_path / "adapter").mkdir()
+    assert main(["generate", "--adapter", str(tmp_path), *flags, "data.eval_path=x.jsonl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_an_adapter_path_without_an_adapter_is_a_one_line_error(tmp_path, capsys):
+    assert main(["generate", "--adapter", str(tmp_path), "data.eval_path=x.jsonl",
+                 f"model.name_or_path={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --adapter {tmp_path}: no adapter_config.json there or in {tmp_path / 'adapter'}"
