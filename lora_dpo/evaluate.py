@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,6 +32,10 @@ class EvalMetrics:
     # large positive ones that it has moved far from the reference.
     chosen_logratio: float
     pairs: int
+    # The policy's completions of held-out prompts judged against the reference's by
+    # train.reward_model (lora_dpo/judge.py); None without a reward model.
+    win_rate: float | None = None  # share of prompts the policy wins, ties half
+    score_gain: float | None = None  # mean reward-model score, policy minus reference
 
     @property
     def loss(self) -> float:
@@ -51,6 +56,8 @@ class EvalMetrics:
             **{prefix + name: value for name, value in self.pair_means.items()},
             f"{prefix}preference_accuracy": self.preference_accuracy,
             f"{prefix}logratio/chosen": self.chosen_logratio,
+            **({f"{prefix}win_rate": self.win_rate} if self.win_rate is not None else {}),
+            **({f"{prefix}score_gain": self.score_gain} if self.score_gain is not None else {}),
         }
 
 
@@ -103,15 +110,20 @@ def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
     device = default_device()
     precision = policy_precision(config, device)
     tokenizer = load_tokenizer(config.model)
-    pairs, _ = load_preference_data(config.data, tokenizer, "eval")
+    pairs, report = load_preference_data(config.data, tokenizer, "eval")
     cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
     reference = cache.aligned(pairs, "eval")
+    judge = None
+    if adapter_dir:  # (the bare base is its own reference: nothing to judge)
+        from lora_dpo.judge import judge_from_config
+
+        judge = judge_from_config(config, tokenizer, pairs, report.format == "conversational", device)
     model = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
     )
     if adapter_dir:
         model = load_adapter(model, adapter_dir)
-    return evaluate(
+    metrics = evaluate(
         model,
         pairs,
         reference,
@@ -120,3 +132,7 @@ def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
         config.precompute.batch_size,
         device,
     )
+    if judge is not None:
+        won = judge(model)
+        metrics = dataclasses.replace(metrics, win_rate=won.win_rate, score_gain=won.score_gain)
+    return metrics

@@ -182,3 +182,32 @@ def test_an_adapter_path_without_an_adapter_is_a_one_line_error(tmp_path, capsys
                  f"model.name_or_path={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: --adapter {tmp_path}: no adapter_config.json there or in {tmp_path / 'adapter'}"
+
+
+def test_eval_judges_the_policy_against_the_reference_with_a_reward_model(config, demo_run, tmp_path, capsys):
+    """`lora-dpo eval` with train.reward_model: eval/win_rate and eval/score_gain equal what the
+    reward model's known scores give on the completions `lora-dpo generate` writes for the same
+    prompts and length (greedy: the same completions)."""
+    from lora_dpo.demo.models import build_last_token_reward_model
+
+    tokenizer = load_tokenizer(config.model)
+    token_scores = torch.tensor([(token * 7919) % 11 - 5.0 for token in range(len(tokenizer))])  # fixed, varied
+    judge_dir = build_last_token_reward_model(tmp_path / "rm", tokenizer, token_scores)
+    # 3 new tokens: completions stop mid-description, so their last tokens differ
+    assert main(["generate", "--config", str(demo_run / "config.yaml"), "--adapter", str(demo_run),
+                 "--prompts", "8", "--max-new-tokens", "3", "--out", str(tmp_path / "samples")]) == 0
+    samples = read_samples(tmp_path / "samples" / "samples.jsonl")
+
+    def score(text: str) -> float:
+        return token_scores[tokenizer(text)["input_ids"][-1]].item() / (1 + 1e-6) ** 0.5
+
+    gains = [score(s.prompt + s.policy) - score(s.prompt + s.reference) for s in samples]
+    expected_rate = sum(1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gains) / len(gains)
+    capsys.readouterr()
+    assert main(["eval", "--config", str(demo_run / "config.yaml"), "--adapter", str(demo_run / "adapter"),
+                 f"train.reward_model={judge_dir}", "train.generate_prompts=8",
+                 "train.generate_max_new_tokens=3"]) == 0
+    printed = dict(line.split(": ") for line in capsys.readouterr().out.splitlines() if line.startswith("eval/"))
+    assert float(printed["eval/win_rate"]) == pytest.approx(expected_rate, abs=1e-4)
+    assert float(printed["eval/score_gain"]) == pytest.approx(sum(gains) / len(gains), abs=1e-4)
+    assert expected_rate != 0.5  # the check can tell a judged policy from an unjudged one
