@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -100,13 +102,31 @@ def evaluate(
     )
 
 
-def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
-    """`lora-dpo eval`: the eval split of `config` against its cache, for an adapter or the base."""
-    from lora_dpo.cache import open_checked_cache, policy_precision
-    from lora_dpo.model import default_device, load_adapter, load_base_model, load_tokenizer
+def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | None = None) -> EvalMetrics:
+    """`lora-dpo eval`: the eval split of `config` against its cache, for an adapter or the base.
 
+    `base` (`--base`) replaces `model.name_or_path` and accepts an adapter recorded for
+    another base; the adapter's shapes are checked against the base either way. The adapter
+    is read and checked before anything is loaded."""
+    from lora_dpo.adapters import check_against_files, check_base, read_adapter
+    from lora_dpo.cache import open_checked_cache, policy_precision
+    from lora_dpo.model import (
+        default_device,
+        load_adapter,
+        load_base_model,
+        load_tokenizer,
+        resolve_model_dir,
+    )
+
+    if base:
+        config = copy.deepcopy(config)
+        config.model.name_or_path = base
+    adapter = read_adapter(adapter_dir) if adapter_dir else None
     if not config.data.eval_path:
         raise ConfigError("data.eval_path is not set: eval needs held-out pairs")
+    if adapter is not None:
+        check_base(adapter, config.model.name_or_path, explicit=bool(base))
+        check_against_files(adapter, resolve_model_dir(config.model), config.model.name_or_path)
     device = default_device()
     precision = policy_precision(config, device)
     tokenizer = load_tokenizer(config.model)
@@ -114,15 +134,15 @@ def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
     cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
     reference = cache.aligned(pairs, "eval")
     judge = None
-    if adapter_dir:  # (the bare base is its own reference: nothing to judge)
+    if adapter is not None:  # (the bare base is its own reference: nothing to judge)
         from lora_dpo.judge import judge_from_config
 
         judge = judge_from_config(config, tokenizer, pairs, report.format == "conversational", device)
     model = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
     )
-    if adapter_dir:
-        model = load_adapter(model, adapter_dir)
+    if adapter is not None:
+        model = load_adapter(model, adapter)
     metrics = evaluate(
         model,
         pairs,

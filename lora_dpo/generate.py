@@ -278,15 +278,6 @@ def write_samples(out_dir: Path, samples: Sequence[Sample]) -> tuple[Path, Path]
 # ----------------------------------------------------------------------------- lora-dpo generate
 
 
-def resolve_adapter_dir(path: str | Path) -> Path:
-    """A train run directory (RUN or RUN/adapter) or any PEFT adapter directory."""
-    path = Path(path)
-    for candidate in (path, path / "adapter"):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    raise ConfigError(f"--adapter {path}: no adapter_config.json there or in {path / 'adapter'}")
-
-
 def run_dir_of(adapter_dir: Path) -> Path:
     """The run an adapter belongs to (RUN for RUN/adapter), else the adapter directory itself."""
     parent = adapter_dir.parent
@@ -307,13 +298,16 @@ def generate_run(
 ) -> tuple[list[Sample], Path]:
     """`lora-dpo generate`: the policy of `adapter` and its reference on the first `prompts`
     held-out prompts; samples.jsonl and samples.md go to the run directory (or `out`)."""
+    from lora_dpo.adapters import check_against_files, check_base, read_adapter
     from lora_dpo.cache import policy_precision
     from lora_dpo.data import load_preference_data
-    from lora_dpo.model import default_device, load_adapter, load_base_model, load_tokenizer
+    from lora_dpo.model import default_device, load_adapter, load_base_model, load_tokenizer, resolve_model_dir
 
     if not config.data.eval_path:
         raise ConfigError("data.eval_path is not set: generate completes the held-out prompts")
-    adapter_dir = resolve_adapter_dir(adapter)
+    checked = read_adapter(adapter)  # RUN or RUN/adapter; its files are checked before any load
+    check_base(checked, config.model.name_or_path, explicit=False)
+    check_against_files(checked, resolve_model_dir(config.model), config.model.name_or_path)
     device = default_device()
     precision = policy_precision(config, device)
     tokenizer = load_tokenizer(config.model)
@@ -322,11 +316,11 @@ def generate_run(
     base = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
     )
-    policy = load_adapter(base, adapter_dir)
+    policy = load_adapter(base, checked)
     stops = stop_token_ids(tokenizer, report.format == "conversational")
     pad_id = pad_id_of(tokenizer)
     policy_out, reference_out = policy_and_reference(policy, tokenizer, prompt_ids, settings, stops, pad_id, device)
-    run_dir = run_dir_of(adapter_dir)
+    run_dir = run_dir_of(checked.directory)
     samples = make_samples(final_step(run_dir), tokenizer, prompt_ids, reference_out, policy_out)
     out_dir = Path(out) if out is not None else run_dir
     jsonl, markdown = write_samples(out_dir, samples)
