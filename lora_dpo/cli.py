@@ -343,7 +343,8 @@ def _run_stage(args: argparse.Namespace, config: Any) -> int:
 
         run_sweep(config, parse_betas(args.betas))
     elif args.verb == "generate":
-        from lora_dpo.generate import cli_settings, generate_run, samples_markdown
+        from lora_dpo.generate import cli_settings, generate_run
+        from lora_dpo.samples import samples_markdown
 
         settings = cli_settings(
             max_new_tokens=args.max_new_tokens, sample=args.sample, seed=args.seed,

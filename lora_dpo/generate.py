@@ -20,10 +20,9 @@ Rules:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +32,9 @@ from lora_dpo.batching import pad_id_of
 from lora_dpo.config import Config
 from lora_dpo.data import TokenizedPair
 from lora_dpo.errors import ConfigError
-from lora_dpo.fileio import write_text
-from lora_dpo.tables import markdown_table
+from lora_dpo.samples import Sample, write_samples
 
 log = logging.getLogger(__name__)
-
-SAMPLES_JSONL = "samples.jsonl"
-SAMPLES_MD = "samples.md"
-
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -196,24 +190,6 @@ def policy_and_reference(
     return policy_out, reference_out
 
 
-# ----------------------------------------------------------------------------- samples files
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One line of samples.jsonl: a held-out prompt, the reference's and the policy's completion."""
-
-    step: int | None  # the policy's optimizer step (None: unknown, e.g. a bare adapter)
-    index: int  # the prompt's place among the held-out prompts
-    prompt: str
-    reference: str
-    policy: str
-    reference_tokens: int
-    policy_tokens: int
-    reference_finished: bool
-    policy_finished: bool
-
-
 def make_samples(
     step: int | None, tokenizer: Any, prompts: Sequence[Sequence[int]],
     reference: Sequence[Completion], policy: Sequence[Completion],
@@ -226,53 +202,6 @@ def make_samples(
         for index, (prompt, ref, pol) in enumerate(zip(prompts, reference, policy, strict=True))
     ]
 
-
-def samples_jsonl(samples: Sequence[Sample]) -> str:
-    return "".join(json.dumps(asdict(s), ensure_ascii=False) + "\n" for s in samples)
-
-
-def read_samples(path: Path) -> list[Sample]:
-    """samples.jsonl back into Samples; unreadable lines are skipped (the report still renders)."""
-    samples = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            samples.append(Sample(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError):
-            continue
-    return samples
-
-
-def _one_line(text: str) -> str:
-    return text.replace("\r", "").replace("\n", "⏎")  # a table cell holds one line
-
-
-def samples_markdown(samples: Sequence[Sample], limit: int | None = None) -> list[str]:
-    """Side by side, per step: prompt, reference, policy (a completion that ran out of tokens
-    before a stop token is marked `[cut]`)."""
-    lines: list[str] = []
-    steps = sorted({s.step for s in samples}, key=lambda step: -1 if step is None else step)
-    for step in steps:
-        chosen = [s for s in samples if s.step == step][:limit]
-        lines += [f"Step {step if step is not None else '?'}:", ""]
-        rows = [
-            (
-                _one_line(s.prompt),
-                _one_line(s.reference) + ("" if s.reference_finished else " [cut]"),
-                _one_line(s.policy) + ("" if s.policy_finished else " [cut]"),
-            )
-            for s in chosen
-        ]
-        lines += markdown_table(("prompt", "reference", "policy"), rows) + [""]
-    return lines
-
-
-def write_samples(out_dir: Path, samples: Sequence[Sample]) -> tuple[Path, Path]:
-    """samples.jsonl and samples.md in `out_dir` (each replaced whole)."""
-    jsonl, markdown = Path(out_dir) / SAMPLES_JSONL, Path(out_dir) / SAMPLES_MD
-    write_text(jsonl, samples_jsonl(samples))
-    header = ["# Samples", "", "Held-out prompts; the reference is the base with the adapter disabled.", ""]
-    write_text(markdown, "\n".join(header + samples_markdown(samples)).rstrip() + "\n")
-    return jsonl, markdown
 
 
 # ----------------------------------------------------------------------------- lora-dpo generate
@@ -301,7 +230,13 @@ def generate_run(
     from lora_dpo.adapters import check_against_files, check_base, read_adapter
     from lora_dpo.cache import policy_precision
     from lora_dpo.data import load_preference_data
-    from lora_dpo.model import default_device, load_adapter, load_base_model, load_tokenizer, resolve_model_dir
+    from lora_dpo.model import (
+        default_device,
+        load_adapter,
+        load_base_model,
+        load_tokenizer,
+        resolve_model_dir,
+    )
 
     if not config.data.eval_path:
         raise ConfigError("data.eval_path is not set: generate completes the held-out prompts")

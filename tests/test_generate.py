@@ -18,10 +18,10 @@ from lora_dpo.generate import (
     generate_completions,
     held_out_prompts,
     left_pad,
-    read_samples,
     stop_token_ids,
 )
 from lora_dpo.model import load_adapter, load_base_model, load_tokenizer
+from lora_dpo.samples import read_samples
 
 CPU = torch.device("cpu")
 
@@ -211,3 +211,20 @@ def test_eval_judges_the_policy_against_the_reference_with_a_reward_model(config
     assert float(printed["eval/win_rate"]) == pytest.approx(expected_rate, abs=1e-4)
     assert float(printed["eval/score_gain"]) == pytest.approx(sum(gains) / len(gains), abs=1e-4)
     assert expected_rate != 0.5  # the check can tell a judged policy from an unjudged one
+
+
+def test_report_shows_the_samples_and_judges_them(demo_run):
+    """After `lora-dpo generate`, `lora-dpo report` has a Samples section (reference vs policy)
+    and the two generation checks, judged and quiet on the demo's healthy policy."""
+    assert main(["generate", "--config", str(demo_run / "config.yaml"), "--adapter", str(demo_run),
+                 "--prompts", "7", "--max-new-tokens", "24"]) == 0
+    samples = read_samples(demo_run / "samples.jsonl")
+    assert main(["report", str(demo_run)]) == 0
+    text = (demo_run / "report.md").read_text()
+    section = text[text.index("## Samples"):text.index("## Config")]
+    assert "first 5 held-out prompts" in section and "Step 24:" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "| prompt |" not in line]
+    assert len(rows) == 5
+    for sample, row in zip(samples, rows):
+        assert row == f"| {sample.prompt.replace(chr(10), '⏎')} | {sample.reference} | {sample.policy} |"
+    assert "| generated length | ok | mean " in text and "| repetition | ok | repeated word 4-grams" in text

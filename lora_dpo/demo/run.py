@@ -23,7 +23,8 @@ from lora_dpo.config import Config, load_config
 from lora_dpo.demo.models import build_tiny_llama
 from lora_dpo.demo.task import HELD_OUT_NAMES, NAMES, make_pairs, only_kind_words, write_jsonl
 from lora_dpo.demo.tokenizer import train_bpe_tokenizer
-from lora_dpo.generate import GenerationSettings, Sample, held_out_prompts, make_samples, policy_and_reference
+from lora_dpo.generate import GenerationSettings, held_out_prompts, make_samples, policy_and_reference
+from lora_dpo.samples import Sample
 from lora_dpo.train import TrainResult, train
 
 log = logging.getLogger(__name__)
