@@ -303,8 +303,11 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 0
     if getattr(args, "resume", None):
-        run_dir = Path(args.resume)
-        config = load_config(run_dir / "config.yaml", [*args.overrides, f"train.output_dir={run_dir}"])
+        from lora_dpo.run.directory import RunDirectory
+
+        run_dir = Path(args.resume)  # its config, or an interrupted overwrite's (in a hidden sibling)
+        saved = RunDirectory(run_dir).resume_source().config_path
+        config = load_config(saved, [*args.overrides, f"train.output_dir={run_dir}"])
     else:
         config = load_config(args.config, args.overrides)
     args.writing = {"precompute-ref": config.precompute.cache_dir, "train": config.train.output_dir,

@@ -162,6 +162,18 @@ class TrainConfig:
     seed: int = setting(42, between(0, 2**32 - 1))
 
 
+# Train settings that do not change what a run computes (how often it logs, evaluates and
+# checkpoints, where it reports, when it gives up): `--resume` may change these, and records
+# it. Every other key, in every section, is part of the computation: a resume refuses it.
+COSMETIC_KEYS = frozenset(
+    f"train.{name}"
+    for name in (
+        "output_dir", "overwrite_output_dir", "logging_steps", "report_to", "eval_steps",
+        "save_steps", "save_total_limit", "max_consecutive_skips",
+    )
+)
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "lora": LoraConfig,
