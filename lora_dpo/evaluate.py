@@ -6,7 +6,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +18,9 @@ from lora_dpo.errors import ConfigError
 from lora_dpo.data import TokenizedPair, load_preference_data
 from lora_dpo.logps import SequenceLogps
 from lora_dpo.scoring import score_pairs
+
+if TYPE_CHECKING:
+    from lora_dpo.judge import WinRate
 from lora_dpo.loss import LossSettings, preference_loss
 from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
 
@@ -52,6 +55,10 @@ class EvalMetrics:
     def reward_margin(self) -> float:
         """Mean β·(Δchosen - Δrejected), log-ratios summed over each response."""
         return self.pair_means["rewards/margins"]
+
+    def judged(self, won: WinRate) -> EvalMetrics:
+        """These metrics with a judge's win rate and score gain."""
+        return dataclasses.replace(self, win_rate=won.win_rate, score_gain=won.score_gain)
 
     def to_dict(self, prefix: str = "eval/") -> dict[str, float]:
         return {
@@ -135,9 +142,11 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
     reference = cache.aligned(pairs, "eval")
     judge = None
     if adapter is not None:  # (the bare base is its own reference: nothing to judge)
+        from lora_dpo.generate import HeldOut
         from lora_dpo.judge import judge_from_config
 
-        judge = judge_from_config(config, tokenizer, pairs, report.format == "conversational", device)
+        held_out = HeldOut.from_config(config, tokenizer, pairs, report.format == "conversational", device)
+        judge = judge_from_config(config, held_out)
     model = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
     )
@@ -152,7 +161,4 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
         config.precompute.batch_size,
         device,
     )
-    if judge is not None:
-        won = judge(model)
-        metrics = dataclasses.replace(metrics, win_rate=won.win_rate, score_gain=won.score_gain)
-    return metrics
+    return metrics.judged(judge(model)) if judge is not None else metrics

@@ -204,6 +204,44 @@ def make_samples(
 
 
 
+class HeldOut:
+    """Greedy completions of fixed held-out prompts by a peft policy, and by its reference
+    (the adapter disabled), which never changes during a run: computed once. Training's
+    samples (`train.generate_every`) and the win-rate judge (`train.reward_model`) share one."""
+
+    def __init__(self, tokenizer: Any, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
+                 stops: Sequence[int], pad_id: int, device: torch.device):
+        self.tokenizer, self.prompts, self.settings = tokenizer, [tuple(p) for p in prompts], settings
+        self.stops, self.pad_id, self.device = list(stops), pad_id, device
+        self.prompt_texts = [tokenizer.decode(list(p), skip_special_tokens=True) for p in self.prompts]
+        self._reference: list[Completion] | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, tokenizer: Any, eval_pairs: Sequence[TokenizedPair], conversational: bool,
+                    device: torch.device) -> HeldOut:
+        """The first `train.generate_prompts` distinct held-out prompts, up to
+        `train.generate_max_new_tokens` tokens each."""
+        cfg = config.train
+        return cls(
+            tokenizer, held_out_prompts(eval_pairs, cfg.generate_prompts),
+            GenerationSettings(max_new_tokens=cfg.generate_max_new_tokens),
+            stop_token_ids(tokenizer, conversational), pad_id_of(tokenizer), device,
+        )
+
+    def completions(self, model: Any) -> list[Completion]:
+        return generate_completions(model, self.tokenizer, self.prompts, self.settings, self.stops, self.pad_id, self.device)
+
+    def reference(self, policy: Any) -> list[Completion]:
+        if self._reference is None:
+            with policy.disable_adapter():
+                self._reference = self.completions(policy)
+        return self._reference
+
+    def samples(self, policy: Any, step: int | None) -> list[Sample]:
+        """One Sample per prompt: the reference's completion beside the policy's at `step`."""
+        return make_samples(step, self.tokenizer, self.prompts, self.reference(policy), self.completions(policy))
+
+
 # ----------------------------------------------------------------------------- lora-dpo generate
 
 

@@ -21,17 +21,9 @@ from typing import Any
 
 import torch
 
-from lora_dpo.batching import pad_id_of
 from lora_dpo.config import Config
-from lora_dpo.data import TokenizedPair
 from lora_dpo.errors import ConfigError
-from lora_dpo.generate import (
-    Completion,
-    GenerationSettings,
-    generate_completions,
-    held_out_prompts,
-    stop_token_ids,
-)
+from lora_dpo.generate import Completion, HeldOut
 from lora_dpo.metrics import tie_aware_accuracy
 
 
@@ -109,50 +101,24 @@ def judge_texts(prompts: Sequence[str], completions: Sequence[Completion]) -> li
 
 
 class WinRateJudge:
-    """Scores a policy's greedy completions of fixed held-out prompts against its reference's.
+    """Scores a policy's greedy completions of fixed held-out prompts against its reference's;
+    the reference's scores are computed once, at the first call."""
 
-    The reference (the policy's base with the adapter disabled) never changes during a run, so
-    its completions and scores are computed once, at the first call."""
-
-    def __init__(
-        self, reward: RewardModel, tokenizer: Any, prompts: Sequence[Sequence[int]],
-        settings: GenerationSettings, stops: Sequence[int], pad_id: int, device: torch.device,
-    ):
-        self.reward, self.tokenizer, self.prompts = reward, tokenizer, list(prompts)
-        self.settings, self.stops, self.pad_id, self.device = settings, list(stops), pad_id, device
-        self.prompt_texts = [tokenizer.decode(list(p), skip_special_tokens=True) for p in self.prompts]
+    def __init__(self, reward: RewardModel, held_out: HeldOut):
+        self.reward, self.held_out = reward, held_out
         self.reference_scores: torch.Tensor | None = None
-
-    def completions(self, model: Any) -> list[Completion]:
-        return generate_completions(
-            model, self.tokenizer, self.prompts, self.settings, self.stops, self.pad_id, self.device
-        )
 
     def __call__(self, policy: Any) -> WinRate:
         """`policy` is a peft model: its adapter on for the policy, disabled for the reference."""
+        prompts = self.held_out.prompt_texts
         if self.reference_scores is None:
-            with policy.disable_adapter():
-                reference = self.completions(policy)
-            self.reference_scores = score_texts(self.reward, judge_texts(self.prompt_texts, reference))
-        policy_scores = score_texts(self.reward, judge_texts(self.prompt_texts, self.completions(policy)))
+            self.reference_scores = score_texts(self.reward, judge_texts(prompts, self.held_out.reference(policy)))
+        policy_scores = score_texts(self.reward, judge_texts(prompts, self.held_out.completions(policy)))
         return win_rate(self.reference_scores, policy_scores)
 
 
-def judge_from_config(
-    config: Config, tokenizer: Any, eval_pairs: Sequence[TokenizedPair], conversational: bool, device: torch.device
-) -> WinRateJudge | None:
-    """The judge `train.reward_model` asks for (None when it is empty): greedy completions of
-    the first `train.generate_prompts` distinct held-out prompts, up to
-    `train.generate_max_new_tokens` tokens each."""
-    cfg = config.train
-    if not cfg.reward_model:
+def judge_from_config(config: Config, held_out: HeldOut) -> WinRateJudge | None:
+    """The judge `train.reward_model` asks for (None when it is empty), on `held_out`'s prompts."""
+    if not config.train.reward_model:
         return None
-    return WinRateJudge(
-        load_reward_model(cfg.reward_model, device),
-        tokenizer,
-        held_out_prompts(eval_pairs, cfg.generate_prompts),
-        GenerationSettings(max_new_tokens=cfg.generate_max_new_tokens),
-        stop_token_ids(tokenizer, conversational),
-        pad_id_of(tokenizer),
-        device,
-    )
+    return WinRateJudge(load_reward_model(config.train.reward_model, held_out.device), held_out)

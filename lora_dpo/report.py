@@ -594,6 +594,8 @@ def render_markdown(run_dir: Path, records: RunRecords, checks: Sequence[Check],
 def write_report(run_dir: str | Path) -> ReportResult:
     """Write `report.png` and `report.md` into a run directory; returns their paths and the
     health warnings (also logged as warnings)."""
+    from lora_dpo.run.directory import RunDirectory
+
     run_dir = Path(run_dir)
     metrics_path = run_dir / METRICS
     if not metrics_path.is_file():
@@ -602,7 +604,8 @@ def write_report(run_dir: str | Path) -> ReportResult:
     config = _read_yaml(run_dir / "config.yaml")
     train_cfg = config.get("train") or {}
     beta = float(train_cfg.get("beta", DEFAULT_BETA))
-    samples = latest(read_samples(run_dir / SAMPLES_JSONL)) if (run_dir / SAMPLES_JSONL).is_file() else []
+    samples_path = RunDirectory(run_dir).samples_jsonl
+    samples = latest(read_samples(samples_path)) if samples_path.is_file() else []
     checks = health_checks(records.train, beta)
     if samples:
         checks += [check_generated_length(samples), check_repetition(samples)]

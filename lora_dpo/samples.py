@@ -13,10 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lora_dpo.fileio import write_text
+from lora_dpo.run.directory import SAMPLES_JSONL, SAMPLES_MD
 from lora_dpo.tables import markdown_table
-
-SAMPLES_JSONL = "samples.jsonl"
-SAMPLES_MD = "samples.md"
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -228,3 +229,96 @@ def test_report_shows_the_samples_and_judges_them(demo_run):
     for sample, row in zip(samples, rows):
         assert row == f"| {sample.prompt.replace(chr(10), '⏎')} | {sample.reference} | {sample.policy} |"
     assert "| generated length | ok | mean " in text and "| repetition | ok | repeated word 4-grams" in text
+
+
+# ---- during training: train.generate_every and train.reward_model ---------------------------
+
+RM_SCORES = lambda vocab: torch.tensor([(token * 7919) % 11 - 5.0 for token in range(vocab)])  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def train_root(demo_workdir, tmp_path_factory):
+    """The demo's random tiny model and data with a cache over 48 train and 48 eval pairs, and a
+    reward model whose score of a text is RM_SCORES[its last token]."""
+    from lora_dpo.demo.models import build_last_token_reward_model
+    from precompute import precompute_reference
+
+    root = tmp_path_factory.mktemp("train-samples")
+    for part in ("model", "data"):
+        shutil.copytree(demo_workdir / part, root / part)
+    precompute_reference(sample_config(root, root / "unused"))
+    tokenizer = load_tokenizer(sample_config(root, root / "unused").model)
+    build_last_token_reward_model(root / "rm", tokenizer, RM_SCORES(len(tokenizer)))
+    return root
+
+
+def sample_config(root, output_dir, **train):
+    from lora_dpo.demo import demo_config
+
+    config = demo_config(root)
+    config.data.max_pairs = 48
+    config.precompute.cache_dir = str(root / "cache")
+    config.train.output_dir = str(output_dir)
+    config.train.overwrite_output_dir = False
+    config.train.per_device_batch_size = 8
+    config.train.max_steps = 6
+    config.train.logging_steps = 2
+    config.train.save_steps = 0
+    config.train.generate_prompts = 3
+    config.train.generate_max_new_tokens = 3  # cut mid-text: the last tokens, hence the scores, vary
+    for key, value in train.items():
+        setattr(config.train, key, value)
+    config.validate()
+    return config
+
+
+def test_training_writes_samples_and_judges_every_eval(train_root, tmp_path):
+    from lora_dpo.report import read_metrics
+    from lora_dpo.run.directory import RunDirectory, RunState
+    from lora_dpo.train import train
+
+    run = tmp_path / "run"
+    result = train(sample_config(train_root, run, generate_every=4, eval_steps=3, reward_model=str(train_root / "rm")))
+    samples = read_samples(run / "samples.jsonl")
+    assert [(s.step, s.index) for s in samples] == [(step, i) for step in (4, 6) for i in range(3)]  # and the end
+    assert samples[0].reference == samples[3].reference  # the reference never changes
+    assert "Step 4:" in (run / "samples.md").read_text()
+    assert RunDirectory(run).state() is RunState.FINISHED and RunDirectory(run).foreign_entries() == []
+
+    evals = {int(r["step"]): r for r in read_metrics(run / "metrics.jsonl").evals}
+    assert sorted(evals) == [0, 3, 6]
+    assert evals[0]["eval/win_rate"] == 0.5 and evals[0]["eval/score_gain"] == 0.0  # the policy is the reference
+    tokenizer = load_tokenizer(sample_config(train_root, run).model)
+    scores = RM_SCORES(len(tokenizer))
+
+    def score(text: str) -> float:
+        return scores[tokenizer(text)["input_ids"][-1]].item()
+
+    final = [s for s in samples if s.step == 6]  # the same prompts and length as the judge's
+    gains = [score(s.prompt + s.policy) - score(s.prompt + s.reference) for s in final]
+    assert evals[6]["eval/win_rate"] == sum(1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gains) / 3
+    assert evals[6]["eval/score_gain"] == pytest.approx(sum(gains) / 3 / (1 + 1e-6) ** 0.5, abs=1e-5)
+    assert result.eval_after.win_rate == evals[6]["eval/win_rate"]
+
+    report = (run / "report.md").read_text()
+    assert "## Samples" in report and "Step 6:" in report and "Step 4:" not in report.split("## Samples")[1]
+    assert "| generated length |" in report and "| repetition |" in report
+    assert "eval/win_rate" in report
+
+
+def test_a_resumed_run_keeps_the_samples_up_to_its_checkpoint(train_root, tmp_path, monkeypatch):
+    """Interrupted after step 5 (samples of steps 1-5 written, checkpoint at 4), then resumed:
+    samples.jsonl ends as the uninterrupted run's (step 5 once, not twice)."""
+    from lora_dpo.faults import FAIL_AT_STEP, InjectedFault
+    from lora_dpo.train import train
+
+    whole = tmp_path / "whole"
+    train(sample_config(train_root, whole, generate_every=1))
+    broken = sample_config(train_root, tmp_path / "broken", generate_every=1, save_steps=4)
+    monkeypatch.setenv(FAIL_AT_STEP, "5")
+    with pytest.raises(InjectedFault):
+        train(broken)
+    monkeypatch.delenv(FAIL_AT_STEP)
+    assert {s.step for s in read_samples(tmp_path / "broken" / "samples.jsonl")} == {1, 2, 3, 4, 5}
+    train(broken, resume=True)
+    assert (tmp_path / "broken" / "samples.jsonl").read_text() == (whole / "samples.jsonl").read_text()
