@@ -8,6 +8,7 @@ import json
 from lora_dpo.demo import run_demo
 from lora_dpo.demo.run import SAMPLES_PER_NAME
 from lora_dpo.demo.task import HELD_OUT_NAMES, KIND, NAMES, UNKIND
+from lora_dpo.samples import read_samples
 
 
 def test_demo_learns_the_held_out_task(tmp_path, capsys):
@@ -39,6 +40,17 @@ def test_demo_learns_the_held_out_task(tmp_path, capsys):
     for example in samples[::SAMPLES_PER_NAME][:3]:  # the first sample of three names
         assert f"reference: {example.reference!r}\n    policy:    {example.policy!r}" in printed
 
+    # train.generate_every: greedy samples at steps 8, 16, 24, and the report's Samples section
+    run = result.output_dir
+    greedy = read_samples(run / "samples.jsonl")
+    assert sorted({s.step for s in greedy}) == [8, 16, 24]
+    final = [s for s in greedy if s.step == 24]
+    assert kind_share([s.policy for s in final]) == 1.0  # after DPO: kind words only
+    report = (run / "report.md").read_text()
+    section = report[report.index("## Samples"):]
+    assert all(s.policy in section and s.reference in section for s in final)
+    assert "| generated length | ok |" in report and "| repetition | ok |" in report
+
 
 def kind_share(texts: list[str], words: list[str] = KIND) -> float:
     """Share of texts that read "<name> is <a> and <b>." with a and b both among `words`."""
@@ -48,3 +60,4 @@ def kind_share(texts: list[str], words: list[str] = KIND) -> float:
         return text.endswith(".") and len(parts) >= 5 and parts[-4] == "is" and parts[-2] == "and" and {parts[-3], parts[-1]} <= set(words)
 
     return sum(map(described, texts)) / len(texts)
+

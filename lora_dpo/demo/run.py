@@ -95,6 +95,9 @@ def demo_config(workdir: str | Path) -> Config:
             # failure): margins keep rising while the samples fall apart into noise.
             "train.max_steps=24",
             "train.logging_steps=8",
+            # what the policy writes, beside the reference: samples.jsonl and report.md
+            "train.generate_every=8",
+            "train.generate_max_new_tokens=24",
         ],
     )
 
@@ -161,6 +164,7 @@ def run_demo(workdir: str | Path = "runs/demo") -> DemoResult:
         f"  model            {workdir / 'model'}\n"
         f"  reference cache  {config.precompute.cache_dir}\n"
         f"  metrics          {result.output_dir / 'metrics.jsonl'}\n"
+        f"  samples          {result.output_dir / 'samples.md'}\n"
         f"  adapter          {result.adapter_dir}\n"
         f"  config           {result.output_dir / 'config.yaml'}"
     )
