@@ -170,6 +170,8 @@ COSMETIC_KEYS = frozenset(
     for name in (
         "output_dir", "overwrite_output_dir", "logging_steps", "report_to", "eval_steps",
         "save_steps", "save_total_limit", "max_consecutive_skips",
+        # greedy generation draws no random numbers: what training computes is unchanged
+        "generate_every", "generate_prompts", "generate_max_new_tokens", "reward_model",
     )
 )
 

@@ -322,3 +322,16 @@ def test_a_resumed_run_keeps_the_samples_up_to_its_checkpoint(train_root, tmp_pa
     assert {s.step for s in read_samples(tmp_path / "broken" / "samples.jsonl")} == {1, 2, 3, 4, 5}
     train(broken, resume=True)
     assert (tmp_path / "broken" / "samples.jsonl").read_text() == (whole / "samples.jsonl").read_text()
+
+
+def test_a_resume_may_change_what_is_generated(tmp_path):
+    """Greedy generation draws no random numbers: the generation settings are not part of what
+    a run computes, so --resume accepts (and records) new ones."""
+    from lora_dpo.run.resume import check_resume
+
+    saved = load_config(None, ["data.eval_path=e.jsonl"])
+    keys = {"train.generate_every": 5, "train.generate_prompts": 2, "train.generate_max_new_tokens": 9,
+            "train.reward_model": "rm"}
+    asked = load_config(None, ["data.eval_path=e.jsonl", *(f"{k}={v}" for k, v in keys.items())])
+    changes = check_resume(saved, asked, tmp_path)
+    assert {key: change["resume"] for key, change in changes.items()} == keys
