@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -18,11 +19,14 @@ from lora_dpo.errors import ConfigError
 from lora_dpo.data import TokenizedPair, load_preference_data
 from lora_dpo.logps import SequenceLogps
 from lora_dpo.scoring import score_pairs
+from lora_dpo.loss import LossSettings, preference_loss
+from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
+from lora_dpo.packing import choose_layout
 
 if TYPE_CHECKING:
     from lora_dpo.judge import WinRate
-from lora_dpo.loss import LossSettings, preference_loss
-from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,14 +83,20 @@ def evaluate(
     pad_id: int,
     batch_size: int,
     device: torch.device,
+    layout: str = "padded",
+    max_tokens: int = 0,
 ) -> EvalMetrics:
     """Score `pairs` (aligned with `reference`) with the training objective and training's
-    per-pair metrics, over all held-out pairs at once (RPO's per-token NLL is over all of them)."""
+    per-pair metrics, over all held-out pairs at once (RPO's per-token NLL is over all of them).
+    Batches as the precompute makes them: `batch_size` pairs, or `max_tokens` in `layout`."""
     was_training = model.training
     model.eval()  # no LoRA dropout
     order = [i for batch in length_sorted_batches(pairs, batch_size) for i in batch]  # little padding
     progress = tqdm(total=len(order), desc="eval", unit="pair", leave=False)
-    scores = score_pairs(model, [pairs[i] for i in order], batch_size=batch_size, pad_id=pad_id, device=device, progress=progress)
+    scores = score_pairs(
+        model, [pairs[i] for i in order], batch_size=batch_size, pad_id=pad_id, device=device, progress=progress,
+        layout=layout, max_tokens=max_tokens,
+    )
     progress.close()
     model.train(was_training)
     policy = SequenceLogps(
@@ -152,6 +162,8 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
     )
     if adapter is not None:
         model = load_adapter(model, adapter)
+    layout = choose_layout(config.train.layout, model, device)
+    log.info("%s", layout.describe(config.precompute.max_tokens_per_batch, config.precompute.batch_size))
     metrics = evaluate(
         model,
         pairs,
@@ -160,5 +172,7 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
         pad_id_of(tokenizer),
         config.precompute.batch_size,
         device,
+        layout.name,
+        config.precompute.max_tokens_per_batch,
     )
     return metrics.judged(judge(model)) if judge is not None else metrics

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from lora_dpo.batching import length_grouped_batches
+from lora_dpo.batching import length_grouped_batches, token_budget_batches
 from lora_dpo.config import TrainConfig
 from lora_dpo.data import TokenizedPair
 from lora_dpo.errors import ConfigError
@@ -20,13 +20,14 @@ StepPlan = tuple[list[list[int]], int]
 
 
 def optimizer_steps(
-    pairs: Sequence[TokenizedPair], cfg: TrainConfig, rank: int = 0, world_size: int = 1
+    pairs: Sequence[TokenizedPair], cfg: TrainConfig, rank: int = 0, world_size: int = 1, layout: str = "padded"
 ) -> Iterator[StepPlan]:
     """This rank's plan for each optimizer step, across epochs.
 
     The pairs of a step are a global batch of per_device_batch_size x world_size x
     gradient_accumulation_steps similar-length pairs, split evenly over the ranks and then into
-    micro-batches: the order depends on the global batch only, so one process with
+    micro-batches (of per_device_batch_size pairs, or of at most max_tokens_per_batch decoder
+    tokens in `layout`): the order depends on the global batch only, so one process with
     accumulation sees the same steps as several without. Each epoch reshuffles with its own
     seed; the step count is global, so the learning-rate schedule runs once over the whole run
     instead of restarting every epoch. A last global batch with fewer pairs than ranks is left
@@ -42,6 +43,9 @@ def optimizer_steps(
                 return
             step += 1
             share = even_split(step_pairs, world_size)[rank]
+            if cfg.max_tokens_per_batch:  # by tokens in the run's layout: as many pairs as fit
+                yield token_budget_batches(pairs, share, layout, cfg.max_tokens_per_batch), len(step_pairs)
+                continue
             micro_batches = math.ceil(len(share) / cfg.per_device_batch_size)
             yield even_split(share, micro_batches), len(step_pairs)
 

@@ -25,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from lora_dpo.batching import collate, collate_packed, pad_id_of
+from lora_dpo.batching import COLLATE, pad_id_of
 from lora_dpo.cache import (
     ReferenceCache,
     ReferenceValues,
@@ -44,7 +44,7 @@ from lora_dpo.faults import FaultHooks
 from lora_dpo.generate import HeldOut
 from lora_dpo.judge import WinRateJudge, load_reward_model
 from lora_dpo.loggers import check_backends, open_logger
-from lora_dpo.logps import SequenceLogps, check_prefix_sharing_support, sequence_logps
+from lora_dpo.logps import SequenceLogps, sequence_logps
 from lora_dpo.loss import LossSettings, preference_loss
 from lora_dpo.metrics import WindowMeter, console_line
 from lora_dpo.model import attach_lora, default_device, load_base_model, load_tokenizer, resolve_model_dir
@@ -56,6 +56,7 @@ from lora_dpo.optim import (
     optimizer_name,
     optimizer_steps,
 )
+from lora_dpo.packing import choose_layout
 from lora_dpo.run.metrics_file import MetricsFile, NullMetricsFile
 from lora_dpo.run.transaction import RunTransaction
 from lora_dpo.samples import Sample
@@ -125,6 +126,7 @@ class TrainState:
     metrics: MetricsFile | NullMetricsFile  # metrics.jsonl (and the logging backends) on rank 0
     dist: DistInfo
     pad_id: int
+    layout: str  # the batch layout choose_layout prepared the policy for (lora_dpo.packing)
     step: int = 0  # optimizer steps done (a resumed run starts at its checkpoint's)
     step0_tolerance: float | None = None  # the step-0 check, while the policy is the reference
     history: list[dict[str, float]] = field(default_factory=list)  # the logging-step records
@@ -179,13 +181,13 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
 
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
     policy = attach_lora(inputs.base, config.lora, gradient_checkpointing=cfg.gradient_checkpointing)
-    if cfg.prefix_sharing:
-        check_prefix_sharing_support(policy)  # refused now, not at the first batch
+    layout = choose_layout(cfg.layout, policy, inputs.device)  # a refusal comes now, not at the first batch
+    log.info("%s", layout.describe(cfg.max_tokens_per_batch, cfg.per_device_batch_size))
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg, inputs.device)
-    plan = list(optimizer_steps(inputs.pairs, cfg, info.rank, info.world_size))
+    plan = list(optimizer_steps(inputs.pairs, cfg, info.rank, info.world_size, layout.name))
     state = TrainState(
         config, inputs, policy, optimizer, build_scheduler(optimizer, cfg, len(plan)),
-        WindowMeter(inputs.device), plan, NullMetricsFile(), info, pad_id_of(inputs.tokenizer),
+        WindowMeter(inputs.device), plan, NullMetricsFile(), info, pad_id_of(inputs.tokenizer), layout.name,
     )
     if run.resume_from is not None:
         resume_from(state, run.resume_from)
@@ -277,8 +279,7 @@ class TrainLoop:
         finite = torch.ones((), dtype=torch.bool, device=s.device)
         rows: list[int] = []
         for number, indices in enumerate(micro_batches):
-            pack = collate_packed if cfg.prefix_sharing else collate  # prompt once per pair, or twice
-            batch = pack([s.inputs.pairs[i] for i in indices], s.pad_id)
+            batch = COLLATE[s.layout]([s.inputs.pairs[i] for i in indices], s.pad_id)
             tokens = batch.sequence_tokens  # counted on the CPU: no device sync
             rows += batch.source_indices
             batch = batch.to(s.device)
@@ -333,7 +334,7 @@ class TrainLoop:
         if s.inputs.eval_pairs and s.dist.is_main:
             metrics = evaluate(
                 s.policy, s.inputs.eval_pairs, s.inputs.eval_reference, LossSettings.of(s.cfg), s.pad_id,
-                s.cfg.per_device_batch_size, s.device,
+                s.config.precompute.batch_size, s.device, s.layout, s.config.precompute.max_tokens_per_batch,
             )
             if s.judge is not None:
                 metrics = metrics.judged(s.judge(s.policy))

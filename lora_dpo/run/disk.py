@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import errno
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from lora_dpo.errors import LoraDpoError
-
-FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
-# Writers in Rust (safetensors) and C++ report the OS error in their message, not as an OSError.
-FULL_MESSAGES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT}
+from lora_dpo.fileio import full_disk_message
 
 
 class DiskFullError(LoraDpoError):
     """The file system holding the run directory is full (or over quota)."""
-
-
-def full_disk_errno(exc: BaseException) -> int | None:
-    if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
-        return exc.errno
-    text = str(exc)
-    return next((code for message, code in FULL_MESSAGES.items() if message in text), None)
-
-
-def free_mb(path: Path) -> int:
-    """Free megabytes on the file system of `path` (or of its nearest existing parent)."""
-    where = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
-    return shutil.disk_usage(where).free // 1_000_000 if where is not None else 0
 
 
 @contextmanager
@@ -43,12 +25,7 @@ def disk_full_is_an_error(path: Path) -> Iterator[None]:
     except DiskFullError:
         raise
     except Exception as exc:
-        code = full_disk_errno(exc)
-        if code is None:
+        message = full_disk_message(exc, path)
+        if message is None:
             raise
-        filename = getattr(exc, "filename", None)
-        where = Path(filename) if filename else Path(path)
-        raise DiskFullError(
-            f"{FULL_ERRNOS[code]} writing {where} (free there: {free_mb(where)} MB); "
-            "the files written before it are intact"
-        ) from None
+        raise DiskFullError(f"{message}; the files written before it are intact") from None
