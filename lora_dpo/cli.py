@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--model-config", help="the model's config.json (default: from model.name_or_path)")
     plan.add_argument("--gpu-gib", type=float, default=24.0, help="memory of the card to check against")
+    plan.add_argument("--find-max-length", action="store_true",
+                      help="print the longest data.max_length that fits the card at the config's micro-batch")
     _add_config_args(plan)
     return _use_help_formatter(parser)
 
@@ -336,7 +338,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "plan":
         from lora_dpo.plan import run_plan
 
-        print(run_plan(config, args.model_config, args.gpu_gib))
+        print(run_plan(config, args.model_config, args.gpu_gib, args.find_max_length))
         return 0
     if args.verb == "data":
         from lora_dpo.data_check import run_data_check

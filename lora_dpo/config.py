@@ -124,6 +124,10 @@ class TrainConfig:
     optimizer: str = setting("auto", one_of("auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"))
     # Recompute decoder activations in backward: the main activation-memory saving on 24 GB.
     gradient_checkpointing: bool = True
+    # Keep the layer inputs that checkpointing saves in (pinned) host memory until backward
+    # needs them: GPU activations stop growing with depth, for long contexts. Exact; costs
+    # host memory and a copy each way per layer.
+    offload_activations: bool = False
     # Response tokens per LM-head chunk: at most [chunk, vocab] logits exist at once (263 MB in
     # fp32 at a 128k vocabulary for 512). Values do not depend on it beyond float rounding, so
     # it is not part of the cache identity; precompute and eval (no gradients) use the default.

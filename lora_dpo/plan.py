@@ -1,24 +1,28 @@
 """`lora-dpo plan`: peak GPU memory of a training config, estimated from the model's config.json.
 
-No weights are read and no GPU is needed. The estimate is a worst case for one micro-batch
-whose pairs all reach data.max_length, with every token a response token:
+No weights are read and no GPU is needed. The estimate is for one micro-batch whose rows all
+reach data.max_length (padded, so an attention mask exists), every token a response token:
 
-- weights at their precision: nf4 linear layers (4 bits + one 8-bit scale per 64 weights,
-  double quantization), embeddings, norms and the LM head in the compute dtype;
-- LoRA weights and their gradients in fp32, and the optimizer's state (paged 8-bit AdamW:
-  2 bytes per weight; torch AdamW: 8);
-- activations: with gradient checkpointing, one [tokens, hidden] checkpoint per layer plus one
-  layer recomputed in backward; without it, every layer's activations;
-- one LM-head chunk of logits (bf16 product, fp32 copy, bf16 gradient) and the per-token
-  hidden states and gradients around it;
-- one dequantized linear weight at a time, and a fixed CUDA context / allocator allowance.
+- persistent: nf4 linear layers (4 bits + an 8-bit scale per 64 weights, double quantization),
+  embeddings, norms and the LM head in the compute dtype; LoRA weights in fp32; the
+  optimizer's state;
+- activations: with gradient checkpointing, each layer's input [2B, T, H] (kept on the host
+  with train.offload_activations), then the larger of two moments: the LM head (one logits
+  chunk, the final hidden states and their gradients) and the backward of a layer (its
+  recomputed activations, the transients of its backward, the attention mask, and the fp32
+  LoRA gradients of the layers already done). Without checkpointing, every layer's activations;
+- CUDA-only terms, which no tensor accounts for (`cuda_only_terms`).
 
-Counts of weights are exact (tested against real models); activation bytes per token are an
-estimate from the saved tensors of a Llama-style layer with LoRA on every linear layer.
+Weight counts are exact (tested against real models). The activation model counts the tensors
+the real code path saves (transformers' Llama-style layer, peft's LoRA, bitsandbytes' 4-bit
+matmul, torch's sdpa) and was checked against live tensor bytes measured on the CPU at the
+recipes' real widths with 1 and 2 layers (benchmarks/memory_check.py, benchmarks/memory.md);
+a test keeps the two in agreement on a small model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +31,16 @@ from lora_dpo.errors import ConfigError
 
 GIB = 2**30
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, uint8 absmax per 64, fp32 per 256 blocks
-CUDA_CONTEXT_BYTES = 1.0 * GIB  # CUDA context, cuBLAS workspaces, allocator fragmentation
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "auto": 2}  # auto = bf16 on CUDA
-OPTIMIZER_STATE_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "adamw_torch": 8}
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Bytes per element of the dropout mask that backward keeps: CUDA's fused dropout keeps a bool
+# mask; on the CPU torch multiplies by a noise tensor of the input's dtype (peft's fp32).
+DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": 4}
+# torch's checkpoint keeps the CPU generator's state per layer to replay dropout when it
+# recomputes; CUDA's generator state is small and lives on the host, so none is on the GPU.
+CHECKPOINT_RNG_STATE_BYTES = {"cuda": 0, "cpu": 5056}
+# bitsandbytes keeps 32-bit optimizer state for tensors smaller than this (min_8bit_size).
+MIN_8BIT_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,7 @@ class Architecture:
     norms_per_layer: int
 
     @classmethod
-    def from_config_json(cls, path: str | Path) -> "Architecture":
+    def from_config_json(cls, path: str | Path) -> Architecture:
         """Through transformers' config class, so per-architecture defaults apply (no weights read)."""
         from transformers import AutoConfig
 
@@ -76,6 +86,10 @@ class Architecture:
         except AttributeError as exc:
             raise ConfigError(f"{path}: {exc}; plan knows Llama-style decoder configs") from None
 
+    def with_layers(self, num_layers: int) -> Architecture:
+        """The same widths with another depth (the 1- and 2-layer models memory_check measures)."""
+        return dataclasses.replace(self, num_layers=num_layers)
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer in one decoder layer."""
         h, i, q, kv = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -100,70 +114,233 @@ class Architecture:
             + self.hidden_size  # the final norm
         )
 
-    def lora_weights(self, r: int, targets: list[str]) -> int:
+    def lora_targets(self, targets: list[str]) -> list[str]:
         shapes = self.linear_shapes()
-        names = LINEAR_NAMES if targets == ["all-linear"] else [t for t in targets if t in shapes]
-        return self.num_layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
+        return list(LINEAR_NAMES) if targets == ["all-linear"] else [t for t in targets if t in shapes]
 
-    def activation_bytes_per_token(self, dtype_bytes: int) -> float:
-        """Saved tensors of one layer's forward, per token: norms (fp32 internals), LoRA dropout
-        copies of every linear's input, q/k/v and their rotary copies, attention output, MLP."""
-        h, i = self.hidden_size, self.intermediate_size
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        hidden_terms = 2 * (h + 4 / dtype_bytes * h + h)  # two RMSNorms: input, fp32 copy, output
-        hidden_terms += 5 * h * (1 + 1 / dtype_bytes)  # dropout copies + masks: q, k, v, gate, up
-        attention = (q + 2 * kv) + (q + kv) + q + q * (1 + 1 / dtype_bytes) + h  # qkv, rope, out, o in, residual
-        mlp = 2 * i + i + i + i * (1 + 1 / dtype_bytes)  # gate, up, act, product, down input copy
-        return dtype_bytes * (hidden_terms + attention + mlp)
+    def lora_tensor_sizes(self, r: int, targets: list[str]) -> list[int]:
+        """Elements of each LoRA A and B matrix of one layer."""
+        shapes = self.linear_shapes()
+        return [size for n in self.lora_targets(targets) for size in (r * shapes[n][0], r * shapes[n][1])]
+
+    def lora_weights(self, r: int, targets: list[str]) -> int:
+        return self.num_layers * sum(self.lora_tensor_sizes(r, targets))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One micro-batch: `rows` sequences (2B: chosen and rejected) padded to `length` tokens,
+    `response_tokens` of them scored; `padded` rows of different lengths need a mask."""
+
+    rows: int
+    length: int
+    response_tokens: int
+    padded: bool = True
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.length
+
+    @classmethod
+    def worst_case(cls, config: Config, length: int | None = None) -> Workload:
+        rows, length = 2 * config.train.per_device_batch_size, length or config.data.max_length
+        return cls(rows, length, rows * (length - 1))
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    name: str
+    bytes: float
+    kind: str  # "persistent", "activations" or "cuda" (see cuda_only_terms)
+    counted: bool = True  # False: an activation moment smaller than the peak, shown for reference
 
 
 @dataclass
 class MemoryPlan:
-    items: list[tuple[str, float]]  # (what, bytes)
+    items: list[PlanItem]
+    host_bytes: float = 0.0  # pinned host memory for offloaded activations
+
+    def part(self, *kinds: str) -> float:
+        return sum(i.bytes for i in self.items if i.counted and i.kind in kinds)
 
     @property
     def total(self) -> float:
-        return sum(size for _, size in self.items)
+        return self.part("persistent", "activations", "cuda")
+
+    @property
+    def tensor_bytes(self) -> float:
+        """What live tensors account for (what memory_check measures; CUDA terms excluded)."""
+        return self.part("persistent", "activations")
 
     def render(self, gpu_gib: float) -> str:
-        width = max(len(name) for name, _ in self.items)
-        lines = [f"{name:<{width}}  {size / GIB:7.2f} GiB" for name, size in self.items]
+        width = max(len(item.name) for item in self.items)
+        lines = [
+            f"{item.name:<{width}}  {item.bytes / GIB:7.2f} GiB" + ("" if item.counted else "  (not at the peak)")
+            for item in self.items
+        ]
         lines.append(f"{'total (peak, estimated)':<{width}}  {self.total / GIB:7.2f} GiB")
+        if self.host_bytes:
+            lines.append(f"{'host memory, offloaded activations (pinned)':<{width}}  {self.host_bytes / GIB:7.2f} GiB")
         spare = gpu_gib - self.total / GIB
         verdict = (
             f"fits a {gpu_gib:g} GiB card with {spare:.1f} GiB to spare"
             if spare >= 0
             else f"does NOT fit a {gpu_gib:g} GiB card ({-spare:.1f} GiB over): lower "
-            "train.per_device_batch_size, data.max_length or train.logits_chunk_size"
+            "train.per_device_batch_size or data.max_length, or set train.offload_activations=true"
         )
         return "\n".join(lines + [verdict])
 
 
-def estimate(config: Config, arch: Architecture) -> MemoryPlan:
-    cfg = config.train
-    dtype = DTYPE_BYTES[config.model.dtype]
-    quantized = config.model.quantization == "nf4"
-    tokens = 2 * cfg.per_device_batch_size * config.data.max_length  # [2B, T], worst case
-    lora = arch.lora_weights(config.lora.r, config.lora.target_modules)
-    per_layer = arch.activation_bytes_per_token(dtype) * tokens
-    checkpoints = arch.num_layers * tokens * arch.hidden_size * dtype
-    activations = checkpoints + per_layer if cfg.gradient_checkpointing else arch.num_layers * per_layer
-    chunk = min(cfg.logits_chunk_size, tokens)
-    optimizer = "paged_adamw_8bit" if cfg.optimizer == "auto" else cfg.optimizer  # auto on CUDA
-    largest_linear = max(a * b for a, b in arch.linear_shapes().values())
-    items = [
-        ("base weights, linear layers (nf4)" if quantized else "base weights, linear layers",
-         arch.linear_weights * (NF4_BYTES_PER_WEIGHT if quantized else dtype)),
-        ("base weights, embeddings + LM head + norms", arch.other_weights * dtype),
-        ("LoRA weights + gradients (fp32)", lora * 8),
-        (f"optimizer state ({optimizer})", lora * OPTIMIZER_STATE_BYTES[optimizer]),
-        ("activations (checkpointed)" if cfg.gradient_checkpointing else "activations", activations),
-        ("final hidden states, their gradients, per-token head gradients", 4 * tokens * arch.hidden_size * dtype),
-        (f"one logits chunk ({chunk} tokens x {arch.vocab_size} vocab)", chunk * arch.vocab_size * (2 * dtype + 4)),
-        ("one dequantized linear weight" if quantized else "", largest_linear * dtype if quantized else 0),
-        ("CUDA context and allocator slack", CUDA_CONTEXT_BYTES),
+def optimizer_state_bytes(arch: Architecture, config: Config) -> tuple[str, float]:
+    name = "paged_adamw_8bit" if config.train.optimizer == "auto" else config.train.optimizer  # auto on CUDA
+    sizes = arch.lora_tensor_sizes(config.lora.r, config.lora.target_modules)
+    if name == "adamw_torch":
+        per_layer = sum(8 * n for n in sizes)
+    else:  # 8-bit m and v with an fp32 absmax per 256; small tensors keep fp32 m and v
+        per_layer = sum(2 * n + 8 * -(-n // 256) if n >= MIN_8BIT_SIZE else 8 * n for n in sizes)
+    return name, arch.num_layers * per_layer
+
+
+def layer_saved_bytes_per_token(arch: Architecture, config: Config, workload: Workload, device: str) -> float:
+    """Bytes per token that one layer's forward keeps for backward (Llama-style layer, peft LoRA
+    with fp32 adapters on a bitsandbytes 4-bit base, torch sdpa).
+
+    - the two RMSNorms keep their fp32 upcast input;
+    - every LoRA-wrapped linear keeps an fp32 copy of its input (peft casts the input to the
+      adapter's fp32, and dropout or lora_A keeps it) plus the dropout mask, and lora_A's
+      [r] output; the 4-bit base matmul keeps no activation (only its packed weight);
+    - attention keeps the rotated query, the key and value (expanded to every query head when a
+      mask rules out grouped-query sdpa), its output and the fp32 log-sum-exp per head;
+    - the MLP keeps gate, up and act(gate).
+    """
+    d = DTYPE_BYTES[config.model.dtype]
+    shapes = arch.linear_shapes()
+    targets = arch.lora_targets(config.lora.target_modules)
+    h, i = arch.hidden_size, arch.intermediate_size
+    q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
+    mask = DROPOUT_MASK_BYTES[device] if config.lora.dropout > 0 else 0
+    lora = sum((4 + mask) * shapes[n][0] + 4 * config.lora.r for n in targets)
+    expanded = workload.padded and arch.num_kv_heads < arch.num_heads
+    attention = d * (2 * q + (2 * q if expanded else 2 * kv)) + 4 * arch.num_heads
+    return arch.norms_per_layer * 4 * h + lora + attention + 3 * d * i
+
+
+def last_layer_backward_bytes(arch: Architecture, config: Config, workload: Workload, device: str) -> float:
+    """Activation bytes at the backward of the last decoder layer, beyond the checkpoints.
+
+    Its recomputed saved tensors, the layer's incoming gradient (compute dtype and its fp32
+    copy in the LoRA branch), the residual, and the larger of two moments of its last linear
+    layer: the LoRA branch (the down projection's input, its fp32 copy, dropout mask and output)
+    or the base matmul's dequantized weight. A padded batch adds the attention mask: bool from
+    transformers, and sdpa's additive copy in the compute dtype, which its backward keeps.
+    """
+    d = DTYPE_BYTES[config.model.dtype]
+    tokens, h, i = workload.tokens, arch.hidden_size, arch.intermediate_size
+    saved = layer_saved_bytes_per_token(arch, config, workload, device)
+    transients = (d + 4) * h + d * h + d * i  # incoming gradient, residual, down_proj input
+    down_lora = 0.0
+    if "down_proj" in arch.lora_targets(config.lora.target_modules):
+        mask = DROPOUT_MASK_BYTES[device] if config.lora.dropout > 0 else 0
+        down_lora = 4 * i + (4 + mask) * i + 2 * d * h  # fp32 copy, dropout output and mask, output + clone
+        saved -= (4 + mask) * i  # counted in this moment, not twice
+    dequantized = max(a * b for a, b in arch.linear_shapes().values()) * d if config.model.quantization == "nf4" else 0
+    attention_mask = workload.rows * workload.length**2 * (1 + d) if workload.padded else 0
+    return tokens * (saved + transients) + max(tokens * down_lora, dequantized) + attention_mask
+
+
+def lm_head_bytes(arch: Architecture, config: Config, workload: Workload) -> tuple[int, float]:
+    """(chunk, activation bytes at the LM head beyond the checkpoints): the final norm's fp32
+    input and its output [2B, T, H], the response hidden states and their gradients [N, H],
+    and one chunk of logits: the linear's product and its fp32 copy [C, V]."""
+    d = DTYPE_BYTES[config.model.dtype]
+    h, n = arch.hidden_size, workload.response_tokens
+    chunk = min(config.train.logits_chunk_size, n)
+    return chunk, workload.tokens * h * (4 + d) + 2 * n * h * d + chunk * arch.vocab_size * (d + 4)
+
+
+def cuda_only_terms(activations: float) -> list[PlanItem]:
+    """What a CUDA card holds beyond live tensors; unmeasured here (benchmarks/gpu_check.py
+    records them on a GPU: max_memory_reserved against max_memory_allocated).
+
+    - the CUDA context and kernel images of torch, cuBLAS and bitsandbytes, outside the
+      allocator (about 0.5 GiB on recent GPUs and drivers);
+    - the caching allocator's reserve above live tensors: block rounding and fragmentation
+      between activations of different shapes, taken as 10% of the activation peak, at least
+      0.25 GiB (cuBLAS workspaces included).
+    """
+    return [
+        PlanItem("CUDA context and kernels (outside the allocator)", 0.5 * GIB, "cuda"),
+        PlanItem("CUDA allocator reserve above live tensors", max(0.25 * GIB, 0.1 * activations), "cuda"),
     ]
-    return MemoryPlan([(name, size) for name, size in items if name])
+
+
+def estimate(
+    config: Config, arch: Architecture, workload: Workload | None = None, device: str = "cuda"
+) -> MemoryPlan:
+    """The peak of one training micro-batch on `device` ("cuda", or "cpu" to compare with a CPU
+    measurement: CPU dropout masks, and no CUDA-only terms)."""
+    cfg = config.train
+    workload = workload or Workload.worst_case(config)
+    d = DTYPE_BYTES[config.model.dtype]
+    quantized = config.model.quantization == "nf4"
+    tokens, h = workload.tokens, arch.hidden_size
+    optimizer, optimizer_bytes = optimizer_state_bytes(arch, config)
+    lora = arch.lora_weights(config.lora.r, config.lora.target_modules)
+    items = [
+        PlanItem("base weights, linear layers (nf4)" if quantized else "base weights, linear layers",
+                 arch.linear_weights * (NF4_BYTES_PER_WEIGHT if quantized else d), "persistent"),
+        PlanItem("base weights, embeddings + LM head + norms", arch.other_weights * d, "persistent"),
+        PlanItem("LoRA weights (fp32)", lora * 4, "persistent"),
+        PlanItem(f"optimizer state ({optimizer})", optimizer_bytes, "persistent"),
+    ]
+    layer = last_layer_backward_bytes(arch, config, workload, device)
+    host = 0.0
+    if cfg.gradient_checkpointing:
+        # The backward of layer k holds the inputs of layers 0..k and the LoRA gradients of the
+        # layers after k: its peak is at the last layer, or at the first when the gradients
+        # outweigh the inputs (short sequences) or the inputs wait on the host.
+        checkpoint = tokens * h * d + CHECKPOINT_RNG_STATE_BYTES[device]  # one layer's input [2B, T, H]
+        gradients = 4 * lora / arch.num_layers  # one layer's LoRA gradients, fp32
+        if cfg.offload_activations:
+            host = arch.num_layers * checkpoint
+            layer += checkpoint + (arch.num_layers - 1) * gradients
+        else:
+            items.append(PlanItem(f"layer inputs kept for recompute ({arch.num_layers} x {tokens} tokens)",
+                                  arch.num_layers * checkpoint, "activations"))
+            layer += max(0.0, (arch.num_layers - 1) * (gradients - checkpoint))
+    else:  # every layer's saved tensors; with offload they wait on the host instead
+        saved = (arch.num_layers - 1) * (layer_saved_bytes_per_token(arch, config, workload, device) + h * d) * tokens
+        if cfg.offload_activations:
+            host = saved
+        else:
+            items.append(PlanItem(f"activations of {arch.num_layers - 1} more layers (no checkpointing)",
+                                  saved, "activations"))
+    chunk, head = lm_head_bytes(arch, config, workload)
+    head_at_peak = head > layer
+    items += [
+        PlanItem("backward of a layer: recomputed activations, transients, mask, LoRA gradients",
+                 layer, "activations", not head_at_peak),
+        PlanItem(f"LM head: one logits chunk ({chunk} tokens x {arch.vocab_size} vocab), final hidden states",
+                 head, "activations", head_at_peak),
+    ]
+    if device == "cuda":
+        items += cuda_only_terms(sum(i.bytes for i in items if i.kind == "activations" and i.counted))
+    return MemoryPlan(items, host)
+
+
+def find_max_length(config: Config, arch: Architecture, gpu_gib: float, limit: int = 1 << 20) -> int:
+    """The longest data.max_length (tokens per sequence of a pair, at the config's micro-batch)
+    whose estimate fits `gpu_gib`; 0 when not even 2 tokens fit. The estimate grows with length."""
+    def fits(length: int) -> bool:
+        return estimate(config, arch, Workload.worst_case(config, length)).total <= gpu_gib * GIB
+
+    low, high = 1, limit + 1  # fits(low) is taken as true; high never fits
+    if not fits(2):
+        return 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def find_model_config(config: Config, override: str | None) -> Path:
@@ -191,6 +368,19 @@ def find_model_config(config: Config, override: str | None) -> Path:
     )
 
 
-def run_plan(config: Config, model_config: str | None, gpu_gib: float) -> str:
+def run_plan(config: Config, model_config: str | None, gpu_gib: float, max_length: bool = False) -> str:
     arch = Architecture.from_config_json(find_model_config(config, model_config))
-    return estimate(config, arch).render(gpu_gib)
+    if not max_length:
+        return estimate(config, arch).render(gpu_gib)
+    longest = find_max_length(config, arch, gpu_gib)
+    batch = config.train.per_device_batch_size
+    setting = f"{batch} pair{'s' if batch > 1 else ''} per micro-batch, offload_activations " + (
+        "on" if config.train.offload_activations else "off"
+    )
+    if not longest:
+        return f"no length fits a {gpu_gib:g} GiB card ({setting})"
+    total = estimate(config, arch, Workload.worst_case(config, longest)).total
+    return (
+        f"longest data.max_length that fits a {gpu_gib:g} GiB card: {longest} tokens per sequence "
+        f"({total / GIB:.2f} GiB estimated; {setting})"
+    )

@@ -48,6 +48,7 @@ from lora_dpo.logps import SequenceLogps, sequence_logps
 from lora_dpo.loss import LossSettings, preference_loss
 from lora_dpo.metrics import WindowMeter, console_line
 from lora_dpo.model import attach_lora, default_device, load_base_model, load_tokenizer, resolve_model_dir
+from lora_dpo.offload import offload_saved_tensors
 from lora_dpo.optim import (
     StepPlan,
     build_optimizer,
@@ -287,7 +288,8 @@ class TrainLoop:
             # Under DDP, gradients are all-reduced once per step: on its last micro-batch.
             last = number == len(micro_batches) - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
-                policy_logps = self.logps(batch)  # chosen and rejected in one forward
+                with offload_saved_tensors(cfg.offload_activations):  # layer inputs wait on the host
+                    policy_logps = self.logps(batch)  # chosen and rejected in one forward
                 if step0_tolerance is not None and number == 0:
                     check_step0_agreement(policy_logps, ref_chosen, ref_rejected, step0_tolerance)
                 out = preference_loss(

@@ -5,6 +5,7 @@ trainer uses; the three 24 GB recipes fit; the CLI prints a breakdown or a clear
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,14 @@ from lora_dpo.config import LoraConfig, ModelConfig, load_config
 from lora_dpo.demo.models import ARCHITECTURES, tiny_config
 from lora_dpo.errors import ConfigError
 from lora_dpo.model import attach_lora, load_base_model
-from lora_dpo.plan import NF4_BYTES_PER_WEIGHT, Architecture, estimate, find_model_config
+from lora_dpo.plan import (
+    NF4_BYTES_PER_WEIGHT,
+    Architecture,
+    Workload,
+    estimate,
+    find_max_length,
+    find_model_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -142,3 +150,87 @@ def test_cli_without_a_config_json_is_a_clear_error(tmp_path, capsys, monkeypatc
     assert "plan needs its config.json" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no such config.json"):
         find_model_config(load_config(None, ["model.name_or_path=x"]), str(tmp_path / "missing.json"))
+
+
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "model_configs"
+LONG_RECIPES = sorted(CONFIGS.glob("*-[48]k.yaml"))
+
+
+def recipe_arch(recipe: Path) -> Architecture:
+    """The model a recipe trains, from the full config.json kept in benchmarks/model_configs."""
+    return Architecture.from_config_json(MODEL_CONFIGS / "-".join(recipe.stem.split("-")[:2]) / "config.json")
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_MODELS))
+def test_kept_model_configs_are_the_recipes_models(tmp_path, recipe: str):
+    assert recipe_arch(CONFIGS / recipe) == Architecture.from_config_json(write_model_config(tmp_path, RECIPE_MODELS[recipe]))
+
+
+@pytest.mark.parametrize("recipe", LONG_RECIPES, ids=lambda p: p.name)
+def test_long_context_recipes_fit_and_state_their_plan(recipe: Path):
+    config = load_config(recipe)
+    arch = recipe_arch(recipe)
+    assert config.data.max_length == {"4k": 4096, "8k": 8192}[recipe.stem.split("-")[-1]]
+    plan = estimate(config, arch)
+    assert "fits a 24 GiB card" in plan.render(24)
+    stated = re.search(r"# lora-dpo plan: ([\d.]+) GiB peak", recipe.read_text())
+    assert stated and float(stated.group(1)) == pytest.approx(plan.total / 2**30, abs=0.05), "update the comment"
+    assert config.train.gradient_accumulation_steps * config.train.per_device_batch_size == 32
+    # the 8k recipes keep the layer inputs on the host, 4 to 6 GiB of headroom more
+    if config.train.offload_activations:
+        assert plan.host_bytes >= arch.num_layers * 2 * config.data.max_length * arch.hidden_size * 2
+        config.train.offload_activations = False
+        assert estimate(config, arch).total > plan.total + 3 * 2**30
+
+
+def test_offload_moves_the_layer_inputs_off_the_gpu():
+    config = load_config(CONFIGS / "llama3.1-8b-8k.yaml")
+    arch = recipe_arch(CONFIGS / "llama3.1-8b-8k.yaml")
+    on_host = estimate(config, arch)
+    config.train.offload_activations = False
+    on_gpu = estimate(config, arch)
+    inputs = arch.num_layers * 2 * 8192 * arch.hidden_size * 2
+    assert on_gpu.host_bytes == 0 and on_host.host_bytes == inputs
+    # one layer's input comes back for its recompute; while the first layer's backward runs, the
+    # LoRA gradients of the other layers exist
+    gradients = 4 * arch.lora_weights(16, ["all-linear"]) * (arch.num_layers - 1) / arch.num_layers
+    expected = inputs * (arch.num_layers - 1) / arch.num_layers - gradients
+    assert on_gpu.tensor_bytes - on_host.tensor_bytes == pytest.approx(expected, rel=1e-3)
+
+
+def test_plan_takes_any_depth_and_batch_and_the_cpu():
+    arch = recipe_arch(CONFIGS / "mistral-7b.yaml")
+    config = load_config(CONFIGS / "mistral-7b.yaml")
+    one, two = (estimate(config, arch.with_layers(n), Workload(2, 512, 256), device="cpu") for n in (1, 2))
+    assert not any(item.kind == "cuda" for item in one.items) and one.total == one.tensor_bytes
+    layer = sum(a * b for a, b in arch.linear_shapes().values()) * NF4_BYTES_PER_WEIGHT
+    assert two.total - one.total > layer  # weights, adapters, optimizer state, one layer input
+    cuda = estimate(config, arch.with_layers(1), Workload(2, 512, 256))
+    assert cuda.total - cuda.tensor_bytes >= 0.75 * 2**30  # context + allocator reserve
+    assert cuda.tensor_bytes < one.tensor_bytes  # CUDA keeps bool dropout masks, the CPU fp32 noise
+    assert estimate(config, arch, Workload(2, 512, 256, padded=False)).total < estimate(config, arch, Workload(2, 512, 256)).total
+
+
+def test_find_max_length_is_the_longest_that_fits():
+    config = load_config(CONFIGS / "llama3.1-8b.yaml")
+    arch = recipe_arch(CONFIGS / "llama3.1-8b.yaml")
+    longest = find_max_length(config, arch, 24)
+    assert 4096 < longest < 8192
+    assert estimate(config, arch, Workload.worst_case(config, longest)).total <= 24 * 2**30
+    assert estimate(config, arch, Workload.worst_case(config, longest + 1)).total > 24 * 2**30
+    config.train.offload_activations = True
+    assert find_max_length(config, arch, 24) > longest
+    assert find_max_length(config, arch, 4) == 0
+
+
+def test_cli_finds_the_max_length(tmp_path, capsys):
+    model_config = MODEL_CONFIGS / "llama3.1-8b" / "config.json"
+    args = ["plan", "--config", str(CONFIGS / "llama3.1-8b-8k.yaml"), "--model-config", str(model_config)]
+    assert main([*args, "--find-max-length"]) == 0
+    out = capsys.readouterr().out.strip()
+    config = load_config(CONFIGS / "llama3.1-8b-8k.yaml")
+    expected = find_max_length(config, Architecture.from_config_json(model_config), 24)
+    assert out.startswith(f"longest data.max_length that fits a 24 GiB card: {expected} tokens per sequence")
+    assert "1 pair per micro-batch, offload_activations on" in out
+    assert main([*args, "--find-max-length", "--gpu-gib", "4"]) == 0
+    assert capsys.readouterr().out.startswith("no length fits a 4 GiB card")
