@@ -21,7 +21,8 @@ Rules:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,23 @@ def generation_config(settings: GenerationSettings, stops: Sequence[int], pad_id
     )
 
 
+@contextmanager
+def plain_attention(model: Any) -> Iterator[None]:
+    """The model's own attention while it generates: a packed training layout switches it to
+    a backend that runs packed batches only (lora_dpo.attention); switched back afterwards."""
+    from lora_dpo.attention import FLEX, base_model, restore_unpacked_attention, text_config
+
+    before = text_config(model)._attn_implementation
+    restore_unpacked_attention(model)  # pair by pair -> the eager or sdpa it wraps
+    if before == FLEX:
+        base_model(model).set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if text_config(model)._attn_implementation != before:
+            base_model(model).set_attn_implementation(before)
+
+
 @torch.no_grad()
 def generate_completions(
     model: Any,  # a transformers causal LM, or a peft model around one
@@ -157,7 +175,7 @@ def generate_completions(
     model.eval()  # no LoRA dropout
     devices = [device] if device.type == "cuda" else []
     completions: list[Completion] = []
-    with torch.random.fork_rng(devices=devices, enabled=settings.sample):
+    with torch.random.fork_rng(devices=devices, enabled=settings.sample), plain_attention(model):
         if settings.sample:
             torch.manual_seed(settings.seed)
         for start in range(0, len(prompts), settings.batch_size):

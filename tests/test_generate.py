@@ -305,6 +305,26 @@ def test_training_writes_samples_and_judges_every_eval(train_root, tmp_path):
     assert "| generated length |" in report and "| repetition |" in report
     assert "eval/win_rate" in report
 
+    # the saved adapter writes what the policy wrote at the last step (the training layout's
+    # attention was switched back and forth around each generation)
+    assert main(["generate", "--config", str(run / "config.yaml"), "--adapter", str(run), "--prompts", "3",
+                 "--max-new-tokens", "3", "--out", str(tmp_path / "again")]) == 0
+    again = read_samples(tmp_path / "again" / "samples.jsonl")
+    assert [(s.reference, s.policy) for s in again] == [(s.reference, s.policy) for s in final]
+
+
+def test_generating_during_training_does_not_change_the_training(train_root, tmp_path):
+    """Greedy generation draws no random numbers and restores train mode and attention: the
+    losses of a run with samples at every step equal those of a run without (dropout on)."""
+    from lora_dpo.train import train
+
+    def losses(**settings) -> list[float]:
+        config = sample_config(train_root, tmp_path / str(len(settings)), logging_steps=1, **settings)
+        config.lora.dropout = 0.1  # dropout draws from the RNG that generation must leave alone
+        return [record["loss"] for record in train(config).history]
+
+    assert losses(generate_every=1) == losses()
+
 
 def test_a_resumed_run_keeps_the_samples_up_to_its_checkpoint(train_root, tmp_path, monkeypatch):
     """Interrupted after step 5 (samples of steps 1-5 written, checkpoint at 4), then resumed:
