@@ -33,9 +33,11 @@ from lora_dpo.batching import pad_id_of
 from lora_dpo.config import Config
 from lora_dpo.data import TokenizedPair
 from lora_dpo.errors import ConfigError
+from lora_dpo.run.directory import RunDirectory
 from lora_dpo.samples import Sample, write_samples
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -191,23 +193,6 @@ def generate_completions(
     return completions
 
 
-def policy_and_reference(
-    policy: Any,
-    tokenizer: Any,
-    prompts: Sequence[Sequence[int]],
-    settings: GenerationSettings,
-    stops: Sequence[int],
-    pad_id: int,
-    device: torch.device,
-) -> tuple[list[Completion], list[Completion]]:
-    """(policy completions, reference completions) of a peft model: the same weights with the
-    adapter on, then disabled."""
-    policy_out = generate_completions(policy, tokenizer, prompts, settings, stops, pad_id, device)
-    with policy.disable_adapter():
-        reference_out = generate_completions(policy, tokenizer, prompts, settings, stops, pad_id, device)
-    return policy_out, reference_out
-
-
 def make_samples(
     step: int | None, tokenizer: Any, prompts: Sequence[Sequence[int]],
     reference: Sequence[Completion], policy: Sequence[Completion],
@@ -221,11 +206,11 @@ def make_samples(
     ]
 
 
-
 class HeldOut:
-    """Greedy completions of fixed held-out prompts by a peft policy, and by its reference
-    (the adapter disabled), which never changes during a run: computed once. Training's
-    samples (`train.generate_every`) and the win-rate judge (`train.reward_model`) share one."""
+    """Completions of fixed held-out prompts by a peft policy, and by its reference (the
+    adapter disabled), which never changes: computed once. `lora-dpo generate`, the demo,
+    training's samples (`train.generate_every`) and the win-rate judge (`train.reward_model`)
+    all generate through one."""
 
     def __init__(self, tokenizer: Any, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
                  stops: Sequence[int], pad_id: int, device: torch.device):
@@ -265,15 +250,15 @@ class HeldOut:
 
 def run_dir_of(adapter_dir: Path) -> Path:
     """The run an adapter belongs to (RUN for RUN/adapter), else the adapter directory itself."""
-    parent = adapter_dir.parent
-    return parent if adapter_dir.name == "adapter" and (parent / "config.yaml").is_file() else adapter_dir
+    run = RunDirectory(adapter_dir.parent)
+    return run.path if run.adapter_dir == adapter_dir and run.config_path.is_file() else adapter_dir
 
 
 def final_step(run_dir: Path) -> int | None:
     """The last optimizer step in the run's metrics.jsonl (None without one)."""
-    from lora_dpo.report import METRICS, read_metrics
+    from lora_dpo.report import read_metrics
 
-    path = run_dir / METRICS
+    path = RunDirectory(run_dir).metrics_path
     records = read_metrics(path).train if path.is_file() else []
     return int(records[-1]["step"]) if records else None
 
@@ -309,10 +294,9 @@ def generate_run(
     )
     policy = load_adapter(base, checked)
     stops = stop_token_ids(tokenizer, report.format == "conversational")
-    pad_id = pad_id_of(tokenizer)
-    policy_out, reference_out = policy_and_reference(policy, tokenizer, prompt_ids, settings, stops, pad_id, device)
+    held_out = HeldOut(tokenizer, prompt_ids, settings, stops, pad_id_of(tokenizer), device)
     run_dir = run_dir_of(checked.directory)
-    samples = make_samples(final_step(run_dir), tokenizer, prompt_ids, reference_out, policy_out)
+    samples = held_out.samples(policy, final_step(run_dir))
     out_dir = Path(out) if out is not None else run_dir
     jsonl, markdown = write_samples(out_dir, samples)
     log.info("samples: %s, %s", jsonl, markdown)

@@ -23,7 +23,7 @@ from lora_dpo.config import Config, load_config
 from lora_dpo.demo.models import build_tiny_llama
 from lora_dpo.demo.task import HELD_OUT_NAMES, NAMES, make_pairs, only_kind_words, write_jsonl
 from lora_dpo.demo.tokenizer import train_bpe_tokenizer
-from lora_dpo.generate import GenerationSettings, held_out_prompts, make_samples, policy_and_reference
+from lora_dpo.generate import GenerationSettings, HeldOut, held_out_prompts
 from lora_dpo.samples import Sample
 from lora_dpo.train import TrainResult, train
 
@@ -114,11 +114,9 @@ def sample_descriptions(result: TrainResult, config: Config) -> DemoResult:
     pairs, _ = load_preference_data(config.data, tokenizer, "eval")
     names = held_out_prompts(pairs, HELD_OUT_NAMES)
     prompts = [prompt for prompt in names for _ in range(SAMPLES_PER_NAME)]
-    stops, pad_id = stop_token_ids(tokenizer, conversational=False), pad_id_of(tokenizer)
-    policy, reference = policy_and_reference(
-        result.policy, tokenizer, prompts, SAMPLING, stops, pad_id, default_device()
-    )
-    samples = make_samples(int(result.history[-1]["step"]), tokenizer, prompts, reference, policy)
+    stops = stop_token_ids(tokenizer, conversational=False)
+    held_out = HeldOut(tokenizer, prompts, SAMPLING, stops, pad_id_of(tokenizer), default_device())
+    samples = held_out.samples(result.policy, int(result.history[-1]["step"]))
 
     def share(texts: list[str]) -> float:
         return sum(map(only_kind_words, texts)) / len(texts)
