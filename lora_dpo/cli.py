@@ -1,4 +1,4 @@
-"""The `lora-dpo` command: precompute-ref, train, eval, demo.
+"""The `lora-dpo` command: precompute-ref, train, eval, generate, demo.
 
 Every mistake the user can make, and every damaged or missing file, ends in one line on
 stderr starting with `error:` and exit code 2, never a traceback; argparse's usage errors
@@ -119,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
         "trained on another base (its shapes are still checked)",
     )
     _add_config_args(evaluate)
+
+    generate = verbs.add_parser(
+        "generate",
+        help="complete held-out prompts with the policy and its reference (samples.jsonl, samples.md)",
+    )
+    generate.add_argument("--adapter", required=True, help="a train run directory (RUN or RUN/adapter) or any PEFT adapter directory")
+    generate.add_argument("--prompts", type=int, default=8, help="how many held-out prompts (the eval split's first distinct ones)")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="tokens per completion at most")
+    generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    generate.add_argument("--seed", type=int, help="sampling seed (default: 0)")
+    generate.add_argument("--temperature", type=float, help="sampling temperature (default: 1.0)")
+    generate.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens up to this mass (default: 1.0)")
+    generate.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    generate.add_argument("--out", help="where samples.jsonl and samples.md go (default: the run directory)")
+    _add_config_args(generate)
 
     sweep = verbs.add_parser(
         "sweep",
@@ -353,6 +368,19 @@ def _run_stage(args: argparse.Namespace, config: Any) -> int:
         from lora_dpo.sweep import parse_betas, run_sweep
 
         run_sweep(config, parse_betas(args.betas))
+    elif args.verb == "generate":
+        from lora_dpo.generate import cli_settings, generate_run
+        from lora_dpo.samples import samples_markdown
+
+        settings = cli_settings(
+            max_new_tokens=args.max_new_tokens, sample=args.sample, seed=args.seed,
+            temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+        )
+        if args.prompts < 1:
+            raise ConfigError(f"--prompts {args.prompts}: must be >= 1")
+        samples, out_dir = generate_run(config, args.adapter, prompts=args.prompts, settings=settings, out=args.out)
+        print("\n".join(samples_markdown(samples, limit=3)))
+        print(f"samples: {out_dir / 'samples.jsonl'}, {out_dir / 'samples.md'}")
     elif args.verb == "eval":
         from lora_dpo.evaluate import evaluate_run
 

@@ -159,6 +159,17 @@ class TrainConfig:
     max_consecutive_skips: int = setting(5, above(0))
     # Evaluate on the eval split every N optimizer steps (0: only before and after training).
     eval_steps: int = setting(0, at_least(0))
+    # Greedy completions of the first generate_prompts distinct held-out prompts, from the
+    # policy and from the reference (the base with the adapter disabled), every N optimizer
+    # steps and at the end, into samples.jsonl and report.md (0: none).
+    generate_every: int = setting(0, at_least(0))
+    generate_prompts: int = setting(4, above(0))
+    generate_max_new_tokens: int = setting(128, above(0))
+    # A local reward model (an AutoModelForSequenceClassification with one score) that judges
+    # the policy's completions of the generate_prompts held-out prompts against the
+    # reference's at every evaluation: eval/win_rate (ties count half) and eval/score_gain.
+    # Empty: no judge. (Evaluation settings live here, beside eval_steps.)
+    reward_model: str = ""
     # Use a reference cache whose identity differs from this run's (logged, not refused), and
     # skip the step-0 agreement check. Only for a deliberate mismatch.
     accept_cache_mismatch: bool = False
@@ -174,6 +185,8 @@ COSMETIC_KEYS = frozenset(
     for name in (
         "output_dir", "overwrite_output_dir", "logging_steps", "report_to", "eval_steps",
         "save_steps", "save_total_limit", "max_consecutive_skips",
+        # greedy generation draws no random numbers: what training computes is unchanged
+        "generate_every", "generate_prompts", "generate_max_new_tokens", "reward_model",
     )
 )
 
@@ -224,6 +237,11 @@ class Config:
                 f"lora.target_modules={targets!r}: all-linear already covers every linear layer; "
                 "give it alone, or list module names without it"
             )
+        for key in ("generate_every", "reward_model"):
+            if getattr(self.train, key) and not self.data.eval_path:
+                raise ConfigError(
+                    f"train.{key}={getattr(self.train, key)} needs held-out prompts: set data.eval_path"
+                )
         if self.train.eval_steps and not self.data.eval_path:
             raise ConfigError(
                 f"train.eval_steps={self.train.eval_steps} needs an eval split: set data.eval_path "

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +22,9 @@ from lora_dpo.scoring import score_pairs
 from lora_dpo.loss import LossSettings, preference_loss
 from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
 from lora_dpo.packing import choose_layout
+
+if TYPE_CHECKING:
+    from lora_dpo.judge import WinRate
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,10 @@ class EvalMetrics:
     # large positive ones that it has moved far from the reference.
     chosen_logratio: float
     pairs: int
+    # The policy's completions of held-out prompts judged against the reference's by
+    # train.reward_model (lora_dpo/judge.py); None without a reward model.
+    win_rate: float | None = None  # share of prompts the policy wins, ties half
+    score_gain: float | None = None  # mean reward-model score, policy minus reference
 
     @property
     def loss(self) -> float:
@@ -52,11 +60,17 @@ class EvalMetrics:
         """Mean β·(Δchosen - Δrejected), log-ratios summed over each response."""
         return self.pair_means["rewards/margins"]
 
+    def judged(self, won: WinRate) -> EvalMetrics:
+        """These metrics with a judge's win rate and score gain."""
+        return dataclasses.replace(self, win_rate=won.win_rate, score_gain=won.score_gain)
+
     def to_dict(self, prefix: str = "eval/") -> dict[str, float]:
         return {
             **{prefix + name: value for name, value in self.pair_means.items()},
             f"{prefix}preference_accuracy": self.preference_accuracy,
             f"{prefix}logratio/chosen": self.chosen_logratio,
+            **({f"{prefix}win_rate": self.win_rate} if self.win_rate is not None else {}),
+            **({f"{prefix}score_gain": self.score_gain} if self.score_gain is not None else {}),
         }
 
 
@@ -133,9 +147,16 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
     device = default_device()
     precision = policy_precision(config, device)
     tokenizer = load_tokenizer(config.model)
-    pairs, _ = load_preference_data(config.data, tokenizer, "eval")
+    pairs, report = load_preference_data(config.data, tokenizer, "eval")
     cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
     reference = cache.aligned(pairs, "eval")
+    judge = None
+    if adapter is not None:  # (the bare base is its own reference: nothing to judge)
+        from lora_dpo.generate import HeldOut
+        from lora_dpo.judge import judge_from_config
+
+        held_out = HeldOut.from_config(config, tokenizer, pairs, report.format == "conversational", device)
+        judge = judge_from_config(config, held_out)
     model = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
     )
@@ -143,7 +164,7 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
         model = load_adapter(model, adapter)
     layout = choose_layout(config.train.layout, model, device)
     log.info("%s", layout.describe(config.precompute.max_tokens_per_batch, config.precompute.batch_size))
-    return evaluate(
+    metrics = evaluate(
         model,
         pairs,
         reference,
@@ -154,3 +175,4 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
         layout.name,
         config.precompute.max_tokens_per_batch,
     )
+    return metrics.judged(judge(model)) if judge is not None else metrics

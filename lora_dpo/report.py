@@ -29,6 +29,16 @@ mean the same nats whatever `train.loss_type` is.
   reference scores exactly 0.5: ties count half).
 - **non-finite values**: any NaN or infinite training metric, or any optimizer step skipped
   for a non-finite loss or gradient (`skipped_steps`).
+
+Checks over what the policy writes, on the samples of the latest step in `samples.jsonl`
+(written with `train.generate_every` or `lora-dpo generate`; a run without one has neither):
+
+- **generated length**: mean generated tokens of the policy over the reference's, on the same
+  held-out prompts. Fires when the ratio is outside [0.5, 2]: the policy writes less than half
+  or more than twice as much as its reference (rambling, or answers cut to nothing).
+- **repetition**: the share of the policy's word 4-grams that repeat an earlier 4-gram of the
+  same completion. Fires when it is above 0.3 (looping text); the reference's share is shown
+  beside it.
 """
 
 from __future__ import annotations
@@ -44,6 +54,15 @@ import yaml
 
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.fileio import atomic_write, write_text
+from lora_dpo.samples import (
+    SAMPLES_JSONL,
+    SAMPLES_MD,
+    Sample,
+    latest,
+    read_samples,
+    repeated_ngram_share,
+    samples_markdown,
+)
 from lora_dpo.tables import markdown_table
 
 log = logging.getLogger(__name__)
@@ -56,6 +75,9 @@ MIN_TREND_RECORDS = 4  # fewer logged steps than this cannot show a trend
 CHOSEN_DROP_NATS = 1.0  # chosen responses e times less likely than under the reference
 DRIFT_RATIO_LIMIT = 0.5  # policy log-probs moved by half the reference's own |log-prob|
 CHANCE_BAND = 0.05  # accuracy within 0.5 +- this is chance
+LENGTH_RATIO_BAND = (0.5, 2.0)  # policy / reference mean generated length
+REPEAT_NGRAM, REPEAT_LIMIT = 4, 0.3  # share of word 4-grams repeating an earlier one
+SAMPLE_ROWS = 5  # prompts shown in report.md's Samples section
 DEFAULT_BETA = 0.1  # TrainConfig's default, for a run directory without config.yaml
 GUIDE = "guide"  # gid of reference lines in the plot (ln 2, chance, zero, clip)
 
@@ -250,6 +272,50 @@ def check_finite(train: Sequence[dict[str, float]]) -> Check:
             f"{total_skipped} optimizer step(s) skipped for a non-finite loss or gradient, the first "
             f"in the logging window ending at step {skipped[0][0]}: the run is close to diverging. "
             "Try a lower learning rate or a smaller train.max_grad_norm.",
+        )
+    return Check(name, detail)
+
+
+def check_generated_length(samples: Sequence[Sample]) -> Check:
+    name = "generated length"
+    if not samples:
+        return Check(name, "not judged: no samples")
+    policy = sum(s.policy_tokens for s in samples) / len(samples)
+    reference = sum(s.reference_tokens for s in samples) / len(samples)
+    ratio = policy / reference if reference > 0 else math.inf
+    low, high = LENGTH_RATIO_BAND
+    step = samples[0].step
+    detail = (
+        f"mean {policy:.1f} tokens (policy) vs {reference:.1f} (reference), ratio {ratio:.2f}, "
+        f"{len(samples)} held-out prompts at step {step}"
+    )
+    if not low <= ratio <= high:
+        return Check(
+            name,
+            detail,
+            f"generated length far from the reference's: at step {step} the policy writes {policy:.1f} "
+            f"tokens on average where the reference writes {reference:.1f} (ratio {ratio:.2f}, outside "
+            f"[{low:g}, {high:g}]): look at samples.md. Rambling or truncated answers often mean the "
+            "policy has drifted too far; try a larger beta, a lower learning rate, or fewer steps.",
+        )
+    return Check(name, detail)
+
+
+def check_repetition(samples: Sequence[Sample]) -> Check:
+    name = "repetition"
+    if not samples:
+        return Check(name, "not judged: no samples")
+    policy = repeated_ngram_share([s.policy for s in samples], REPEAT_NGRAM)
+    reference = repeated_ngram_share([s.reference for s in samples], REPEAT_NGRAM)
+    step = samples[0].step
+    detail = f"repeated word {REPEAT_NGRAM}-grams {policy:.1%} (policy) vs {reference:.1%} (reference) at step {step}"
+    if policy > REPEAT_LIMIT:
+        return Check(
+            name,
+            detail,
+            f"degenerate repetition: at step {step} {policy:.0%} of the policy's word {REPEAT_NGRAM}-grams "
+            f"repeat an earlier one in the same completion (the reference: {reference:.0%}): look at "
+            "samples.md. Try a larger beta, a lower learning rate, or fewer steps.",
         )
     return Check(name, detail)
 
@@ -499,14 +565,24 @@ def _health_lines(checks: Sequence[Check]) -> list[str]:
     return lines + ["", "How each check is defined: `lora_dpo/report.py` and the README."]
 
 
+def _samples_lines(samples: Sequence[Sample]) -> list[str]:
+    if not samples:
+        return []
+    shown = min(SAMPLE_ROWS, len(samples))
+    lines = ["## Samples", "", f"Greedy completions of the first {shown} held-out prompts, reference "
+             f"(adapter disabled) and policy; every prompt and step is in {SAMPLES_JSONL} and {SAMPLES_MD}.", ""]
+    return lines + samples_markdown(samples, limit=SAMPLE_ROWS)
+
+
 def render_markdown(run_dir: Path, records: RunRecords, checks: Sequence[Check], config: dict[str, Any],
-                    data_report: dict[str, Any] | None) -> str:
+                    data_report: dict[str, Any] | None, samples: Sequence[Sample] = ()) -> str:
     name = f"{run_dir.resolve().parent.name}/{run_dir.resolve().name}"
     lines = [f"# Run report: {name}", "", f"Run directory: `{run_dir}`", ""]
     lines += _health_lines(checks) + [""]
     lines += [f"![training curves]({PNG})", ""]
     lines += _summary_lines(records, run_dir) + [""]
     lines += _final_metrics_lines(records)
+    lines += _samples_lines(samples)
     lines += _config_lines(config)
     lines += _cache_lines(config)
     lines += _data_lines(data_report)
@@ -518,6 +594,8 @@ def render_markdown(run_dir: Path, records: RunRecords, checks: Sequence[Check],
 def write_report(run_dir: str | Path) -> ReportResult:
     """Write `report.png` and `report.md` into a run directory; returns their paths and the
     health warnings (also logged as warnings)."""
+    from lora_dpo.run.directory import RunDirectory
+
     run_dir = Path(run_dir)
     metrics_path = run_dir / METRICS
     if not metrics_path.is_file():
@@ -526,7 +604,11 @@ def write_report(run_dir: str | Path) -> ReportResult:
     config = _read_yaml(run_dir / "config.yaml")
     train_cfg = config.get("train") or {}
     beta = float(train_cfg.get("beta", DEFAULT_BETA))
+    samples_path = RunDirectory(run_dir).samples_jsonl
+    samples = latest(read_samples(samples_path)) if samples_path.is_file() else []
     checks = health_checks(records.train, beta)
+    if samples:
+        checks += [check_generated_length(samples), check_repetition(samples)]
     warnings = [c.warning for c in checks if c.warning]
 
     title = f"{run_dir.resolve().parent.name}/{run_dir.resolve().name}: " + (
@@ -535,7 +617,7 @@ def write_report(run_dir: str | Path) -> ReportResult:
     figure = plot_metrics(records, title, train_cfg.get("max_grad_norm"))
     png, markdown = run_dir / PNG, run_dir / MARKDOWN
     atomic_write(png, lambda tmp: figure.savefig(tmp, format="png", pil_kwargs={"optimize": True}))
-    text = render_markdown(run_dir, records, checks, config, _read_json(run_dir / "data_report.json"))
+    text = render_markdown(run_dir, records, checks, config, _read_json(run_dir / "data_report.json"), samples)
     write_text(markdown, text)
     for warning in warnings:
         log.warning("warning: %s", warning)

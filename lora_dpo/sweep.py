@@ -29,6 +29,8 @@ COLUMNS = (
     ("eval_preference_accuracy", "eval preference accuracy"),
     ("eval_chosen_logratio", "chosen log-ratio (eval)"),
 )
+# With train.reward_model: the policy's held-out completions judged against the reference's.
+JUDGE_COLUMNS = (("eval_win_rate", "win rate (eval)"), ("eval_score_gain", "score gain (eval)"))
 
 
 @dataclass
@@ -77,6 +79,8 @@ def run_sweep(config: Config, betas: Sequence[float]) -> SweepResult:
                 "eval_reward_margin": final.reward_margin,
                 "eval_preference_accuracy": final.preference_accuracy,
                 "eval_chosen_logratio": final.chosen_logratio,
+                "eval_win_rate": final.win_rate,
+                "eval_score_gain": final.score_gain,
                 "run_dir": str(result.output_dir),
             }
         )
@@ -91,9 +95,11 @@ def run_sweep(config: Config, betas: Sequence[float]) -> SweepResult:
 
 
 def sweep_table(rows: list[dict[str, Any]]) -> str:
-    """sweep.md: one line per β, every metric to 4 decimals."""
-    cells = [[f"{row[key]:g}" if key == "beta" else f"{row[key]:.4f}" for key, _ in COLUMNS] for row in rows]
-    return "\n".join(markdown_table([title for _, title in COLUMNS], cells)) + "\n"
+    """sweep.md: one line per β, every metric to 4 decimals (the judge's columns when judged)."""
+    judged = tuple(c for c in JUDGE_COLUMNS if any(row.get(c[0]) is not None for row in rows))
+    columns = COLUMNS + judged
+    cells = [[f"{row[key]:g}" if key == "beta" else f"{row[key]:.4f}" for key, _ in columns] for row in rows]
+    return "\n".join(markdown_table([title for _, title in columns], cells)) + "\n"
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:

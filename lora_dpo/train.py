@@ -41,6 +41,8 @@ from lora_dpo.distributed import DistInfo, all_gather_objects, all_reduce_, barr
 from lora_dpo.errors import LoraDpoError, TrainingInterrupted
 from lora_dpo.evaluate import EvalMetrics, evaluate
 from lora_dpo.faults import FaultHooks
+from lora_dpo.generate import HeldOut
+from lora_dpo.judge import WinRateJudge, load_reward_model
 from lora_dpo.loggers import check_backends, open_logger
 from lora_dpo.logps import SequenceLogps, sequence_logps
 from lora_dpo.loss import LossSettings, preference_loss
@@ -58,6 +60,7 @@ from lora_dpo.optim import (
 from lora_dpo.packing import choose_layout
 from lora_dpo.run.metrics_file import MetricsFile, NullMetricsFile
 from lora_dpo.run.transaction import RunTransaction
+from lora_dpo.samples import Sample
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,10 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)  # the logging-step records
     eval_before: EvalMetrics | None = None
     eval_after: EvalMetrics | None = None
+    # rank 0, with train.generate_every or train.reward_model: completions of held-out prompts
+    held_out: HeldOut | None = None
+    judge: WinRateJudge | None = None
+    samples: list[Sample] = field(default_factory=list)  # samples.jsonl so far
 
     @property
     def cfg(self) -> TrainConfig:
@@ -166,6 +173,10 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
     seed_everything(cfg.seed)
     started = time.perf_counter()  # wall time in metrics.jsonl counts from here
     check_backends(cfg.report_to)  # a missing tensorboard/wandb costs seconds, not a model load
+    generates = info.is_main and bool(cfg.generate_every or cfg.reward_model)
+    device = inputs.device if inputs else default_device()
+    # before the inputs: a bad reward model path costs seconds, not a model load
+    reward = load_reward_model(cfg.reward_model, device) if generates and cfg.reward_model else None
     inputs = inputs or load_run_inputs(config)
     run.begin(config, inputs.data_report.to_dict())
 
@@ -183,6 +194,11 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
         resume_from(state, run.resume_from)
     elif not cfg.accept_cache_mismatch:
         state.step0_tolerance = step0_tolerance_for(inputs.cache.manifest)
+    if generates:
+        conversational = inputs.data_report.format == "conversational"
+        state.held_out = HeldOut.from_config(config, inputs.tokenizer, inputs.eval_pairs, conversational, inputs.device)
+        state.judge = WinRateJudge(reward, state.held_out) if reward is not None else None
+        state.samples = run.kept_samples()
     state.metrics = run.open_metrics(lambda path: open_logger(cfg.report_to, path, config.to_dict()), started)
     return state
 
@@ -242,6 +258,8 @@ class TrainLoop:
                 self.log_window(lr, progress)
             if step == total or (cfg.eval_steps > 0 and step % cfg.eval_steps == 0):
                 s.eval_after = self.run_eval(step)
+            if cfg.generate_every and (step % cfg.generate_every == 0 or step == total):
+                self.write_samples()
             stopping = self.agree_to_stop()
             if stopping or (cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total):
                 path = self.checkpoint()
@@ -320,9 +338,20 @@ class TrainLoop:
                 s.policy, s.inputs.eval_pairs, s.inputs.eval_reference, LossSettings.of(s.cfg), s.pad_id,
                 s.config.precompute.batch_size, s.device, s.layout, s.config.precompute.max_tokens_per_batch,
             )
+            if s.judge is not None:
+                metrics = metrics.judged(s.judge(s.policy))
             s.metrics.write({"step": step, **metrics.to_dict()})
         barrier()
         return metrics
+
+    def write_samples(self) -> None:
+        """The policy's completions of the held-out prompts at this step, beside the
+        reference's, added to samples.jsonl and samples.md (rank 0; the others wait)."""
+        s = self.state
+        if s.held_out is not None:
+            s.samples += s.held_out.samples(s.policy, s.step)
+            self.run_dir.write_samples(s.samples)
+        barrier()
 
     def checkpoint(self) -> Path | None:
         """Every rank's RNG states and metric window, gathered; rank 0 writes the checkpoint."""

@@ -27,6 +27,7 @@ def run_config(root: Path, output_dir: Path):
     config = demo_config(root)
     config.data.max_pairs = 48
     config.data.eval_path = ""
+    config.train.generate_every = 0  # no eval split: no held-out prompts to complete
     config.precompute.cache_dir = str(root / "cache")
     config.train.output_dir = str(output_dir)
     config.train.overwrite_output_dir = False

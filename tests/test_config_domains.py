@@ -52,6 +52,9 @@ DOMAINS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "train.save_total_limit": ("> 0", ("0", "-2"), ("1",)),
     "train.max_consecutive_skips": ("> 0", ("0", "-5"), ("1",)),
     "train.eval_steps": (">= 0", ("-1",), ("0",)),
+    "train.generate_every": (">= 0", ("-1",), ("0",)),
+    "train.generate_prompts": ("> 0", ("0", "-4"), ("1",)),
+    "train.generate_max_new_tokens": ("> 0", ("0", "-1"), ("1",)),
     "train.seed": ("in [0, 4294967295]", ("-1", "4294967296"), ("0", "4294967295")),
 }
 # An edge value that only makes sense with another key moved out of its way.

@@ -20,3 +20,15 @@ def test_sweep_table_has_one_line_per_beta_and_names_its_columns():
         "| 0.5 | 0.1000 | 1.0000 | 2.0000 | 0.9000 | 10.0000 |\n"
     )
     assert not any("kl" in key.lower() or "kl" in title.lower() for key, title in COLUMNS)
+
+
+def test_sweep_table_adds_the_judges_columns_when_runs_were_judged():
+    row = {"beta": 0.1, "train_loss": 0.5, "eval_reward_accuracy": 1.0, "eval_reward_margin": 1.0,
+           "eval_preference_accuracy": 1.0, "eval_chosen_logratio": 0.5, "eval_win_rate": 0.75,
+           "eval_score_gain": 1.25, "run_dir": "runs/beta-0.1"}
+    lines = sweep_table([row]).splitlines()
+    assert lines[0].endswith("| chosen log-ratio (eval) | win rate (eval) | score gain (eval) |")
+    assert lines[2] == "| 0.1 | 0.5000 | 1.0000 | 1.0000 | 1.0000 | 0.5000 | 0.7500 | 1.2500 |"
+    unjudged = {**row, "eval_win_rate": None, "eval_score_gain": None}
+    assert "win rate" not in sweep_table([unjudged])
+

@@ -24,6 +24,7 @@ def small_config(root: Path, output_dir: Path):
     config = demo_config(root)
     config.data.max_pairs = 16
     config.data.eval_path = ""
+    config.train.generate_every = 0  # no eval split: no held-out prompts to complete
     config.precompute.cache_dir = str(root / "cache")
     config.train.output_dir = str(output_dir)
     config.train.per_device_batch_size = 4

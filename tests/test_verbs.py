@@ -108,6 +108,17 @@ ROWS = [
     ("eval --config {config} precompute.cache_dir={damaged_cache}", "{damaged_cache}"),
     ("eval --config {config} --base {missing}", "{missing}"),
     ("eval --config {binary}", "{binary}"),
+    ("eval --adapter {adapter} --config {config} train.reward_model={missing}", "train.reward_model='{missing}': no such directory"),
+    # generate
+    ("generate", "the following arguments are required: --adapter (see lora-dpo generate --help)"),
+    ("generate --adapter {missing} --config {config}", "--adapter {missing}: no such directory"),
+    ("generate --adapter {garbage_adapter} --config {config}", "{garbage_adapter}/adapter_config.json: not valid JSON"),
+    ("generate --adapter {damaged_run} --config {config}", "a train run directory with no adapter_config.json"),
+    ("generate --adapter {adapter} --config {config} --temperature 0.5", "--temperature: a sampling setting, and --sample is not given"),
+    ("generate --adapter {adapter} --config {config} --prompts 0", "--prompts 0: must be >= 1"),
+    ("generate --adapter {adapter} --config {config} --max-new-tokens x", "argument --max-new-tokens: invalid int value: 'x'"),
+    ("generate --adapter {adapter} --config {config} data.eval_path={missing}", "{missing}"),
+    ("generate --adapter {adapter} --config {binary}", "{binary}"),
     # sweep
     ("sweep", "the following arguments are required: --betas (see lora-dpo sweep --help)"),
     ("sweep --betas a,b", "--betas 'a,b'"),

@@ -59,3 +59,33 @@ def build_tiny_model(
 
 def build_tiny_llama(out_dir: str | Path, tokenizer, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
     return build_tiny_model(out_dir, tokenizer, "llama", hidden_size, num_layers, seed)
+
+
+def build_last_token_reward_model(out_dir: str | Path, tokenizer, token_scores: torch.Tensor) -> Path:
+    """A Llama reward model (one score, `num_labels=1`) whose score of a text is known exactly:
+    `token_scores[last token]` (up to the final norm's epsilon), saved beside `tokenizer`.
+
+    Every decoder weight is zero, so the residual stream at each position is that token's
+    embedding; embeddings are one-hot, scaled so the final RMSNorm leaves them at unit RMS,
+    and the score head reads each token's own score off its one-hot dimension."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    vocab = len(tokenizer)
+    if token_scores.shape != (vocab,):
+        raise ValueError(f"token_scores must be [{vocab}], got {list(token_scores.shape)}")
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=vocab, intermediate_size=8, num_hidden_layers=1,
+        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=512, num_labels=1,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab) * vocab**0.5)
+        model.score.weight.copy_(token_scores.float().reshape(1, vocab) / vocab**0.5)
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from lora_dpo.fileio import write_text
@@ -35,6 +36,16 @@ def make_pairs(names: list[str], count: int, rng: random.Random) -> list[dict[st
             }
         )
     return rows
+
+
+DESCRIPTION = re.compile(r"\s*\S.* is (\w+) and (\w+)\.\s*")
+
+
+def only_kind_words(description: str) -> bool:
+    """Whether a text is a description in the task's format, "X is A and B.", with both words
+    kind (text that is not in the format is no kind description)."""
+    match = DESCRIPTION.fullmatch(description)
+    return match is not None and all(word in KIND for word in match.groups())
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:

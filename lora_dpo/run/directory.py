@@ -8,6 +8,7 @@
         resumes.json        each `--resume`: the step, and the settings it changed
         checkpoints/step-000120/   the newest `train.save_total_limit` checkpoints
         adapter/            the trained LoRA adapter and tokenizer (PEFT format), published whole
+        samples.jsonl, samples.md  held-out completions, policy beside reference (train.generate_every)
         report.png, report.md
         tensorboard/, wandb/       optional logging backends
 
@@ -43,9 +44,12 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 REPORT_PNG = "report.png"
 REPORT_MD = "report.md"
+SAMPLES_JSONL = "samples.jsonl"
+SAMPLES_MD = "samples.md"
 WANDB_DIR = "wandb"
 RUN_ENTRIES = frozenset(
-    {CONFIG, DATA_REPORT, METRICS, RESUMES, CHECKPOINTS, ADAPTER, REPORT_PNG, REPORT_MD, TENSORBOARD_DIR, WANDB_DIR}
+    {CONFIG, DATA_REPORT, METRICS, RESUMES, CHECKPOINTS, ADAPTER, REPORT_PNG, REPORT_MD, SAMPLES_JSONL, SAMPLES_MD,
+     TENSORBOARD_DIR, WANDB_DIR}
 )
 OVERWRITE_SUFFIX = ".overwrite"
 STEP_DIR = re.compile(r"step-(\d+)")
@@ -122,6 +126,14 @@ class RunDirectory:
     @property
     def report_md(self) -> Path:
         return self.path / REPORT_MD
+
+    @property
+    def samples_jsonl(self) -> Path:
+        return self.path / SAMPLES_JSONL
+
+    @property
+    def samples_md(self) -> Path:
+        return self.path / SAMPLES_MD
 
     @property
     def tensorboard_dir(self) -> Path:

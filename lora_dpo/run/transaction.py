@@ -37,6 +37,7 @@ from lora_dpo.run.disk import disk_full_is_an_error
 from lora_dpo.run.lock import RunLock
 from lora_dpo.run.metrics_file import MetricsFile, NullMetricsFile
 from lora_dpo.run.resume import check_resume, read_resumes, read_run_config, resume_record
+from lora_dpo.samples import Sample, read_samples, write_samples
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class RunTransaction:
 
     def _clear_started_run(self) -> None:
         work = self.work
-        for path in (work.report_png, work.report_md, work.resumes_path):
+        for path in (work.report_png, work.report_md, work.resumes_path, work.samples_jsonl, work.samples_md):
             path.unlink(missing_ok=True)
         if work.adapter_dir.is_dir():  # a damaged one: a complete adapter means FINISHED
             shutil.rmtree(work.adapter_dir)
@@ -180,6 +181,19 @@ class RunTransaction:
             return None
         with disk_full_is_an_error(self.work.checkpoints_dir):
             return save_checkpoint(self.work.checkpoints_dir, step, policy, optimizer, scheduler, rank_states, keep)
+
+    def kept_samples(self) -> list[Sample]:
+        """The samples a resumed run keeps: those up to its checkpoint's step (a new run has none)."""
+        if self.resume_from is None or not self.work.samples_jsonl.is_file():
+            return []
+        step = self.resume_from.step
+        return [s for s in read_samples(self.work.samples_jsonl) if s.step is not None and s.step <= step]
+
+    def write_samples(self, samples: list[Sample]) -> None:
+        """samples.jsonl and samples.md, replaced whole with every sample so far (rank 0)."""
+        if self.is_main:
+            with disk_full_is_an_error(self.work.samples_jsonl):
+                write_samples(self.work.path, samples)
 
     # ------------------------------------------------------------------ publish
 
