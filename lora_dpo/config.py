@@ -84,14 +84,37 @@ class TrainConfig:
     overwrite_output_dir: bool = False
     beta: float = 0.1
     # TRL's names, so settings carry over: "sigmoid" (DPO), "ipo" (length-normalised, targets a
-    # margin of 1/(2β) instead of an unbounded one), "hinge" (SLiC), "robust" (rDPO).
+    # margin of 1/(2β) instead of an unbounded one), "hinge" (SLiC), "robust" (rDPO), and the
+    # rest of TRL's DPO list (lora_dpo.losses.LOSS_TYPES). Several DPO loss types at once (TRL's
+    # list loss_type=[a, b]) are joined with "+": "sigmoid+bco_pair+sft" (MPO). The
+    # reference-free "simpo", "orpo" and "cpo" stand alone and need no reference cache.
     loss_type: str = "sigmoid"
-    # Probability that a preference label is flipped: cDPO on "sigmoid", rDPO's ε on "robust".
-    # 0 trusts every label. Must be < 0.5 (at 0.5 the labels carry no information).
+    # Probability that a preference label is flipped: cDPO on "sigmoid", rDPO's ε on "robust",
+    # EXO's ε on "exo_pair" (which needs it > 0). 0 trusts every label. Must be < 0.5 (at 0.5
+    # the labels carry no information).
     label_smoothing: float = 0.0
     # Weight of the RPO term, the NLL of the chosen response (TRL's rpo_alpha; the RPO paper
     # uses 1.0). 0 turns it off: plain preference optimisation can lower chosen likelihoods too.
     rpo_alpha: float = 0.0
+    # One weight per loss type joined in loss_type (TRL's loss_weights; MPO: [0.8, 0.2, 1.0]).
+    # Empty: every loss type weighs 1.
+    loss_weights: list[float] = field(default_factory=list)
+    # LD-DPO's α in [0, 1]: response tokens past the pair's shared length min(|yw|, |yl|) count
+    # with this weight, so verbosity earns less reward. 1.0 is plain DPO (TRL's ld_alpha=None).
+    ld_alpha: float = 1.0
+    # WPO: weight each pair by how likely the policy is to generate it (TRL's use_weighting), so
+    # off-policy pairs count less.
+    use_weighting: bool = False
+    # f-DPO's regulariser: "reverse_kl" (DPO's), "forward_kl", "js_divergence" or
+    # "alpha_divergence" with f_alpha_divergence_coef (1 is reverse KL, 0 forward KL).
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    # DiscoPOP's temperature τ, the paper's value (loss_type="discopop").
+    discopop_tau: float = 0.05
+    # SimPO's target reward margin γ (loss_type="simpo"; TRL's simpo_gamma).
+    simpo_gamma: float = 0.5
+    # Weight of CPO's chosen NLL term (loss_type="cpo"; TRL's CPOConfig default).
+    cpo_alpha: float = 1.0
     # LoRA trains a small fraction of the weights and tolerates a larger step than full tuning.
     learning_rate: float = 5e-5
     per_device_batch_size: int = 4
@@ -215,20 +238,31 @@ class Config:
         self._validate_loss()
 
     def _validate_loss(self) -> None:
-        from lora_dpo.loss import LOSS_TYPES, SMOOTHED_LOSS_TYPES
+        from lora_dpo.losses import LossSettings
+        from lora_dpo.losses.settings import F_DIVERGENCE_TYPES
 
         cfg = self.train
-        if cfg.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"train.loss_type={cfg.loss_type!r}: must be one of {', '.join(LOSS_TYPES)}")
         if not 0.0 <= cfg.label_smoothing < 0.5:
             raise ConfigError(f"train.label_smoothing={cfg.label_smoothing}: must be in [0, 0.5)")
-        if cfg.label_smoothing and cfg.loss_type not in SMOOTHED_LOSS_TYPES:
+        for key, value in (("rpo_alpha", cfg.rpo_alpha), ("cpo_alpha", cfg.cpo_alpha)):
+            if value < 0:
+                raise ConfigError(f"train.{key}={value}: must be >= 0")
+        if not 0.0 <= cfg.ld_alpha <= 1.0:
+            raise ConfigError(f"train.ld_alpha={cfg.ld_alpha}: must be in [0, 1]")
+        if not cfg.discopop_tau > 0:
+            raise ConfigError(f"train.discopop_tau={cfg.discopop_tau}: must be > 0")
+        if cfg.f_divergence_type not in F_DIVERGENCE_TYPES:
             raise ConfigError(
-                f"train.label_smoothing={cfg.label_smoothing} has no effect with "
-                f"train.loss_type={cfg.loss_type}; it applies to {' and '.join(SMOOTHED_LOSS_TYPES)}"
+                f"train.f_divergence_type={cfg.f_divergence_type!r}: must be one of {', '.join(F_DIVERGENCE_TYPES)}"
             )
-        if cfg.rpo_alpha < 0:
-            raise ConfigError(f"train.rpo_alpha={cfg.rpo_alpha}: must be >= 0")
+        problem = LossSettings.of(cfg).problem("train.")
+        if problem:
+            raise ConfigError(problem)
+        if cfg.ld_alpha != 1.0:
+            raise ConfigError(
+                f"train.ld_alpha={cfg.ld_alpha} needs a reference cache with the log-probs of each "
+                "response's shared prefix (min(|yw|, |yl|) tokens); not available yet"
+            )
 
 
 def _closest(name: str, options: typing.Iterable[str]) -> str:

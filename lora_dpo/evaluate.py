@@ -15,7 +15,7 @@ from lora_dpo.errors import ConfigError
 from lora_dpo.data import TokenizedPair, load_preference_data
 from lora_dpo.logps import SequenceLogps
 from lora_dpo.scoring import score_pairs
-from lora_dpo.loss import LossSettings, preference_loss
+from lora_dpo.losses import LossSettings, preference_loss
 from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
 
 

@@ -14,7 +14,7 @@ import torch
 from lora_dpo.distributed import all_reduce_
 from lora_dpo.fileio import write_text
 from lora_dpo.loggers import MetricLogger, NullLogger
-from lora_dpo.loss import DPOOutput
+from lora_dpo.losses import DPOOutput
 from lora_dpo.logps import SequenceLogps
 
 # TRL's names, so dashboards and habits carry over. The rewards are β·(summed log-ratio) for

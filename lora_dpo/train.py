@@ -37,7 +37,7 @@ from lora_dpo.evaluate import EvalMetrics, evaluate
 from lora_dpo.fileio import write_json, write_text
 from lora_dpo.loggers import check_backends, open_logger
 from lora_dpo.logps import SequenceLogps, check_prefix_sharing_support, sequence_logps
-from lora_dpo.loss import LossSettings, preference_loss
+from lora_dpo.losses import LossSettings, preference_loss
 from lora_dpo.metrics import MetricsFile, NullMetricsFile, WindowMeter, console_line
 from lora_dpo.model import (
     attach_lora,

@@ -20,7 +20,7 @@ import torch
 from lora_dpo.config import load_config
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import ConfigError
-from lora_dpo.loss import (
+from lora_dpo.losses import (
     dpo_loss,
     hinge_loss,
     ipo_loss,
