@@ -13,6 +13,7 @@ directory that exists is complete. The last `keep` checkpoints are kept.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -94,11 +95,33 @@ def load_checkpoint(
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ConfigError(f"{path}: adapter weights do not fit this model: {unexpected[:3]}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=device))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    mine = torch.load(path / "ranks.pt", weights_only=True)[rank]
+    optimizer.load_state_dict(load_state(path / "optimizer.pt", map_location=device))
+    scheduler.load_state_dict(load_state(path / "scheduler.pt"))
+    mine = load_state(path / "ranks.pt")[rank]
     torch.set_rng_state(mine["torch_rng"])
     if "cuda_rng" in mine and torch.cuda.is_available():
         torch.cuda.set_rng_state(mine["cuda_rng"])
     random.setstate(mine["python_rng"])
     return {**state, "meter": mine["meter"]}
+
+
+def load_state(file: Path, map_location: Any = None) -> Any:
+    """torch.load(weights_only=True), which refuses pickled code; a refused, damaged or missing
+    file is one line naming it instead of torch's page-long message."""
+    try:
+        return torch.load(file, weights_only=True, map_location=map_location)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(
+            f"{file}: refused by torch.load(weights_only=True), which loads only tensors and plain "
+            f"data and runs no pickled code: {_unpickling_reason(exc)}"
+        ) from None
+    except (OSError, EOFError, RuntimeError) as exc:  # missing, truncated, not a torch file
+        raise ConfigError(f"{file}: cannot load: {str(exc).strip().splitlines()[0][:200]}") from None
+
+
+def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
+    # torch's message: a paragraph of advice, the reason, a link to the docs.
+    paragraphs = [p.strip() for p in str(exc).split("\n\n") if p.strip()]
+    reasons = [p for p in paragraphs[1:] if not p.startswith("Check the documentation")]
+    text = (reasons or paragraphs or [type(exc).__name__])[0]
+    return text.splitlines()[0][:200]

@@ -3,13 +3,17 @@
 A config file has one mapping per section (`model`, `lora`, `data`, `precompute`, `train`);
 overrides on the command line use dotted keys: `train.beta=0.05 data.max_length=2048`.
 Unknown keys and wrong types are errors that name the key (and suggest the closest one),
-never silently ignored.
+never silently ignored. Every numeric and choice key declares its domain beside its default
+(`setting(default, domain)`), and `Config.validate` checks each one at load, before any model
+work: one line naming the key, the value and the domain.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from lora_dpo.domains import DOMAIN, above, at_least, between, one_of, setting
 from lora_dpo.errors import ConfigError
 
 
@@ -26,19 +31,20 @@ class ModelConfig:
     # Local directory or hub name of a causal LM; the policy's base and, by default, the reference.
     name_or_path: str = ""
     # "nf4": 4-bit NormalFloat with double quantization (QLoRA). "none": plain weights in `dtype`.
-    quantization: str = "nf4"
+    quantization: str = setting("nf4", one_of("nf4", "none"))
     # Compute dtype: "auto" picks bf16 on CUDA and fp32 on the CPU (bf16 matmuls are slow there).
-    dtype: str = "auto"
+    dtype: str = setting("auto", one_of("auto", "fp32", "bf16", "fp16"))
     # Executing a repository's own Python code is opt-in.
     trust_remote_code: bool = False
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = setting(16, above(0))
+    alpha: int = setting(32, above(0))
+    dropout: float = setting(0.05, between(0, 1, high_open=True))
     # "all-linear" targets every linear layer except the LM head (QLoRA paper: all layers matter).
+    # Names are matched against the model's modules before LoRA is attached.
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
 
@@ -52,12 +58,16 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "test"
     # "auto" detects explicit / implicit / conversational from the first row.
-    format: str = "auto"
+    format: str = setting("auto", one_of("auto", "explicit", "implicit", "conversational"))
     # Longest prompt + response, in tokens; longer pairs are cut (prompt from the left first).
-    max_length: int = 1024
-    max_prompt_length: int = 512
+    max_length: int = setting(1024, above(0))
+    max_prompt_length: int = setting(512, above(0))
     # Keep at most this many pairs (0 = all): for quick trials on a slice.
-    max_pairs: int = 0
+    max_pairs: int = setting(0, at_least(0))
+    # A row longer than this (its JSON Lines line, or its text in other formats) is dropped as
+    # row_too_large before it is parsed or tokenized: one runaway row must not cost gigabytes.
+    # 8 MiB is far above any transcript a model with a 128k context can take.
+    max_row_bytes: int = setting(8 * 2**20, above(0))
     # A row that cannot become a pair (bad JSON line, missing field, empty response, ...) is
     # dropped and counted by reason in the data report, so one bad line among millions does
     # not stop a run; true makes the first such row an error naming its file, line and field.
@@ -69,12 +79,12 @@ class PrecomputeConfig:
     # Where the reference cache (manifest.json + shard-*.safetensors) lives.
     cache_dir: str = "runs/ref-cache"
     # Pairs per reference forward (no gradients: larger than the training batch is fine).
-    batch_size: int = 8
+    batch_size: int = setting(8, above(0))
     # Pairs per safetensors shard: a shard is the unit of resume after an interruption.
-    shard_size: int = 4096
+    shard_size: int = setting(4096, above(0))
     # "policy": the same quantized base the policy starts from (step-0 loss is exactly ln 2).
     # "bf16" / "fp32": an unquantized reference, an explicit choice recorded in the manifest.
-    reference: str = "policy"
+    reference: str = setting("policy", one_of("policy", "bf16", "fp32"))
 
 
 @dataclass
@@ -82,7 +92,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     # A finished run (output_dir/adapter) is never replaced unless this is set.
     overwrite_output_dir: bool = False
-    beta: float = 0.1
+    beta: float = setting(0.1, above(0))
     # TRL's names, so settings carry over: "sigmoid" (DPO), "ipo" (length-normalised, targets a
     # margin of 1/(2β) instead of an unbounded one), "hinge" (SLiC), "robust" (rDPO), and the
     # rest of TRL's DPO list (lora_dpo.losses.LOSS_TYPES). Several DPO loss types at once (TRL's
@@ -92,71 +102,76 @@ class TrainConfig:
     # Probability that a preference label is flipped: cDPO on "sigmoid", rDPO's ε on "robust",
     # EXO's ε on "exo_pair" (which needs it > 0). 0 trusts every label. Must be < 0.5 (at 0.5
     # the labels carry no information).
-    label_smoothing: float = 0.0
+    label_smoothing: float = setting(0.0, between(0, 0.5, high_open=True))
     # Weight of the RPO term, the NLL of the chosen response (TRL's rpo_alpha; the RPO paper
     # uses 1.0). 0 turns it off: plain preference optimisation can lower chosen likelihoods too.
-    rpo_alpha: float = 0.0
-    # One weight per loss type joined in loss_type (TRL's loss_weights; MPO: [0.8, 0.2, 1.0]).
-    # Empty: every loss type weighs 1.
-    loss_weights: list[float] = field(default_factory=list)
+    rpo_alpha: float = setting(0.0, at_least(0))
+    # One weight per loss type joined in loss_type (TRL's loss_weights; MPO: [0.8, 0.2, 1.0]),
+    # each >= 0. None: every loss type weighs 1.
+    loss_weights: list[float] | None = None
     # LD-DPO's α in [0, 1]: response tokens past the pair's shared length min(|yw|, |yl|) count
     # with this weight, so verbosity earns less reward. 1.0 is plain DPO (TRL's ld_alpha=None).
-    ld_alpha: float = 1.0
+    ld_alpha: float = setting(1.0, between(0, 1))
     # WPO: weight each pair by how likely the policy is to generate it (TRL's use_weighting), so
     # off-policy pairs count less.
     use_weighting: bool = False
     # f-DPO's regulariser: "reverse_kl" (DPO's), "forward_kl", "js_divergence" or
-    # "alpha_divergence" with f_alpha_divergence_coef (1 is reverse KL, 0 forward KL).
+    # "alpha_divergence" with f_alpha_divergence_coef (1 is reverse KL, 0 forward KL). Checked,
+    # with every combination of loss settings, by lora_dpo.losses.LossSettings.problem.
     f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5
+    f_alpha_divergence_coef: float = setting(0.5, between(0, 1))
     # DiscoPOP's temperature τ, the paper's value (loss_type="discopop").
-    discopop_tau: float = 0.05
+    discopop_tau: float = setting(0.05, above(0))
     # SimPO's target reward margin γ (loss_type="simpo"; TRL's simpo_gamma).
-    simpo_gamma: float = 0.5
+    simpo_gamma: float = setting(0.5, at_least(0))
     # Weight of CPO's chosen NLL term (loss_type="cpo"; TRL's CPOConfig default).
-    cpo_alpha: float = 1.0
+    cpo_alpha: float = setting(1.0, at_least(0))
     # LoRA trains a small fraction of the weights and tolerates a larger step than full tuning.
-    learning_rate: float = 5e-5
-    per_device_batch_size: int = 4
-    gradient_accumulation_steps: int = 4
-    epochs: int = 1
+    learning_rate: float = setting(5e-5, above(0))
+    per_device_batch_size: int = setting(4, above(0))
+    gradient_accumulation_steps: int = setting(4, above(0))
+    epochs: int = setting(1, above(0))
     # Stop after this many optimizer steps (-1: run all epochs).
-    max_steps: int = -1
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_steps: int = setting(-1, above(0).also(-1, "all epochs"))
+    # Fraction of the optimizer steps spent warming the learning rate up from 0.
+    warmup_ratio: float = setting(0.1, between(0, 1))
+    weight_decay: float = setting(0.0, at_least(0))
+    # Gradients are scaled down to this global norm. `none` turns clipping off (the norm is
+    # still logged); 0 is refused, since it would scale every gradient to zero.
+    max_grad_norm: float | None = setting(1.0, above(0).also(None, "no clipping"))
     # "auto": paged 8-bit AdamW on CUDA, torch AdamW on the CPU. Or adamw_torch, adamw_8bit,
     # paged_adamw_8bit (CUDA only: on the CPU bitsandbytes silently falls back to non-paged).
-    optimizer: str = "auto"
+    optimizer: str = setting("auto", one_of("auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"))
     # Recompute decoder activations in backward: the main activation-memory saving on 24 GB.
     gradient_checkpointing: bool = True
     # Response tokens per LM-head chunk: at most [chunk, vocab] logits exist at once (263 MB in
     # fp32 at a 128k vocabulary for 512). Values do not depend on it beyond float rounding, so
     # it is not part of the cache identity; precompute and eval (no gradients) use the default.
-    logits_chunk_size: int = 512
+    logits_chunk_size: int = setting(512, above(0))
     # Prefix sharing: forward each pair as one row, prompt + chosen + rejected, so the prompt
     # runs once (a block mask keeps rejected from seeing chosen). Equal to the unshared values
     # up to float rounding; pays off when prompts are long next to responses. Llama, Mistral,
     # Qwen2 and Gemma 2 with eager or sdpa attention.
     prefix_sharing: bool = False
     # Log (console + metrics.jsonl) every N optimizer steps.
-    logging_steps: int = 10
+    logging_steps: int = setting(10, above(0))
     # Also send every metrics.jsonl record to: "tensorboard" (<output_dir>/tensorboard) and/or
     # "wandb"; each is an optional extra. Empty or "none": metrics.jsonl and the console only.
     report_to: list[str] = field(default_factory=list)
     # Checkpoint (adapter, optimizer, scheduler, RNG, data position) every N optimizer steps
     # (0: none). SIGINT/SIGTERM always checkpoint before stopping.
-    save_steps: int = 100
+    save_steps: int = setting(100, at_least(0))
     # Keep the newest N checkpoints.
-    save_total_limit: int = 2
+    save_total_limit: int = setting(2, above(0))
     # A step whose loss or gradient is not finite is skipped; this many in a row stop the run.
-    max_consecutive_skips: int = 5
+    max_consecutive_skips: int = setting(5, above(0))
     # Evaluate on the eval split every N optimizer steps (0: only before and after training).
-    eval_steps: int = 0
+    eval_steps: int = setting(0, at_least(0))
     # Use a reference cache whose identity differs from this run's (logged, not refused), and
     # skip the step-0 agreement check. Only for a deliberate mismatch.
     accept_cache_mismatch: bool = False
-    seed: int = 42
+    # Seeds Python's and torch's generators; [0, 2**32) is what every common seeding API takes.
+    seed: int = setting(42, between(0, 2**32 - 1))
 
 
 SECTIONS: dict[str, type] = {
@@ -180,53 +195,31 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Check values the type system cannot: choices and ranges."""
-        choices = {
-            "model.quantization": (self.model.quantization, ("nf4", "none")),
-            "model.dtype": (self.model.dtype, ("auto", "fp32", "bf16", "fp16")),
-            "data.format": (self.data.format, ("auto", "explicit", "implicit", "conversational")),
-            "precompute.reference": (self.precompute.reference, ("policy", "bf16", "fp32")),
-            "train.optimizer": (
-                self.train.optimizer,
-                ("auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"),
-            ),
-        }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
-        positive = {
-            "lora.r": self.lora.r,
-            "data.max_length": self.data.max_length,
-            "data.max_prompt_length": self.data.max_prompt_length,
-            "precompute.batch_size": self.precompute.batch_size,
-            "precompute.shard_size": self.precompute.shard_size,
-            "train.per_device_batch_size": self.train.per_device_batch_size,
-            "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
-            "train.epochs": self.train.epochs,
-            "train.logging_steps": self.train.logging_steps,
-            "train.save_total_limit": self.train.save_total_limit,
-            "train.max_consecutive_skips": self.train.max_consecutive_skips,
-            "train.beta": self.train.beta,
-            "train.learning_rate": self.train.learning_rate,
-            "train.logits_chunk_size": self.train.logits_chunk_size,
-        }
-        for key, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"{key}={value}: must be > 0")
+        """Each setting's domain, then what spans several keys."""
+        for section_name in SECTIONS:
+            section = getattr(self, section_name)
+            hints = typing.get_type_hints(type(section))
+            for f in dataclasses.fields(section):
+                domain = f.metadata.get(DOMAIN)
+                value = getattr(section, f.name)
+                if domain is not None and not domain.allows(value):
+                    raise ConfigError(
+                        f"{section_name}.{f.name}={value!r}: must be "
+                        f"{domain.describe(is_float=_is_float(hints[f.name]))}"
+                    )
         if self.data.max_prompt_length >= self.data.max_length:
             raise ConfigError(
                 f"data.max_prompt_length={self.data.max_prompt_length} must be smaller than "
                 f"data.max_length={self.data.max_length}: responses need room"
             )
-        if not 0.0 <= self.lora.dropout < 1.0:
-            raise ConfigError(f"lora.dropout={self.lora.dropout}: must be in [0, 1)")
-        if not 0.0 <= self.train.warmup_ratio <= 1.0:
-            raise ConfigError(f"train.warmup_ratio={self.train.warmup_ratio}: must be in [0, 1]")
-        if self.train.max_steps == 0 or self.train.max_steps < -1:
-            raise ConfigError(f"train.max_steps={self.train.max_steps}: must be -1 (all epochs) or > 0")
-        for key, value in (("data.max_pairs", self.data.max_pairs), ("train.eval_steps", self.train.eval_steps)):
-            if value < 0:
-                raise ConfigError(f"{key}={value}: must be >= 0")
+        targets = self.lora.target_modules
+        if not targets:
+            raise ConfigError("lora.target_modules=[]: name at least one module, or all-linear")
+        if "all-linear" in targets and len(targets) > 1:
+            raise ConfigError(
+                f"lora.target_modules={targets!r}: all-linear already covers every linear layer; "
+                "give it alone, or list module names without it"
+            )
         if self.train.eval_steps and not self.data.eval_path:
             raise ConfigError(
                 f"train.eval_steps={self.train.eval_steps} needs an eval split: set data.eval_path "
@@ -239,22 +232,8 @@ class Config:
 
     def _validate_loss(self) -> None:
         from lora_dpo.losses import LossSettings
-        from lora_dpo.losses.settings import F_DIVERGENCE_TYPES
 
         cfg = self.train
-        if not 0.0 <= cfg.label_smoothing < 0.5:
-            raise ConfigError(f"train.label_smoothing={cfg.label_smoothing}: must be in [0, 0.5)")
-        for key, value in (("rpo_alpha", cfg.rpo_alpha), ("cpo_alpha", cfg.cpo_alpha)):
-            if value < 0:
-                raise ConfigError(f"train.{key}={value}: must be >= 0")
-        if not 0.0 <= cfg.ld_alpha <= 1.0:
-            raise ConfigError(f"train.ld_alpha={cfg.ld_alpha}: must be in [0, 1]")
-        if not cfg.discopop_tau > 0:
-            raise ConfigError(f"train.discopop_tau={cfg.discopop_tau}: must be > 0")
-        if cfg.f_divergence_type not in F_DIVERGENCE_TYPES:
-            raise ConfigError(
-                f"train.f_divergence_type={cfg.f_divergence_type!r}: must be one of {', '.join(F_DIVERGENCE_TYPES)}"
-            )
         problem = LossSettings.of(cfg).problem("train.")
         if problem:
             raise ConfigError(problem)
@@ -270,10 +249,24 @@ def _closest(name: str, options: typing.Iterable[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+# A float as YAML 1.2 writes it. PyYAML follows YAML 1.1, which wants a dot and a signed
+# exponent, so it reads `5e-5` and `1e4` as strings.
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+_YAML12_SPECIAL = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+# A spelling of "off" for a setting that can be off (`train.max_grad_norm=none`).
+_NONE_SPELLINGS = ("none", "null", "~")
+_INT64 = 2**63
+
+
+def _is_float(annotation: Any) -> bool:
+    return annotation is float or float in typing.get_args(annotation)
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check `value` against a field's annotation; ints widen to floats, nothing else converts."""
+    """Check `value` against a field's annotation. Ints widen to floats and strings that are
+    YAML 1.2 floats become floats; nothing else converts."""
     origin = typing.get_origin(annotation)
-    if origin in (list, typing.List):
+    if origin is list:
         (item_type,) = typing.get_args(annotation)
         if isinstance(value, str):  # `lora.target_modules=q_proj,v_proj` on the command line
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -281,8 +274,21 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
-        raise NotImplementedError(f"{key}: union-typed config fields are not supported")
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(options) != 1 or len(typing.get_args(annotation)) != 2:
+            raise NotImplementedError(f"{key}: only `T | None` unions are supported")
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_SPELLINGS):
+            return None
+        return _coerce(key, value, options[0])
+    if annotation is float and isinstance(value, str):
+        text = value.strip()
+        if _YAML12_FLOAT.fullmatch(text):
+            return float(text)
+        if text.lower() in _YAML12_SPECIAL:
+            return _YAML12_SPECIAL[text.lower()]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= 2**1024:  # float() would raise OverflowError
+            raise ConfigError(f"{key}: a {len(str(abs(value)))}-digit number is too large for a float")
         return float(value)
     if annotation is str and value is None:
         return ""
@@ -292,6 +298,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(
             f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}"
         )
+    if annotation is int and not -_INT64 <= value < _INT64:  # torch and numpy take int64 at most
+        raise ConfigError(f"{key}: a {len(str(abs(value)))}-digit number is too large (64-bit integers at most)")
     return value
 
 
@@ -315,9 +323,50 @@ def _parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # not YAML: the text itself
         value = raw
     return key.strip(), value
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The sections of a YAML config file; anything wrong with the file is one line naming it."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: a directory, not a config file")
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise ConfigError(f"{path}: not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8: byte 0x{data[exc.start]:02x} at byte offset {exc.start}"
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: {where}not valid YAML: {exc.problem or exc.context}") from None
+    except yaml.reader.ReaderError as exc:  # a control character YAML does not allow
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        raise ConfigError(
+            f"{path}: line {line}, column {column}: not valid YAML: character U+{exc.character:04X} "
+            "is not allowed"
+        ) from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # e.g. a 5000-digit integer
+        why = str(exc).splitlines()[0].split(";")[0][:200]  # not Python's advice on the limit
+        raise ConfigError(f"{path}: not valid YAML: {why}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -325,15 +374,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     config = Config()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-        for section_name, values in raw.items():
+        for section_name, values in read_config_file(path).items():
+            if values is None:  # a section header with nothing under it
+                continue
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section {section_name!r} must be a mapping")
             for key, value in values.items():

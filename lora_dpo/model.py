@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def load_base_model(
             device_map={"": str(device)},
             trust_remote_code=cfg.trust_remote_code,
         )
-    except (OSError, ValueError) as exc:  # not found, no network, custom code not trusted
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:  # not found, no network, untrusted code or pickle
         raise ConfigError(_load_failure(path, "the model", exc)) from None
     disable_cpu_weight_repack(model)
     model.requires_grad_(False)
@@ -95,6 +96,31 @@ def disable_cpu_weight_repack(model: torch.nn.Module) -> int:
     return guarded
 
 
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    """Each `lora.target_modules` name must match a module LoRA can wrap the way peft matches
+    a list (the full name, or its last dotted parts), with the closest linear layer names as
+    a hint: peft's own error is a traceback, after minutes of model loading."""
+    import difflib
+
+    from transformers.pytorch_utils import Conv1D
+
+    if targets == ["all-linear"]:
+        return
+    linear = (torch.nn.Linear, Conv1D)  # bitsandbytes' 4-bit and 8-bit layers are nn.Linear
+    wrappable = linear + (torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+    names = [name for name, module in model.named_modules() if isinstance(module, wrappable)]
+    for target in targets:
+        if any(name == target or name.endswith(f".{target}") for name in names):
+            continue
+        layers = [name for name, module in model.named_modules() if name and isinstance(module, linear)]
+        depth = target.count(".") + 1  # `mlp.gate` is compared with `mlp.gate_proj`, not `gate_proj`
+        tails = {".".join(name.split(".")[-depth:]) for name in layers}
+        close = difflib.get_close_matches(target, sorted(tails), n=3)
+        leaves = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in layers}))
+        hint = f"closest: {', '.join(close)}" if close else f"its linear layers: {leaves}"
+        raise ConfigError(f"lora.target_modules: {target!r} matches no module of the model; {hint}")
+
+
 def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointing: bool):
     """Wrap the frozen base with trainable LoRA adapters (fp32 weights, whatever the compute dtype).
 
@@ -105,6 +131,7 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointi
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    check_target_modules(model, cfg.target_modules)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad and handles frozen bases.
         kwargs = {"use_reentrant": False}
@@ -182,6 +209,11 @@ def _load_failure(path: str, what: str, exc: BaseException) -> str:
     from lora_dpo.hub import offline_mode, offline_reason
 
     text = str(exc).strip()
+    if isinstance(exc, pickle.UnpicklingError):
+        return (
+            f"model.name_or_path={path!r}: a weight file holds pickled objects beyond plain "
+            "tensors, refused unread (torch.load weights_only=True); use safetensors weights"
+        )
     if "trust_remote_code" in text:
         return (
             f"model.name_or_path={path!r}: the repository ships its own Python code, which "

@@ -356,7 +356,9 @@ class TrainLoop:
                 (out.losses.sum() * (self.dist.world_size / pairs_in_step)).backward()
             finite = finite & meter.add_pairs(out, policy_logps, tokens)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        # None: no clipping; an infinite bound only measures the norm, for the log.
+        max_norm = math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         finite = finite & torch.isfinite(grad_norm)
         finite = all_reduce_(finite.to(torch.int32), "min").bool()  # every rank skips alike
         finite_step(self.optimizer, params, finite)

@@ -1,10 +1,12 @@
 """Bad config: one clear line for a missing model path, a hub name without network, custom
-code that was not trusted, and impossible combinations."""
+code that was not trusted, impossible combinations, a config file that cannot be read or
+parsed, and LoRA target modules the model does not have."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -183,3 +185,105 @@ def test_hub_model_in_the_local_cache_loads_without_network(hub_unreachable, dem
     assert tokenizer("Hello")["input_ids"]
     model = load_model(cfg)
     assert model.config.model_type == "llama"
+
+
+# ------------------------------------------------------------------------- the config file
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    from lora_dpo.cli import main
+
+    code = main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    return lines[0]
+
+
+def test_config_file_faults_are_one_line_naming_the_file(tmp_path, capsys):
+    def check(path: Path) -> str:
+        return cli_error(capsys, ["data", "check", "--config", str(path)])
+
+    assert check(tmp_path) == f"error: {tmp_path}: a directory, not a config file"
+    assert check(tmp_path / "none.yaml") == f"error: config file not found: {tmp_path / 'none.yaml'}"
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("train:\n  output_dir: runs/caf\xe9\n".encode("latin-1"))
+    assert check(latin1) == f"error: {latin1}: not UTF-8: byte 0xe9 at byte offset 29"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  beta: 0.1\n   epochs: 2\n")
+    assert check(broken) == (
+        f"error: {broken}: line 3, column 10: not valid YAML: mapping values are not allowed here"
+    )
+    unclosed = tmp_path / "unclosed.yaml"
+    unclosed.write_text("lora:\n  target_modules: [q_proj, v_proj\ntrain:\n  beta: 0.1\n")
+    assert check(unclosed).startswith(f"error: {unclosed}: line 3, column 6: not valid YAML: expected ','")
+    control = tmp_path / "control.yaml"
+    control.write_text("train:\n  beta: 0.1\x07\n")
+    assert check(control) == (
+        f"error: {control}: line 2, column 12: not valid YAML: character U+0007 is not allowed"
+    )
+    if Path("/proc/self/mem").is_file():  # a regular file whose read fails (even for root)
+        assert check(Path("/proc/self/mem")) == "error: /proc/self/mem: cannot read: Input/output error"
+    if os.geteuid() != 0:  # root reads a file whatever its mode
+        locked = tmp_path / "locked.yaml"
+        locked.write_text("train:\n  beta: 0.1\n")
+        locked.chmod(0)
+        assert check(locked) == f"error: {locked}: cannot read: Permission denied"
+
+
+def test_a_config_file_with_a_bom_and_an_empty_section_loads(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xef\xbb\xbftrain:\n  beta: 0.2\nlora:\n")
+    assert load_config(path).train.beta == 0.2
+
+
+# ----------------------------------------------------------------------- LoRA target modules
+
+
+@pytest.fixture(scope="module")
+def tiny_base(demo_workdir):
+    return ModelConfig(name_or_path=str(demo_workdir / "model"))
+
+
+@pytest.mark.parametrize(
+    "targets, message",
+    [
+        (["q_prj"], "lora.target_modules: 'q_prj' matches no module of the model; closest: q_proj"),
+        (["q_proj", "v_prj"], "lora.target_modules: 'v_prj' matches no module of the model; closest: v_proj"),
+        (["mlp.gate"], "lora.target_modules: 'mlp.gate' matches no module of the model; closest: mlp.gate_proj"),
+        (["attention"], ("lora.target_modules: 'attention' matches no module of the model; its linear "
+                         "layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")),
+    ],
+)
+def test_misspelled_lora_target_is_named_with_the_closest_names(tiny_base, targets, message):
+    from lora_dpo.config import LoraConfig
+    from lora_dpo.model import attach_lora
+
+    model = load_model(tiny_base)
+    with pytest.raises(ConfigError) as caught:
+        attach_lora(model, LoraConfig(target_modules=targets), gradient_checkpointing=False)
+    assert str(caught.value).split("; ")[0] == message.split("; ")[0]
+    assert str(caught.value).split("; ")[1].startswith(message.split("; ")[1])
+    assert not any("lora_" in name for name, _ in model.named_modules())  # nothing was attached
+
+
+def test_lora_targets_match_like_peft(tiny_base):
+    """Leaf names, dotted tails and full names all reach peft, which wraps what they name."""
+    from lora_dpo.config import LoraConfig
+    from lora_dpo.model import attach_lora
+
+    for targets, wrapped in [
+        (["q_proj", "v_proj"], 4),
+        (["self_attn.o_proj"], 2),
+        (["model.layers.1.mlp.up_proj"], 1),
+        (["lm_head"], 1),
+    ]:
+        policy = attach_lora(load_model(tiny_base), LoraConfig(target_modules=targets), gradient_checkpointing=False)
+        names = [name for name, module in policy.named_modules() if hasattr(module, "lora_A") and module.lora_A]
+        assert len(names) == wrapped, (targets, names)
+
+
+def test_empty_lora_targets_are_refused_at_config_load():
+    with pytest.raises(ConfigError, match=r"lora.target_modules=\[\]: name at least one module, or all-linear"):
+        load_config(None, ["lora.target_modules="])
+    with pytest.raises(ConfigError, match="all-linear already covers every linear layer"):
+        load_config(None, ["lora.target_modules=all-linear,q_proj"])

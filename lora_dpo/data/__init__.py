@@ -160,7 +160,7 @@ def load_preference_data(
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if not path:
         raise DataError(f"data.{split}_path is empty: no {split} data configured")
-    source = read_source(path, source_split)
+    source = read_source(path, source_split, cfg.max_row_bytes)
     rows, lines = source.rows, source.lines
     if cfg.max_pairs > 0:
         rows = rows[: cfg.max_pairs]

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lora_dpo.sources import INVALID_JSON, MALFORMED_ROW, NOT_AN_OBJECT, NOT_UTF8
+from lora_dpo.sources import INVALID_JSON, MALFORMED_ROW, NOT_AN_OBJECT, NOT_UTF8, ROW_TOO_LARGE
 
 if TYPE_CHECKING:
     from lora_dpo.data.tokenize import TokenizedPair
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 EXAMPLES_PER_REASON = 5
 
 # Drop reasons, the report's keys (the reading layer adds invalid_json, not_utf8,
-# not_an_object and malformed_row).
+# not_an_object, malformed_row and row_too_large).
 MISSING_FIELD = "missing_field"  # absent, null, or not of the type the format needs
 EMPTY_RESPONSE = "empty_response"
 EMPTY_PROMPT = "empty_prompt"
@@ -32,7 +32,7 @@ BAD_ROLES = "bad_roles"
 TEMPLATE_REJECTED = "chat_template_rejected"
 NOTHING_LEFT = "nothing_left_after_truncation"
 DROP_REASONS = (
-    INVALID_JSON, NOT_UTF8, NOT_AN_OBJECT, MALFORMED_ROW, MISSING_FIELD, EMPTY_PROMPT,
+    INVALID_JSON, NOT_UTF8, NOT_AN_OBJECT, MALFORMED_ROW, ROW_TOO_LARGE, MISSING_FIELD, EMPTY_PROMPT,
     EMPTY_RESPONSE, IDENTICAL_RESPONSES, DIALOGUES_DIFFER, BAD_ROLES, NO_FINAL_ASSISTANT_TURN,
     TEMPLATE_REJECTED, NOTHING_LEFT,
 )

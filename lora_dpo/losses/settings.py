@@ -6,6 +6,7 @@ Torch-free: the config validation reads these tables without importing the losse
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,7 +50,7 @@ class LossSettings:
     loss_type: str = "sigmoid"  # one of LOSS_TYPES, or DPO loss types joined with "+"
     label_smoothing: float = 0.0
     rpo_alpha: float = 0.0
-    loss_weights: tuple[float, ...] = ()  # one per joined loss type; () = all 1.0
+    loss_weights: tuple[float, ...] = ()  # one per joined loss type; () = all 1.0 (TRL's None)
     ld_alpha: float = 1.0  # LD-DPO's α; 1.0 = no down-weighting (TRL's ld_alpha=None)
     use_weighting: bool = False  # WPO
     f_divergence_type: str = "reverse_kl"
@@ -61,7 +62,7 @@ class LossSettings:
     @classmethod
     def of(cls, train: "TrainConfig") -> "LossSettings":
         values = {f.name: getattr(train, f.name) for f in dataclasses.fields(cls)}
-        return cls(**{**values, "loss_weights": tuple(values["loss_weights"])})
+        return cls(**{**values, "loss_weights": tuple(values["loss_weights"] or ())})
 
     @property
     def loss_types(self) -> tuple[str, ...]:
@@ -92,6 +93,8 @@ class LossSettings:
                 f"{p}loss_type={self.loss_type!r}: must be one of {', '.join(LOSS_TYPES)}, or DPO loss "
                 f"types joined with {LOSS_JOINER} (e.g. sigmoid{LOSS_JOINER}bco_pair{LOSS_JOINER}sft)"
             )
+        if self.f_divergence_type not in F_DIVERGENCE_TYPES:
+            return f"{p}f_divergence_type={self.f_divergence_type!r}: must be one of {', '.join(F_DIVERGENCE_TYPES)}"
         if len(types) > 1 and set(types) & set(REFERENCE_FREE_LOSS_TYPES):
             return f"{p}loss_type={self.loss_type}: {', '.join(REFERENCE_FREE_LOSS_TYPES)} take no reference and stand alone"
         if self.loss_weights and len(self.loss_weights) != len(types):
@@ -99,8 +102,8 @@ class LossSettings:
                 f"{p}loss_weights={list(self.loss_weights)}: one weight per loss type of "
                 f"{p}loss_type={self.loss_type} ({len(types)}), got {len(self.loss_weights)}"
             )
-        if any(not w >= 0 for w in self.loss_weights):
-            return f"{p}loss_weights={list(self.loss_weights)}: weights must be >= 0"
+        if not all(math.isfinite(w) and w >= 0 for w in self.loss_weights):
+            return f"{p}loss_weights={list(self.loss_weights)}: each weight must be >= 0 and finite"
         if self.label_smoothing and not set(types) & set(SMOOTHED_LOSS_TYPES):
             return (
                 f"{p}label_smoothing={self.label_smoothing} has no effect with {p}loss_type={self.loss_type}; "
