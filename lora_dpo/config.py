@@ -10,6 +10,7 @@ work: one line naming the key, the value and the domain.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -384,6 +385,17 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     for text in overrides:
         key, value = _parse_override(text)
         _set(config, key, value, "override")
+    config.validate()
+    return config
+
+
+def with_overrides(config: Config, overrides: typing.Sequence[str], origin: str = "override") -> Config:
+    """A validated copy of `config` with `key=value` overrides applied, parsed as on the
+    command line (a sweep's grid points)."""
+    config = copy.deepcopy(config)
+    for text in overrides:
+        key, value = _parse_override(text)
+        _set(config, key, value, origin)
     config.validate()
     return config
 

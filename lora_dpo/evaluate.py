@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -11,12 +11,12 @@ from tqdm.auto import tqdm
 from lora_dpo.batching import length_sorted_batches, pad_id_of
 from lora_dpo.cache import ReferenceValues
 from lora_dpo.config import Config
-from lora_dpo.errors import ConfigError
 from lora_dpo.data import TokenizedPair, load_preference_data
+from lora_dpo.errors import ConfigError
 from lora_dpo.logps import SequenceLogps
-from lora_dpo.scoring import score_pairs
-from lora_dpo.losses import LossSettings, preference_loss
+from lora_dpo.losses import LossSettings, PairLogps, compute_loss
 from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
+from lora_dpo.scoring import score_pairs
 
 
 @dataclass
@@ -28,8 +28,8 @@ class EvalMetrics:
     preference_accuracy: float  # share with mean-token log-prob of chosen > rejected (no reference)
     # Mean of log πθ(yw|x) - log πref(yw|x) over the chosen responses, in nats. Large negative
     # values mean the policy has pushed the chosen responses down too (the classic DPO drift),
-    # large positive ones that it has moved far from the reference.
-    chosen_logratio: float
+    # large positive ones that it has moved far from the reference. None without a reference.
+    chosen_logratio: float | None
     pairs: int
 
     @property
@@ -47,48 +47,52 @@ class EvalMetrics:
         return self.pair_means["rewards/margins"]
 
     def to_dict(self, prefix: str = "eval/") -> dict[str, float]:
-        return {
+        values = {
             **{prefix + name: value for name, value in self.pair_means.items()},
             f"{prefix}preference_accuracy": self.preference_accuracy,
-            f"{prefix}logratio/chosen": self.chosen_logratio,
         }
+        if self.chosen_logratio is not None:
+            values[f"{prefix}logratio/chosen"] = self.chosen_logratio
+        return values
 
 
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     pairs: Sequence[TokenizedPair],
-    reference: ReferenceValues,
+    reference: ReferenceValues | None,
     loss: LossSettings,
     pad_id: int,
     batch_size: int,
     device: torch.device,
 ) -> EvalMetrics:
-    """Score `pairs` (aligned with `reference`) with the training objective and training's
-    per-pair metrics, over all held-out pairs at once (RPO's per-token NLL is over all of them)."""
+    """Score `pairs` (aligned with `reference`; None for a reference-free objective) with the
+    training objective and training's per-pair metrics, over all held-out pairs at once (RPO's
+    per-token NLL is over all of them)."""
     was_training = model.training
     model.eval()  # no LoRA dropout
     order = [i for batch in length_sorted_batches(pairs, batch_size) for i in batch]  # little padding
     progress = tqdm(total=len(order), desc="eval", unit="pair", leave=False)
-    scores = score_pairs(model, [pairs[i] for i in order], batch_size=batch_size, pad_id=pad_id, device=device, progress=progress)
+    scores = score_pairs(
+        model, [pairs[i] for i in order], batch_size=batch_size, pad_id=pad_id, device=device, progress=progress,
+        shared_prefix=loss.needs_shared_prefix, log_sum_sq_probs=loss.use_weighting,
+    )
     progress.close()
     model.train(was_training)
     policy = SequenceLogps(
         logps=torch.cat([scores.chosen, scores.rejected]),  # [2N], chosen first
         tokens=torch.cat([scores.chosen_tokens, scores.rejected_tokens]),
+        shared_logps=scores.shared_logps,
+        log_sum_sq_probs=scores.log_sum_sq_probs,
     )
-    ref_chosen, ref_rejected = reference.logps(order)  # [N] each, in scoring order
-    out = preference_loss(
-        policy.chosen, policy.rejected, ref_chosen, ref_rejected, loss.beta,
-        loss_type=loss.loss_type, label_smoothing=loss.label_smoothing, rpo_alpha=loss.rpo_alpha,
-        chosen_tokens=policy.chosen_tokens, rejected_tokens=policy.rejected_tokens,
-    )
+    ref_chosen, ref_rejected = reference.logps(order) if reference is not None else (None, None)  # [N] each
+    out = compute_loss(loss, PairLogps.of(policy, ref_chosen, ref_rejected))
     mean_chosen = policy.chosen / policy.chosen_tokens.clamp(min=1)  # [N] per-token log-prob
     mean_rejected = policy.rejected / policy.rejected_tokens.clamp(min=1)
     return EvalMetrics(
         pair_means=dict(zip(PAIR_METRICS, pair_metrics(out, policy).mean(dim=1).tolist())),
         preference_accuracy=tie_aware_accuracy(mean_chosen - mean_rejected).mean().item(),
-        chosen_logratio=(policy.chosen.double() - ref_chosen.double()).mean().item(),
+        chosen_logratio=None if ref_chosen is None else (policy.chosen.double() - ref_chosen.double()).mean().item(),
         pairs=len(pairs),
     )
 
@@ -104,8 +108,11 @@ def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
     precision = policy_precision(config, device)
     tokenizer = load_tokenizer(config.model)
     pairs, _ = load_preference_data(config.data, tokenizer, "eval")
-    cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
-    reference = cache.aligned(pairs, "eval")
+    loss = LossSettings.of(config.train)
+    reference = None  # a reference-free objective reads no cache
+    if not loss.reference_free:
+        cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
+        reference = cache.aligned(pairs, "eval")
     model = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
     )
@@ -115,7 +122,7 @@ def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
         model,
         pairs,
         reference,
-        LossSettings.of(config.train),
+        loss,
         pad_id_of(tokenizer),
         config.precompute.batch_size,
         device,

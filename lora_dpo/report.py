@@ -242,10 +242,16 @@ def check_finite(train: Sequence[dict[str, float]]) -> Check:
     return Check(name, detail)
 
 
-def health_checks(train: Sequence[dict[str, float]], beta: float) -> list[Check]:
+def health_checks(train: Sequence[dict[str, float]], beta: float, reference_free: bool = False) -> list[Check]:
+    """`reference_free`: the objective (simpo, orpo, cpo) logs its own rewards, not log-ratios
+    against a reference, so the two checks that read them as nats of drift do not apply."""
+    if reference_free:
+        unjudged = "not judged: a reference-free objective's rewards are not log-ratios against a reference"
+        reference_checks = [Check("chosen log-probs vs margins", unjudged), Check("drift from the reference", unjudged)]
+    else:
+        reference_checks = [check_chosen_falling(train, beta), check_drift(train, beta)]
     return [
-        check_chosen_falling(train, beta),
-        check_drift(train, beta),
+        *reference_checks,
         check_accuracy_stuck(train),
         check_finite(train),
     ]
@@ -436,8 +442,13 @@ def _cache_lines(config: dict[str, Any]) -> list[str]:
     from lora_dpo.cache import MANIFEST, Manifest, manifest_rows
     from lora_dpo.errors import CacheError
 
+    from lora_dpo.losses import REFERENCE_FREE_LOSS_TYPES
+
     cache_dir = (config.get("precompute") or {}).get("cache_dir")
     lines = ["## Reference cache", ""]
+    loss_type = (config.get("train") or {}).get("loss_type")
+    if loss_type in REFERENCE_FREE_LOSS_TYPES:
+        return lines + [f"None read: train.loss_type={loss_type} is reference-free.", ""]
     if not cache_dir:
         return lines + ["No precompute.cache_dir in config.yaml.", ""]
     if not (Path(cache_dir) / MANIFEST).is_file():
@@ -511,7 +522,9 @@ def write_report(run_dir: str | Path) -> ReportResult:
     config = _read_yaml(run_dir / "config.yaml")
     train_cfg = config.get("train") or {}
     beta = float(train_cfg.get("beta", DEFAULT_BETA))
-    checks = health_checks(records.train, beta)
+    from lora_dpo.losses import REFERENCE_FREE_LOSS_TYPES
+
+    checks = health_checks(records.train, beta, train_cfg.get("loss_type") in REFERENCE_FREE_LOSS_TYPES)
     warnings = [c.warning for c in checks if c.warning]
 
     title = f"{run_dir.resolve().parent.name}/{run_dir.resolve().name}: " + (

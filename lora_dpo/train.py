@@ -37,7 +37,7 @@ from lora_dpo.evaluate import EvalMetrics, evaluate
 from lora_dpo.fileio import write_json, write_text
 from lora_dpo.loggers import check_backends, open_logger
 from lora_dpo.logps import SequenceLogps, check_prefix_sharing_support, sequence_logps
-from lora_dpo.losses import LossSettings, preference_loss
+from lora_dpo.losses import LossSettings, PairLogps, compute_loss
 from lora_dpo.metrics import MetricsFile, NullMetricsFile, WindowMeter, console_line
 from lora_dpo.model import (
     attach_lora,
@@ -69,15 +69,24 @@ class RunInputs:
     pairs: list[TokenizedPair]
     eval_pairs: list[TokenizedPair]
     data_report: DataReport
-    cache: ReferenceCache
-    reference: ReferenceValues  # aligned with `pairs`
-    eval_reference: ReferenceValues  # aligned with `eval_pairs`
+    # None for a reference-free objective (simpo, orpo, cpo): no cache is read
+    cache: ReferenceCache | None
+    reference: ReferenceValues | None  # aligned with `pairs`
+    eval_reference: ReferenceValues | None  # aligned with `eval_pairs`
     base: torch.nn.Module  # the frozen (4-bit) base, without adapters
     device: torch.device
 
 
-def load_run_inputs(config: Config) -> RunInputs:
-    """Data, the checked reference cache, then the base model."""
+def load_run_inputs(config: Config, with_reference: bool | None = None) -> RunInputs:
+    """Data, the checked reference cache, then the base model. The cache is skipped when the
+    objective needs no reference (`with_reference` decides for a sweep of several)."""
+    if with_reference is None:
+        with_reference = not LossSettings.of(config.train).reference_free
+    if not with_reference:
+        log.info(
+            "train.loss_type=%s is reference-free: no reference cache is read (precompute.cache_dir is ignored)",
+            config.train.loss_type,
+        )
     device = default_device()
     optimizer_name(config.train, device)  # an impossible optimizer costs nothing to find out
     precision = policy_precision(config, device)
@@ -93,8 +102,10 @@ def load_run_inputs(config: Config) -> RunInputs:
 
     # A hub model not downloaded yet has no weights to fingerprint before it is loaded.
     base = None if resolve_model_dir(config.model) else load_base()
-    cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
-    reference, eval_reference = cache.aligned(pairs, "train"), cache.aligned(eval_pairs, "eval")
+    cache = reference = eval_reference = None
+    if with_reference:
+        cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
+        reference, eval_reference = cache.aligned(pairs, "train"), cache.aligned(eval_pairs, "eval")
     base = base or load_base()
     return RunInputs(tokenizer, pairs, eval_pairs, report, cache, reference, eval_reference, base, device)
 
@@ -139,14 +150,18 @@ def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = Fal
         optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps
     )
     pad_id = pad_id_of(inputs.tokenizer)
-    step0_tolerance = None if config.train.accept_cache_mismatch else step0_tolerance_for(cache.manifest)
+    loss = LossSettings.of(cfg)
+    reference, eval_reference = (None, None) if loss.reference_free else (inputs.reference, inputs.eval_reference)
+    step0_tolerance = None
+    if reference is not None and cache is not None and not config.train.accept_cache_mismatch:
+        step0_tolerance = step0_tolerance_for(cache.manifest)
 
     def run_eval() -> EvalMetrics | None:
         """On rank 0 (the others wait): evaluation is a small fraction of a run."""
         metrics = None
         if inputs.eval_pairs and info.is_main:
             metrics = evaluate(
-                policy, inputs.eval_pairs, inputs.eval_reference, LossSettings.of(cfg), pad_id,
+                policy, inputs.eval_pairs, eval_reference, loss, pad_id,
                 cfg.per_device_batch_size, device,
             )
         barrier()
@@ -175,7 +190,7 @@ def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = Fal
         eval_before = run_eval()
         if eval_before:
             metrics_file.write({"step": 0, **eval_before.to_dict()})
-    loop = TrainLoop(policy, optimizer, scheduler, inputs.pairs, inputs.reference, cfg, pad_id, device, info)
+    loop = TrainLoop(policy, optimizer, scheduler, inputs.pairs, reference, cfg, pad_id, device, info)
     with StopOnSignal() as stop:
         history, eval_after = loop.run(
             total_steps, start_step, meter, metrics_file, run_eval, step0_tolerance, stop,
@@ -200,14 +215,15 @@ def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = Fal
 class PairLogpsModule(torch.nn.Module):
     """The policy with the log-prob function as its forward: the module DDP wraps."""
 
-    def __init__(self, policy: torch.nn.Module, chunk_size: int):
+    def __init__(self, policy: torch.nn.Module, chunk_size: int, statistics: dict[str, bool]):
         super().__init__()
         self.policy = policy
         self.chunk_size = chunk_size
+        self.statistics = statistics  # sequence_logps's optional statistics the loss reads
 
-    def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        out = sequence_logps(self.policy, batch, self.chunk_size)
-        return out.logps, out.tokens
+    def forward(self, batch: Any) -> tuple[torch.Tensor | None, ...]:
+        out = sequence_logps(self.policy, batch, self.chunk_size, **self.statistics)
+        return out.logps, out.tokens, out.shared_logps, out.log_sum_sq_probs
 
 
 def rank_state(meter: WindowMeter) -> dict[str, Any]:
@@ -244,18 +260,20 @@ class TrainLoop:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     pairs: Sequence[TokenizedPair]
-    reference: ReferenceValues  # aligned with `pairs`
+    reference: ReferenceValues | None  # aligned with `pairs`; None for a reference-free objective
     cfg: TrainConfig
     pad_id: int
     device: torch.device
     dist: DistInfo = DistInfo()
 
     def __post_init__(self) -> None:
+        self.loss = LossSettings.of(self.cfg)
+        self.statistics = {"shared_prefix": self.loss.needs_shared_prefix, "log_sum_sq_probs": self.loss.use_weighting}
         # Under torchrun the log-prob function runs through DDP, which all-reduces the LoRA
         # gradients (the frozen base is not synchronised: every rank loaded the same weights).
         self.ddp = None
         if self.dist.enabled:
-            module = PairLogpsModule(self.policy, self.cfg.logits_chunk_size)
+            module = PairLogpsModule(self.policy, self.cfg.logits_chunk_size, self.statistics)
             frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
             frozen += [n for n, _ in module.named_buffers()]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
@@ -338,19 +356,18 @@ class TrainLoop:
             tokens = batch.sequence_tokens  # counted on the CPU: no device sync
             rows += batch.source_indices
             batch = batch.to(self.device)
-            ref_chosen, ref_rejected = (t.to(self.device) for t in self.reference.logps(indices))
+            ref_chosen = ref_rejected = None
+            if self.reference is not None:
+                ref_chosen, ref_rejected = (t.to(self.device) for t in self.reference.logps(indices))
             # Under DDP, gradients are all-reduced once per step: on its last micro-batch.
             last = number == len(micro_batches) - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 policy_logps = self.logps(batch)  # chosen and rejected in one forward
                 if step0_tolerance is not None and number == 0:
+                    assert ref_chosen is not None and ref_rejected is not None  # set only with a reference
                     check_step0_agreement(policy_logps, ref_chosen, ref_rejected, step0_tolerance)
-                out = preference_loss(
-                    policy_logps.chosen, policy_logps.rejected, ref_chosen, ref_rejected, cfg.beta,
-                    loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, rpo_alpha=cfg.rpo_alpha,
-                    # the policy's counts are the cache's: the same pair, the same tokens
-                    chosen_tokens=policy_logps.chosen_tokens, rejected_tokens=policy_logps.rejected_tokens,
-                )
+                # the policy's token counts are the cache's: the same pair, the same tokens
+                out = compute_loss(self.loss, PairLogps.of(policy_logps, ref_chosen, ref_rejected))
                 # Sum over pairs / pairs in the global step: accumulation gives the mean of one
                 # big batch. DDP averages gradients over ranks, so each share is scaled back up.
                 (out.losses.sum() * (self.dist.world_size / pairs_in_step)).backward()
@@ -369,7 +386,7 @@ class TrainLoop:
 
     def logps(self, batch: Any) -> SequenceLogps:
         if self.ddp is None:
-            return sequence_logps(self.policy, batch, self.cfg.logits_chunk_size)
+            return sequence_logps(self.policy, batch, self.cfg.logits_chunk_size, **self.statistics)
         return SequenceLogps(*self.ddp(batch))
 
     def agree_to_stop(self, stop: "StopOnSignal") -> bool:

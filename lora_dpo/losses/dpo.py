@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from lora_dpo.losses.divergence import REVERSE_KL, FDivergence
-from lora_dpo.losses.output import DPOOutput, check_shapes, logratios, per_token, rewards_output, soft_label_sigmoid
+from lora_dpo.losses.output import (
+    DPOOutput,
+    check_shapes,
+    logratios,
+    per_token,
+    rewards_output,
+    soft_label_sigmoid,
+)
 
 
 def _margin(

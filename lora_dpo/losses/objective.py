@@ -59,7 +59,7 @@ class PairLogps:
 
     @classmethod
     def of(cls, policy: Any, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None,
-           ref_shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> "PairLogps":
+           ref_shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> PairLogps:
         """From the policy's `lora_dpo.logps.SequenceLogps` and the reference values of its pairs."""
         shared = policy.shared_logps
         log_sum_sq = policy.log_sum_sq_probs
@@ -112,7 +112,7 @@ def _with_reference(s: LossSettings, batch: PairLogps) -> DPOOutput:
             f"ld_alpha={s.ld_alpha}", "policy_chosen_shared", "policy_rejected_shared",
             "ref_chosen_shared", "ref_rejected_shared",
         )
-        pc, pr, rc, rr = (ld_logps(total, part, s.ld_alpha) for total, part in zip((pc, pr, rc, rr), shared))
+        pc, pr, rc, rr = (ld_logps(total, part, s.ld_alpha) for total, part in zip((pc, pr, rc, rr), shared, strict=True))
     divergence = FDivergence(s.f_divergence_type, s.f_alpha_divergence_coef)
     losses = torch.zeros_like(chosen)
     for loss_type, weight in zip(s.loss_types, s.weights, strict=True):
@@ -136,15 +136,19 @@ PAIRWISE_LOSSES = {
 
 
 def _loss_type(
-    loss_type: str, s: LossSettings, batch: PairLogps, logps: tuple[torch.Tensor, ...], divergence: FDivergence
+    loss_type: str,
+    s: LossSettings,
+    batch: PairLogps,
+    logps: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    divergence: FDivergence,
 ) -> DPOOutput:
     beta, eps = s.beta, s.label_smoothing
     if loss_type in ("ipo", "sigmoid_norm", "sft"):
-        tokens = batch.require(f"loss_type={loss_type}", "chosen_tokens", "rejected_tokens")
+        nc, nr = batch.require(f"loss_type={loss_type}", "chosen_tokens", "rejected_tokens")
     if loss_type == "sigmoid":
         return dpo_loss(*logps, beta, eps, divergence)
     if loss_type == "ipo":
-        return ipo_loss(*logps, beta, *tokens, divergence)
+        return ipo_loss(*logps, beta, nc, nr, divergence)
     if loss_type == "hinge":
         return hinge_loss(*logps, beta, divergence)
     if loss_type == "robust":
@@ -154,9 +158,9 @@ def _loss_type(
     if loss_type == "discopop":
         return discopop_loss(*logps, beta, s.discopop_tau, divergence)
     if loss_type == "sigmoid_norm":
-        return sigmoid_norm_loss(*logps, beta, *tokens, divergence)
+        return sigmoid_norm_loss(*logps, beta, nc, nr, divergence)
     if loss_type == "sft":
-        return sft_loss(*logps, beta, tokens[0])
+        return sft_loss(*logps, beta, nc)
     if loss_type in ("aot", "aot_unpaired"):
         return (aot_loss if loss_type == "aot" else aot_unpaired_loss)(*logps, beta, eps)
     return PAIRWISE_LOSSES[loss_type](*logps, beta)  # settings.check() refused the rest

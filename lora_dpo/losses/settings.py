@@ -60,7 +60,7 @@ class LossSettings:
     cpo_alpha: float = 1.0
 
     @classmethod
-    def of(cls, train: "TrainConfig") -> "LossSettings":
+    def of(cls, train: TrainConfig) -> LossSettings:
         values = {f.name: getattr(train, f.name) for f in dataclasses.fields(cls)}
         return cls(**{**values, "loss_weights": tuple(values["loss_weights"] or ())})
 
