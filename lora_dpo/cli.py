@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument(
         "--set", action="append", default=[], metavar="train.KEY=V1,V2",
-        help="an axis of the grid (repeatable; the grid is every combination), e.g. train.loss_type=sigmoid,ipo",
+        help="an axis of the grid (repeatable, none by default; the grid is every combination), e.g. train.loss_type=sigmoid,ipo",
     )
     sweep.add_argument("--betas", help="comma-separated betas, shorthand for --set train.beta=..., e.g. 0.01,0.05,0.1,0.5")
     _add_config_args(sweep)
