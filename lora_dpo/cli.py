@@ -1,14 +1,21 @@
-"""The `lora-dpo` command: precompute-ref, train, eval, demo."""
+"""The `lora-dpo` command: precompute-ref, train, eval, demo.
+
+Every mistake the user can make, and every damaged or missing file, ends in one line on
+stderr starting with `error:` and exit code 2, never a traceback; argparse's usage errors
+too (`error: <message> (see lora-dpo VERB --help)`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from lora_dpo.errors import ConfigError, LoraDpoError, TrainingInterrupted
 from lora_dpo.versions import package_versions
@@ -29,6 +36,14 @@ def _add_quiet_arg(parser: argparse.ArgumentParser) -> None:
         "--quiet", "-q", action="store_true",
         help="no progress bars, for non-interactive logs (training still prints one line per logging step)",
     )
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage before a mistake; here it is one line like every other
+    error, pointing at the verb's --help. Sub-verbs' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -55,7 +70,7 @@ def _use_help_formatter(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lora-dpo",
         description="Memory-efficient LoRA/QLoRA DPO with a cached reference.",
     )
@@ -83,7 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="held-out reward and preference accuracy of an adapter (or the base)",
     )
-    evaluate.add_argument("--adapter", help="PEFT adapter directory (default: the bare base)")
+    evaluate.add_argument(
+        "--adapter",
+        help="a train run directory (RUN or RUN/adapter) or any PEFT LoRA adapter directory (default: the bare base)",
+    )
+    evaluate.add_argument(
+        "--base",
+        help="base model path or hub name, instead of model.name_or_path; also accepts an adapter "
+        "trained on another base (its shapes are still checked)",
+    )
     _add_config_args(evaluate)
 
     sweep = verbs.add_parser(
@@ -158,14 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the verb's own parser, so that the hint names its --help
+            _verb_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+        if args.verb is None and not args.version:
+            parser.error(f"give a VERB: {', '.join(_verbs(parser))}")
+    except SystemExit as exc:  # --help (0), or a usage error already printed (2)
+        return exc.code if isinstance(exc.code, int) else 2
     if args.version:
         for name, version in package_versions().items():
             print(f"{name} {version}")
         return 0
-    if args.verb is None:
-        parser.print_help()
-        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per hub request
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -174,20 +201,75 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except TrainingInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return 128 + signal.Signals[exc.signal_name]
+        return _stop(str(exc), 128 + signal.Signals[exc.signal_name])
     except LoraDpoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _stop(f"error: {exc}", 2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _stop("interrupted", 130)
+    except Exception as exc:
+        message = _environment_error(exc, getattr(args, "writing", None))
+        if message is None:
+            raise  # a bug: the traceback is what is needed
+        return _stop(f"error: {message}", 2)
+
+
+def _stop(line: str, code: int) -> int:
+    """The last word, on a line of its own: progress bars the error cut short are closed first
+    (else the line would continue a bar, and the bar be redrawn after it)."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    print(line, file=sys.stderr)
+    return code
+
+
+def _verbs(parser: argparse.ArgumentParser) -> list[str]:
+    return next(list(a.choices) for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _verb_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub-)verb `args` were parsed for, e.g. `lora-dpo cache info`'s."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None):
+            return _verb_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
+# ENOSPC / EDQUOT as the OS words them: writers in Rust (safetensors) report the OS error in
+# their message, not as an OSError.
+DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
+
+
+def _environment_error(exc: Exception, writing: str | None) -> str | None:
+    """One line for a full disk, or for an OS error on a named path (a file where a directory
+    should be, no permission); None for anything else. Every write goes through
+    lora_dpo.fileio (temp file or directory, then rename), so what was there before is intact."""
+    filename = getattr(exc, "filename", None)
+    full = exc.errno in DISK_FULL if isinstance(exc, OSError) else any(t in str(exc) for t in DISK_FULL.values())
+    if full:
+        where = Path(filename or writing or ".")
+        return f"no space left on device writing {where} (free there: {_free_mb(where)} MB)"
+    if isinstance(exc, OSError) and exc.errno is not None and filename:
+        also = f" -> {exc.filename2}" if exc.filename2 else ""
+        return f"{filename}{also}: {exc.strerror}"
+    return None
+
+
+def _free_mb(path: Path) -> int:
+    """Free space on the file system of `path`, or of its nearest existing parent."""
+    for where in (path, *path.absolute().parents):
+        if where.exists():
+            return shutil.disk_usage(where).free // 1_000_000
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     from lora_dpo.config import load_config
     from lora_dpo.distributed import init_distributed, launched_by_torchrun, shutdown
 
+    args.writing = getattr(args, "out", None) or getattr(args, "workdir", None) or getattr(args, "run_dir", None)
     if args.verb == "report":
         from lora_dpo.report import write_report
 
@@ -214,6 +296,8 @@ def _run(args: argparse.Namespace) -> int:
         config = load_config(run_dir / "config.yaml", [*args.overrides, f"train.output_dir={run_dir}"])
     else:
         config = load_config(args.config, args.overrides)
+    args.writing = {"precompute-ref": config.precompute.cache_dir, "train": config.train.output_dir,
+                    "sweep": config.train.output_dir}.get(args.verb)
     if args.verb == "plan":
         from lora_dpo.plan import run_plan
 
@@ -250,7 +334,7 @@ def _run_stage(args: argparse.Namespace, config: Any) -> int:
     elif args.verb == "eval":
         from lora_dpo.evaluate import evaluate_run
 
-        metrics = evaluate_run(config, args.adapter)
+        metrics = evaluate_run(config, args.adapter, base=args.base)
         for key, value in metrics.to_dict().items():
             print(f"{key}: {value:.4f}")
     return 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -11,12 +13,12 @@ from tqdm.auto import tqdm
 from lora_dpo.batching import length_sorted_batches, pad_id_of
 from lora_dpo.cache import ReferenceValues
 from lora_dpo.config import Config
-from lora_dpo.data import TokenizedPair, load_preference_data
 from lora_dpo.errors import ConfigError
+from lora_dpo.data import TokenizedPair, load_preference_data
 from lora_dpo.logps import SequenceLogps
+from lora_dpo.scoring import score_pairs
 from lora_dpo.losses import LossSettings, PairLogps, compute_loss
 from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
-from lora_dpo.scoring import score_pairs
 
 
 @dataclass
@@ -97,13 +99,31 @@ def evaluate(
     )
 
 
-def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
-    """`lora-dpo eval`: the eval split of `config` against its cache, for an adapter or the base."""
-    from lora_dpo.cache import open_checked_cache, policy_precision
-    from lora_dpo.model import default_device, load_adapter, load_base_model, load_tokenizer
+def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | None = None) -> EvalMetrics:
+    """`lora-dpo eval`: the eval split of `config` against its cache, for an adapter or the base.
 
+    `base` (`--base`) replaces `model.name_or_path` and accepts an adapter recorded for
+    another base; the adapter's shapes are checked against the base either way. The adapter
+    is read and checked before anything is loaded."""
+    from lora_dpo.adapters import check_against_files, check_base, read_adapter
+    from lora_dpo.cache import open_checked_cache, policy_precision
+    from lora_dpo.model import (
+        default_device,
+        load_adapter,
+        load_base_model,
+        load_tokenizer,
+        resolve_model_dir,
+    )
+
+    if base:
+        config = copy.deepcopy(config)
+        config.model.name_or_path = base
+    adapter = read_adapter(adapter_dir) if adapter_dir else None
     if not config.data.eval_path:
         raise ConfigError("data.eval_path is not set: eval needs held-out pairs")
+    if adapter is not None:
+        check_base(adapter, config.model.name_or_path, explicit=bool(base))
+        check_against_files(adapter, resolve_model_dir(config.model), config.model.name_or_path)
     device = default_device()
     precision = policy_precision(config, device)
     tokenizer = load_tokenizer(config.model)
@@ -116,8 +136,8 @@ def evaluate_run(config: Config, adapter_dir: str | None) -> EvalMetrics:
     model = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
     )
-    if adapter_dir:
-        model = load_adapter(model, adapter_dir)
+    if adapter is not None:
+        model = load_adapter(model, adapter)
     return evaluate(
         model,
         pairs,

@@ -33,11 +33,26 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lora_dpo.adapters import (
+    ADAPTER_CONFIG,
+    Adapter,
+    check_against_files,
+    check_mergeable,
+    check_mergeable_layer,
+    read_adapter,
+)
 from lora_dpo.config import ModelConfig, config_from_dict
 from lora_dpo.errors import ConfigError
 from lora_dpo.fileio import staged_directory, write_json
 from lora_dpo.hub import looks_like_hub_name
-from lora_dpo.model import DTYPES, compute_dtype, default_device, load_adapter, load_base_model
+from lora_dpo.model import (
+    DTYPES,
+    compute_dtype,
+    default_device,
+    load_adapter,
+    load_base_model,
+    resolve_model_dir,
+)
 from lora_dpo.versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -58,29 +73,24 @@ FP32_TOLERANCE = 1e-4
 
 @dataclass
 class AdapterSource:
-    adapter_dir: Path
+    adapter: Adapter
     base: str  # base model path or hub name
     base_origin: str  # where `base` came from, for error messages
     model: ModelConfig  # how training loaded the base (defaults when there is no run config)
     trained_quantization: str  # "nf4" | "none"
     run_config: Path | None  # the train run's config.yaml, when there is one
 
+    @property
+    def adapter_dir(self) -> Path:
+        return self.adapter.directory
+
 
 def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
-    """A train run directory (RUN or RUN/adapter) or any PEFT LoRA adapter directory."""
-    path = Path(path)
-    if (path / "adapter_config.json").is_file():
-        adapter_dir = path
-    elif (path / "adapter" / "adapter_config.json").is_file():
-        adapter_dir = path / "adapter"
-    else:
-        raise ConfigError(f"--adapter {path}: no adapter_config.json there or in {path / 'adapter'}")
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if adapter_config.get("peft_type") != "LORA":
-        raise ConfigError(
-            f"{adapter_dir / 'adapter_config.json'}: peft_type={adapter_config.get('peft_type')!r}; "
-            "only LoRA adapters can be merged"
-        )
+    """A train run directory (RUN or RUN/adapter) or any PEFT LoRA adapter directory, checked
+    against its base (the adapter's own, or `base` from --base) as far as files allow."""
+    adapter = read_adapter(path)
+    check_mergeable(adapter)
+    adapter_dir = adapter.directory
     model = ModelConfig()
     run_config = adapter_dir.parent / "config.yaml"
     if adapter_dir.name == "adapter" and run_config.is_file():
@@ -93,25 +103,25 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
             run_config = None
     else:
         run_config = None
-    name = base or adapter_config.get("base_model_name_or_path") or ""
+    name = base or adapter.recorded_base
     if not name:
         raise ConfigError(
-            f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; give the base with --base"
+            f"{adapter_dir / ADAPTER_CONFIG}: no base_model_name_or_path; give the base with --base"
         )
     model.name_or_path = name
-    origin = "--base" if base else f"{adapter_dir / 'adapter_config.json'} base_model_name_or_path"
-    source = AdapterSource(adapter_dir, name, origin, model, model.quantization, run_config)
+    origin = "--base" if base else f"{adapter_dir / ADAPTER_CONFIG} base_model_name_or_path"
+    source = AdapterSource(adapter, name, origin, model, model.quantization, run_config)
     _check_base(source)
+    check_against_files(adapter, resolve_model_dir(model), name)
     return source
 
 
 def _check_base(source: AdapterSource) -> None:
     """A local-looking base path that does not exist: say where it came from, before any load."""
-    if not looks_like_hub_name(source.base) and not Path(source.base).expanduser().is_dir():
-        raise ConfigError(
-            f"base model {source.base!r} (from {source.base_origin}): no such directory; "
-            "give the base model with --base"
-        )
+    path = Path(source.base).expanduser()
+    if not looks_like_hub_name(source.base) and not path.is_dir():
+        what = "a file, not a model directory" if path.exists() else "no such directory"
+        raise ConfigError(f"base model {source.base!r} (from {source.base_origin}): {what}; give the base model with --base")
 
 
 def resolve_mode(mode: str | None, source: AdapterSource) -> tuple[str, str]:
@@ -232,7 +242,7 @@ def merge_to_state_dict(peft_model: torch.nn.Module, dtype: torch.dtype) -> tupl
     # Names only: a list of the modules themselves would keep every replaced one alive.
     lora_layers = [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
     for name in lora_layers:
-        _check_supported(name, model.get_submodule(name))
+        check_mergeable_layer(name, model.get_submodule(name))
     for name in tqdm(lora_layers, desc="merge", unit="layer"):
         module = model.get_submodule(name)
         base = module.get_base_layer()
@@ -302,15 +312,6 @@ def compare_logits(reference: list[torch.Tensor], merged: list[torch.Tensor]) ->
     }
 
 
-def _check_supported(name: str, module: torch.nn.Module) -> None:
-    if getattr(module, "lora_variant", None):  # DoRA and other variants rescale the weight
-        raise ConfigError(f"{name}: LoRA variant {list(module.lora_variant)} cannot be merged here; plain LoRA only")
-    if any(getattr(module, "lora_bias", {}).values()):
-        raise ConfigError(f"{name}: adapters with lora_bias cannot be merged here")
-    if getattr(module, "fan_in_fan_out", False):
-        raise ConfigError(f"{name}: fan_in_fan_out adapters (Conv1D bases) cannot be merged here")
-
-
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.nn.Linear:
     out_features, in_features = weight.shape
     layer = torch.nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
@@ -348,7 +349,7 @@ def _load_as_trained(source: AdapterSource, mode: str, dtype: torch.dtype, devic
         base = load_base_model(source.model, quantize=mode == "nf4-dequantized", dtype=dtype, device=device)
     except ConfigError as exc:
         raise ConfigError(f"base model {source.base!r} (from {source.base_origin}): {exc}") from None
-    model = load_adapter(base, source.adapter_dir)
+    model = load_adapter(base, source.adapter)
     model.eval()
     return model
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from lora_dpo.adapters import Adapter, check_fits, read_adapter, shapes_of
 from lora_dpo.config import LoraConfig, ModelConfig
 from lora_dpo.errors import ConfigError
 
@@ -160,10 +161,21 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointi
     return policy
 
 
-def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: bool = False):
+def load_adapter(model: PreTrainedModel, adapter: str | Path | Adapter, *, trainable: bool = False):
+    """`model` wrapped with the LoRA adapter at `adapter` (a directory, checked by
+    `adapters.read_adapter`, or an `Adapter` already read). Every LoRA factor is checked
+    against the loaded module it adapts first, so a foreign adapter is one line, not peft's
+    size-mismatch dump."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    if not isinstance(adapter, Adapter):
+        adapter = read_adapter(adapter)
+    check_fits(adapter, shapes_of(model), model.name_or_path)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter.directory), is_trainable=trainable)
+    except (ValueError, RuntimeError, KeyError) as exc:  # what the checks above cannot foresee
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{adapter.directory}: peft cannot load it onto {model.name_or_path!r}: {first[:300]}") from None
 
 
 def resolve_model_dir(cfg: ModelConfig) -> Path | None:

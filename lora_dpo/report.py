@@ -89,7 +89,8 @@ class RunRecords:
 def read_metrics(path: Path) -> RunRecords:
     train, evals, notes = [], [], []
     session_ends: list[float] = []  # the last `elapsed_s` of each session, in file order
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    # Damaged bytes become U+FFFD, so such a line fails as JSON below instead of the whole file.
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -97,9 +98,13 @@ def read_metrics(path: Path) -> RunRecords:
         except json.JSONDecodeError:
             notes.append(f"{path.name} line {number} is not JSON (an interrupted write?); skipped")
             continue
-        if not isinstance(record, dict) or "step" not in record:
-            notes.append(f"{path.name} line {number} has no step; skipped")
+        if not isinstance(record, dict) or not _is_number(record.get("step")):
+            notes.append(f"{path.name} line {number} is not a record with a numeric step; skipped")
             continue
+        damaged = sorted(key for key, value in record.items() if not _is_number(value))
+        if damaged:  # every value train writes is a number: the health checks do arithmetic on them
+            notes.append(f"{path.name} line {number}: non-numeric {', '.join(damaged)}; those values skipped")
+            record = {key: value for key, value in record.items() if key not in damaged}
         if "loss" in record:
             train.append(record)
         if any(key.startswith("eval/") for key in record):
@@ -109,10 +114,17 @@ def read_metrics(path: Path) -> RunRecords:
                 session_ends[-1] = record["elapsed_s"]
             else:  # the first record, or a resumed run's clock starting again
                 session_ends.append(record["elapsed_s"])
+    if notes and not train and not evals:
+        first = notes[0].removeprefix(f"{path.name} ").rsplit("; ", 1)[0]
+        raise LoraDpoError(f"{path}: no readable metrics record in {len(notes)} damaged line(s); the first: {first}")
     train.sort(key=lambda r: r["step"])
     evals.sort(key=lambda r: r["step"])
     wall = sum(session_ends) if session_ends else None
     return RunRecords(train, evals, notes, wall, max(len(session_ends), 1))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------- health checks

@@ -3,10 +3,12 @@ and an interrupted merge leaves nothing that looks complete."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -19,6 +21,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lora_dpo.merge as merge_module
@@ -285,3 +288,53 @@ def test_killed_merge_leaves_no_complete_output(trained_run, tmp_path, caplog):
     assert "left by interrupted merges" in caplog.text and partial.name in caplog.text
     assert (out / REPORT).is_file()
     AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def no_space(*args, **kwargs):
+    """What os.fsync (or a write) raises on a full disk: ENOSPC, with no file name."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def shard_writer_out_of_space(real):
+    """transformers' safetensors writer on a full disk: part of the shard is written, then the
+    Rust writer reports the OS error in its message (not as an OSError)."""
+    def save(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:100])
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    return save
+
+
+@pytest.mark.parametrize("where", ["shard", "fsync"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_full_disk_leaves_the_target_as_it_was(where, overwrite, trained_run, tmp_path, monkeypatch, capsys):
+    """A full disk while the merged model is written (mid-shard, or at the fsync before the
+    rename): the target is untouched (absent, or the earlier merge byte for byte), no temp
+    directory is left, and the CLI says so in one line."""
+    import transformers.modeling_utils
+
+    import lora_dpo.fileio
+
+    out = tmp_path / "merged"
+    before = {}
+    if overwrite:
+        merge(trained_run, out, mode="original", dtype="fp32", device=CPU)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    if where == "shard":
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file",
+                            shard_writer_out_of_space(transformers.modeling_utils.safe_save_file))
+    else:
+        monkeypatch.setattr(lora_dpo.fileio, "fsync_file", no_space)
+    args = ["merge", "--adapter", str(trained_run), "--out", str(out), "--dtype", "fp32", "--quiet"]
+    assert cli_main(args + (["--overwrite"] if overwrite else [])) == 2
+    err = capsys.readouterr().err  # in-process, progress bars precede the error (--quiet acts on a fresh process)
+    assert re.fullmatch(rf"error: no space left on device writing {re.escape(str(out))} \(free there: \d+ MB\)",
+                        err.splitlines()[-1]), err
+    assert err.count("error") == 1 and "Traceback" not in err
+    if overwrite:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    else:
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["merged"] if overwrite else [])
