@@ -255,6 +255,7 @@ def test_wpo_hand_derived():
         (dict(loss_type="sigmoid", discopop_tau=0.1), "discopop_tau=0.1 has no effect"),
         (dict(loss_type="bco_pair", f_divergence_type="js_divergence"), "does not apply to loss_type=bco_pair"),
         (dict(loss_type="aot", use_weighting=True), "sort the batch"),
+        (dict(f_divergence_type="js_divergence", f_alpha_divergence_coef=0.3), "no effect unless f_divergence_type=alpha"),
         (dict(loss_type="simpo", ld_alpha=0.5), "has no reference"),
         (dict(loss_type="orpo", rpo_alpha=1.0), "holds the NLL term"),
         (dict(loss_type="cpo", rpo_alpha=1.0), "cpo_alpha weighs"),

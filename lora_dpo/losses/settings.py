@@ -121,7 +121,7 @@ class LossSettings:
                     f"{p}f_divergence_type={self.f_divergence_type} does not apply to {p}loss_type={', '.join(others)}; "
                     f"it applies to {', '.join(F_DIVERGENCE_LOSS_TYPES)}"
                 )
-        elif self.f_alpha_divergence_coef != _DEFAULTS["f_alpha_divergence_coef"]:
+        if self.f_divergence_type != "alpha_divergence" and self.f_alpha_divergence_coef != _DEFAULTS["f_alpha_divergence_coef"]:
             return f"{p}f_alpha_divergence_coef has no effect unless {p}f_divergence_type=alpha_divergence"
         if self.reference_free:
             for name in ("ld_alpha", "use_weighting"):
