@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -54,6 +55,14 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LEARNING_RATE, WARMUP_RATIO, SEED = 5e-5, 0.1, 42
 CHAT = {"prompt": (24, 184), "response": (24, 216)}
 LONG_PROMPT = {"prompt": (288, 400), "response": (16, 64)}
+# The decoder-dominated fixture: a model with a real model's proportions (the LM head is 13.6%
+# of the parameters: Llama-style, grouped-query attention) and pairs with the length spread of
+# real preference data (log-normal, so a heavy tail of long prompts and responses).
+DECODER = {"hidden": 512, "layers": 8, "heads": 8, "kv_heads": 2, "intermediate": 1408, "vocab": 8192}
+DECODER_QUICK = {"hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 352, "vocab": 8192}
+REAL_SPREAD = {"prompt": (20, 600, 130, 0.9), "response": (20, 500, 120, 0.8)}  # (low, high, median, sigma)
+REAL_SPREAD_QUICK = {"prompt": (20, 120, 40, 0.9), "response": (20, 100, 35, 0.8)}
+DECODER_MAX_LENGTH, DECODER_PAIRS_PER_STEP, DECODER_TOKENS_PER_BATCH = 1024, 8, 4096
 
 
 def pseudo_words(count: int, rng: random.Random) -> list[str]:
@@ -74,11 +83,65 @@ def make_rows(count: int, shape: dict, words: list[str], rng: random.Random) -> 
     ]
 
 
+def make_spread_rows(count: int, spread: dict, words: list[str], rng: random.Random, max_length: int) -> list[dict]:
+    """Pairs whose word counts are log-normal, clipped to [low, high], with prompt + the longer
+    response within max_length - 24 (so neither trainer truncates, whatever it appends)."""
+
+    def length(low: int, high: int, median: float, sigma: float) -> int:
+        return int(min(high, max(low, round(rng.lognormvariate(math.log(median), sigma)))))
+
+    rows = []
+    while len(rows) < count:
+        prompt, chosen, rejected = length(*spread["prompt"]), length(*spread["response"]), length(*spread["response"])
+        if prompt + max(chosen, rejected) > max_length - 24:
+            continue
+        text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+        rows.append({"prompt": text(prompt) + "\n", "chosen": text(chosen), "rejected": text(rejected)})
+    return rows
+
+
 @dataclass
 class Fixture:
     name: str  # "vocab-128256"
     model_dir: Path
     vocab: int
+    max_length: int = MAX_LENGTH
+    pairs_per_step: int = PAIRS_PER_STEP
+    max_tokens_per_batch: int = 0  # lora-dpo's micro-batches by tokens (0: pairs_per_step pairs)
+
+
+def build_decoder_fixture(workdir: Path, pairs: int, quick: bool) -> tuple[Fixture, Path]:
+    """The real-proportions model and its real-spread data (rebuilt only if missing)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_dpo.demo.models import tiny_config
+
+    shape = DECODER_QUICK if quick else DECODER
+    rng = random.Random(SEED + 1)
+    words = pseudo_words(400, random.Random(SEED))  # the words the shared tokenizer knows
+    path = workdir / "data" / "real_spread.jsonl"
+    rows = make_spread_rows(pairs, REAL_SPREAD_QUICK if quick else REAL_SPREAD, words, rng, DECODER_MAX_LENGTH)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = AutoTokenizer.from_pretrained(str(workdir / "tokenizer"))
+    name = "decoder-quick" if quick else "decoder"
+    model_dir = workdir / "models" / name
+    if not (model_dir / "config.json").is_file():
+        config = tiny_config(
+            "llama", vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_layers=shape["layers"],
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config.num_attention_heads, config.num_key_value_heads = shape["heads"], shape["kv_heads"]
+        config.head_dim = shape["hidden"] // shape["heads"]
+        config.intermediate_size = shape["intermediate"]
+        config.max_position_embeddings = DECODER_MAX_LENGTH
+        torch.manual_seed(SEED)
+        AutoModelForCausalLM.from_config(config).save_pretrained(str(model_dir))
+        tokenizer.save_pretrained(str(model_dir))
+    fixture = Fixture(name, model_dir, shape["vocab"], DECODER_MAX_LENGTH, DECODER_PAIRS_PER_STEP,
+                      DECODER_TOKENS_PER_BATCH if not quick else 1024)
+    return fixture, path
 
 
 def build_fixtures(workdir: Path, pairs: int) -> tuple[list[Fixture], dict[str, Path]]:
@@ -116,18 +179,20 @@ def build_fixtures(workdir: Path, pairs: int) -> tuple[list[Fixture], dict[str, 
     return fixtures, data_files
 
 
-def sequence_tokens(model_dir: Path, data_file: Path) -> tuple[int, int]:
-    """(pairs, real tokens of their 2B chosen + rejected sequences), as lora-dpo tokenizes them."""
+def sequence_tokens(model_dir: Path, data_file: Path, max_length: int = MAX_LENGTH) -> tuple[int, int, int]:
+    """(pairs, real tokens of their 2B chosen + rejected sequences, tokens they need: the
+    prompt once + both responses), as lora-dpo tokenizes them."""
     from transformers import AutoTokenizer
 
     from lora_dpo.config import DataConfig
     from lora_dpo.data import load_preference_data
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    cfg = DataConfig(train_path=str(data_file), max_length=MAX_LENGTH, max_prompt_length=MAX_LENGTH - 64)
+    cfg = DataConfig(train_path=str(data_file), max_length=max_length, max_prompt_length=max_length - 64)
     pairs, report = load_preference_data(cfg, tokenizer, "train")
     assert report.truncated == 0 and report.kept == report.total, "benchmark pairs must fit max_length"
-    return len(pairs), sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    needed = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    return len(pairs), sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs), needed
 
 
 def busy_cpu_seconds() -> float:
@@ -196,15 +261,17 @@ def lora_config(workdir: Path, fixture: Fixture, data_file: Path, cache_name: st
     config = {
         "model": {"name_or_path": str(fixture.model_dir)},
         "lora": LORA,
-        "data": {"train_path": str(data_file), "max_length": MAX_LENGTH, "max_prompt_length": MAX_LENGTH - 64},
+        "data": {"train_path": str(data_file), "max_length": fixture.max_length,
+                 "max_prompt_length": fixture.max_length - 64},
         "precompute": {"cache_dir": str(workdir / "caches" / cache_name), "batch_size": PRECOMPUTE_BATCH},
         "train": {
             "output_dir": str(workdir / "lora-runs" / cache_name),
             "overwrite_output_dir": True,
             "learning_rate": LEARNING_RATE,
             "warmup_ratio": WARMUP_RATIO,
-            "per_device_batch_size": PAIRS_PER_STEP,
+            "per_device_batch_size": fixture.pairs_per_step,
             "gradient_accumulation_steps": 1,
+            "max_tokens_per_batch": fixture.max_tokens_per_batch,
             "epochs": 1,
             "logging_steps": 1,
             "seed": SEED,
@@ -224,9 +291,9 @@ def trl_spec(workdir: Path, fixture: Fixture, data_file: Path, beta: float) -> P
         "beta": beta,
         "learning_rate": LEARNING_RATE,
         "warmup_ratio": WARMUP_RATIO,
-        "batch_size": PAIRS_PER_STEP,
+        "batch_size": fixture.pairs_per_step,
         "precompute_batch_size": PRECOMPUTE_BATCH,
-        "max_length": MAX_LENGTH,
+        "max_length": fixture.max_length,
         "lora_r": LORA["r"],
         "lora_alpha": LORA["alpha"],
         "lora_dropout": LORA["dropout"],
@@ -253,7 +320,7 @@ def bench_trainers(runner: Runner, workdir: Path, fixture: Fixture, data_file: P
             runner.run("lora-train", str(config), f"train.beta={beta}",
                        f"train.output_dir={workdir / 'lora-runs' / f'{fixture.name}-beta-{beta:g}'}")
         )
-    pairs, tokens = sequence_tokens(fixture.model_dir, data_file)
+    pairs, tokens, _ = sequence_tokens(fixture.model_dir, data_file)
     return {
         "pairs": pairs,
         "tokens_per_step": tokens / (pairs / PAIRS_PER_STEP),
@@ -270,9 +337,69 @@ def bench_prefix_sharing(runner: Runner, workdir: Path, fixture: Fixture, data_f
     runs = {}
     for shared in (False, True):
         out = workdir / "lora-runs" / f"{fixture.name}-long-{'shared' if shared else 'unshared'}"
-        runs[shared] = runner.run("lora-train", str(config), f"train.prefix_sharing={str(shared).lower()}",
+        runs[shared] = runner.run("lora-train", str(config), f"train.layout={'prompt_shared' if shared else 'padded'}",
                                   f"train.output_dir={out}")
     return {"unshared": runs[False], "shared": runs[True]}
+
+
+def bench_decoder(runner: Runner, workdir: Path, fixture: Fixture, data_file: Path) -> dict:
+    """The decoder-dominated fixture, β 0.1: lora-dpo as it runs by default (layout auto,
+    micro-batches by tokens) and padded (per_device_batch_size pairs), against TRL."""
+    config = lora_config(workdir, fixture, data_file, f"{fixture.name}-spread")
+    precompute = runner.run("lora-precompute", str(config))
+    trl = runner.run("trl", str(trl_spec(workdir, fixture, data_file, 0.1)))
+    out = workdir / "lora-runs" / fixture.name
+    lora = runner.run("lora-train", str(config), f"train.output_dir={out}-auto")
+    padded = runner.run("lora-train", str(config), "train.layout=padded", "train.max_tokens_per_batch=0",
+                        f"train.output_dir={out}-padded")
+    pairs, sequence, needed = sequence_tokens(fixture.model_dir, data_file, fixture.max_length)
+    steps = pairs / fixture.pairs_per_step
+    return {"pairs": pairs, "sequence_tokens_per_step": sequence / steps, "needed_tokens_per_step": needed / steps,
+            "lora_precompute": precompute, "trl": trl, "lora": lora, "lora_padded": padded,
+            "gemm_peak": runner.run("gemm-peak")}
+
+
+def token_accounting(run: dict, needed_per_step: float, peak_flops: float) -> dict:
+    """Decoder tokens computed per step and their padding share, over all steps (the needed
+    tokens are a mean over all steps too); the matmul FLOP/s of the timed steps (the first
+    left out): FLOPs per computed token of the first step x their tokens / their time."""
+    steps = run["decoder_tokens"]
+    computed = statistics.mean(s["computed"] for s in steps)
+    real = statistics.mean(s["real"] for s in steps)
+    timed_tokens = statistics.mean(s["computed"] for s in steps[1:])
+    step_time = statistics.mean(steady_steps([run]))
+    per_token = run["first_step_flops"] / max(run["first_step_computed_tokens"], 1)
+    flops = per_token * timed_tokens / step_time
+    return {"computed": computed, "needed": needed_per_step, "ratio": computed / needed_per_step,
+            "padding": 1 - real / computed, "step_time": step_time, "flops": flops, "peak_share": flops / peak_flops}
+
+
+def summarize_decoder(name: str, r: dict) -> list[str]:
+    peak = r["gemm_peak"]["fp32_gemm_flops"]
+    runs = {"lora-dpo (auto)": r["lora"], "lora-dpo (padded)": r["lora_padded"], "TRL": r["trl"]}
+    rows = {label: token_accounting(run, r["needed_tokens_per_step"], peak) for label, run in runs.items()}
+    trl_step = rows["TRL"]["step_time"]
+    lines = [
+        f"### {name}: decoder-dominated, real length spread", "",
+        f"{r['pairs']} pairs, {r['needed_tokens_per_step']:,.0f} tokens needed per step (prompt once + both "
+        f"responses); this machine's fp32 GEMM peak, measured in this run: {peak / 1e9:,.1f} GFLOP/s "
+        f"({r['gemm_peak']['threads']} threads).", "",
+        "| trainer | mean step | / TRL | needed tokens/s | decoder tokens computed per step | computed / needed "
+        "| padding share of computed | matmul FLOP/s | share of fp32 peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, row in rows.items():
+        lines.append(
+            f"| {label} | {row['step_time']:.2f} s | {row['step_time'] / trl_step:.3f} "
+            f"| {r['needed_tokens_per_step'] / row['step_time']:,.0f} | {row['computed']:,.0f} | {row['ratio']:.2f} "
+            f"| {row['padding']:.1%} | {row['flops'] / 1e9:,.1f} G | {row['peak_share']:.1%} |"
+        )
+    lora_pps = r["lora_precompute"]["pairs"] / r["lora_precompute"]["precompute_s"]
+    trl_pps = r["pairs"] / r["trl"]["precompute_train_s"]
+    lines += ["", f"Reference precompute: lora-dpo {lora_pps:.2f} pairs/s, TRL {trl_pps:.2f} pairs/s. "
+              f"First-step loss: lora-dpo {r['lora']['losses'][0]:.4f}, TRL {r['trl']['losses'][0]:.4f}. "
+              f"Peak RSS: lora-dpo {mib(r['lora']['max_rss_bytes'])}, TRL {mib(r['trl']['max_rss_bytes'])}.", ""]
+    return lines
 
 
 def mib(value: float) -> str:
@@ -325,6 +452,8 @@ def summarize(results: dict) -> str:
             + ", ".join(f"{run['wall_s']:.0f}" for run in r["trl_runs"]),
             "",
         ]
+    for name, r in results.get("decoder", {}).items():
+        lines += summarize_decoder(name, r)
     if results.get("prefix_sharing"):
         lines += ["### prefix sharing, long-prompt pairs (lora-dpo)", "",
                   "| fixture | unshared step | shared step | shared / unshared |", "|---|---|---|---|"]
@@ -361,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="start a run only when other processes use fewer cores than this")
     parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for a quiet machine")
     parser.add_argument("--no-prefix-sharing", action="store_true", help="skip the long-prompt runs")
+    parser.add_argument("--only", choices=("vocab", "decoder"), help="only the vocabulary fixtures or only the "
+                        "decoder-dominated one (with --quick: a scaled-down model and shorter pairs)")
+    parser.add_argument("--decoder-steps", type=int, default=8, help="optimizer steps on the decoder fixture")
     args = parser.parse_args(argv)
     steps, betas = (2, [0.1, 0.2]) if args.quick else (args.steps, [float(b) for b in args.betas.split(",")])
     workdir = Path(args.workdir).resolve()
@@ -371,12 +503,20 @@ def main(argv: list[str] | None = None) -> int:
 
     fixtures, data_files = build_fixtures(workdir, pairs=steps * PAIRS_PER_STEP)
     runner = Runner(workdir, args.max_busy, args.max_wait)
-    results: dict = {"environment": environment(), "steps": steps, "betas": betas, "fixtures": {}, "prefix_sharing": {}}
+    results: dict = {"environment": environment(), "steps": steps, "betas": betas, "fixtures": {},
+                     "prefix_sharing": {}, "decoder": {}}
     print(json.dumps(results["environment"], indent=2))
+    if args.only != "vocab":
+        decoder_steps = 2 if args.quick else args.decoder_steps
+        fixture, data_file = build_decoder_fixture(workdir, decoder_steps * DECODER_PAIRS_PER_STEP, args.quick)
+        print(f"{fixture.name}: lora-dpo (auto, padded) and TRL, {decoder_steps} steps each", flush=True)
+        results["decoder"][fixture.name] = bench_decoder(runner, workdir, fixture, data_file)
+    if args.only == "decoder":
+        fixtures = []
     for fixture in fixtures:
         print(f"{fixture.name}: lora-dpo and TRL, {len(betas)} betas, {steps} steps each", flush=True)
         results["fixtures"][fixture.name] = bench_trainers(runner, workdir, fixture, data_files["chat"], betas)
-    if not args.no_prefix_sharing:
+    if not args.no_prefix_sharing and args.only != "decoder":
         for fixture in fixtures:
             print(f"{fixture.name}: prefix sharing on long-prompt pairs", flush=True)
             results["prefix_sharing"][fixture.name] = bench_prefix_sharing(

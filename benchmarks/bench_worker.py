@@ -3,12 +3,18 @@
     python benchmarks/bench_worker.py lora-precompute RESULT.json CONFIG.yaml [key=value ...]
     python benchmarks/bench_worker.py lora-train      RESULT.json CONFIG.yaml [key=value ...]
     python benchmarks/bench_worker.py trl             RESULT.json SPEC.json
+    python benchmarks/bench_worker.py gemm-peak       RESULT.json
 
 lora-dpo runs go through its command line entry point (`lora_dpo.cli.main`), exactly as
 `lora-dpo precompute-ref` / `lora-dpo train` would. The TRL run is a plain DPOTrainer script
 with the same nf4 base, LoRA, batch, steps and max_length. A thread samples this process's
 resident memory every 20 ms, per phase ("setup", "precompute", "train"); the parent also
 records the kernel's peak (ru_maxrss) for the whole process.
+
+Both training runs also count, per optimizer step, the token positions their decoder runs
+(`DecoderTokens`: all of them, and the ones that are not padding), and the matmul FLOPs of
+their first step (torch's FlopCounterMode; only that warm-up step is counted, so the timed
+steps run without it): FLOPs per computed token, from which the achieved FLOP/s follow.
 """
 
 from __future__ import annotations
@@ -59,6 +65,67 @@ class RssSampler:
         return dict(self.peaks)
 
 
+class DecoderTokens:
+    """Counts what the decoder runs in the training phase, per optimizer step: token positions
+    (`computed`) and those that are not padding (`real`). A forward pre-hook on the decoder
+    module, so both trainers are measured the same way."""
+
+    def __init__(self, sampler: RssSampler):
+        self.sampler = sampler
+        self.steps: list[dict[str, int]] = []
+
+    def begin_step(self) -> None:
+        self.steps.append({"computed": 0, "real": 0})
+
+    def hook(self, module, args, kwargs) -> None:
+        if self.sampler.current != "train" or not self.steps:
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        computed = input_ids.numel()
+        mask, pair_masks = kwargs.get("attention_mask"), kwargs.get("pair_masks")
+        if pair_masks is not None:  # lora-dpo's packed rows: the pairs' spans are the real tokens
+            real = sum(end - start for _, start, end in pair_masks.spans)
+        elif mask is not None and getattr(mask, "ndim", 0) == 2:
+            real = int(mask.sum())
+        else:  # no padding mask: packed rows with position ids, nothing padded
+            real = computed
+        self.steps[-1]["computed"] += computed
+        self.steps[-1]["real"] += real
+
+    def attach(self, decoder) -> None:
+        decoder.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+
+def counted_first_step(run_step, tokens: DecoderTokens, flops: dict):
+    """Runs an optimizer step, the first under FlopCounterMode (matmul FLOPs, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tokens.begin_step()
+    if flops:
+        return run_step()
+    with FlopCounterMode(display=False) as counter:
+        out = run_step()
+    flops["first_step_flops"] = counter.get_total_flops()
+    flops["first_step_computed_tokens"] = tokens.steps[-1]["computed"]
+    return out
+
+
+def gemm_peak() -> dict:
+    """This machine's fp32 GEMM rate, best of several timed 2048 x 2048 matmuls (FLOP/s)."""
+    import torch
+
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - started))
+    return {"exit_code": 0, "fp32_gemm_flops": best, "threads": torch.get_num_threads()}
+
+
 def lora_precompute(config_path: str, overrides: list[str]) -> dict:
     from lora_dpo import cli
     from lora_dpo.cache import Manifest
@@ -78,15 +145,24 @@ def lora_train(config_path: str, overrides: list[str]) -> dict:
     import lora_dpo.train as train_module
     from lora_dpo import cli
     from lora_dpo.config import load_config
+    from lora_dpo.logps import causal_lm_parts
 
     sampler = RssSampler()
+    tokens, flops = DecoderTokens(sampler), {}
     attach = train_module.attach_lora
+    step = train_module.TrainLoop.step
 
     def attach_and_mark(*args, **kwargs):  # data and the 4-bit base are loaded: training starts
         sampler.phase("train")
-        return attach(*args, **kwargs)
+        policy = attach(*args, **kwargs)
+        tokens.attach(causal_lm_parts(policy)[0])
+        return policy
+
+    def counted_step(self, *args, **kwargs):
+        return counted_first_step(lambda: step(self, *args, **kwargs), tokens, flops)
 
     train_module.attach_lora = attach_and_mark
+    train_module.TrainLoop.step = counted_step
     code = cli.main(["train", "--config", config_path, *overrides])
     peaks = sampler.stop()
     config = load_config(config_path, overrides)
@@ -97,6 +173,8 @@ def lora_train(config_path: str, overrides: list[str]) -> dict:
         "step_times": [r["step_time_s"] for r in steps],
         "losses": [r["loss"] for r in steps],
         "rss_peaks": peaks,
+        "decoder_tokens": tokens.steps,
+        **flops,
     }
 
 
@@ -134,6 +212,8 @@ def trl_run(spec_path: str) -> dict:
     timings: dict[str, float] = {}
     step_times: list[float] = []
     losses: list[float] = []
+    tokens, flops = DecoderTokens(sampler), {}
+    tokens.attach(model.get_decoder())
 
     class TimedDPOTrainer(DPOTrainer):
         def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -143,6 +223,9 @@ def trl_run(spec_path: str) -> dict:
             timings[f"precompute_{name}_s"] = time.perf_counter() - started
             sampler.phase("setup")
             return out
+
+        def training_step(self, *args, **kwargs):  # one micro-batch; accumulation is 1
+            return counted_first_step(lambda: super(TimedDPOTrainer, self).training_step(*args, **kwargs), tokens, flops)
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -206,7 +289,8 @@ def trl_run(spec_path: str) -> dict:
     trainer.train()
     trainer.save_model(spec["output_dir"])  # the adapter, as `lora-dpo train` saves it
     peaks = sampler.stop()
-    return {"exit_code": 0, "step_times": step_times, "losses": losses, "rss_peaks": peaks, **timings}
+    return {"exit_code": 0, "step_times": step_times, "losses": losses, "rss_peaks": peaks, **timings,
+            "decoder_tokens": tokens.steps, **flops}
 
 
 def main(argv: list[str]) -> int:
@@ -218,6 +302,8 @@ def main(argv: list[str]) -> int:
         result = lora_train(rest[0], rest[1:])
     elif mode == "trl":
         result = trl_run(rest[0])
+    elif mode == "gemm-peak":
+        result = gemm_peak()
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     Path(result_path).write_text(json.dumps(result, indent=2))

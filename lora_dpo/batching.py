@@ -1,25 +1,35 @@
 """Turn tokenized pairs into batches, and order pairs into batches.
 
-Chosen and rejected go through the model in one forward. `collate` stacks them as [2B, T]:
-rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected ones, in the same pair order.
-`collate_packed` (prefix sharing) puts each pair in one row, prompt + chosen + rejected, so the
-prompt is forwarded once; a block mask keeps rejected from seeing chosen and position ids
-restart after the prompt, which gives every response token the context it has unshared.
-Either batch names its response tokens the same way (`response_tokens`): sequence s of the
-2B is chosen of pair s for s < B, rejected of pair s - B otherwise.
+Chosen and rejected go through the model in one forward, in one of three layouts (LAYOUTS):
+
+- padded (`collate`): [2B, T], rows 0..B-1 the chosen sequences and B..2B-1 the rejected ones
+  in the same pair order, each prompt + response, right-padded to the longest;
+- prompt_shared (`collate_prompt_shared`): [B, L], one row per pair, prompt + chosen +
+  rejected, right-padded to the longest pair: the prompt is forwarded once;
+- packed (`collate_packed`): [1, L], every pair of the batch in one row, each as prompt +
+  chosen + rejected, with no padding at all.
+
+In the last two a pair's tokens carry their pair (`documents`), their part (`segments`) and the
+position they have unshared: rejected positions continue from the prompt's end, as chosen
+ones do. The attention (lora_dpo.attention) keeps pairs apart and rejected from chosen, which
+gives every response token exactly the context it has in the padded layout.
+Every batch names its response tokens the same way (`response_tokens`): sequence s of the 2B
+is chosen of pair s for s < B, rejected of pair s - B otherwise.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from lora_dpo.data import TokenizedPair
 
 IGNORE_INDEX = -100
+LAYOUTS = ("padded", "prompt_shared", "packed")
 
 
 @dataclass
@@ -39,10 +49,15 @@ class PairBatch:
         """Real tokens of the 2B sequences (the prompt counted once per response)."""
         return int(self.attention_mask.sum())
 
+    @property
+    def computed_tokens(self) -> int:
+        """Token positions the decoder runs, padding included."""
+        return self.input_ids.numel()
+
     def response_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(predictors, targets, rows), each [N]: the flat index into [2B * T] of the hidden
-        state that predicts each response token (position t predicts token t+1), the token,
-        and its sequence."""
+        """(predictors, targets, sequences), each [N]: the flat index into [2B * T] of the
+        hidden state that predicts each response token (position t predicts token t+1), the
+        token, and its sequence."""
         targets = self.labels[:, 1:]  # [2B, T-1]
         rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # [N], row-major
         return rows * self.labels.shape[1] + columns, targets[rows, columns], rows
@@ -57,20 +72,23 @@ class PairBatch:
         )
 
 
-# Segment ids of a packed row.
+# Segment ids of a packed row, and the document id of its padding.
 PAD_SEGMENT, PROMPT_SEGMENT, CHOSEN_SEGMENT, REJECTED_SEGMENT = -1, 0, 1, 2
+PAD_DOCUMENT = -1
 
 
 @dataclass
 class PackedPairBatch:
-    """B pairs, one row each: prompt + chosen + rejected, right-padded to the longest row."""
+    """B pairs as prompt + chosen + rejected: all in one row, or one per row (right-padded)."""
 
-    input_ids: torch.Tensor  # [B, L]
-    position_ids: torch.Tensor  # [B, L] 0..P+C-1 over prompt + chosen, then P..P+R-1 over rejected
-    segments: torch.Tensor  # [B, L] PROMPT_SEGMENT / CHOSEN_SEGMENT / REJECTED_SEGMENT / PAD_SEGMENT
-    predictors: torch.Tensor  # [N] flat index into [B * L] of the hidden state predicting each token
+    input_ids: torch.Tensor  # [R, L]
+    position_ids: torch.Tensor  # [R, L] per pair: 0..P+C-1 over prompt + chosen, P..P+R-1 over rejected
+    documents: torch.Tensor  # [R, L] the pair (0..B-1) of each token, PAD_DOCUMENT on padding
+    segments: torch.Tensor  # [R, L] PROMPT_SEGMENT / CHOSEN_SEGMENT / REJECTED_SEGMENT / PAD_SEGMENT
+    predictors: torch.Tensor  # [N] flat index into [R * L] of the hidden state predicting each token
     targets: torch.Tensor  # [N] response token ids
-    rows: torch.Tensor  # [N] sequence of each token: pair b's chosen is b, its rejected B + b
+    sequences: torch.Tensor  # [N] sequence of each token: pair b's chosen is b, its rejected B + b
+    spans: list[tuple[int, int, int]]  # [B] (row, start, end) of each pair's tokens
     pair_hashes: list[bytes]  # [B]
     source_indices: list[int]  # [B]
     sequence_tokens: int  # real tokens of the 2B unshared sequences, for tokens/s
@@ -79,35 +97,61 @@ class PackedPairBatch:
     def num_pairs(self) -> int:
         return len(self.pair_hashes)
 
-    def response_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.predictors, self.targets, self.rows
+    @property
+    def computed_tokens(self) -> int:
+        """Token positions the decoder runs, padding included (none when packed)."""
+        return self.input_ids.numel()
 
-    def visibility(self) -> torch.Tensor:
-        """[B, L, L] bool, query x key: causal, and a response sees the prompt and itself only
-        (rejected never sees chosen). A padding query sees itself, so no softmax row is empty."""
-        length = self.segments.shape[1]
-        query, key = self.segments.unsqueeze(2), self.segments.unsqueeze(1)  # [B, L, 1], [B, 1, L]
-        causal = torch.ones(length, length, dtype=torch.bool, device=self.segments.device).tril_()
-        same_or_prompt = (key == PROMPT_SEGMENT) | (key == query)
-        visible = causal & same_or_prompt & (query != PAD_SEGMENT) & (key != PAD_SEGMENT)
-        return visible | torch.eye(length, dtype=torch.bool, device=self.segments.device)
+    def response_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.predictors, self.targets, self.sequences
+
+    def visibility(self, sliding_window: int | None = None) -> torch.Tensor:
+        """[R, L, L] bool, query x key, as a dense matrix: see `visible`."""
+        index = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
+        query = (self.documents.unsqueeze(2), self.segments.unsqueeze(2), self.position_ids.unsqueeze(2))
+        key = (self.documents.unsqueeze(1), self.segments.unsqueeze(1), self.position_ids.unsqueeze(1))
+        return visible(query, key, index.view(1, -1, 1), index.view(1, 1, -1), sliding_window)
 
     def to(self, device: torch.device) -> "PackedPairBatch":
         return PackedPairBatch(
             self.input_ids.to(device),
             self.position_ids.to(device),
+            self.documents.to(device),
             self.segments.to(device),
             self.predictors.to(device),
             self.targets.to(device),
-            self.rows.to(device),
+            self.sequences.to(device),
+            self.spans,
             self.pair_hashes,
             self.source_indices,
             self.sequence_tokens,
         )
 
 
+TokenIds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (document, segment, position)
+
+
+def visible(
+    query: TokenIds, key: TokenIds, query_index: torch.Tensor, key_index: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor:
+    """Whether a query token sees a key token in a packed row: THE rule, evaluated densely
+    (`PackedPairBatch.visibility`), per pair, or per block by FlexAttention's mask_mod.
+
+    Causal, within one pair, and a response sees the prompt and itself only (rejected never
+    sees chosen). With a sliding window, as transformers slides: the key's position is less
+    than `sliding_window` before the query's. A padding token sees itself only, so no softmax
+    row is empty and nothing real sees a pad.
+    """
+    (query_document, query_segment, query_position), (key_document, key_segment, key_position) = query, key
+    allowed = (query_document == key_document) & (query_document != PAD_DOCUMENT) & (query_index >= key_index)
+    allowed = allowed & ((key_segment == PROMPT_SEGMENT) | (key_segment == query_segment))
+    if sliding_window is not None:
+        allowed = allowed & (query_position - key_position < sliding_window)
+    return allowed | (query_index == key_index)
+
+
 def collate(pairs: Sequence[TokenizedPair], pad_id: int) -> PairBatch:
-    """Pad to the batch's longest sequence (not to max_length); masks come from lengths."""
+    """Padded layout: pad to the batch's longest sequence (not to max_length); masks come from lengths."""
     sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [
         (p.prompt_ids, p.rejected_ids) for p in pairs
     ]
@@ -129,50 +173,81 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int) -> PairBatch:
     )
 
 
+def collate_prompt_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> PackedPairBatch:
+    """Prompt-shared layout: one row per pair, right-padded to the batch's longest `P + C + R`."""
+    return collate_rows(pairs, pad_id, [[b] for b in range(len(pairs))])
+
+
 def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int) -> PackedPairBatch:
-    """Prefix sharing: one row per pair, padded to the batch's longest `P + C + R`.
+    """Packed layout: every pair in one row, `sum(P + C + R)` tokens, no padding."""
+    return collate_rows(pairs, pad_id, [list(range(len(pairs)))])
+
+
+def collate_rows(pairs: Sequence[TokenizedPair], pad_id: int, rows: Sequence[Sequence[int]]) -> PackedPairBatch:
+    """Pairs placed in rows (`rows[r]`: the pairs of row r, in order), right-padded to the longest.
 
     Response tokens are listed in the order `collate` gives them (every chosen sequence, then
     every rejected one, each by position), and a token is scored exactly when it is in the
-    unshared layout: there, the one at sequence position 0 has nothing to predict it.
+    padded layout: there, the one at sequence position 0 has nothing to predict it.
     """
-    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)  # [B, L]
-    position_ids = torch.zeros((len(pairs), width), dtype=torch.long)
-    segments = torch.full((len(pairs), width), PAD_SEGMENT, dtype=torch.long)
-    chosen_tokens: list[tuple[int, int, int]] = []  # (predictor, target, row)
+    assert sorted(b for row in rows for b in row) == list(range(len(pairs))), "each pair in one row"
+    width = max(sum(packed_length(pairs[b]) for b in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)  # [R, L]
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    documents = torch.full(shape, PAD_DOCUMENT, dtype=torch.long)
+    segments = torch.full(shape, PAD_SEGMENT, dtype=torch.long)
+    spans: list[tuple[int, int, int]] = [(0, 0, 0)] * len(pairs)
+    chosen_tokens: list[tuple[int, int, int]] = []  # (predictor, target, sequence)
     rejected_tokens: list[tuple[int, int, int]] = []
-    for b, pair in enumerate(pairs):
-        prompt, chosen, rejected = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
-        length = prompt + chosen + rejected
-        input_ids[b, :length] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
-        position_ids[b, : prompt + chosen] = torch.arange(prompt + chosen)
-        position_ids[b, prompt + chosen : length] = torch.arange(prompt, prompt + rejected)
-        segments[b, :prompt] = PROMPT_SEGMENT
-        segments[b, prompt : prompt + chosen] = CHOSEN_SEGMENT
-        segments[b, prompt + chosen : length] = REJECTED_SEGMENT
-        row_start = b * width
-        for j, token in enumerate(pair.chosen_ids):  # at packed index prompt + j
-            if prompt + j >= 1:
-                chosen_tokens.append((row_start + prompt + j - 1, token, b))
-        for k, token in enumerate(pair.rejected_ids):  # at packed index prompt + chosen + k
-            if prompt + k >= 1:
-                # its first token continues the prompt, the rest continue the rejected tokens
-                predictor = prompt - 1 if k == 0 else prompt + chosen + k - 1
-                rejected_tokens.append((row_start + predictor, token, len(pairs) + b))
+    for r, row in enumerate(rows):
+        start = 0
+        for b in row:
+            pair = pairs[b]
+            prompt, chosen, rejected = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+            end = start + prompt + chosen + rejected
+            input_ids[r, start:end] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
+            position_ids[r, start : start + prompt + chosen] = torch.arange(prompt + chosen)
+            position_ids[r, start + prompt + chosen : end] = torch.arange(prompt, prompt + rejected)
+            documents[r, start:end] = b
+            segments[r, start : start + prompt] = PROMPT_SEGMENT
+            segments[r, start + prompt : start + prompt + chosen] = CHOSEN_SEGMENT
+            segments[r, start + prompt + chosen : end] = REJECTED_SEGMENT
+            spans[b] = (r, start, end)
+            first = r * width + start  # flat index of the pair's first token
+            for j, token in enumerate(pair.chosen_ids):  # at first + prompt + j
+                if prompt + j >= 1:
+                    chosen_tokens.append((first + prompt + j - 1, token, b))
+            for k, token in enumerate(pair.rejected_ids):  # at first + prompt + chosen + k
+                if prompt + k >= 1:
+                    # its first token continues the prompt, the rest continue the rejected tokens
+                    predictor = prompt - 1 if k == 0 else prompt + chosen + k - 1
+                    rejected_tokens.append((first + predictor, token, len(pairs) + b))
+            start = end
+    chosen_tokens.sort(key=lambda token: token[2])  # pair order, each pair's tokens by position
+    rejected_tokens.sort(key=lambda token: token[2])
     columns = torch.tensor(chosen_tokens + rejected_tokens, dtype=torch.long).reshape(-1, 3)  # [N, 3]
-    predictors, targets, rows = (column.contiguous() for column in columns.unbind(1))
+    predictors, targets, sequences = (column.contiguous() for column in columns.unbind(1))
     return PackedPairBatch(
         input_ids,
         position_ids,
+        documents,
         segments,
         predictors,
         targets,
-        rows,
+        sequences,
+        spans,
         [p.pair_hash for p in pairs],
         [p.source_index for p in pairs],
         sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
     )
+
+
+COLLATE: dict[str, Callable[[Sequence[TokenizedPair], int], PairBatch | PackedPairBatch]] = {
+    "padded": collate,
+    "prompt_shared": collate_prompt_shared,
+    "packed": collate_packed,
+}
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -184,7 +259,37 @@ def pad_id_of(tokenizer: Any) -> int:
 
 
 def pair_length(pair: TokenizedPair) -> int:
+    """The longer of the pair's two sequences, prompt + response."""
     return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+
+
+def packed_length(pair: TokenizedPair) -> int:
+    """The pair as one run of tokens: prompt once, then both responses."""
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
+def batch_tokens(layout: str, pairs: Sequence[TokenizedPair]) -> int:
+    """Token positions the decoder runs for these pairs in `layout`, padding included."""
+    if layout == "padded":
+        return 2 * len(pairs) * max(map(pair_length, pairs))
+    if layout == "prompt_shared":
+        return len(pairs) * max(map(packed_length, pairs))
+    assert layout == "packed", f"unknown layout {layout!r}"
+    return sum(map(packed_length, pairs))
+
+
+def token_budget_batches(
+    pairs: Sequence[TokenizedPair], indices: Sequence[int], layout: str, max_tokens: int
+) -> list[list[int]]:
+    """`indices` cut, in order, into micro-batches of at most `max_tokens` decoder tokens in
+    `layout` (`batch_tokens`). A pair that alone exceeds the budget goes alone."""
+    batches: list[list[int]] = []
+    for i in indices:
+        if batches and batch_tokens(layout, [pairs[j] for j in batches[-1]] + [pairs[i]]) <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def length_sorted_batches(pairs: Sequence[TokenizedPair], batch_size: int) -> list[list[int]]:

@@ -7,46 +7,65 @@
         trainer_state.json          step, number of ranks
 
 A checkpoint is written into a temporary directory and renamed into place, so a checkpoint
-directory that exists is complete. The last `keep` checkpoints are kept.
+directory that exists was complete when written. Damage done later (a truncated file, a
+missing one) is found when a run resumes: the newest intact checkpoint is used, with a warning
+naming each damaged one. The last `keep` checkpoints are kept.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import pickle
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from lora_dpo.errors import ConfigError
 from lora_dpo.fileio import staged_directory
+from lora_dpo.run.directory import checkpoint_dirs, checkpoint_name, checkpoint_step
 
-CHECKPOINTS = "checkpoints"
-PREFIX = "step-"
+log = logging.getLogger(__name__)
 
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+ADAPTER = "adapter_model.safetensors"
+TORCH_FILES = ("optimizer.pt", "scheduler.pt", "ranks.pt")
+STATE = "trainer_state.json"
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    found = checkpoint_dirs(run_dir)
-    if not found:
-        raise ConfigError(f"{run_dir}: no checkpoint to resume from (looked in {run_dir / CHECKPOINTS})")
-    return found[-1]
+class DamagedCheckpoint(Exception):
+    """A checkpoint directory whose files are missing or do not load; the message says which."""
+
+
+@dataclass
+class Checkpoint:
+    """The contents of one checkpoint, read and checked, not yet applied."""
+
+    path: Path
+    step: int
+    world_size: int
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    ranks: list[dict[str, Any]]
+
+
+def _torch_bytes(value: Any) -> bytes:
+    # Serialised in memory and written from Python: a full disk is then an OSError with its
+    # errno, where torch's own file writer only says "file write failed".
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
 
 
 def save_checkpoint(
-    run_dir: Path,
+    root: Path,
     step: int,
     policy: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -54,55 +73,120 @@ def save_checkpoint(
     rank_states: list[dict[str, Any]],
     keep: int,
 ) -> Path:
-    """Rank 0 writes; `rank_states` holds every rank's RNG states and metric window."""
+    """Rank 0 writes `root/step-<step>`; `rank_states` holds every rank's RNG states and
+    metric window. Then only the newest `keep` checkpoints are kept, none newer than this one
+    (those are from an earlier attempt that resumed from an older one past a damaged newest)."""
     from peft import get_peft_model_state_dict
 
-    target = run_dir / CHECKPOINTS / f"{PREFIX}{step:06d}"
+    target = root / checkpoint_name(step)
     # A checkpoint of the same step from an earlier attempt is replaced only once this one is whole.
     with staged_directory(target, suffix=".tmp") as tmp:
         adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(policy).items()}
-        save_file(adapter, str(tmp / "adapter_model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rank_states, tmp / "ranks.pt")
-        state = {"step": step, "world_size": len(rank_states)}
-        (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
-    for old in checkpoint_dirs(run_dir)[:-keep]:
+        (tmp / ADAPTER).write_bytes(save_safetensors(adapter))
+        for name, value in zip(TORCH_FILES, (optimizer.state_dict(), scheduler.state_dict(), rank_states)):
+            (tmp / name).write_bytes(_torch_bytes(value))
+        (tmp / STATE).write_text(json.dumps({"step": step, "world_size": len(rank_states)}) + "\n")
+    existing = checkpoint_dirs(root)
+    stale = [p for p in existing if checkpoint_step(p) > step]
+    current = [p for p in existing if checkpoint_step(p) <= step]
+    for old in stale + current[:-keep]:
         shutil.rmtree(old)
     return target
 
 
-def load_checkpoint(
-    path: Path,
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoint:
+    """Every file of the checkpoint at `path`, loaded; DamagedCheckpoint names the first
+    file that is missing or does not load."""
+
+    def problem(name: str, what: str) -> DamagedCheckpoint:
+        return DamagedCheckpoint(f"{path / name}: {what}")
+
+    for name in (ADAPTER, *TORCH_FILES, STATE):
+        if not (path / name).is_file():
+            raise problem(name, "missing")
+    try:
+        state = json.loads((path / STATE).read_text())
+        step, world_size = int(state["step"]), int(state["world_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise problem(STATE, f"not a trainer state ({exc})") from None
+    if step != checkpoint_step(path):
+        raise problem(STATE, f"says step {step}, the directory step {checkpoint_step(path)}")
+    try:
+        adapter = load_safetensors((path / ADAPTER).read_bytes())
+    except Exception as exc:  # safetensors raises its own error type
+        raise problem(ADAPTER, f"cannot load: {_first_line(exc)}") from None
+    loaded = []
+    for name in TORCH_FILES:
+        try:
+            loaded.append(load_state(path / name, map_location=device if name == "optimizer.pt" else "cpu"))
+        except ConfigError as exc:  # already one line naming the file
+            raise DamagedCheckpoint(str(exc)) from None
+        except Exception as exc:  # damage torch has no specific error for
+            raise problem(name, f"cannot load: {_first_line(exc)}") from None
+    optimizer, scheduler, ranks = loaded
+    if not isinstance(ranks, list) or len(ranks) != world_size:
+        held = len(ranks) if isinstance(ranks, list) else "no"
+        raise problem("ranks.pt", f"holds {held} rank states for {world_size} ranks")
+    return Checkpoint(path, step, world_size, {k: v.to(device) for k, v in adapter.items()}, optimizer, scheduler, ranks)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def newest_intact_checkpoint(root: Path, device: torch.device | str = "cpu") -> Checkpoint:
+    """The newest checkpoint under `root` whose files all load; a warning names each newer
+    damaged one; a ConfigError when none is intact (the one checkpoint's problem, or all)."""
+    found = checkpoint_dirs(root)
+    if not found:
+        raise ConfigError(f"{root.parent}: no checkpoint to resume from (looked in {root})")
+    damaged = []
+    for path in reversed(found):
+        try:
+            checkpoint = read_checkpoint(path, device)
+        except DamagedCheckpoint as exc:
+            damaged.append(str(exc))
+            log.warning("damaged checkpoint: %s; trying the next older one", exc)
+            continue
+        if damaged:
+            log.warning("resuming from %s, the newest intact checkpoint", path.name)
+        return checkpoint
+    if len(damaged) == 1:
+        raise ConfigError(damaged[0])
+    raise ConfigError(f"{root}: no intact checkpoint to resume from: {'; '.join(damaged)}")
+
+
+def apply_checkpoint(
+    checkpoint: Checkpoint,
     policy: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this rank's RNG states; returns the trainer
-    state with this rank's metric window under "meter"."""
-    state = json.loads((path / "trainer_state.json").read_text())
-    if state["world_size"] != world_size:
+    """Restore weights, optimizer, scheduler and this rank's RNG states; returns this rank's
+    metric window (for WindowMeter.load_state_dict)."""
+    path = checkpoint.path
+    if checkpoint.world_size != world_size:
         raise ConfigError(
-            f"{path}: saved by {state['world_size']} process(es), resumed with {world_size}; "
+            f"{path}: saved by {checkpoint.world_size} process(es), resumed with {world_size}; "
             "resume with the same number of processes"
         )
     from peft import set_peft_model_state_dict
 
-    device = next(p for p in policy.parameters() if p.requires_grad).device
-    result = set_peft_model_state_dict(policy, load_file(str(path / "adapter_model.safetensors"), device=str(device)))
+    result = set_peft_model_state_dict(policy, checkpoint.adapter)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ConfigError(f"{path}: adapter weights do not fit this model: {unexpected[:3]}")
-    optimizer.load_state_dict(load_state(path / "optimizer.pt", map_location=device))
-    scheduler.load_state_dict(load_state(path / "scheduler.pt"))
-    mine = load_state(path / "ranks.pt")[rank]
+    optimizer.load_state_dict(checkpoint.optimizer)
+    scheduler.load_state_dict(checkpoint.scheduler)
+    mine = checkpoint.ranks[rank]
     torch.set_rng_state(mine["torch_rng"])
     if "cuda_rng" in mine and torch.cuda.is_available():
         torch.cuda.set_rng_state(mine["cuda_rng"])
     random.setstate(mine["python_rng"])
-    return {**state, "meter": mine["meter"]}
+    return mine["meter"]
 
 
 def load_state(file: Path, map_location: Any = None) -> Any:

@@ -8,10 +8,8 @@ too (`error: <message> (see lora-dpo VERB --help)`).
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -237,32 +235,20 @@ def _verb_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
     return parser
 
 
-# ENOSPC / EDQUOT as the OS words them: writers in Rust (safetensors) report the OS error in
-# their message, not as an OSError.
-DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
-
-
 def _environment_error(exc: Exception, writing: str | None) -> str | None:
     """One line for a full disk, or for an OS error on a named path (a file where a directory
     should be, no permission); None for anything else. Every write goes through
     lora_dpo.fileio (temp file or directory, then rename), so what was there before is intact."""
+    from lora_dpo.fileio import full_disk_message
+
+    full = full_disk_message(exc, writing)
+    if full is not None:
+        return full
     filename = getattr(exc, "filename", None)
-    full = exc.errno in DISK_FULL if isinstance(exc, OSError) else any(t in str(exc) for t in DISK_FULL.values())
-    if full:
-        where = Path(filename or writing or ".")
-        return f"no space left on device writing {where} (free there: {_free_mb(where)} MB)"
     if isinstance(exc, OSError) and exc.errno is not None and filename:
         also = f" -> {exc.filename2}" if exc.filename2 else ""
         return f"{filename}{also}: {exc.strerror}"
     return None
-
-
-def _free_mb(path: Path) -> int:
-    """Free space on the file system of `path`, or of its nearest existing parent."""
-    for where in (path, *path.absolute().parents):
-        if where.exists():
-            return shutil.disk_usage(where).free // 1_000_000
-    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -292,8 +278,11 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 0
     if getattr(args, "resume", None):
-        run_dir = Path(args.resume)
-        config = load_config(run_dir / "config.yaml", [*args.overrides, f"train.output_dir={run_dir}"])
+        from lora_dpo.run.directory import RunDirectory
+
+        run_dir = Path(args.resume)  # its config, or an interrupted overwrite's (in a hidden sibling)
+        saved = RunDirectory(run_dir).resume_source().config_path
+        config = load_config(saved, [*args.overrides, f"train.output_dir={run_dir}"])
     else:
         config = load_config(args.config, args.overrides)
     args.writing = {"precompute-ref": config.precompute.cache_dir, "train": config.train.output_dir,

@@ -86,6 +86,9 @@ class PrecomputeConfig:
     # "policy": the same quantized base the policy starts from (step-0 loss is exactly ln 2).
     # "bf16" / "fp32": an unquantized reference, an explicit choice recorded in the manifest.
     reference: str = setting("policy", one_of("policy", "bf16", "fp32"))
+    # Decoder tokens per reference forward, as train.max_tokens_per_batch (0: batch_size pairs).
+    # Eval, in training and in `lora-dpo eval`, scores in batches of these settings too.
+    max_tokens_per_batch: int = setting(0, at_least(0))
 
 
 @dataclass
@@ -149,11 +152,19 @@ class TrainConfig:
     # fp32 at a 128k vocabulary for 512). Values do not depend on it beyond float rounding, so
     # it is not part of the cache identity; precompute and eval (no gradients) use the default.
     logits_chunk_size: int = setting(512, above(0))
-    # Prefix sharing: forward each pair as one row, prompt + chosen + rejected, so the prompt
-    # runs once (a block mask keeps rejected from seeing chosen). Equal to the unshared values
-    # up to float rounding; pays off when prompts are long next to responses. Llama, Mistral,
-    # Qwen2 and Gemma 2 with eager or sdpa attention.
-    prefix_sharing: bool = False
+    # How pairs go through the model, in training, precompute and eval: "packed" (several pairs
+    # to a row, each prompt + chosen + rejected: the prompt once, no padding), "prompt_shared"
+    # (one row per pair, right-padded), "padded" (chosen and rejected in separate rows), or
+    # "auto": packed where the model takes it (Llama, Mistral, Qwen2, Gemma 2 with eager, sdpa
+    # or flex_attention), padded otherwise; the choice and its reason open the run's log. All
+    # equal up to float rounding, so a cache built in one layout serves the others.
+    # (Replaces train.prefix_sharing: true reads as prompt_shared, false as padded.)
+    layout: str = setting("auto", one_of("auto", "padded", "prompt_shared", "packed"))
+    # Fill micro-batches by decoder tokens (padding included; when packed, the prompt once plus
+    # both responses) instead of per_device_batch_size pairs: short pairs travel many to a
+    # batch, long ones few. A step keeps per_device_batch_size x gradient_accumulation_steps
+    # pairs per device, each weighted alike. A pair longer than the budget goes alone. 0: off.
+    max_tokens_per_batch: int = setting(0, at_least(0))
     # Log (console + metrics.jsonl) every N optimizer steps.
     logging_steps: int = setting(10, above(0))
     # Also send every metrics.jsonl record to: "tensorboard" (<output_dir>/tensorboard) and/or
@@ -173,6 +184,18 @@ class TrainConfig:
     accept_cache_mismatch: bool = False
     # Seeds Python's and torch's generators; [0, 2**32) is what every common seeding API takes.
     seed: int = setting(42, between(0, 2**32 - 1))
+
+
+# Train settings that do not change what a run computes (how often it logs, evaluates and
+# checkpoints, where it reports, when it gives up): `--resume` may change these, and records
+# it. Every other key, in every section, is part of the computation: a resume refuses it.
+COSMETIC_KEYS = frozenset(
+    f"train.{name}"
+    for name in (
+        "output_dir", "overwrite_output_dir", "logging_steps", "report_to", "eval_steps",
+        "save_steps", "save_total_limit", "max_consecutive_skips",
+    )
+)
 
 
 SECTIONS: dict[str, type] = {
@@ -304,7 +327,18 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+# Keys that were replaced: (the key now, the value now) for an old value, so old configs keep
+# their meaning.
+RENAMED_KEYS = {
+    "train.prefix_sharing": lambda on: (
+        "train.layout", "prompt_shared" if _coerce("train.prefix_sharing", on, bool) else "padded"
+    ),
+}
+
+
 def _set(config: Config, dotted: str, value: Any, origin: str) -> None:
+    if dotted in RENAMED_KEYS:
+        dotted, value = RENAMED_KEYS[dotted](value)
     section_name, _, key = dotted.partition(".")
     if section_name not in SECTIONS or not key:
         raise ConfigError(

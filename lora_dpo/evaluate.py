@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,9 @@ from lora_dpo.logps import SequenceLogps
 from lora_dpo.scoring import score_pairs
 from lora_dpo.losses import LossSettings, PairLogps, compute_loss
 from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
+from lora_dpo.packing import choose_layout
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,17 +71,21 @@ def evaluate(
     pad_id: int,
     batch_size: int,
     device: torch.device,
+    layout: str = "padded",
+    max_tokens: int = 0,
 ) -> EvalMetrics:
     """Score `pairs` (aligned with `reference`; None for a reference-free objective) with the
     training objective and training's per-pair metrics, over all held-out pairs at once (RPO's
-    per-token NLL is over all of them)."""
+    per-token NLL is over all of them). Batches as the precompute makes them: `batch_size`
+    pairs, or `max_tokens` in `layout`."""
     was_training = model.training
     model.eval()  # no LoRA dropout
     order = [i for batch in length_sorted_batches(pairs, batch_size) for i in batch]  # little padding
     progress = tqdm(total=len(order), desc="eval", unit="pair", leave=False)
     scores = score_pairs(
         model, [pairs[i] for i in order], batch_size=batch_size, pad_id=pad_id, device=device, progress=progress,
-        shared_prefix=loss.needs_shared_prefix, log_sum_sq_probs=loss.use_weighting,
+        layout=layout, max_tokens=max_tokens,
+        **loss.statistics,
     )
     progress.close()
     model.train(was_training)
@@ -138,6 +146,8 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
     )
     if adapter is not None:
         model = load_adapter(model, adapter)
+    layout = choose_layout(config.train.layout, model, device)
+    log.info("%s", layout.describe(config.precompute.max_tokens_per_batch, config.precompute.batch_size))
     return evaluate(
         model,
         pairs,
@@ -146,4 +156,6 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
         pad_id_of(tokenizer),
         config.precompute.batch_size,
         device,
+        layout.name,
+        config.precompute.max_tokens_per_batch,
     )

@@ -11,6 +11,7 @@ Rules every writer follows:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -134,3 +135,34 @@ def publish_directory(tmp: Path, target: Path) -> None:
     fsync_directory(target.parent)
     if old is not None:
         shutil.rmtree(old)
+
+
+# A full disk as the OS words it; writers in Rust (safetensors) and C++ report the OS error in
+# their message, not as an OSError with an errno.
+FULL_DISK = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+FULL_DISK_TEXT = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT}
+
+
+def full_disk_errno(exc: BaseException) -> int | None:
+    """ENOSPC or EDQUOT when `exc` says the file system is full, else None."""
+    if isinstance(exc, OSError) and exc.errno in FULL_DISK:
+        return exc.errno
+    text = str(exc)
+    return next((code for message, code in FULL_DISK_TEXT.items() if message in text), None)
+
+
+def free_mb(path: Path) -> int:
+    """Free megabytes on the file system of `path` (or of its nearest existing parent)."""
+    where = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
+    return shutil.disk_usage(where).free // 1_000_000 if where is not None else 0
+
+
+def full_disk_message(exc: BaseException, writing: Path | str | None) -> str | None:
+    """One line for a full disk, naming the file (the error's own, else `writing`) and the free
+    space there; None when `exc` is not a full disk. Every write above is atomic, so what was
+    on disk before is still there."""
+    code = full_disk_errno(exc)
+    if code is None:
+        return None
+    where = Path(getattr(exc, "filename", None) or writing or ".")
+    return f"{FULL_DISK[code]} writing {where} (free there: {free_mb(where)} MB)"

@@ -28,20 +28,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedModel
 
+from lora_dpo.attention import base_model, packed_decoder_inputs
 from lora_dpo.batching import PackedPairBatch, PairBatch
 from lora_dpo.config import TrainConfig
-from lora_dpo.errors import ConfigError
 
 # Response tokens per LM-head chunk, train.logits_chunk_size's default. At a 128,256 vocabulary
 # one chunk of fp32 logits is 263 MB; the fused path holds about one such block at a time (two
 # with soft-capping).
 DEFAULT_LOGITS_CHUNK_SIZE = TrainConfig.logits_chunk_size
-
-# Architectures whose attention code prefix sharing is tested against (custom 4D masks,
-# explicit position ids, sliding windows); others are refused rather than trusted.
-PREFIX_SHARING_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma2")
 
 
 @dataclass
@@ -106,7 +101,7 @@ def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, LogitHead]
     non-linear touches some heads have (Gemma 2's final soft-capping, Cohere's logit scale).
     Anything else unusual is refused rather than silently mis-computed.
     """
-    base = _base_model(model)
+    base = base_model(model)
     config = base.config.get_text_config()
     for attribute in ("output_multiplier_scale", "logits_scaling", "mup_width_multiplier", "lm_head_multiplier"):
         if getattr(config, attribute, None) not in (None, 1, 1.0):
@@ -131,10 +126,11 @@ def sequence_logps(
 ) -> SequenceLogps:
     """Per-sequence sums of response-token log-probs of a batch of B pairs.
 
-    `batch` is a right-padded [2B, T] PairBatch, or a PackedPairBatch with one row per pair
-    (prompt + chosen + rejected; the prompt is forwarded once). Either way the batch names
-    the N response tokens: which hidden state predicts each (position t predicts token t+1,
-    hence the shift), its target id and its sequence (chosen rows 0..B-1, rejected B..2B-1).
+    `batch` is a right-padded [2B, T] PairBatch, or a PackedPairBatch (prompt + chosen +
+    rejected per pair, the prompt forwarded once; lora_dpo.attention keeps the pairs apart).
+    Either way the batch names the N response tokens: which hidden state predicts each
+    (position t predicts token t+1, hence the shift), its target id and its sequence (chosen
+    0..B-1, rejected B..2B-1).
 
     `shared_prefix` adds `shared_logps`, `log_sum_sq_probs` the statistic of the same name;
     both come from the same forward and the same log-probs.
@@ -146,17 +142,19 @@ def sequence_logps(
         assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape, "batch shapes differ"
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     hidden = decoder(**inputs, use_cache=False).last_hidden_state  # [R, T, H]
-    predictors, targets, rows = batch.response_tokens()  # [N] each
+    predictors, targets, sequence_of = batch.response_tokens()  # [N] each
     response_hidden = hidden.reshape(-1, hidden.shape[-1])[predictors]  # [N, H]
     token_sq = torch.empty(len(targets), dtype=torch.float32, device=hidden.device) if log_sum_sq_probs else None
     token_logps = response_token_logps(head, response_hidden, targets, chunk_size, token_sq)  # [N] fp32
     sequences = 2 * batch.num_pairs
     zeros = torch.zeros(sequences, dtype=torch.float32, device=hidden.device)
-    out = SequenceLogps(logps=zeros.index_add(0, rows, token_logps), tokens=torch.bincount(rows, minlength=sequences))
+    out = SequenceLogps(
+        logps=zeros.index_add(0, sequence_of, token_logps), tokens=torch.bincount(sequence_of, minlength=sequences)
+    )
     if shared_prefix:
-        out.shared_logps = prefix_sums(token_logps, rows, shared_lengths(out.tokens))
+        out.shared_logps = prefix_sums(token_logps, sequence_of, shared_lengths(out.tokens))
     if token_sq is not None:
-        out.log_sum_sq_probs = zeros.index_add(0, rows, token_sq)
+        out.log_sum_sq_probs = zeros.index_add(0, sequence_of, token_sq)
     return out
 
 
@@ -166,17 +164,18 @@ def shared_lengths(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([shared, shared])
 
 
-def prefix_sums(values: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Per sequence, the sum of its first lengths[s] values: values [N] and rows [N] list each
-    sequence's tokens in order (interleaved with other sequences' or not), lengths [S]; -> [S]."""
-    order = torch.sort(rows, stable=True).indices  # [N] tokens grouped by sequence, in order
-    counts = torch.bincount(rows, minlength=len(lengths))  # [S]
+def prefix_sums(values: torch.Tensor, sequence_of: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per sequence, the sum of its first lengths[s] values: values [N] and sequence_of [N]
+    list each sequence's tokens in order (interleaved with other sequences' or not), lengths
+    [S]; -> [S]."""
+    order = torch.sort(sequence_of, stable=True).indices  # [N] tokens grouped by sequence, in order
+    counts = torch.bincount(sequence_of, minlength=len(lengths))  # [S]
     starts = torch.cumsum(counts, 0) - counts  # [S] where each sequence's group begins
-    position = torch.empty_like(rows)
-    position[order] = torch.arange(len(rows), device=rows.device) - starts[rows[order]]  # [N] 0 = first
-    kept = position < lengths[rows]  # [N]
+    position = torch.empty_like(sequence_of)
+    position[order] = torch.arange(len(sequence_of), device=sequence_of.device) - starts[sequence_of[order]]  # [N]
+    kept = position < lengths[sequence_of]  # [N]; position 0 is a sequence's first token
     sums = torch.zeros(len(lengths), dtype=values.dtype, device=values.device)
-    return sums.index_add(0, rows, values * kept)
+    return sums.index_add(0, sequence_of, values * kept)
 
 
 def response_token_logps(
@@ -304,64 +303,3 @@ class _FrozenHeadLogps(torch.autograd.Function):
         (grads,) = ctx.saved_tensors
         grad_hidden = (grads * grad_logps.unsqueeze(-1)).to(grads.dtype)  # [N, H]
         return grad_hidden, None, None, None, None, None
-
-
-def packed_decoder_inputs(model: torch.nn.Module, batch: PackedPairBatch) -> dict[str, Any]:
-    """Decoder keyword arguments for a packed batch: ids, restarting position ids, and the
-    block mask as the model's attention code takes a custom 4D mask (an additive float mask
-    for eager and sdpa; one per layer type where layers differ, with sliding windows applied)."""
-    config = check_prefix_sharing_support(model)
-    dtype = next(p for p in _base_model(model).parameters() if p.is_floating_point()).dtype
-    visible = batch.visibility()  # [B, L, L] bool, query x key
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-
-    def additive(allowed: torch.Tensor) -> torch.Tensor:  # [B, 1, L, L]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-
-    def windowed() -> torch.Tensor:
-        assert window is not None  # only called for sliding-window configs
-        distance = batch.position_ids.unsqueeze(2) - batch.position_ids.unsqueeze(1)  # [B, L, L]
-        # Like transformers' sliding window: a key is seen while q - k < window (pads see themselves).
-        return visible & ((distance < window) | torch.eye(visible.shape[-1], dtype=torch.bool, device=visible.device))
-
-    attention_mask: torch.Tensor | dict[str, torch.Tensor]
-    if layer_types is not None:
-        masks = {"full_attention": additive(visible)}
-        if "sliding_attention" in layer_types:
-            masks["sliding_attention"] = additive(windowed())
-        attention_mask = masks
-    elif window is not None:  # Mistral: every layer slides
-        attention_mask = additive(windowed())
-    else:
-        attention_mask = additive(visible)
-    return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "attention_mask": attention_mask}
-
-
-def check_prefix_sharing_support(model: torch.nn.Module) -> Any:
-    """The text config, if prefix sharing is tested for this model; otherwise a clear error."""
-    config = _base_model(model).config.get_text_config()
-    if config.model_type not in PREFIX_SHARING_ARCHITECTURES:
-        raise ConfigError(
-            f"train.prefix_sharing=true: not supported for model type {config.model_type!r} "
-            f"(tested: {', '.join(PREFIX_SHARING_ARCHITECTURES)}); set it to false"
-        )
-    implementation = getattr(config, "_attn_implementation", None) or "eager"
-    if implementation not in ("eager", "sdpa"):
-        raise ConfigError(
-            f"train.prefix_sharing=true needs eager or sdpa attention (custom 4D masks); "
-            f"this model uses {implementation!r}"
-        )
-    if set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}:
-        raise ConfigError(
-            f"train.prefix_sharing=true: layer types {sorted(set(config.layer_types))} are not supported"
-        )
-    return config
-
-
-def _base_model(model: torch.nn.Module) -> PreTrainedModel:
-    """The transformers model under a peft wrapper (or the model itself)."""
-    get_base_model: Any = getattr(model, "get_base_model", None)
-    base: Any = get_base_model() if get_base_model is not None else model
-    return base

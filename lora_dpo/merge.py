@@ -53,6 +53,7 @@ from lora_dpo.model import (
     load_base_model,
     resolve_model_dir,
 )
+from lora_dpo.run.directory import RunDirectory
 from lora_dpo.versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,18 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
     adapter = read_adapter(path)
     check_mergeable(adapter)
     adapter_dir = adapter.directory
+    run = RunDirectory(adapter_dir.parent)
+    in_run = adapter_dir == run.adapter_dir and run.config_path.is_file()
+    problem = run.adapter_problem() if in_run else None
+    if problem is not None:
+        raise ConfigError(f"--adapter {path}: the run's adapter is incomplete ({problem}); resume or retrain the run")
     model = ModelConfig()
-    run_config = adapter_dir.parent / "config.yaml"
-    if adapter_dir.name == "adapter" and run_config.is_file():
+    run_config: Path | None = run.config_path
+    if in_run:
         import yaml
 
         try:
-            model = config_from_dict(yaml.safe_load(run_config.read_text())).model
+            model = config_from_dict(yaml.safe_load(run.config_path.read_text())).model
         except (ConfigError, yaml.YAMLError, AttributeError) as exc:
             log.warning("%s: not read (%s); using default base settings", run_config, exc)
             run_config = None

@@ -1,19 +1,16 @@
-"""Training metrics: accumulated on the device, synced once per logging step, written as JSON lines."""
+"""Training metrics: accumulated on the device, synced once per logging step (metrics.jsonl is
+written by `lora_dpo.run.metrics_file`)."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from lora_dpo.distributed import all_reduce_
-from lora_dpo.fileio import write_text
-from lora_dpo.loggers import MetricLogger, NullLogger
 from lora_dpo.losses import DPOOutput
 from lora_dpo.logps import SequenceLogps
 
@@ -147,47 +144,6 @@ def peak_memory_mb(device: torch.device) -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
-
-
-class MetricsFile:
-    """Appends one JSON object per record to `metrics.jsonl`, stamped with `elapsed_s` (wall
-    seconds since `started`), and passes the same record to `logger` (TensorBoard, W&B)."""
-
-    def __init__(
-        self,
-        path: Path,
-        logger: MetricLogger | None = None,
-        started: float | None = None,
-        keep_until_step: int | None = None,
-    ):
-        """A new file, or with `keep_until_step` (a resumed run) the records up to that step."""
-        self.path = path
-        self.logger = logger or NullLogger()
-        self.started = time.perf_counter() if started is None else started
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if keep_until_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until_step]
-        write_text(path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        record = {**record, "elapsed_s": time.perf_counter() - self.started}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        self.logger.log(record)
-
-    def close(self) -> None:
-        self.logger.close()
-
-
-class NullMetricsFile:
-    """What ranks other than 0 write to under torchrun: nothing."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def console_line(step: int, total: int, metrics: dict[str, float]) -> str:

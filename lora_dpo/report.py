@@ -402,8 +402,11 @@ def _summary_lines(records: RunRecords, run_dir: Path) -> list[str]:
         rows.append(("throughput", f"{totals['tokens_per_s']:,.0f} tokens/s (prompt + both responses, no padding)"))
     if "peak_memory_mb" in totals:
         rows.append(("peak memory", f"{totals['peak_memory_mb']:,.0f} MB (CUDA: max allocated; CPU: process peak RSS)"))
-    adapter = run_dir / "adapter" / "adapter_model.safetensors"
-    rows.append(("adapter", "adapter/ (PEFT format)" if adapter.is_file() else "not saved (the run did not finish?)"))
+    from lora_dpo.run.directory import RunDirectory
+
+    run, problem = RunDirectory(run_dir), RunDirectory(run_dir).adapter_problem()
+    saved = "not saved (the run did not finish?)" if not run.adapter_dir.exists() else f"incomplete: {problem}"
+    rows.append(("adapter", "adapter/ (PEFT format)" if problem is None else saved))
     return ["## Summary", "", *markdown_table(("", ""), rows)]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lora_dpo.batching import collate
+from lora_dpo.batching import COLLATE, token_budget_batches
 from lora_dpo.data import TokenizedPair
 from lora_dpo.logps import sequence_logps
 
@@ -26,6 +26,16 @@ class PairScores:
     log_sum_sq_probs: torch.Tensor | None = None
 
 
+def scoring_batches(
+    pairs: Sequence[TokenizedPair], batch_size: int, layout: str = "padded", max_tokens: int = 0
+) -> list[list[int]]:
+    """Consecutive batches in pair order: of at most `max_tokens` decoder tokens in `layout`
+    when it is set, of `batch_size` pairs otherwise."""
+    if max_tokens:
+        return token_budget_batches(pairs, range(len(pairs)), layout, max_tokens)
+    return [list(range(start, min(start + batch_size, len(pairs)))) for start in range(0, len(pairs), batch_size)]
+
+
 @torch.no_grad()
 def score_pairs(
     model: torch.nn.Module,
@@ -35,15 +45,18 @@ def score_pairs(
     pad_id: int,
     device: torch.device,
     progress: Any = None,
+    layout: str = "padded",
+    max_tokens: int = 0,
     **statistics: bool,
 ) -> PairScores:
-    """Consecutive batches of `batch_size` pairs, in the given order (sort the pairs by length
-    first for little padding). `progress` (a tqdm bar) is advanced by the pairs scored.
-    `statistics` are sequence_logps's optional ones (shared_prefix=True, ...)."""
+    """Consecutive batches (`scoring_batches`) in the given order (sort the pairs by length
+    first for little padding), collated in `layout` (lora_dpo.packing.choose_layout prepares
+    the model for it). `progress` (a tqdm bar) is advanced by the pairs scored. `statistics`
+    are sequence_logps's optional ones (shared_prefix=True, ...)."""
     chosen, rejected, chosen_tokens, rejected_tokens = [], [], [], []
     extra: dict[str, list[torch.Tensor]] = {"shared_logps": [], "log_sum_sq_probs": []}
-    for start in range(0, len(pairs), batch_size):
-        batch = collate(pairs[start : start + batch_size], pad_id).to(device)
+    for indices in scoring_batches(pairs, batch_size, layout, max_tokens):
+        batch = COLLATE[layout]([pairs[i] for i in indices], pad_id).to(device)
         out = sequence_logps(model, batch, **statistics)
         chosen.append(out.chosen.cpu())
         rejected.append(out.rejected.cpu())

@@ -1,4 +1,12 @@
-"""The training loop: a 4-bit LoRA policy against cached reference log-probs. No reference model."""
+"""Training: a 4-bit LoRA policy against cached reference log-probs. No reference model.
+
+`train()` reads setup -> loop -> save:
+- `setup`: the run directory checked and locked (a RunTransaction, see `lora_dpo.run`), the
+  inputs loaded, then the policy, optimizer, schedule, metric window and data order built and,
+  on resume, the checkpoint applied: one TrainState;
+- `TrainLoop(state, run, stop).run()`: optimizer steps, metric records, evals, checkpoints;
+- `save`: the adapter and the report published through the run directory.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +14,18 @@ import contextlib
 import logging
 import math
 import random
-import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from torch.nn.parallel import DistributedDataParallel
-from transformers import get_cosine_schedule_with_warmup
+from tqdm.auto import tqdm
 
-from lora_dpo.batching import collate, collate_packed, length_grouped_batches, pad_id_of
+from lora_dpo.batching import COLLATE, pad_id_of
 from lora_dpo.cache import (
     ReferenceCache,
     ReferenceValues,
@@ -28,25 +34,29 @@ from lora_dpo.cache import (
     policy_precision,
     step0_tolerance_for,
 )
-from lora_dpo.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
-from lora_dpo.config import Config, TrainConfig, dump_config
+from lora_dpo.checkpoint import Checkpoint, apply_checkpoint
+from lora_dpo.config import Config, TrainConfig
 from lora_dpo.data import DataReport, TokenizedPair, load_preference_data
 from lora_dpo.distributed import DistInfo, all_gather_objects, all_reduce_, barrier, dist_info
-from lora_dpo.errors import ConfigError, LoraDpoError, TrainingInterrupted
+from lora_dpo.errors import LoraDpoError, TrainingInterrupted
 from lora_dpo.evaluate import EvalMetrics, evaluate
-from lora_dpo.fileio import write_json, write_text
+from lora_dpo.faults import FaultHooks
 from lora_dpo.loggers import check_backends, open_logger
-from lora_dpo.logps import SequenceLogps, check_prefix_sharing_support, sequence_logps
+from lora_dpo.logps import SequenceLogps, sequence_logps
 from lora_dpo.losses import LossSettings, PairLogps, compute_loss
-from lora_dpo.metrics import MetricsFile, NullMetricsFile, WindowMeter, console_line
-from lora_dpo.model import (
-    attach_lora,
-    default_device,
-    load_base_model,
-    load_tokenizer,
-    resolve_model_dir,
+from lora_dpo.metrics import WindowMeter, console_line
+from lora_dpo.model import attach_lora, default_device, load_base_model, load_tokenizer, resolve_model_dir
+from lora_dpo.optim import (
+    StepPlan,
+    build_optimizer,
+    build_scheduler,
+    finite_step,
+    optimizer_name,
+    optimizer_steps,
 )
-from lora_dpo.report import write_report
+from lora_dpo.packing import choose_layout
+from lora_dpo.run.metrics_file import MetricsFile, NullMetricsFile
+from lora_dpo.run.transaction import RunTransaction
 
 log = logging.getLogger(__name__)
 
@@ -110,106 +120,282 @@ def load_run_inputs(config: Config, with_reference: bool | None = None) -> RunIn
     return RunInputs(tokenizer, pairs, eval_pairs, report, cache, reference, eval_reference, base, device)
 
 
-def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = False) -> TrainResult:
-    """Setup, train, save. Writes config.yaml, metrics.jsonl and adapter/ under output_dir.
+@dataclass
+class TrainState:
+    """Everything the loop reads and advances; `setup` builds it, the loop moves it on."""
 
-    With `resume`, continues from the latest checkpoint in output_dir: same data order, same
+    config: Config
+    inputs: RunInputs
+    policy: torch.nn.Module  # the peft model: frozen base + trainable LoRA
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    meter: WindowMeter  # the metrics since the last logging step, on the device
+    plan: list[StepPlan]  # this rank's micro-batches of every optimizer step: the data order
+    metrics: MetricsFile | NullMetricsFile  # metrics.jsonl (and the logging backends) on rank 0
+    dist: DistInfo
+    pad_id: int
+    layout: str  # the batch layout choose_layout prepared the policy for (lora_dpo.packing)
+    step: int = 0  # optimizer steps done (a resumed run starts at its checkpoint's)
+    step0_tolerance: float | None = None  # the step-0 check, while the policy is the reference
+    history: list[dict[str, float]] = field(default_factory=list)  # the logging-step records
+    eval_before: EvalMetrics | None = None
+    eval_after: EvalMetrics | None = None
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.config.train
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.plan)
+
+    @property
+    def device(self) -> torch.device:
+        return self.inputs.device
+
+    @property
+    def loss(self) -> LossSettings:
+        return LossSettings.of(self.cfg)
+
+    def references(self) -> tuple[ReferenceValues | None, ReferenceValues | None]:
+        """(train, eval) reference values this run's objective reads: none for a reference-free
+        one, even where the inputs hold some (a sweep of several objectives)."""
+        if self.loss.reference_free:
+            return None, None
+        return self.inputs.reference, self.inputs.eval_reference
+
+
+def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = False) -> TrainResult:
+    """Setup, train, save into `train.output_dir` (its rules: `lora_dpo.run.directory`).
+
+    With `resume`, continues from the newest intact checkpoint there: same data order, same
     RNG, so the losses equal those of an uninterrupted run.
     """
-    cfg = config.train
-    output_dir = Path(cfg.output_dir)
-    if (output_dir / "adapter").exists() and not cfg.overwrite_output_dir:
-        raise ConfigError(
-            f"train.output_dir={str(output_dir)!r} already holds a trained run; choose another "
-            "directory or set train.overwrite_output_dir=true"
-        )
     info = dist_info()  # under torchrun: this process's rank; only rank 0 writes files
-    checkpoint = latest_checkpoint(output_dir) if resume else None
-    if info.is_main:
-        if not resume:
-            for stale in checkpoint_dirs(output_dir):  # an overwritten run's checkpoints
-                shutil.rmtree(stale)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_text(output_dir / "config.yaml", dump_config(config))
+    device = inputs.device if inputs else default_device()
+    with RunTransaction.open(config, resume=resume, is_main=info.is_main, device=device) as run:
+        state = setup(config, inputs, run, info)
+        with StopOnSignal() as stop:
+            TrainLoop(state, run, stop).run()
+        return save(state, run)
+
+
+def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: DistInfo) -> TrainState:
+    """Load the inputs, make the run directory's first writes, build what training advances."""
+    cfg = config.train
+    barrier()  # every rank has checked the run directory before rank 0 writes to it
     seed_everything(cfg.seed)
     started = time.perf_counter()  # wall time in metrics.jsonl counts from here
     check_backends(cfg.report_to)  # a missing tensorboard/wandb costs seconds, not a model load
     inputs = inputs or load_run_inputs(config)
-    if info.is_main:
-        write_json(output_dir / "data_report.json", inputs.data_report.to_dict())
-    device, cache = inputs.device, inputs.cache
+    run.begin(config, inputs.data_report.to_dict())
 
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
     policy = attach_lora(inputs.base, config.lora, gradient_checkpointing=cfg.gradient_checkpointing)
-    if cfg.prefix_sharing:
-        check_prefix_sharing_support(policy)  # refused now, not at the first batch
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, cfg, device)
-    total_steps = count_optimizer_steps(len(inputs.pairs), cfg, info.world_size)
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps
+    layout = choose_layout(cfg.layout, policy, inputs.device)  # a refusal comes now, not at the first batch
+    log.info("%s", layout.describe(cfg.max_tokens_per_batch, cfg.per_device_batch_size))
+    optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg, inputs.device)
+    plan = list(optimizer_steps(inputs.pairs, cfg, info.rank, info.world_size, layout.name))
+    state = TrainState(
+        config, inputs, policy, optimizer, build_scheduler(optimizer, cfg, len(plan)),
+        WindowMeter(inputs.device), plan, NullMetricsFile(), info, pad_id_of(inputs.tokenizer), layout.name,
     )
-    pad_id = pad_id_of(inputs.tokenizer)
-    loss = LossSettings.of(cfg)
-    reference, eval_reference = (None, None) if loss.reference_free else (inputs.reference, inputs.eval_reference)
-    step0_tolerance = None
-    if reference is not None and cache is not None and not config.train.accept_cache_mismatch:
-        step0_tolerance = step0_tolerance_for(cache.manifest)
+    if run.resume_from is not None:
+        resume_from(state, run.resume_from)
+    elif not cfg.accept_cache_mismatch and state.references()[0] is not None:
+        assert inputs.cache is not None  # reference values come from it
+        state.step0_tolerance = step0_tolerance_for(inputs.cache.manifest)
+    state.metrics = run.open_metrics(lambda path: open_logger(cfg.report_to, path, config.to_dict()), started)
+    return state
 
-    def run_eval() -> EvalMetrics | None:
+
+def resume_from(state: TrainState, checkpoint: Checkpoint) -> None:
+    """Weights, optimizer, schedule, RNG and metric window as they were at the checkpoint."""
+    chosen = all_gather_objects(checkpoint.path.name)
+    if len(set(chosen)) > 1:  # a checkpoint damaged for one rank only (a file system hiccup)
+        raise LoraDpoError(f"{checkpoint.path.parent}: the ranks found different newest intact checkpoints: {chosen}")
+    dist = state.dist
+    window = apply_checkpoint(checkpoint, state.policy, state.optimizer, state.scheduler, dist.rank, dist.world_size)
+    state.meter.load_state_dict(window)
+    state.step = checkpoint.step  # the policy has trained: no step-0 check
+    log.info("resuming %s from %s (step %d of %d)", state.cfg.output_dir, checkpoint.path.name, state.step, state.total_steps)
+
+
+def save(state: TrainState, run: RunTransaction) -> TrainResult:
+    """Publish the adapter and the report (rank 0; the others wait)."""
+    if not all(torch.isfinite(p).all() for p in state.policy.parameters() if p.requires_grad):
+        raise LoraDpoError("the trained adapter holds non-finite values; it was not saved")  # skipped steps: cannot happen
+    run.publish(state.policy, state.inputs.tokenizer)
+    barrier()
+    return TrainResult(
+        run.target.path, run.target.adapter_dir, state.history, state.policy, state.eval_before, state.eval_after
+    )
+
+
+class TrainLoop:
+    """The optimizer steps of a TrainState's plan from `state.step + 1` to the end, with the
+    metric records, evals and checkpoints they are due."""
+
+    def __init__(self, state: TrainState, run: RunTransaction, stop: StopOnSignal, faults: FaultHooks | None = None):
+        self.state = state
+        self.run_dir = run  # checkpoints are saved through it
+        self.stop = stop
+        self.faults = faults or FaultHooks.from_env()
+        self.consecutive_skips = 0
+        # Under torchrun the log-prob function runs through DDP, which all-reduces the LoRA
+        # gradients (the frozen base is not synchronised: every rank loaded the same weights).
+        self.ddp = ddp_module(state) if state.dist.enabled else None
+
+    def run(self) -> None:
+        s, cfg = self.state, self.state.cfg
+        total = s.total_steps
+        if s.step == 0:
+            s.eval_before = self.run_eval(0)
+        s.policy.train()
+        quiet = {} if s.dist.is_main else {"disable": True}  # one bar per job, not per rank
+        progress = tqdm(total=total, initial=s.step, desc="train", unit="step", **quiet)
+        for step in range(s.step + 1, total + 1):
+            micro_batches, pairs_in_step = s.plan[step - 1]
+            lr = float(s.scheduler.get_last_lr()[0])  # the rate this step's update uses
+            self.step(micro_batches, pairs_in_step, s.step0_tolerance if step == 1 else None)
+            s.step = step
+            progress.update(1)
+            if step % cfg.logging_steps == 0 or step == total:
+                self.log_window(lr, progress)
+            if step == total or (cfg.eval_steps > 0 and step % cfg.eval_steps == 0):
+                s.eval_after = self.run_eval(step)
+            stopping = self.agree_to_stop()
+            if stopping or (cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total):
+                path = self.checkpoint()
+                if stopping:
+                    progress.close()
+                    raise TrainingInterrupted(
+                        f"{self.stop.signal_name} at step {step}/{total}: checkpoint saved to {path}; "
+                        f"continue with: lora-dpo train --resume {self.run_dir.target.path}",
+                        self.stop.signal_name or "SIGTERM",
+                    )
+            self.faults.after_step(step, s.dist.rank)
+        progress.close()
+
+    def step(self, micro_batches: list[list[int]], pairs_in_step: int, step0_tolerance: float | None) -> None:
+        """One optimizer step over this rank's micro-batches; skipped on the device if not finite."""
+        s, cfg = self.state, self.state.cfg
+        s.meter.begin_step()
+        loss, reference = s.loss, s.references()[0]
+        finite = torch.ones((), dtype=torch.bool, device=s.device)
+        rows: list[int] = []
+        for number, indices in enumerate(micro_batches):
+            batch = COLLATE[s.layout]([s.inputs.pairs[i] for i in indices], s.pad_id)
+            tokens = batch.sequence_tokens  # counted on the CPU: no device sync
+            rows += batch.source_indices
+            batch = batch.to(s.device)
+            ref_chosen = ref_rejected = None
+            if reference is not None:
+                ref_chosen, ref_rejected = (t.to(s.device) for t in reference.logps(indices))
+            # Under DDP, gradients are all-reduced once per step: on its last micro-batch.
+            last = number == len(micro_batches) - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                policy_logps = self.logps(batch)  # chosen and rejected in one forward
+                if step0_tolerance is not None and number == 0:
+                    assert ref_chosen is not None and ref_rejected is not None  # set only with a reference
+                    check_step0_agreement(policy_logps, ref_chosen, ref_rejected, step0_tolerance)
+                # the policy's token counts are the cache's: the same pair, the same tokens
+                out = compute_loss(loss, PairLogps.of(policy_logps, ref_chosen, ref_rejected))
+                # Sum over pairs / pairs in the global step: accumulation gives the mean of one
+                # big batch. DDP averages gradients over ranks, so each share is scaled back up.
+                (out.losses.sum() * (s.dist.world_size / pairs_in_step)).backward()
+            finite = finite & s.meter.add_pairs(out, policy_logps, tokens)
+        params = [p for group in s.optimizer.param_groups for p in group["params"]]
+        # None: no clipping; an infinite bound only measures the norm, for the log.
+        max_norm = math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        finite = finite & torch.isfinite(grad_norm)
+        finite = all_reduce_(finite.to(torch.int32), "min").bool()  # every rank skips alike
+        finite_step(s.optimizer, params, finite)
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        s.meter.end_step(grad_norm, finite, rows)
+
+    def logps(self, batch: Any) -> SequenceLogps:
+        if self.ddp is None:
+            s = self.state
+            return sequence_logps(s.policy, batch, s.cfg.logits_chunk_size, **s.loss.statistics)
+        return SequenceLogps(*self.ddp(batch))
+
+    def log_window(self, lr: float, progress: Any) -> None:
+        """The metric record of the window ending at this step (the window's one host sync)."""
+        s = self.state
+        metrics, window = s.meter.flush()
+        record = {"step": s.step, "lr": lr, **metrics}
+        s.metrics.write(record)
+        s.history.append(record)
+        if s.dist.is_main:
+            progress.write(console_line(s.step, s.total_steps, record))
+        self.consecutive_skips = self.report_skips(window, self.consecutive_skips, s.step)
+
+    def run_eval(self, step: int) -> EvalMetrics | None:
         """On rank 0 (the others wait): evaluation is a small fraction of a run."""
+        s = self.state
         metrics = None
-        if inputs.eval_pairs and info.is_main:
+        if s.inputs.eval_pairs and s.dist.is_main:
             metrics = evaluate(
-                policy, inputs.eval_pairs, eval_reference, loss, pad_id,
-                cfg.per_device_batch_size, device,
+                s.policy, s.inputs.eval_pairs, s.references()[1], s.loss, s.pad_id,
+                s.config.precompute.batch_size, s.device, s.layout, s.config.precompute.max_tokens_per_batch,
             )
+            s.metrics.write({"step": step, **metrics.to_dict()})
         barrier()
         return metrics
 
-    meter = WindowMeter(device)
-    start_step = 0
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, policy, optimizer, scheduler, info.rank, info.world_size)
-        start_step = state["step"]
-        meter.load_state_dict(state["meter"])
-        step0_tolerance = None  # the policy has trained: it is not the reference any more
-        log.info("resuming %s from %s (step %d of %d)", output_dir, checkpoint.name, start_step, total_steps)
-    metrics_file = (
-        MetricsFile(
-            output_dir / "metrics.jsonl",
-            open_logger(cfg.report_to, output_dir, config.to_dict()),
-            started,
-            keep_until_step=start_step if checkpoint is not None else None,
-        )
-        if info.is_main
-        else NullMetricsFile()
-    )
-    eval_before = None
-    if checkpoint is None:
-        eval_before = run_eval()
-        if eval_before:
-            metrics_file.write({"step": 0, **eval_before.to_dict()})
-    loop = TrainLoop(policy, optimizer, scheduler, inputs.pairs, reference, cfg, pad_id, device, info)
-    with StopOnSignal() as stop:
-        history, eval_after = loop.run(
-            total_steps, start_step, meter, metrics_file, run_eval, step0_tolerance, stop,
-            save=lambda step, meter_state: save_checkpoint(
-                output_dir, step, policy, optimizer, scheduler, meter_state, cfg.save_total_limit
-            ),
-        )
+    def checkpoint(self) -> Path | None:
+        """Every rank's RNG states and metric window, gathered; rank 0 writes the checkpoint."""
+        s = self.state
+        rank_states = all_gather_objects(rank_state(s.meter))
+        path = self.run_dir.save_checkpoint(s.step, s.policy, s.optimizer, s.scheduler, rank_states, s.cfg.save_total_limit)
+        barrier()
+        return path
 
-    if not all(torch.isfinite(p).all() for p in trainable):  # cannot happen: skipped steps
-        raise LoraDpoError("the trained adapter holds non-finite values; it was not saved")
-    adapter_dir = output_dir / "adapter"
-    if info.is_main:
-        policy.save_pretrained(str(adapter_dir))
-        inputs.tokenizer.save_pretrained(str(adapter_dir))
-        log.info("adapter saved to %s", adapter_dir)
-        metrics_file.close()
-        write_report(output_dir)  # report.png + report.md; health warnings go to the console too
-    barrier()
-    return TrainResult(output_dir, adapter_dir, history, policy, eval_before, eval_after)
+    def agree_to_stop(self) -> bool:
+        """Whether any rank was signalled; under torchrun all ranks must stop at the same step
+        (this costs one tiny collective per optimizer step there, none in one process)."""
+        signalled = self.stop.signal_name is not None
+        if not self.state.dist.enabled:
+            return signalled
+        flag = torch.tensor([int(signalled)], device=self.state.device)
+        return bool(all_reduce_(flag, "max").item())
+
+    def report_skips(self, window: list[tuple[bool, list[int]]], consecutive: int, step: int) -> int:
+        """Log the window's skipped steps with their pairs; stop once max_consecutive_skips
+        steps in a row were skipped. Returns the run of skips the window ends with."""
+        skipped_rows: list[list[int]] = []
+        for finite, rows in window:
+            consecutive = 0 if finite else consecutive + 1
+            if not finite:
+                skipped_rows.append(rows)
+            if consecutive >= self.state.cfg.max_consecutive_skips:
+                raise LoraDpoError(
+                    f"stopping: {consecutive} optimizer steps in a row had a non-finite loss or "
+                    f"gradient (train.max_consecutive_skips={self.state.cfg.max_consecutive_skips}); pairs "
+                    f"of the skipped steps (source rows): {skipped_rows}. Check these rows and the "
+                    "reference cache (lora-dpo cache verify)"
+                )
+        if skipped_rows:
+            log.warning(
+                "up to step %d: skipped %d update(s) with a non-finite loss or gradient; "
+                "their pairs (source rows): %s", step, len(skipped_rows), skipped_rows,
+            )
+        return consecutive
+
+
+def ddp_module(state: TrainState) -> DistributedDataParallel:
+    """The policy's log-prob function under DDP, which all-reduces the LoRA gradients only."""
+    module = PairLogpsModule(state.policy, state.cfg.logits_chunk_size, state.loss.statistics)
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+    frozen += [n for n, _ in module.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+    device = state.device
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+    )
 
 
 class PairLogpsModule(torch.nn.Module):
@@ -238,7 +424,7 @@ class StopOnSignal:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each optimizer step, so the run
     stops at a step boundary with a checkpoint instead of dying mid-update."""
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         self.signal_name: str | None = None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -252,262 +438,6 @@ class StopOnSignal:
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-
-
-@dataclass
-class TrainLoop:
-    policy: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    pairs: Sequence[TokenizedPair]
-    reference: ReferenceValues | None  # aligned with `pairs`; None for a reference-free objective
-    cfg: TrainConfig
-    pad_id: int
-    device: torch.device
-    dist: DistInfo = DistInfo()
-
-    def __post_init__(self) -> None:
-        self.loss = LossSettings.of(self.cfg)
-        self.statistics = {"shared_prefix": self.loss.needs_shared_prefix, "log_sum_sq_probs": self.loss.use_weighting}
-        # Under torchrun the log-prob function runs through DDP, which all-reduces the LoRA
-        # gradients (the frozen base is not synchronised: every rank loaded the same weights).
-        self.ddp = None
-        if self.dist.enabled:
-            module = PairLogpsModule(self.policy, self.cfg.logits_chunk_size, self.statistics)
-            frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
-            frozen += [n for n, _ in module.named_buffers()]
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
-            self.ddp = DistributedDataParallel(
-                module,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
-            )
-
-    def run(
-        self,
-        total_steps: int,
-        start_step: int,
-        meter: WindowMeter,
-        metrics_file: MetricsFile,
-        run_eval: Callable[[], EvalMetrics | None],
-        step0_tolerance: float | None,
-        stop: StopOnSignal,
-        save: Callable[[int, dict[str, Any]], Path],
-    ) -> tuple[list[dict[str, float]], EvalMetrics | None]:
-        """Optimizer steps start_step+1 .. total_steps; returns the logged records and the
-        final eval (run at the last step)."""
-        cfg = self.cfg
-        self.policy.train()
-        history: list[dict[str, float]] = []
-        last_eval = None
-        consecutive_skips = 0
-        quiet = {} if self.dist.is_main else {"disable": True}  # one bar per job, not per rank
-        progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", **quiet)
-        steps = optimizer_steps(self.pairs, cfg, self.dist.rank, self.dist.world_size)
-        for step, (micro_batches, pairs_in_step) in enumerate(steps, start=1):
-            if step <= start_step:
-                continue  # a resumed run: these batches were trained before the checkpoint
-            check = step0_tolerance if step == start_step + 1 == 1 else None
-            lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
-            grad_norm, finite = self.step(micro_batches, pairs_in_step, meter, check)
-            progress.update(1)
-            if step % cfg.logging_steps == 0 or step == total_steps:
-                metrics, window = meter.flush()  # the only host sync of the window
-                record = {"step": step, "lr": lr, **metrics}
-                metrics_file.write(record)
-                history.append(record)
-                if self.dist.is_main:
-                    progress.write(console_line(step, total_steps, record))
-                consecutive_skips = self.report_skips(window, consecutive_skips, step)
-            if step == total_steps or (cfg.eval_steps > 0 and step % cfg.eval_steps == 0):
-                last_eval = run_eval()
-                if last_eval:
-                    metrics_file.write({"step": step, **last_eval.to_dict()})
-            stopping = self.agree_to_stop(stop)
-            if stopping or (cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps):
-                rank_states = all_gather_objects(rank_state(meter))
-                path = save(step, rank_states) if self.dist.is_main else None
-                barrier()
-                if stopping:
-                    progress.close()
-                    raise TrainingInterrupted(
-                        f"{stop.signal_name} at step {step}/{total_steps}: checkpoint saved to {path}; "
-                        f"continue with: lora-dpo train --resume {Path(cfg.output_dir)}",
-                        stop.signal_name or "SIGTERM",
-                    )
-        progress.close()
-        return history, last_eval
-
-    def step(
-        self,
-        micro_batches: list[list[int]],
-        pairs_in_step: int,
-        meter: WindowMeter,
-        step0_tolerance: float | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over this rank's micro-batches; skipped on the device if not finite."""
-        cfg = self.cfg
-        meter.begin_step()
-        finite = torch.ones((), dtype=torch.bool, device=self.device)
-        rows: list[int] = []
-        for number, indices in enumerate(micro_batches):
-            pack = collate_packed if cfg.prefix_sharing else collate  # prompt once per pair, or twice
-            batch = pack([self.pairs[i] for i in indices], self.pad_id)
-            tokens = batch.sequence_tokens  # counted on the CPU: no device sync
-            rows += batch.source_indices
-            batch = batch.to(self.device)
-            ref_chosen = ref_rejected = None
-            if self.reference is not None:
-                ref_chosen, ref_rejected = (t.to(self.device) for t in self.reference.logps(indices))
-            # Under DDP, gradients are all-reduced once per step: on its last micro-batch.
-            last = number == len(micro_batches) - 1
-            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
-                policy_logps = self.logps(batch)  # chosen and rejected in one forward
-                if step0_tolerance is not None and number == 0:
-                    assert ref_chosen is not None and ref_rejected is not None  # set only with a reference
-                    check_step0_agreement(policy_logps, ref_chosen, ref_rejected, step0_tolerance)
-                # the policy's token counts are the cache's: the same pair, the same tokens
-                out = compute_loss(self.loss, PairLogps.of(policy_logps, ref_chosen, ref_rejected))
-                # Sum over pairs / pairs in the global step: accumulation gives the mean of one
-                # big batch. DDP averages gradients over ranks, so each share is scaled back up.
-                (out.losses.sum() * (self.dist.world_size / pairs_in_step)).backward()
-            finite = finite & meter.add_pairs(out, policy_logps, tokens)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        # None: no clipping; an infinite bound only measures the norm, for the log.
-        max_norm = math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        finite = finite & torch.isfinite(grad_norm)
-        finite = all_reduce_(finite.to(torch.int32), "min").bool()  # every rank skips alike
-        finite_step(self.optimizer, params, finite)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        meter.end_step(grad_norm, finite, rows)
-        return grad_norm, finite
-
-    def logps(self, batch: Any) -> SequenceLogps:
-        if self.ddp is None:
-            return sequence_logps(self.policy, batch, self.cfg.logits_chunk_size, **self.statistics)
-        return SequenceLogps(*self.ddp(batch))
-
-    def agree_to_stop(self, stop: "StopOnSignal") -> bool:
-        """Whether any rank was signalled; under torchrun all ranks must stop at the same step
-        (this costs one tiny collective per optimizer step there, none in one process)."""
-        if not self.dist.enabled:
-            return stop.signal_name is not None
-        flag = torch.tensor([int(stop.signal_name is not None)], device=self.device)
-        return bool(all_reduce_(flag, "max").item())
-
-    def report_skips(self, window: list[tuple[bool, list[int]]], consecutive: int, step: int) -> int:
-        """Log the window's skipped steps with their pairs; stop once max_consecutive_skips
-        steps in a row were skipped. Returns the run of skips the window ends with."""
-        skipped_rows: list[list[int]] = []
-        for finite, rows in window:
-            consecutive = 0 if finite else consecutive + 1
-            if not finite:
-                skipped_rows.append(rows)
-            if consecutive >= self.cfg.max_consecutive_skips:
-                raise LoraDpoError(
-                    f"stopping: {consecutive} optimizer steps in a row had a non-finite loss or "
-                    f"gradient (train.max_consecutive_skips={self.cfg.max_consecutive_skips}); pairs "
-                    f"of the skipped steps (source rows): {skipped_rows}. Check these rows and the "
-                    "reference cache (lora-dpo cache verify)"
-                )
-        if skipped_rows:
-            log.warning(
-                "up to step %d: skipped %d update(s) with a non-finite loss or gradient; "
-                "their pairs (source rows): %s", step, len(skipped_rows), skipped_rows,
-            )
-        return consecutive
-
-
-def finite_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], finite: torch.Tensor) -> None:
-    """optimizer.step(), undone on the device when `finite` is False: no host sync per step.
-
-    Costs one copy of the trainable weights and their optimizer state (the adapters only).
-    """
-    with torch.no_grad():
-        for param in params:
-            if param.grad is not None:
-                param.grad = torch.where(finite, param.grad, torch.zeros_like(param.grad))
-        tensors = list(params) + [
-            value
-            for param in params
-            for value in optimizer.state.get(param, {}).values()
-            if isinstance(value, torch.Tensor) and value.is_floating_point()
-        ]
-        before = [t.clone() for t in tensors]
-        optimizer.step()
-        for tensor, old in zip(tensors, before):
-            tensor.copy_(torch.where(finite, tensor, old))
-
-
-def optimizer_steps(
-    pairs: Sequence[TokenizedPair], cfg: TrainConfig, rank: int = 0, world_size: int = 1
-) -> Iterator[tuple[list[list[int]], int]]:
-    """(this rank's micro-batches as lists of pair indices, pairs in the global step) for each
-    optimizer step, across epochs.
-
-    The pairs of a step are a global batch of per_device_batch_size x world_size x
-    gradient_accumulation_steps similar-length pairs, split evenly over the ranks and then into
-    micro-batches: the order depends on the global batch only, so one process with
-    accumulation sees the same steps as several without. Each epoch reshuffles with its own
-    seed; the step count is global, so the learning-rate schedule runs once over the whole run
-    instead of restarting every epoch. A last global batch with fewer pairs than ranks is left
-    out of its epoch (every rank needs a pair).
-    """
-    global_batch = cfg.per_device_batch_size * world_size * cfg.gradient_accumulation_steps
-    step = 0
-    for epoch in range(cfg.epochs):
-        for step_pairs in length_grouped_batches(pairs, global_batch, seed=cfg.seed + epoch):
-            if len(step_pairs) < world_size:
-                continue
-            if step == cfg.max_steps:
-                return
-            step += 1
-            share = even_split(step_pairs, world_size)[rank]
-            micro_batches = math.ceil(len(share) / cfg.per_device_batch_size)
-            yield even_split(share, micro_batches), len(step_pairs)
-
-
-def even_split(items: list[int], parts: int) -> list[list[int]]:
-    """`parts` consecutive slices whose sizes differ by at most one."""
-    size, extra = divmod(len(items), parts)
-    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
-    return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
-
-
-def count_optimizer_steps(num_pairs: int, cfg: TrainConfig, world_size: int = 1) -> int:
-    global_batch = cfg.per_device_batch_size * world_size * cfg.gradient_accumulation_steps
-    per_epoch = num_pairs // global_batch + (num_pairs % global_batch >= world_size)
-    total = per_epoch * cfg.epochs
-    return min(total, cfg.max_steps) if cfg.max_steps > 0 else total
-
-
-def optimizer_name(cfg: TrainConfig, device: torch.device) -> str:
-    """The optimizer `train.optimizer` means on this device; an impossible choice is an error."""
-    name = cfg.optimizer
-    if name == "auto":
-        name = "paged_adamw_8bit" if device.type == "cuda" else "adamw_torch"
-    if name == "paged_adamw_8bit" and device.type != "cuda":
-        raise ConfigError(
-            "train.optimizer=paged_adamw_8bit needs CUDA (on the CPU bitsandbytes silently "
-            "falls back to non-paged); use adamw_8bit or adamw_torch"
-        )
-    return name
-
-
-def build_optimizer(
-    params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
-) -> torch.optim.Optimizer:
-    name = optimizer_name(cfg, device)
-    kwargs = {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}
-    if name == "adamw_torch":
-        return torch.optim.AdamW(params, **kwargs)
-    import bitsandbytes as bnb
-
-    if name == "adamw_8bit":
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return bnb.optim.PagedAdamW8bit(params, **kwargs)
 
 
 def seed_everything(seed: int) -> None:

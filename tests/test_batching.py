@@ -1,11 +1,12 @@
 """Batches: padding to the batch's longest pair, length-sorted and length-grouped orders (every
-pair exactly once, deterministic per seed, far less padding than random batches), and the
-packed (prefix-sharing) layout."""
+pair exactly once, deterministic per seed, far less padding than random batches), the
+prompt-shared and packed layouts, and micro-batches by token budget."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,14 +14,20 @@ from hypothesis import strategies as st
 from lora_dpo.batching import (
     CHOSEN_SEGMENT,
     IGNORE_INDEX,
+    LAYOUTS,
+    PAD_DOCUMENT,
     PAD_SEGMENT,
     PROMPT_SEGMENT,
     REJECTED_SEGMENT,
+    batch_tokens,
     collate,
     collate_packed,
+    collate_prompt_shared,
     length_grouped_batches,
     length_sorted_batches,
+    packed_length,
     pair_length,
+    token_budget_batches,
 )
 from lora_dpo.data import TokenizedPair
 
@@ -111,26 +118,26 @@ def test_grouping_cuts_padding_far_below_random_batches():
     assert sorted_ <= grouped
 
 
-def test_packed_layout():
+def test_prompt_shared_layout():
     """Prompt once, then chosen, then rejected; positions restart after the prompt; each response
     token is predicted by the hidden state that precedes it in its own unshared sequence."""
     pairs = [TokenizedPair((1, 2, 3), (4, 5), (6, 7, 8), 0), TokenizedPair((9,), (10,), (11,), 1)]
-    batch = collate_packed(pairs, pad_id=0)
+    batch = collate_prompt_shared(pairs, pad_id=0)
     assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 0, 0, 0, 0, 0]]
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
     assert batch.position_ids[1, :3].tolist() == [0, 1, 1]
     P, C, R, X = PROMPT_SEGMENT, CHOSEN_SEGMENT, REJECTED_SEGMENT, PAD_SEGMENT
     assert batch.segments.tolist() == [[P, P, P, C, C, R, R, R], [P, C, R, X, X, X, X, X]]
     assert batch.targets.tolist() == [4, 5, 10, 6, 7, 8, 11]
-    assert batch.rows.tolist() == [0, 0, 1, 2, 2, 2, 3]
+    assert batch.sequences.tolist() == [0, 0, 1, 2, 2, 2, 3]
     # rejected's first token continues the prompt (index 2), not the chosen tokens
     assert batch.predictors.tolist() == [2, 3, 8 + 0, 2, 5, 6, 8 + 0]
     assert batch.sequence_tokens == (2 * 3 + 2 + 3) + (2 * 1 + 1 + 1)
     assert batch.num_pairs == 2
 
 
-def test_packed_visibility_keeps_rejected_from_chosen():
-    batch = collate_packed([TokenizedPair((1, 2), (3, 4), (5, 6), 0), TokenizedPair((1,), (3,), (5,), 1)], 0)
+def test_prompt_shared_visibility_keeps_rejected_from_chosen():
+    batch = collate_prompt_shared([TokenizedPair((1, 2), (3, 4), (5, 6), 0), TokenizedPair((1,), (3,), (5,), 1)], 0)
     visible = batch.visibility()[0].int().tolist()  # query x key
     assert visible == [
         [1, 0, 0, 0, 0, 0],  # prompt
@@ -145,13 +152,88 @@ def test_packed_visibility_keeps_rejected_from_chosen():
     assert padded[:3, 3:].sum() == 0  # nothing real sees a pad
 
 
-def test_packed_and_unshared_name_the_same_tokens_in_the_same_order():
+@pytest.mark.parametrize("shared", [collate_prompt_shared, collate_packed], ids=["prompt_shared", "packed"])
+def test_shared_layouts_and_padded_name_the_same_tokens_in_the_same_order(shared):
     pairs = make_pairs(5, seed=3, prompt=(1, 6), response=(1, 6)) + [TokenizedPair((), (4, 5), (6,), 9)]
-    unshared, packed = collate(pairs, 0), collate_packed(pairs, 0)
-    _, targets, rows = unshared.response_tokens()
-    assert torch.equal(packed.targets, targets) and torch.equal(packed.rows, rows)
+    unshared, packed = collate(pairs, 0), shared(pairs, 0)
+    _, targets, sequences = unshared.response_tokens()
+    assert torch.equal(packed.targets, targets) and torch.equal(packed.sequences, sequences)
     assert packed.sequence_tokens == unshared.sequence_tokens
     # the token each predictor sits on is the one before the target in its own sequence
     flat = packed.input_ids.reshape(-1)
     unshared_flat = unshared.input_ids.reshape(-1)
     torch.testing.assert_close(flat[packed.predictors], unshared_flat[unshared.response_tokens()[0]])
+
+
+def test_packed_layout_puts_every_pair_in_one_row_without_padding():
+    pairs = [TokenizedPair((1, 2, 3), (4, 5), (6, 7, 8), 0), TokenizedPair((9,), (10,), (11,), 1)]
+    batch = collate_packed(pairs, pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    assert batch.computed_tokens == sum(map(packed_length, pairs)) == 11
+    # positions restart per pair; rejected continues from the prompt's end, as chosen does
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 1]]
+    assert batch.documents.tolist() == [[0] * 8 + [1] * 3]
+    P, C, R = PROMPT_SEGMENT, CHOSEN_SEGMENT, REJECTED_SEGMENT
+    assert batch.segments.tolist() == [[P, P, P, C, C, R, R, R, P, C, R]]
+    assert batch.spans == [(0, 0, 8), (0, 8, 11)]
+    assert batch.targets.tolist() == [4, 5, 10, 6, 7, 8, 11]
+    assert batch.sequences.tolist() == [0, 0, 1, 2, 2, 2, 3]
+    # pair 1's tokens are predicted from pair 1's own positions (8 = its prompt)
+    assert batch.predictors.tolist() == [2, 3, 8, 2, 5, 6, 8]
+    assert PAD_DOCUMENT not in batch.documents
+
+
+def test_packed_visibility_keeps_pairs_apart_and_rejected_from_chosen():
+    batch = collate_packed([TokenizedPair((1, 2), (3,), (5,), 0), TokenizedPair((1,), (3,), (5, 6), 1)], 0)
+    visible = batch.visibility()[0].int().tolist()  # query x key
+    assert visible == [
+        [1, 0, 0, 0, 0, 0, 0, 0],  # pair 0: prompt
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],  # chosen
+        [1, 1, 0, 1, 0, 0, 0, 0],  # rejected: the prompt, not chosen
+        [0, 0, 0, 0, 1, 0, 0, 0],  # pair 1: its prompt sees nothing of pair 0
+        [0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 0, 1, 0],
+        [0, 0, 0, 0, 1, 0, 1, 1],
+    ]
+    # a window of 2 positions: rejected's second token (position 2) no longer sees the prompt's 0
+    windowed = batch.visibility(sliding_window=2)[0].int()
+    assert windowed[7].tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert windowed[3].tolist() == [0, 1, 0, 1, 0, 0, 0, 0]
+
+
+def test_batch_tokens_count_what_each_layout_runs():
+    pairs = [TokenizedPair((1, 2, 3), (4, 5), (6, 7, 8), 0), TokenizedPair((9,), (10,), (11,), 1)]
+    layouts = {"padded": collate, "prompt_shared": collate_prompt_shared, "packed": collate_packed}
+    assert set(layouts) == set(LAYOUTS)
+    for layout, collate_fn in layouts.items():
+        assert batch_tokens(layout, pairs) == collate_fn(pairs, 0).computed_tokens
+    assert batch_tokens("padded", pairs) == 2 * 2 * 6
+    assert batch_tokens("prompt_shared", pairs) == 2 * 8
+    assert batch_tokens("packed", pairs) == 8 + 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.tuples(st.integers(0, 30), st.integers(1, 30), st.integers(1, 30)), min_size=1, max_size=40),
+    budget=st.integers(1, 200),
+    layout=st.sampled_from(LAYOUTS),
+)
+def test_token_budget_batches_keep_order_and_budget(lengths, budget, layout):
+    pairs = [TokenizedPair((1,) * p, (2,) * c, (3,) * r, i) for i, (p, c, r) in enumerate(lengths)]
+    indices = list(range(len(pairs)))[::-1]
+    batches = token_budget_batches(pairs, indices, layout, budget)
+    assert [i for batch in batches for i in batch] == indices  # every pair once, in the given order
+    for batch in batches:
+        tokens = batch_tokens(layout, [pairs[i] for i in batch])
+        assert tokens <= budget or len(batch) == 1  # a pair over the budget goes alone
+    for first, second in zip(batches, batches[1:]):  # greedy: the next pair did not fit
+        assert batch_tokens(layout, [pairs[i] for i in first + second[:1]]) > budget
+
+
+def test_token_budget_fills_micro_batches_by_tokens_not_pairs():
+    short = [TokenizedPair((1,) * 10, (2,) * 10, (3,) * 10, i) for i in range(8)]  # 30 tokens packed
+    long = [TokenizedPair((1,) * 100, (2,) * 100, (3,) * 100, 8 + i) for i in range(2)]  # 300
+    pairs = short + long
+    batches = token_budget_batches(pairs, range(10), "packed", 300)
+    assert [len(batch) for batch in batches] == [8, 1, 1]

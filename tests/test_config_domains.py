@@ -31,6 +31,7 @@ DOMAINS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "data.max_row_bytes": ("> 0", ("0", "-1", ".inf"), ("1", "9223372036854775807")),
     "precompute.batch_size": ("> 0", ("0", "-8"), ("1",)),
     "precompute.shard_size": ("> 0", ("0", "-1"), ("1",)),
+    "precompute.max_tokens_per_batch": (">= 0", ("-1",), ("0", "1")),
     "train.beta": ("> 0 and finite", ("0", "-0.1", *BAD_FLOATS), ("1e-12", "1000")),
     "train.label_smoothing": ("in [0, 0.5)", ("-0.01", "0.5", "1", *BAD_FLOATS), ("0", "0.49")),
     "train.rpo_alpha": (">= 0 and finite", ("-1", "-1e-9", *BAD_FLOATS), ("0", "1")),
@@ -50,6 +51,7 @@ DOMAINS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
         "none (no clipping) or > 0 and finite", ("0", "-1", "-0.5", *BAD_FLOATS), ("1e-6", "none", "null")
     ),
     "train.logits_chunk_size": ("> 0", ("0", "-512"), ("1",)),
+    "train.max_tokens_per_batch": (">= 0", ("-1",), ("0", "4096")),
     "train.logging_steps": ("> 0", ("0", "-10"), ("1",)),
     "train.save_steps": (">= 0", ("-1", "-100"), ("0", "1")),
     "train.save_total_limit": ("> 0", ("0", "-2"), ("1",)),

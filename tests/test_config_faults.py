@@ -42,7 +42,7 @@ def test_bad_values_and_combinations_are_named(override, message):
 
 
 def test_paged_optimizer_without_cuda_is_named():
-    from lora_dpo.train import build_optimizer
+    from lora_dpo.optim import build_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     with pytest.raises(ConfigError, match="train.optimizer=paged_adamw_8bit needs CUDA"):

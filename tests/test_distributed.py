@@ -98,24 +98,16 @@ def test_training_on_two_ranks_equals_one_at_the_same_global_batch(workdir, tmp_
 
 
 SLOW_RANKS = """
-import os, sys, time
-import lora_dpo.train as train_module
+import os, sys
 from lora_dpo.cli import main
 
-real_step = train_module.TrainLoop.step
-def slow_step(self, *args, **kwargs):
-    result = real_step(self, *args, **kwargs)
-    (open(os.environ["PID_DIR"] + f"/rank{os.environ['RANK']}", "w")).write(str(os.getpid()))
-    if os.environ.get("FAIL_RANK") == os.environ["RANK"]:
-        raise RuntimeError(f"rank {os.environ['RANK']} failed on purpose")
-    time.sleep(0.5)
-    return result
-train_module.TrainLoop.step = slow_step
+(open(os.environ["PID_DIR"] + f"/rank{os.environ['RANK']}", "w")).write(str(os.getpid()))
 sys.exit(main(["train", "--config", sys.argv[1]]))
 """
 
 
 def start_ranks(workdir: Path, tmp_path: Path, **env) -> subprocess.Popen:
+    """A slow two-rank training job (the fault hook's step delay); each rank records its pid."""
     config = config_for(workdir, tmp_path, max_steps=200, output_dir=str(tmp_path / "run"))
     config.data.max_pairs = 0
     run([sys.executable, "-m", "lora_dpo.cli", "precompute-ref"], config, tmp_path, "cache")
@@ -126,14 +118,20 @@ def start_ranks(workdir: Path, tmp_path: Path, **env) -> subprocess.Popen:
     return subprocess.Popen(
         [*TORCHRUN, str(script), str(config_file)], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PID_DIR": str(tmp_path), "PYTHONPATH": str(ROOT), **env},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PID_DIR": str(tmp_path), "PYTHONPATH": str(ROOT),
+             "LORA_DPO_STEP_DELAY_S": "0.5", **env},
     )
+
+
+def trained_a_step(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and '"loss"' in metrics.read_text()
 
 
 def test_a_killed_rank_stops_the_job(workdir, tmp_path):
     job = start_ranks(workdir, tmp_path)
     deadline = time.monotonic() + 300
-    while not (tmp_path / "rank1").is_file():
+    while not ((tmp_path / "rank1").is_file() and trained_a_step(tmp_path / "run")):
         assert job.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
     time.sleep(0.3)
@@ -146,7 +144,7 @@ def test_a_killed_rank_stops_the_job(workdir, tmp_path):
 
 
 def test_a_failing_rank_stops_the_job_with_its_message(workdir, tmp_path):
-    job = start_ranks(workdir, tmp_path, FAIL_RANK="1")
+    job = start_ranks(workdir, tmp_path, LORA_DPO_FAIL_AT_STEP="1", LORA_DPO_FAIL_RANK="1")
     started = time.monotonic()
     output, _ = job.communicate(timeout=300)
     assert job.returncode != 0

@@ -13,7 +13,8 @@ from lora_dpo.config import load_config
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import ConfigError
 from lora_dpo.loggers import FanOut, MetricLogger, NullLogger, check_backends, open_logger, scalars
-from lora_dpo.metrics import MetricsFile, peak_memory_mb
+from lora_dpo.metrics import peak_memory_mb
+from lora_dpo.run.metrics_file import MetricsFile
 
 
 class Recorder(MetricLogger):

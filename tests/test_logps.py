@@ -1,7 +1,8 @@
 """The log-prob function against a plain oracle (full logits, log_softmax, gather): values and
 gradients, fp32 and bf16, on tiny random models of several architectures, through both head
 paths (fused frozen head, checkpointed trainable head) with chunks smaller than N, and through
-4-bit + LoRA. Prefix sharing (packed pairs) against the unshared computation.
+4-bit + LoRA. The prompt-shared layout (one pair per row, dense masks) against the padded
+computation; tests/test_packing.py has the packed layout and the other attention backends.
 
 Tolerances: fp32 within 1e-5 relative (atol 1e-4 on sums of ~-100). bf16 rounds the decoder
 and the head matmul to 8 mantissa bits, so the oracle and the chunked path (which agree in
@@ -18,7 +19,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
-from lora_dpo.batching import IGNORE_INDEX, PairBatch, collate, collate_packed
+from lora_dpo.attention import check_packing_support
+from lora_dpo.batching import IGNORE_INDEX, PairBatch, collate, collate_prompt_shared
 from lora_dpo.config import TrainConfig
 from lora_dpo.data import TokenizedPair
 from lora_dpo.demo.models import ARCHITECTURES, tiny_config
@@ -26,7 +28,6 @@ from lora_dpo.errors import ConfigError
 from lora_dpo.logps import (
     DEFAULT_LOGITS_CHUNK_SIZE,
     causal_lm_parts,
-    check_prefix_sharing_support,
     sequence_logps,
 )
 
@@ -273,7 +274,7 @@ def test_through_4bit_lora_policy(demo_workdir):
     assert_grads_close(grads_ours, grads_ref, TOLERANCE[torch.float32])
 
 
-# Prefix sharing: one row per pair, the prompt forwarded once.
+# Prompt shared: one row per pair, the prompt forwarded once.
 
 
 def random_pairs(count: int = 4, seed: int = 0, vocab: int = VOCAB, prompt=(1, 9), response=(1, 7)):
@@ -307,7 +308,7 @@ def test_prefix_sharing_equals_unshared(arch: str, attention: str):
     pairs = random_pairs(count=4, seed=1) + [TokenizedPair((), (7, 8, 9), (10, 11), 99)]
     params = [p for p in model.parameters() if p.requires_grad]
 
-    packed = sequence_logps(model, collate_packed(pairs, pad_id=5), chunk_size=4)
+    packed = sequence_logps(model, collate_prompt_shared(pairs, pad_id=5), chunk_size=4)
     grads_packed = torch.autograd.grad(weighted_sum(packed.logps), params, allow_unused=True)
     unshared = sequence_logps(model, collate(pairs, pad_id=5), chunk_size=4)
     grads_unshared = torch.autograd.grad(weighted_sum(unshared.logps), params, allow_unused=True)
@@ -322,7 +323,7 @@ def test_sliding_window_matters_in_the_packed_test(arch: str):
     """Guards the test above: with these rows the window changes the values, so a packed mask
     that ignored it would fail there."""
     pairs = random_pairs(count=4, seed=1)
-    batch = collate_packed(pairs, pad_id=5)
+    batch = collate_prompt_shared(pairs, pad_id=5)
     with torch.no_grad():
         windowed = sequence_logps(make_model(arch, torch.float32, **SLIDING[arch]), batch).logps
         full = sequence_logps(make_model(arch, torch.float32, sliding_window=10_000), batch).logps
@@ -335,8 +336,8 @@ def test_rejected_does_not_see_chosen_when_packed():
     pair = random_pairs(count=1, seed=2, prompt=(4, 4), response=(5, 5))[0]
     edited = TokenizedPair(pair.prompt_ids, pair.chosen_ids[:2] + (3,) + pair.chosen_ids[3:], pair.rejected_ids, 0)
     with torch.no_grad():
-        before = sequence_logps(model, collate_packed([pair], pad_id=5)).logps
-        after = sequence_logps(model, collate_packed([edited], pad_id=5)).logps
+        before = sequence_logps(model, collate_prompt_shared([pair], pad_id=5)).logps
+        after = sequence_logps(model, collate_prompt_shared([edited], pad_id=5)).logps
     assert before[0] != after[0]
     assert before[1] == after[1]
 
@@ -344,12 +345,12 @@ def test_rejected_does_not_see_chosen_when_packed():
 def test_prefix_sharing_refuses_untested_models():
     model = make_model("llama", torch.float32)
     model.config.model_type = "falcon"
-    with pytest.raises(ConfigError, match="prefix_sharing.*falcon"):
-        check_prefix_sharing_support(model)
+    with pytest.raises(ConfigError, match="layout.*falcon"):
+        check_packing_support(model)
     model = make_model("llama", torch.float32)
     model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ConfigError, match="eager or sdpa"):
-        check_prefix_sharing_support(model)
+    with pytest.raises(ConfigError, match="eager, sdpa or flex_attention"):
+        check_packing_support(model)
 
 
 # Optional per-sequence statistics: LD-DPO's shared prefix, WPO's log Σp².
@@ -391,10 +392,10 @@ def test_shared_prefix_and_log_sum_sq_match_the_oracle(head: str):
     assert_grads_close(grads_ours, grads_ref, tol)
 
 
-def test_shared_prefix_is_the_same_when_packed():
+def test_shared_prefix_is_the_same_with_the_prompt_shared():
     model = make_model("llama", torch.float32)
     pairs = random_pairs(count=4, seed=2) + [TokenizedPair((), (7, 8, 9), (10, 11), 99)]
-    packed = sequence_logps(model, collate_packed(pairs, pad_id=5), chunk_size=4, shared_prefix=True, log_sum_sq_probs=True)
+    packed = sequence_logps(model, collate_prompt_shared(pairs, pad_id=5), chunk_size=4, shared_prefix=True, log_sum_sq_probs=True)
     unshared = sequence_logps(model, collate(pairs, pad_id=5), chunk_size=4, shared_prefix=True, log_sum_sq_probs=True)
     torch.testing.assert_close(packed.shared_logps, unshared.shared_logps, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(packed.log_sum_sq_probs, unshared.log_sum_sq_probs, rtol=1e-5, atol=1e-4)

@@ -102,8 +102,8 @@ def test_the_memory_settings_the_plan_assumes(tmp_path):
             assert any(p in name for p in ("_proj",)), name  # nf4: the decoder's linear layers only
         else:
             assert param.dtype == torch.bfloat16, name  # embeddings, norms, LM head
-    train_source = (Path(__file__).resolve().parents[1] / "lora_dpo" / "train.py").read_text()
-    assert '"paged_adamw_8bit" if device.type == "cuda"' in train_source
+    optim_source = (Path(__file__).resolve().parents[1] / "lora_dpo" / "optim.py").read_text()
+    assert '"paged_adamw_8bit" if device.type == "cuda"' in optim_source
 
 
 def write_model_config(tmp_path: Path, fields: dict) -> Path:

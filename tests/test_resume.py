@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,44 +17,16 @@ import torch
 from safetensors.torch import load_file
 
 from lora_dpo.config import dump_config
-from lora_dpo.demo import demo_config
-from lora_dpo.errors import LoraDpoError
+from lora_dpo.errors import ConfigError, LoraDpoError
 from lora_dpo.train import RunInputs, load_run_inputs, train
-from precompute import precompute_reference
+from runs import interrupt, losses, prepare_workdir, run_config, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def workdir(demo_workdir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume-tests")
-    for part in ("model", "data"):
-        shutil.copytree(demo_workdir / part, root / part)
-    config = run_config(root, root / "unused")
-    config.data.eval_path = ""
-    precompute_reference(config)
-    return root
-
-
-def run_config(root: Path, output_dir: Path):
-    config = demo_config(root)
-    config.data.max_pairs = 48
-    config.data.eval_path = ""
-    config.precompute.cache_dir = str(root / "cache")
-    config.train.output_dir = str(output_dir)
-    config.train.overwrite_output_dir = False
-    config.train.per_device_batch_size = 4
-    config.train.gradient_accumulation_steps = 2
-    config.train.epochs = 2  # 12 steps: the resume crosses an epoch boundary
-    config.train.logging_steps = 1
-    config.train.save_steps = 4
-    config.lora.dropout = 0.1  # dropout draws from the RNG: its state must be restored too
-    return config
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+    return prepare_workdir(demo_workdir, tmp_path_factory.mktemp("resume-tests"))
 
 
 @pytest.fixture(scope="module")
@@ -65,27 +36,14 @@ def uninterrupted(workdir, tmp_path_factory):
     return run_dir
 
 
-SLOW_TRAIN = """
-import sys, time
-import lora_dpo.train as train_module
-from lora_dpo.cli import main
-
-real_step = train_module.TrainLoop.step
-def slow_step(self, *args, **kwargs):  # slow enough for the test to act between steps
-    result = real_step(self, *args, **kwargs)
-    time.sleep(0.5)
-    return result
-train_module.TrainLoop.step = slow_step
-sys.exit(main(["train", "--config", sys.argv[1]]))
-"""
-
-
 def start_slow_training(config, tmp_path: Path) -> subprocess.Popen:
+    """`lora-dpo train` slow enough for the test to act between steps (the fault hook)."""
     config_file = tmp_path / "config.yaml"
     config_file.write_text(dump_config(config))
     return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SLOW_TRAIN), str(config_file)],
+        [sys.executable, "-m", "lora_dpo.cli", "train", "--config", str(config_file)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "LORA_DPO_STEP_DELAY_S": "0.5"},
     )
 
 
@@ -144,6 +102,87 @@ def test_sigterm_mid_run_checkpoints_and_exits_cleanly(workdir, uninterrupted, t
     resumed = resume_cli(run_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(run_dir) == losses(uninterrupted)
+
+
+def test_a_cut_short_metrics_line_is_dropped_on_resume(workdir, uninterrupted, tmp_path, monkeypatch, caplog):
+    run_dir = tmp_path / "run"
+    interrupt(run_config(workdir, run_dir), 10, monkeypatch)
+    with (run_dir / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 11, "lr": 0.001, "lo')  # what a SIGKILL mid-append leaves
+    with caplog.at_level("WARNING"):
+        train(run_config(workdir, run_dir), resume=True)
+    assert "metrics.jsonl line 11 is cut short (an interrupted write); dropped" in caplog.text
+    assert losses(run_dir) == losses(uninterrupted)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:-100]),
+        lambda c: (c / "trainer_state.json").write_text('{"step": '),
+        lambda c: (c / "adapter_model.safetensors").unlink(),
+    ],
+    ids=["truncated-optimizer", "torn-trainer-state", "missing-adapter"],
+)
+def test_a_damaged_newest_checkpoint_resumes_from_the_older(workdir, uninterrupted, tmp_path, monkeypatch, caplog, damage):
+    run_dir = tmp_path / "run"
+    interrupt(run_config(workdir, run_dir), 10, monkeypatch)
+    (run_dir / "checkpoints" / "notes").mkdir()  # a stray directory is no checkpoint
+    damage(run_dir / "checkpoints" / "step-000008")
+    with caplog.at_level("INFO"):
+        train(run_config(workdir, run_dir), resume=True)
+    assert f"damaged checkpoint: {run_dir / 'checkpoints' / 'step-000008'}/" in caplog.text
+    assert "from step-000004 (step 4 of 12)" in caplog.text
+    assert losses(run_dir) == losses(uninterrupted)
+    a = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(uninterrupted / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_resume_that_changes_the_computation_is_refused_naming_each(workdir, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    interrupt(run_config(workdir, run_dir), 6, monkeypatch)
+    before = snapshot(run_dir)
+    config = run_config(workdir, run_dir)
+    config.train.beta = 0.05
+    config.data.max_pairs = 40
+    config.train.gradient_accumulation_steps = 1
+    with pytest.raises(ConfigError) as refused:
+        train(config, resume=True)
+    message = str(refused.value)
+    assert "train.beta: the run used 0.1, this resume asks for 0.05" in message
+    assert "data.max_pairs: the run used 48, this resume asks for 40" in message
+    assert "train.gradient_accumulation_steps: the run used 2, this resume asks for 1" in message
+    assert "\n" not in message
+    assert snapshot(run_dir) == before
+
+
+def test_a_cosmetic_resume_override_is_used_and_recorded(workdir, uninterrupted, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    interrupt(run_config(workdir, run_dir), 6, monkeypatch)
+    config_yaml = (run_dir / "config.yaml").read_bytes()
+    config = run_config(workdir, run_dir)
+    config.train.save_steps = 5
+    train(config, resume=True)
+    assert losses(run_dir) == losses(uninterrupted)
+    assert (run_dir / "config.yaml").read_bytes() == config_yaml  # the settings the run started with
+    # saved every 5 steps from the resume on (step 4's checkpoint, the older one, is pruned)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000005", "step-000010"]
+    (resumed,) = json.loads((run_dir / "resumes.json").read_text())["resumes"]
+    assert resumed["step"] == 4 and resumed["checkpoint"] == "step-000004"
+    assert resumed["changed"] == {"train.save_steps": {"run": 4, "resume": 5}}
+
+
+def test_cli_resume_refuses_a_changed_beta(workdir, tmp_path, monkeypatch, capsys):
+    from lora_dpo.cli import main
+
+    run_dir = tmp_path / "run"
+    interrupt(run_config(workdir, run_dir), 6, monkeypatch)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "train.beta=0.05", "train.logging_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume") and err.count("\n") == 1 and "train.beta: the run used 0.1, this resume asks for 0.05" in err
+    assert "logging_steps" not in err
 
 
 def poisoned_inputs(config, rows) -> RunInputs:

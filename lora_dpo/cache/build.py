@@ -40,6 +40,7 @@ from lora_dpo.distributed import barrier, dist_info
 from lora_dpo.errors import CacheError
 from lora_dpo.fileio import sha256_file, write_text
 from lora_dpo.model import default_device, load_base_model, load_tokenizer
+from lora_dpo.packing import choose_layout
 from lora_dpo.scoring import score_pairs
 from lora_dpo.versions import package_versions
 
@@ -62,6 +63,8 @@ def build_cache(config: Config) -> Path:
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
     )
     model.eval()
+    layout = choose_layout(config.train.layout, model, device)  # the cache does not depend on it
+    log.info("%s", layout.describe(config.precompute.max_tokens_per_batch, config.precompute.batch_size))
     identity = reference_identity(config, tokenizer)  # after the load: a hub model is local now
     # A shard is reused on resume only if it was written for this exact reference and data.
     stamp = identity_stamp(identity, precision)
@@ -88,7 +91,8 @@ def build_cache(config: Config) -> Path:
             progress.update(len(shard_pairs))
             continue
         scores = score_pairs(
-            model, shard_pairs, batch_size=config.precompute.batch_size, pad_id=pad_id, device=device, progress=progress
+            model, shard_pairs, batch_size=config.precompute.batch_size, pad_id=pad_id, device=device, progress=progress,
+            layout=layout.name, max_tokens=config.precompute.max_tokens_per_batch,
         )
         records = ShardRecords(
             pair_hashes=[p.pair_hash for p in shard_pairs],

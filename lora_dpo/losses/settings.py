@@ -82,6 +82,11 @@ class LossSettings:
         """LD-DPO: the log-probs of each response's first min(|yw|, |yl|) tokens, policy and reference."""
         return self.ld_alpha != 1.0
 
+    @property
+    def statistics(self) -> dict[str, bool]:
+        """The optional per-sequence statistics of lora_dpo.logps.sequence_logps this objective reads."""
+        return {"shared_prefix": self.needs_shared_prefix, "log_sum_sq_probs": self.use_weighting}
+
     def problem(self, prefix: str = "") -> str | None:
         """The first combination of settings that cannot run or would be silently ignored, as
         one line naming the settings (each name after `prefix`, e.g. "train."); None if sound."""

@@ -1,0 +1,110 @@
+"""Optimizer steps: which pairs each one takes, the optimizer and its learning-rate schedule,
+and the update that is undone on the device when it is not finite."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from lora_dpo.batching import length_grouped_batches, token_budget_batches
+from lora_dpo.config import TrainConfig
+from lora_dpo.data import TokenizedPair
+from lora_dpo.errors import ConfigError
+
+# One optimizer step of one rank: its micro-batches (lists of pair indices), and the number of
+# pairs in the global step (over all ranks), which the loss is averaged over.
+StepPlan = tuple[list[list[int]], int]
+
+
+def optimizer_steps(
+    pairs: Sequence[TokenizedPair], cfg: TrainConfig, rank: int = 0, world_size: int = 1, layout: str = "padded"
+) -> Iterator[StepPlan]:
+    """This rank's plan for each optimizer step, across epochs.
+
+    The pairs of a step are a global batch of per_device_batch_size x world_size x
+    gradient_accumulation_steps similar-length pairs, split evenly over the ranks and then into
+    micro-batches (of per_device_batch_size pairs, or of at most max_tokens_per_batch decoder
+    tokens in `layout`): the order depends on the global batch only, so one process with
+    accumulation sees the same steps as several without. Each epoch reshuffles with its own
+    seed; the step count is global, so the learning-rate schedule runs once over the whole run
+    instead of restarting every epoch. A last global batch with fewer pairs than ranks is left
+    out of its epoch (every rank needs a pair).
+    """
+    global_batch = cfg.per_device_batch_size * world_size * cfg.gradient_accumulation_steps
+    step = 0
+    for epoch in range(cfg.epochs):
+        for step_pairs in length_grouped_batches(pairs, global_batch, seed=cfg.seed + epoch):
+            if len(step_pairs) < world_size:
+                continue
+            if step == cfg.max_steps:
+                return
+            step += 1
+            share = even_split(step_pairs, world_size)[rank]
+            if cfg.max_tokens_per_batch:  # by tokens in the run's layout: as many pairs as fit
+                yield token_budget_batches(pairs, share, layout, cfg.max_tokens_per_batch), len(step_pairs)
+                continue
+            micro_batches = math.ceil(len(share) / cfg.per_device_batch_size)
+            yield even_split(share, micro_batches), len(step_pairs)
+
+
+def even_split(items: list[int], parts: int) -> list[list[int]]:
+    """`parts` consecutive slices whose sizes differ by at most one."""
+    size, extra = divmod(len(items), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
+
+
+def optimizer_name(cfg: TrainConfig, device: torch.device) -> str:
+    """The optimizer `train.optimizer` means on this device; an impossible choice is an error."""
+    name = cfg.optimizer
+    if name == "auto":
+        name = "paged_adamw_8bit" if device.type == "cuda" else "adamw_torch"
+    if name == "paged_adamw_8bit" and device.type != "cuda":
+        raise ConfigError(
+            "train.optimizer=paged_adamw_8bit needs CUDA (on the CPU bitsandbytes silently "
+            "falls back to non-paged); use adamw_8bit or adamw_torch"
+        )
+    return name
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    name = optimizer_name(cfg, device)
+    lr, weight_decay = cfg.learning_rate, cfg.weight_decay
+    if name == "adamw_torch":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+
+    if name == "adamw_8bit":
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup_ratio` of the run, then cosine decay to zero."""
+    return get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+
+
+def finite_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], finite: torch.Tensor) -> None:
+    """optimizer.step(), undone on the device when `finite` is False: no host sync per step.
+
+    Costs one copy of the trainable weights and their optimizer state (the adapters only).
+    """
+    with torch.no_grad():
+        for param in params:
+            if param.grad is not None:
+                param.grad = torch.where(finite, param.grad, torch.zeros_like(param.grad))
+        tensors = list(params) + [
+            value
+            for param in params
+            for value in optimizer.state.get(param, {}).values()
+            if isinstance(value, torch.Tensor) and value.is_floating_point()
+        ]
+        before = [t.clone() for t in tensors]
+        optimizer.step()
+        for tensor, old in zip(tensors, before):
+            tensor.copy_(torch.where(finite, tensor, old))
