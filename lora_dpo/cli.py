@@ -36,6 +36,13 @@ def _add_quiet_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_no_wait_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-wait", action="store_true",
+        help="fail at once when another process is writing the cache, instead of waiting for it",
+    )
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints the whole usage before a mistake; here it is one line like every other
     error, pointing at the verb's --help. Sub-verbs' parsers are of this class too."""
@@ -77,8 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     precompute = verbs.add_parser(
         "precompute-ref",
-        help="run the frozen reference once and write the reference cache",
+        help="make the reference cache cover the data: the frozen reference scores only the pairs it lacks",
     )
+    precompute.add_argument(
+        "--rebuild", action="store_true",
+        help="replace the cache (also one of another reference) instead of adding to it; "
+        "the old one stays usable until the new one is complete",
+    )
+    _add_no_wait_arg(precompute)
     _add_config_args(precompute)
 
     train = verbs.add_parser(
@@ -120,15 +133,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = verbs.add_parser(
         "cache",
-        help="inspect a reference cache",
+        help="inspect, verify, export, import and merge reference caches",
     )
     cache_verbs = cache.add_subparsers(dest="cache_verb", metavar="ACTION", required=True)
-    cache_info = cache_verbs.add_parser("info", help="the manifest in human form, with statistics")
+    cache_info = cache_verbs.add_parser(
+        "info", help="the manifest in human form, with statistics of margins and response lengths"
+    )
     cache_info.add_argument("cache_dir", metavar="DIR")
+    cache_info.add_argument(
+        "--plot", nargs="?", const="", metavar="PATH",
+        help="also draw the margins and lengths into PATH (default when given without PATH: DIR/cache.png)",
+    )
     cache_verify = cache_verbs.add_parser(
-        "verify", help="re-check every shard (checksum, contents); exit 1 on any problem"
+        "verify", help="re-check every shard (checksum, fields, shapes, values); exit 1 on any problem"
     )
     cache_verify.add_argument("cache_dir", metavar="DIR")
+    cache_export = cache_verbs.add_parser("export", help="write the cache as one parquet table, identity in its metadata")
+    cache_export.add_argument("cache_dir", metavar="DIR")
+    cache_export.add_argument("--out", required=True, metavar="FILE", help="the .parquet file to write")
+    cache_import = cache_verbs.add_parser(
+        "import", help="add the pairs of an exported table to a cache of the same reference (or a new one)"
+    )
+    cache_import.add_argument("file", metavar="FILE")
+    cache_import.add_argument("--into", required=True, metavar="DIR", help="the cache to add to")
+    _add_no_wait_arg(cache_import)
+    cache_merge = cache_verbs.add_parser("merge", help="join caches of the same reference into one")
+    cache_merge.add_argument("sources", nargs="+", metavar="DIR")
+    cache_merge.add_argument("--into", required=True, metavar="DIR", help="the cache to join them into (new, or one of them)")
+    _add_no_wait_arg(cache_merge)
 
     merge = verbs.add_parser(
         "merge",
@@ -255,7 +287,10 @@ def _run(args: argparse.Namespace) -> int:
     from lora_dpo.config import load_config
     from lora_dpo.distributed import init_distributed, launched_by_torchrun, shutdown
 
-    args.writing = getattr(args, "out", None) or getattr(args, "workdir", None) or getattr(args, "run_dir", None)
+    args.writing = (
+        getattr(args, "out", None) or getattr(args, "into", None) or getattr(args, "workdir", None)
+        or getattr(args, "run_dir", None)
+    )
     if args.verb == "report":
         from lora_dpo.report import write_report
 
@@ -311,7 +346,7 @@ def _run_stage(args: argparse.Namespace, config: Any) -> int:
     if args.verb == "precompute-ref":
         from lora_dpo.cache import build_cache
 
-        build_cache(config)
+        build_cache(config, rebuild=args.rebuild, wait=not args.no_wait)
     elif args.verb == "train":
         from lora_dpo.train import train
 
@@ -330,14 +365,29 @@ def _run_stage(args: argparse.Namespace, config: Any) -> int:
 
 
 def _run_cache(args: argparse.Namespace) -> int:
-    from lora_dpo.cache import describe_cache, verify_cache
+    from lora_dpo import cache
 
     if args.cache_verb == "info":
-        print(describe_cache(args.cache_dir))
+        plot = None if args.plot is None else Path(args.plot or cache.default_plot_path(args.cache_dir))
+        print(cache.describe_cache(args.cache_dir, plot=plot))
         return 0
-    problems, pairs = verify_cache(args.cache_dir)
+    if args.cache_verb == "export":
+        rows = cache.export_cache(args.cache_dir, args.out)
+        print(f"cache export: {rows} pairs from {args.cache_dir} -> {args.out}")
+        return 0
+    if args.cache_verb in ("import", "merge"):
+        if args.cache_verb == "import":
+            added = cache.import_cache(args.file, args.into, wait=not args.no_wait)
+        else:
+            added = cache.merge_caches(args.sources, args.into, wait=not args.no_wait)
+        print(f"cache {args.cache_verb}: {added} pairs added to {args.into}")
+        return 0
+    problems, pairs = cache.verify_cache(args.cache_dir)
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
+    manifest = cache.Manifest.read(Path(args.cache_dir))
+    for stray in cache.unlisted_shards(Path(args.cache_dir), manifest):
+        print(f"note: {stray} is not listed in the manifest (left by an interrupted write; the next write removes it)")
     if problems:
         print(f"cache verify: {len(problems)} problem(s) in {args.cache_dir}", file=sys.stderr)
         return 1

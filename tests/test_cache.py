@@ -217,7 +217,7 @@ def test_bad_cached_values_stop_train_before_any_step(workdir, tmp_path, capsys,
 
     assert cli_main(["train", "--config", str(config_file)]) == 2
     expected = (
-        f"error: {cache_dir / shard}: {problem}; rebuild the cache with precompute-ref "
+        f"error: {cache_dir / shard}: {problem}; rebuild the cache with precompute-ref --rebuild "
         "(lora-dpo cache verify lists every problem)"
     )
     assert capsys.readouterr().err.splitlines()[-1] == expected
@@ -306,7 +306,7 @@ def test_killed_precompute_resumes_to_identical_shards(workdir, tmp_path):
         for key in a:
             assert torch.equal(a[key], b[key]), (entry["file"], key)
     assert [s["sha256"] for s in whole["shards"]] == [s["sha256"] for s in resumed["shards"]]
-    for key in ("identity", "reference", "data", "pairs"):
+    for key in ("identity", "reference", "datasets", "pairs"):
         assert whole[key] == resumed[key]
 
 

@@ -85,6 +85,7 @@ ROWS = [
     ("precompute-ref --config {config} data.train_path={missing}", "{missing}"),
     ("precompute-ref --config {config} data.train_path={a_directory}", "{a_directory}"),
     ("precompute-ref --config {config} precompute.cache_dir={a_file} --quiet", "{a_file}"),
+    ("precompute-ref --rebuild=yes", "argument --rebuild: ignored explicit argument 'yes'"),
     # train
     ("train --resume {missing}", "{missing}"),
     ("train --resume {a_file}", "{a_file}"),
@@ -125,6 +126,17 @@ ROWS = [
     ("cache verify {missing}", "{missing}: no manifest.json"),
     ("cache verify {a_file}", "{a_file}: no manifest.json"),
     ("cache verify {damaged_cache}", "{damaged_cache}/manifest.json"),
+    # cache export / import / merge
+    ("cache export {cache}", "the following arguments are required: --out (see lora-dpo cache export --help)"),
+    ("cache export {missing} --out {out}", "{missing}: no manifest.json"),
+    ("cache export {damaged_cache} --out {out}", "{damaged_cache}/manifest.json"),
+    ("cache import {a_file}", "the following arguments are required: --into (see lora-dpo cache import --help)"),
+    ("cache import {missing} --into {out}", "{missing}: not a readable parquet file"),
+    ("cache import {a_file} --into {out}", "{a_file}: not a readable parquet file"),
+    ("cache import {a_file} --into {cache} --no-wait=1", "ignored explicit argument '1'"),
+    ("cache merge {cache}", "the following arguments are required: --into (see lora-dpo cache merge --help)"),
+    ("cache merge {cache} {missing} --into {out}", "{missing}: no manifest.json"),
+    ("cache merge {damaged_cache} --into {out}", "{damaged_cache}/manifest.json"),
     # merge
     ("merge", "the following arguments are required: --adapter, --out (see lora-dpo merge --help)"),
     ("merge --adapter {garbage_adapter} --out {out}", "{garbage_adapter}/adapter_config.json: not valid JSON"),
@@ -267,7 +279,7 @@ def test_a_full_disk_in_a_cache_build_is_one_line_and_publishes_nothing(paths, t
     assert len(errors) == 1 and "Traceback" not in err, err
     assert re.fullmatch(rf"error: no space left on device writing {re.escape(str(cache))} \(free there: \d+ MB\)",
                         errors[0]), err
-    assert not cache.exists() or not any(cache.iterdir())
+    assert not cache.exists() or [p.name for p in cache.iterdir()] == [".lock"]  # the writer lock stays
     assert main(args) == 0
     assert (cache / "manifest.json").is_file()
 
@@ -296,11 +308,9 @@ def test_a_full_disk_in_a_rebuild_keeps_every_old_shard(rebuilt_on_a_full_disk):
     before, after = rebuilt_on_a_full_disk
     shards = {name: data for name, data in before.items() if name.startswith("shard-")}
     assert shards and {name: after.get(name) for name in shards} == shards
-    assert not [name for name in after if name.startswith(".")]  # no temp file left
+    assert not [name for name in after if name.startswith(".") and name != ".lock"]  # no temp file left
 
 
-@pytest.mark.xfail(strict=True, reason="the cache build removes manifest.json before it rebuilds, so a "
-                   "failed rebuild leaves no complete cache behind")
 def test_a_full_disk_in_a_rebuild_keeps_the_old_cache_whole(rebuilt_on_a_full_disk):
     before, after = rebuilt_on_a_full_disk
     assert after == before
@@ -356,4 +366,4 @@ def test_a_really_full_disk_is_one_line(paths, small_disk):
     result = cli("precompute-ref", "--config", paths["config"], f"precompute.cache_dir={cache}")
     assert result.returncode == 2, result.stderr
     assert last_line_alone(result.stderr) == f"error: no space left on device writing {cache} (free there: 0 MB)"
-    assert not any(cache.iterdir())
+    assert [p.name for p in cache.iterdir()] == [".lock"]  # the writer lock, and nothing half-written

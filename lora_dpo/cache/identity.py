@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from lora_dpo.cache.entries import ModelIdentity, ReferenceIdentity, ReferenceRun
 from lora_dpo.cache.fingerprints import weights_fingerprint
-from lora_dpo.cache.manifest import ModelIdentity, ReferenceIdentity
 from lora_dpo.cache.reader import ReferenceCache
 from lora_dpo.config import Config
 from lora_dpo.data import tokenization_settings
@@ -57,7 +58,19 @@ def reference_identity(config: Config, tokenizer: Any) -> ReferenceIdentity:
     return ReferenceIdentity(model_identity(config), tokenization_settings(tokenizer, config.data))
 
 
-def identity_differences(cached: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+def identity_stamp(identity: ReferenceIdentity, precision: dict[str, str]) -> str:
+    """One string for an identity and precision, written into every shard: a leftover shard is
+    reused only by a build of the same reference."""
+    payload = json.dumps({"identity": identity.to_dict(), "reference": precision}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def identity_differences(
+    cached: dict[str, Any],
+    current: dict[str, Any],
+    prefix: str = "",
+    labels: tuple[str, str] = ("cache was built with", "this run uses"),
+) -> list[str]:
     """Human-readable differences between two identity dicts, e.g.
     `tokenization.max_length: cache was built with 1024, this run uses 2048`."""
     differences = []
@@ -65,10 +78,22 @@ def identity_differences(cached: dict[str, Any], current: dict[str, Any], prefix
         name = f"{prefix}{key}"
         old, new = cached.get(key), current.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            differences += identity_differences(old, new, prefix=f"{name}.")
+            differences += identity_differences(old, new, f"{name}.", labels)
         elif old != new:
-            differences.append(f"{name}: cache was built with {old!r}, this run uses {new!r}")
+            differences.append(f"{name}: {labels[0]} {old!r}, {labels[1]} {new!r}")
     return differences
+
+
+def reference_differences(
+    cached: tuple[ReferenceIdentity, ReferenceRun],
+    other: tuple[ReferenceIdentity, ReferenceRun],
+    labels: tuple[str, str] = ("cache was built with", "this run uses"),
+) -> list[str]:
+    """Where two references differ, identity and how the reference ran: one cache holds the
+    values of one of them."""
+    return identity_differences(cached[0].to_dict(), other[0].to_dict(), "", labels) + identity_differences(
+        asdict(cached[1]), asdict(other[1]), "reference.", labels
+    )
 
 
 def open_checked_cache(
@@ -90,7 +115,8 @@ def open_checked_cache(
     if differences and not accept_mismatch:
         raise CacheError(
             f"{cache.cache_dir}: reference cache does not match this run: {'; '.join(differences)} "
-            "(rebuild it with precompute-ref, or set train.accept_cache_mismatch=true)"
+            "(build one for this reference with precompute-ref into another precompute.cache_dir, "
+            "replace this one with precompute-ref --rebuild, or set train.accept_cache_mismatch=true)"
         )
     for difference in differences:
         log.warning("reference cache mismatch accepted: %s", difference)

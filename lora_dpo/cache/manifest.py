@@ -1,91 +1,131 @@
-"""`manifest.json`, typed: what a cache holds and what it was built from, read and checked once.
+"""`manifest.json`, typed: what a cache holds, which data sets it covers, how it came to be;
+read and checked once. Format v2; a v1 file is read as the v2 manifest it amounts to.
 
-The JSON keeps format v1 exactly (keys, order, `indent=2`), so caches written before this type
-existed read back, and a new build writes the bytes an old one would.
+    format, version      "lora-dpo-reference-cache", 2
+    identity, reference  what the values depend on (a cache holds one reference's values)
+    pairs                pairs in the cache, by the split they were scored for (sum of shards)
+    datasets             every data set the cache covers: split and its data report
+    shards               file, split, pairs, sha256, fields (the tensors it holds)
+    history              every change: when, what, pairs added, pairs scored, seconds, versions
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lora_dpo.cache.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST
+from lora_dpo.cache.entries import JsonFields, ModelIdentity, ReferenceIdentity, ReferenceRun, ShardEntry
+from lora_dpo.cache.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, READABLE_VERSIONS
+from lora_dpo.cache.manifest_v1 import ManifestV1
 from lora_dpo.data import DataReport
 from lora_dpo.errors import CacheError
 from lora_dpo.fileio import write_json
+from lora_dpo.versions import package_versions
+
+__all__ = ["Change", "DataSet", "Manifest", "ModelIdentity", "ReferenceIdentity", "ReferenceRun", "ShardEntry", "now"]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
-class ModelIdentity:
-    """Fingerprints, not the path: a cache moves between machines."""
+class DataSet:
+    """A data set the cache covers: every pair it kept is in the cache."""
 
-    weights_sha256: str  # over the weight files' names and contents
-    config_sha256: str | None  # of config.json; None when the model has none
-
-
-@dataclass(frozen=True)
-class ReferenceIdentity:
-    """Everything that must match between a cache and a run, precision aside."""
-
-    model: ModelIdentity
-    # data.tokenization_settings(): owned by the data rules, compared key by key, shown as is
-    tokenization: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": asdict(self.model), "tokenization": dict(self.tokenization)}
-
-
-@dataclass(frozen=True)
-class ReferenceRun:
-    """How the reference ran: `mode` is precompute.reference, the rest what it resolved to."""
-
-    mode: str  # "policy" | "bf16" | "fp32"
-    quantization: str  # "nf4" | "none"
-    dtype: str  # torch dtype name, e.g. "float32"
+    split: str  # "train" | "eval"
+    report: DataReport  # its own data report: source, rows, drops, lengths
 
     @property
-    def precision(self) -> dict[str, str]:
-        """In the form of `Precision.to_dict()`, to compare with a run's."""
-        return {"quantization": self.quantization, "dtype": self.dtype}
+    def pairs(self) -> int:
+        return self.report.kept
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "report": self.report.to_dict()}
 
 
 @dataclass(frozen=True)
-class ShardEntry:
-    file: str  # relative to the cache directory
-    split: str
-    pairs: int
-    sha256: str
+class Change:
+    """One write of the cache: a precompute-ref, an import or a merge."""
+
+    at: str  # ISO 8601, UTC, seconds
+    what: str  # e.g. "precompute-ref", "import ref.parquet", "merge a, b"
+    added: int  # pairs new to the cache
+    scored: int  # pairs the reference model ran on (0 for import and merge)
+    seconds: float
+    versions: dict[str, str]  # package -> version
+
+    @classmethod
+    def of(cls, what: str, added: int, scored: int = 0, seconds: float = 0.0) -> Change:
+        return cls(now(), what, added, scored, round(seconds, 2), package_versions())
 
 
 @dataclass(frozen=True)
 class Manifest:
     format: ClassVar[str] = FORMAT_NAME
-    version: ClassVar[int] = FORMAT_VERSION
 
-    created: str  # ISO 8601, UTC, seconds
     identity: ReferenceIdentity
     reference: ReferenceRun
-    data: dict[str, DataReport]  # per split
-    pairs: dict[str, int]  # per split
-    shards: tuple[ShardEntry, ...]  # in scoring order, numbered across splits
-    seconds: float  # build wall time
-    versions: dict[str, str]  # package -> version
+    pairs: dict[str, int]  # pairs in the cache by the split they were scored for: the shards' sums
+    datasets: tuple[DataSet, ...]
+    shards: tuple[ShardEntry, ...]
+    history: tuple[Change, ...]  # oldest first
+    version: int = FORMAT_VERSION  # of the file it was read from; always written as FORMAT_VERSION
+
+    @classmethod
+    def empty(cls, identity: ReferenceIdentity, reference: ReferenceRun) -> Manifest:
+        """A cache of this reference with nothing in it yet, to add to."""
+        return cls(identity, reference, {}, (), (), ())
+
+    @property
+    def total_pairs(self) -> int:
+        return sum(entry.pairs for entry in self.shards)
+
+    @property
+    def created(self) -> str:
+        return self.history[0].at
+
+    def with_additions(
+        self, shards: tuple[ShardEntry, ...], datasets: tuple[DataSet, ...], change: Change, history: tuple[Change, ...] = ()
+    ) -> Manifest:
+        """This manifest with more shards, data sets and history (duplicates dropped), plus `change`."""
+        return replace(
+            self,
+            pairs=pairs_by_split(self.shards + shards),
+            shards=self.shards + shards,
+            datasets=union(self.datasets, datasets),
+            history=(*union(self.history, history), change),
+            version=FORMAT_VERSION,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": self.format,
-            "version": self.version,
-            "created": self.created,
+            "version": FORMAT_VERSION,
             "identity": self.identity.to_dict(),
             "reference": asdict(self.reference),
-            "data": {split: report.to_dict() for split, report in self.data.items()},
             "pairs": dict(self.pairs),
-            "shards": [asdict(entry) for entry in self.shards],
-            "seconds": self.seconds,
-            "versions": dict(self.versions),
+            "datasets": [dataset.to_dict() for dataset in self.datasets],
+            "shards": [entry.to_dict() for entry in self.shards],
+            "history": [asdict(change) for change in self.history],
         }
+
+    @classmethod
+    def from_v1(cls, old: ManifestV1) -> Manifest:
+        """A v1 cache as v2: one data set per split, its one build as the history."""
+        total = sum(old.pairs.values())
+        return cls(
+            identity=old.identity,
+            reference=old.reference,
+            pairs=dict(old.pairs),
+            datasets=tuple(DataSet(split, report) for split, report in old.data.items()),
+            shards=old.shards,
+            history=(Change(old.created, "precompute-ref (format v1)", total, total, old.seconds, dict(old.versions)),),
+            version=old.version,
+        )
 
     @classmethod
     def from_dict(cls, raw: Any, source: Path) -> Manifest:
@@ -93,29 +133,32 @@ class Manifest:
         the field at fault."""
         if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
             raise CacheError(f"{source}: not a {FORMAT_NAME} manifest")
-        if raw.get("version") != FORMAT_VERSION:
-            raise CacheError(
-                f"{source}: format version {raw.get('version')}, this lora-dpo reads version {FORMAT_VERSION}"
-            )
-        fields = _Fields(source, raw)
-        identity, reference = fields.section("identity"), fields.section("reference")
-        model = identity.section("model")
-        return cls(
-            created=fields.take("created", str),
-            identity=ReferenceIdentity(
-                ModelIdentity(model.take("weights_sha256", str), model.take("config_sha256", (str, type(None)))),
-                identity.take("tokenization", dict),
-            ),
-            reference=ReferenceRun(reference.take("mode", str), reference.take("quantization", str), reference.take("dtype", str)),
-            data={split: report.data_report() for split, report in fields.sections("data").items()},
+        version = raw.get("version")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            readable = " and ".join(str(v) for v in READABLE_VERSIONS)
+            raise CacheError(f"{source}: format version {version}, this lora-dpo reads versions {readable}")
+        if version == 1:
+            return cls.from_v1(ManifestV1.from_dict(raw, source))
+        fields = JsonFields(source, raw)
+        manifest = cls(
+            identity=fields.identity(),
+            reference=fields.reference(),
             pairs=fields.mapping("pairs", int),
-            shards=tuple(
-                ShardEntry(e.take("file", str), e.take("split", str), e.take("pairs", int), e.take("sha256", str))
-                for e in fields.items("shards")
+            datasets=tuple(DataSet(item.take("split", str), item.section("report").data_report()) for item in fields.items("datasets")),
+            shards=fields.shard_entries(with_fields=True),
+            history=tuple(
+                Change(
+                    item.take("at", str), item.take("what", str), item.take("added", int), item.take("scored", int),
+                    item.take("seconds", (int, float)), item.mapping("versions", str),
+                )
+                for item in fields.items("history")
             ),
-            seconds=fields.take("seconds", (int, float)),
-            versions=fields.mapping("versions", str),
         )
+        if not manifest.history:
+            raise fields.fail("history", "is empty")
+        if manifest.pairs != pairs_by_split(manifest.shards):
+            raise fields.fail("pairs", f"says {manifest.pairs}, the shards listed hold {pairs_by_split(manifest.shards)}")
+        return manifest
 
     @classmethod
     def from_json(cls, text: str, source: Path) -> Manifest:
@@ -127,7 +170,7 @@ class Manifest:
 
     @classmethod
     def read(cls, cache_dir: Path) -> Manifest:
-        """The manifest of a complete cache of this format version, else a CacheError saying why."""
+        """The manifest of a complete cache, else a CacheError saying why."""
         path = Path(cache_dir) / MANIFEST
         if not path.is_file():
             raise CacheError(
@@ -141,53 +184,22 @@ class Manifest:
         return cls.from_json(text, path)
 
     def write(self, cache_dir: Path) -> None:
-        """Last step of a build: its presence marks the cache complete."""
+        """Atomically: a reader sees the old manifest or this one, never a mix."""
         write_json(Path(cache_dir) / MANIFEST, self.to_dict())
 
 
-@dataclass(frozen=True)
-class _Fields:
-    """One JSON object of a manifest; a missing or mistyped field is named by its dotted path."""
+def pairs_by_split(shards: tuple[ShardEntry, ...]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for entry in shards:
+        counts[entry.split] = counts.get(entry.split, 0) + entry.pairs
+    return counts
 
-    source: Path
-    values: dict[str, Any]
-    prefix: str = ""
 
-    def take(self, key: str, kind: type | tuple[type, ...]) -> Any:
-        name = f"{self.prefix}{key}"
-        if key not in self.values:
-            raise CacheError(f"{self.source}: field {name} is missing")
-        return self._check(name, self.values[key], kind)
-
-    def _check(self, name: str, value: Any, kind: type | tuple[type, ...]) -> Any:
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-            raise CacheError(f"{self.source}: field {name} is {type(value).__name__}, expected {expected}")
-        return value
-
-    def section(self, key: str) -> _Fields:
-        return _Fields(self.source, self.take(key, dict), f"{self.prefix}{key}.")
-
-    def sections(self, key: str) -> dict[str, _Fields]:
-        """An object of objects, e.g. data.<split>."""
-        outer = self.section(key)
-        return {name: outer.section(name) for name in outer.values}
-
-    def items(self, key: str) -> list[_Fields]:
-        """A list of objects, e.g. shards[0]."""
-        name = f"{self.prefix}{key}"
-        return [
-            _Fields(self.source, self._check(f"{name}[{i}]", item, dict), f"{name}[{i}].")
-            for i, item in enumerate(self.take(key, list))
-        ]
-
-    def mapping(self, key: str, kind: type) -> dict[str, Any]:
-        outer = self.section(key)
-        return {name: outer.take(name, kind) for name in outer.values}
-
-    def data_report(self) -> DataReport:
-        try:
-            return DataReport(**self.values)
-        except TypeError as exc:  # a field missing or unknown
-            raise CacheError(f"{self.source}: field {self.prefix.rstrip('.')} is not a data report ({exc})") from None
+def union(first: tuple[Any, ...], second: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`first`, then each item of `second` not seen before (order kept; compared by equality,
+    as data reports are not hashable)."""
+    items = list(first)
+    for item in second:
+        if item not in items:
+            items.append(item)
+    return tuple(items)

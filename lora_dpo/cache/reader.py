@@ -9,8 +9,16 @@ from typing import Any
 
 import torch
 
-from lora_dpo.cache.format import REBUILD_HINT, ShardRecords, read_shard, value_problems
-from lora_dpo.cache.manifest import Manifest, ShardEntry
+from lora_dpo.cache.entries import ShardEntry
+from lora_dpo.cache.format import (
+    REBUILD_HINT,
+    ShardRecords,
+    read_shard,
+    shard_fields,
+    shard_path,
+    value_problems,
+)
+from lora_dpo.cache.manifest import Manifest
 from lora_dpo.errors import CacheError
 from lora_dpo.fileio import sha256_file
 
@@ -33,21 +41,28 @@ class ReferenceValues:
         return self.chosen_logps[rows], self.rejected_logps[rows]
 
 
-def load_listed_shard(cache_dir: Path, entry: ShardEntry, verify_checksum: bool = True) -> ShardRecords:
-    """One shard of the manifest, checked against its recorded checksum and pair count."""
-    path = cache_dir / entry.file
+def load_listed_shard(
+    cache_dir: Path, entry: ShardEntry, verify_checksum: bool = True, extras: bool = False
+) -> ShardRecords:
+    """One shard of the manifest, checked against its recorded checksum, pair count and fields
+    (its extra fields loaded only with `extras`)."""
+    path = shard_path(cache_dir, entry.file)
     if not path.is_file():
         raise CacheError(f"{path}: shard listed in the manifest is missing")
     if verify_checksum and sha256_file(path) != entry.sha256:
         raise CacheError(f"{path}: checksum mismatch, the shard is truncated or altered")
-    records = read_shard(path)
+    fields = shard_fields(path)
+    if fields != entry.fields:
+        raise CacheError(f"{path}: holds fields {', '.join(fields)}; the manifest lists {', '.join(entry.fields)}")
+    records = read_shard(path, extras=extras)
     if len(records.pair_hashes) != entry.pairs:
         raise CacheError(f"{path}: holds {len(records.pair_hashes)} pairs, manifest says {entry.pairs}")
     return records
 
 
 class ReferenceCache:
-    """A complete cache on disk, loaded into memory and indexed by pair hash.
+    """A complete cache on disk, loaded into memory and indexed by pair hash. Needs no lock:
+    writers only add files and replace the manifest atomically.
 
     Opening it checks every value: a NaN or a positive log-prob is refused here, with the
     shard named, instead of surfacing later as skipped training steps.
@@ -59,7 +74,7 @@ class ReferenceCache:
         parts = []
         for entry in self.manifest.shards:
             records = load_listed_shard(self.cache_dir, entry, verify_checksums)
-            problems = value_problems(self.cache_dir / entry.file, records)
+            problems = value_problems(shard_path(self.cache_dir, entry.file), records)
             if problems:
                 raise CacheError(f"{problems[0]}; {REBUILD_HINT}")
             parts.append(records)
@@ -81,8 +96,8 @@ class ReferenceCache:
         if missing:
             raise CacheError(
                 f"{self.cache_dir}: {len(missing)} of {len(pairs)} {what} pairs are not in "
-                f"the reference cache (source rows {missing[:5]}...); rebuild it with precompute-ref "
-                "on this data"
+                f"the reference cache (source rows {missing[:5]}...); run precompute-ref on this "
+                "data (it scores only the pairs the cache lacks)"
             )
         index = torch.tensor(rows, dtype=torch.long)  # [N]
         return ReferenceValues(
