@@ -261,11 +261,6 @@ class Config:
         problem = LossSettings.of(cfg).problem("train.")
         if problem:
             raise ConfigError(problem)
-        if cfg.ld_alpha != 1.0:
-            raise ConfigError(
-                f"train.ld_alpha={cfg.ld_alpha} needs a reference cache with the log-probs of each "
-                "response's shared prefix (min(|yw|, |yl|) tokens); not available yet"
-            )
 
 
 def _closest(name: str, options: typing.Iterable[str]) -> str:

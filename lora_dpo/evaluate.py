@@ -96,7 +96,8 @@ def evaluate(
         log_sum_sq_probs=scores.log_sum_sq_probs,
     )
     ref_chosen, ref_rejected = reference.logps(order) if reference is not None else (None, None)  # [N] each
-    out = compute_loss(loss, PairLogps.of(policy, ref_chosen, ref_rejected))
+    ref_shared = reference.shared_logps(order) if reference is not None and loss.needs_shared_prefix else None
+    out = compute_loss(loss, PairLogps.of(policy, ref_chosen, ref_rejected, ref_shared))
     mean_chosen = policy.chosen / policy.chosen_tokens.clamp(min=1)  # [N] per-token log-prob
     mean_rejected = policy.rejected / policy.rejected_tokens.clamp(min=1)
     return EvalMetrics(
@@ -139,7 +140,10 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
     loss = LossSettings.of(config.train)
     reference = None  # a reference-free objective reads no cache
     if not loss.reference_free:
-        cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
+        cache = open_checked_cache(
+            config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch,
+            shared_prefix=loss.needs_shared_prefix,
+        )
         reference = cache.aligned(pairs, "eval")
     model = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device

@@ -183,8 +183,7 @@ def run_sweep(config: Config, axes: Sequence[SweepAxis] | Sequence[float]) -> Sw
     points = grid_points(config, grid)
     keys = [axis.key for axis in grid]
     root = Path(config.train.output_dir)
-    needs_reference = any(not LossSettings.of(p.config.train).reference_free for p in points)
-    inputs = load_run_inputs(config, with_reference=needs_reference)
+    inputs = load_run_inputs(config, [LossSettings.of(point.config.train) for point in points])
     rows = []
     for number, point in enumerate(points, start=1):
         log.info("sweep run %d/%d: %s", number, len(points), point.name)

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -87,11 +87,12 @@ class RunInputs:
     device: torch.device
 
 
-def load_run_inputs(config: Config, with_reference: bool | None = None) -> RunInputs:
-    """Data, the checked reference cache, then the base model. The cache is skipped when the
-    objective needs no reference (`with_reference` decides for a sweep of several)."""
-    if with_reference is None:
-        with_reference = not LossSettings.of(config.train).reference_free
+def load_run_inputs(config: Config, objectives: Sequence[LossSettings] = ()) -> RunInputs:
+    """Data, the checked reference cache, then the base model. The cache is read as the
+    objectives need it (default: the config's; a sweep names all of its runs'): not at all when
+    none reads a reference, with the shared-prefix log-probs when one is LD-DPO."""
+    objectives = objectives or [LossSettings.of(config.train)]
+    with_reference = not all(objective.reference_free for objective in objectives)
     if not with_reference:
         log.info(
             "train.loss_type=%s is reference-free: no reference cache is read (precompute.cache_dir is ignored)",
@@ -114,7 +115,10 @@ def load_run_inputs(config: Config, with_reference: bool | None = None) -> RunIn
     base = None if resolve_model_dir(config.model) else load_base()
     cache = reference = eval_reference = None
     if with_reference:
-        cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
+        cache = open_checked_cache(
+            config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch,
+            shared_prefix=any(objective.needs_shared_prefix for objective in objectives),
+        )
         reference, eval_reference = cache.aligned(pairs, "train"), cache.aligned(eval_pairs, "eval")
     base = base or load_base()
     return RunInputs(tokenizer, pairs, eval_pairs, report, cache, reference, eval_reference, base, device)
@@ -289,9 +293,12 @@ class TrainLoop:
             tokens = batch.sequence_tokens  # counted on the CPU: no device sync
             rows += batch.source_indices
             batch = batch.to(s.device)
-            ref_chosen = ref_rejected = None
+            ref_chosen = ref_rejected = ref_shared = None
             if reference is not None:
                 ref_chosen, ref_rejected = (t.to(s.device) for t in reference.logps(indices))
+                if loss.needs_shared_prefix:
+                    shared_chosen, shared_rejected = reference.shared_logps(indices)
+                    ref_shared = (shared_chosen.to(s.device), shared_rejected.to(s.device))
             # Under DDP, gradients are all-reduced once per step: on its last micro-batch.
             last = number == len(micro_batches) - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
@@ -300,7 +307,7 @@ class TrainLoop:
                     assert ref_chosen is not None and ref_rejected is not None  # set only with a reference
                     check_step0_agreement(policy_logps, ref_chosen, ref_rejected, step0_tolerance)
                 # the policy's token counts are the cache's: the same pair, the same tokens
-                out = compute_loss(loss, PairLogps.of(policy_logps, ref_chosen, ref_rejected))
+                out = compute_loss(loss, PairLogps.of(policy_logps, ref_chosen, ref_rejected, ref_shared))
                 # Sum over pairs / pairs in the global step: accumulation gives the mean of one
                 # big batch. DDP averages gradients over ranks, so each share is scaled back up.
                 (out.losses.sum() * (s.dist.world_size / pairs_in_step)).backward()

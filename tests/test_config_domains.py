@@ -35,7 +35,7 @@ DOMAINS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "train.beta": ("> 0 and finite", ("0", "-0.1", *BAD_FLOATS), ("1e-12", "1000")),
     "train.label_smoothing": ("in [0, 0.5)", ("-0.01", "0.5", "1", *BAD_FLOATS), ("0", "0.49")),
     "train.rpo_alpha": (">= 0 and finite", ("-1", "-1e-9", *BAD_FLOATS), ("0", "1")),
-    "train.ld_alpha": ("in [0, 1]", ("-0.1", "1.5", *BAD_FLOATS), ("1",)),
+    "train.ld_alpha": ("in [0, 1]", ("-0.1", "1.5", *BAD_FLOATS), ("0", "1")),
     "train.f_alpha_divergence_coef": ("in [0, 1]", ("-0.5", "1.01", *BAD_FLOATS), ("0", "1")),
     "train.discopop_tau": ("> 0 and finite", ("0", "-0.05", *BAD_FLOATS), ("1e-6", "10")),
     "train.simpo_gamma": (">= 0 and finite", ("-0.5", *BAD_FLOATS), ("0", "3")),

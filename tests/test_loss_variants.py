@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from lora_dpo.config import load_config
+from lora_dpo.config import dump_config, load_config
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import ConfigError
 from lora_dpo.losses import (
@@ -240,6 +240,19 @@ def variants_workdir(demo_workdir):
     return demo_workdir
 
 
+@pytest.fixture(scope="module")
+def ld_cache(variants_workdir):
+    """The same pairs' cache built for LD-DPO: precompute-ref with train.ld_alpha < 1 also stores
+    each response's shared-prefix log-probs."""
+    config = demo_config(variants_workdir)
+    config.data.max_pairs = PAIRS
+    config.precompute.cache_dir = str(variants_workdir / "cache-ld")
+    config.train.ld_alpha = 0.5
+    config.validate()
+    precompute_reference(config)
+    return variants_workdir / "cache-ld"
+
+
 # (settings, the step-1 loss: every pair has z = 0 before the first update, so each loss type
 # starts at its value at z = 0; None where it is not a function of z alone, see the test).
 # β = 0.1 unless set. A few settings differ from the defaults so that 5 to 10 steps suffice:
@@ -266,6 +279,8 @@ VARIANTS = {
     "sigmoid_norm": (dict(loss_type="sigmoid_norm"), math.log(2)),
     "mpo": (dict(loss_type="sigmoid+bco_pair+sft", loss_weights=[0.8, 0.2, 1.0], beta=0.5), None),
     "wpo": (dict(loss_type="sigmoid", use_weighting=True), None),  # ln 2 times each pair's weight
+    # Policy = reference on the shared prefix and the tail alike: z = 0 under LD-DPO's weighting.
+    "ld_dpo": (dict(loss_type="sigmoid", ld_alpha=0.5), math.log(2)),
     "forward_kl": (dict(loss_type="sigmoid", f_divergence_type="forward_kl"), math.log(2)),
     "js_divergence": (dict(loss_type="sigmoid", f_divergence_type="js_divergence"), math.log(2)),
     "alpha_divergence": (dict(loss_type="sigmoid", f_divergence_type="alpha_divergence",
@@ -294,12 +309,14 @@ def variant_config(workdir, tmp_path, settings):
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_variant_trains_the_demo_task(name, variants_workdir, tmp_path, caplog):
+def test_variant_trains_the_demo_task(name, variants_workdir, tmp_path, caplog, request):
     settings, step1_loss = VARIANTS[name]
     config = variant_config(variants_workdir, tmp_path, settings)
     absent = tmp_path / "no-cache"
     if name in REFERENCE_FREE:
         config.precompute.cache_dir = str(absent)
+    if config.train.ld_alpha != 1.0:
+        config.precompute.cache_dir = str(request.getfixturevalue("ld_cache"))
     with caplog.at_level(logging.INFO, logger="lora_dpo.train"):
         result = train(config)
 
@@ -339,3 +356,41 @@ def test_sft_alone_raises_the_chosen_likelihood(variants_workdir, tmp_path):
     assert after.loss < before.loss
     assert after.chosen_logratio > 0
     assert after.reward_accuracy > 0.6
+
+
+def test_ld_dpo_cache_holds_each_responses_shared_prefix(variants_workdir, ld_cache, tiny_tokenizer):
+    """The stored prefix is the first min(|yw|, |yl|) tokens: the shorter response's whole
+    log-prob, strictly more than the longer one's (its tail's log-probs are < 0)."""
+    from lora_dpo.cache import ReferenceCache
+    from lora_dpo.data import load_preference_data
+
+    config = demo_config(variants_workdir)
+    config.data.max_pairs = PAIRS
+    pairs, _ = load_preference_data(config.data, tiny_tokenizer, "train")
+    values = ReferenceCache(ld_cache, shared_prefix=True).aligned(pairs, "train")
+    chosen_shared, rejected_shared = values.shared_prefix
+    longer = values.chosen_tokens > values.rejected_tokens
+    shorter = values.chosen_tokens < values.rejected_tokens
+    assert longer.any() and shorter.any()
+    assert torch.all(chosen_shared[longer] > values.chosen_logps[longer])
+    assert torch.equal(rejected_shared[longer], values.rejected_logps[longer])
+    assert torch.equal(chosen_shared[shorter], values.chosen_logps[shorter])
+    assert torch.all(rejected_shared[shorter] > values.rejected_logps[shorter])
+    assert ReferenceCache(variants_workdir / "cache-variants", shared_prefix=True).shared_prefix[0].isnan().all()
+
+
+def test_ld_dpo_on_a_cache_without_the_statistic_names_the_rebuild(variants_workdir, tmp_path, capsys):
+    """The cache built for the other variants has no shared-prefix values: one line, which
+    command rebuilds it, before any training."""
+    from lora_dpo.cli import main
+
+    config = variant_config(variants_workdir, tmp_path, dict(ld_alpha=0.5))
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(config))
+    assert main(["train", "--config", str(config_file)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {variants_workdir / 'cache-variants'}: {PAIRS} of {PAIRS} train pairs lack "
+                               "the shared-prefix reference log-probs that train.ld_alpha < 1 reads"), lines
+    assert lines[0].endswith("rebuild the cache with precompute-ref --rebuild and this train.ld_alpha"), lines
+    assert not (tmp_path / "run" / "adapter").exists()

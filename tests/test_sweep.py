@@ -116,6 +116,7 @@ def sweep_workdir(demo_workdir):
     config = demo_config(demo_workdir)
     config.data.max_pairs = 32
     config.precompute.cache_dir = str(demo_workdir / "cache-sweep")
+    config.train.ld_alpha = 0.5  # the cache also holds LD-DPO's statistic; other losses skip it
     precompute_reference(config)
     return demo_workdir
 
@@ -194,3 +195,15 @@ def test_a_reference_free_grid_needs_no_cache(sweep_workdir, tmp_path, monkeypat
     assert [row["simpo_gamma"] for row in result.rows] == [0.5, 1.0]
     assert all(row["eval_chosen_logratio"] is None for row in result.rows)
     assert result.table_md.read_text().splitlines()[2].endswith("| n/a |")
+
+
+def test_an_ld_alpha_axis_reads_the_shared_prefix_from_the_same_cache(sweep_workdir, tmp_path, monkeypatch):
+    import lora_dpo.sweep as sweep
+
+    reference_runs, model_loads = count_model_work(monkeypatch)
+    result = sweep.run_sweep(sweep_config(sweep_workdir, tmp_path), sweep_axes(["train.ld_alpha=1,0.5,0"]))
+    assert reference_runs == [] and len(model_loads) == 1
+    assert [row["ld_alpha"] for row in result.rows] == [1.0, 0.5, 0.0]
+    for name in ("ld_alpha-1", "ld_alpha-0.5", "ld_alpha-0"):  # z = 0 at step 1 under every weighting
+        first = json.loads((tmp_path / "sweep" / name / "metrics.jsonl").read_text().splitlines()[1])
+        assert first["loss"] == pytest.approx(0.6931472, abs=1e-5), name
