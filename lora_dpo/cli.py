@@ -137,9 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = verbs.add_parser(
         "sweep",
-        help="one training run per beta on one reference cache, with a summary table and plot",
+        help="one training run per point of a grid of train.* settings on one reference cache, with a table and plot",
     )
-    sweep.add_argument("--betas", required=True, help="comma-separated betas, e.g. 0.01,0.05,0.1,0.5")
+    sweep.add_argument(
+        "--set", action="append", default=[], metavar="train.KEY=V1,V2",
+        help="an axis of the grid (repeatable, none by default; the grid is every combination), e.g. train.loss_type=sigmoid,ipo",
+    )
+    sweep.add_argument("--betas", help="comma-separated betas, shorthand for --set train.beta=..., e.g. 0.01,0.05,0.1,0.5")
     _add_config_args(sweep)
 
     cache = verbs.add_parser(
@@ -365,9 +369,9 @@ def _run_stage(args: argparse.Namespace, config: Any) -> int:
 
         train(config, resume=bool(args.resume))
     elif args.verb == "sweep":
-        from lora_dpo.sweep import parse_betas, run_sweep
+        from lora_dpo.sweep import run_sweep, sweep_axes
 
-        run_sweep(config, parse_betas(args.betas))
+        run_sweep(config, sweep_axes(args.set, args.betas))
     elif args.verb == "generate":
         from lora_dpo.generate import cli_settings, generate_run
         from lora_dpo.samples import samples_markdown

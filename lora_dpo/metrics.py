@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lora_dpo.distributed import all_reduce_
-from lora_dpo.loss import DPOOutput
+from lora_dpo.losses import DPOOutput
 from lora_dpo.logps import SequenceLogps
 
 # TRL's names, so dashboards and habits carry over. The rewards are β·(summed log-ratio) for

@@ -320,10 +320,16 @@ def check_repetition(samples: Sequence[Sample]) -> Check:
     return Check(name, detail)
 
 
-def health_checks(train: Sequence[dict[str, float]], beta: float) -> list[Check]:
+def health_checks(train: Sequence[dict[str, float]], beta: float, reference_free: bool = False) -> list[Check]:
+    """`reference_free`: the objective (simpo, orpo, cpo) logs its own rewards, not log-ratios
+    against a reference, so the two checks that read them as nats of drift do not apply."""
+    if reference_free:
+        unjudged = "not judged: a reference-free objective's rewards are not log-ratios against a reference"
+        reference_checks = [Check("chosen log-probs vs margins", unjudged), Check("drift from the reference", unjudged)]
+    else:
+        reference_checks = [check_chosen_falling(train, beta), check_drift(train, beta)]
     return [
-        check_chosen_falling(train, beta),
-        check_drift(train, beta),
+        *reference_checks,
         check_accuracy_stuck(train),
         check_finite(train),
     ]
@@ -517,8 +523,13 @@ def _cache_lines(config: dict[str, Any]) -> list[str]:
     from lora_dpo.cache import MANIFEST, Manifest, manifest_rows
     from lora_dpo.errors import CacheError
 
+    from lora_dpo.losses import REFERENCE_FREE_LOSS_TYPES
+
     cache_dir = (config.get("precompute") or {}).get("cache_dir")
     lines = ["## Reference cache", ""]
+    loss_type = (config.get("train") or {}).get("loss_type")
+    if loss_type in REFERENCE_FREE_LOSS_TYPES:
+        return lines + [f"None read: train.loss_type={loss_type} is reference-free.", ""]
     if not cache_dir:
         return lines + ["No precompute.cache_dir in config.yaml.", ""]
     if not (Path(cache_dir) / MANIFEST).is_file():
@@ -604,9 +615,11 @@ def write_report(run_dir: str | Path) -> ReportResult:
     config = _read_yaml(run_dir / "config.yaml")
     train_cfg = config.get("train") or {}
     beta = float(train_cfg.get("beta", DEFAULT_BETA))
+    from lora_dpo.losses import REFERENCE_FREE_LOSS_TYPES
+
     samples_path = RunDirectory(run_dir).samples_jsonl
     samples = latest(read_samples(samples_path)) if samples_path.is_file() else []
-    checks = health_checks(records.train, beta)
+    checks = health_checks(records.train, beta, train_cfg.get("loss_type") in REFERENCE_FREE_LOSS_TYPES)
     if samples:
         checks += [check_generated_length(samples), check_repetition(samples)]
     warnings = [c.warning for c in checks if c.warning]

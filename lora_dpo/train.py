@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -45,7 +45,7 @@ from lora_dpo.generate import HeldOut
 from lora_dpo.judge import WinRateJudge, load_reward_model
 from lora_dpo.loggers import check_backends, open_logger
 from lora_dpo.logps import SequenceLogps, sequence_logps
-from lora_dpo.loss import LossSettings, preference_loss
+from lora_dpo.losses import LossSettings, PairLogps, compute_loss
 from lora_dpo.metrics import WindowMeter, console_line
 from lora_dpo.model import attach_lora, default_device, load_base_model, load_tokenizer, resolve_model_dir
 from lora_dpo.offload import offload_saved_tensors
@@ -83,15 +83,25 @@ class RunInputs:
     pairs: list[TokenizedPair]
     eval_pairs: list[TokenizedPair]
     data_report: DataReport
-    cache: ReferenceCache
-    reference: ReferenceValues  # aligned with `pairs`
-    eval_reference: ReferenceValues  # aligned with `eval_pairs`
+    # None for a reference-free objective (simpo, orpo, cpo): no cache is read
+    cache: ReferenceCache | None
+    reference: ReferenceValues | None  # aligned with `pairs`
+    eval_reference: ReferenceValues | None  # aligned with `eval_pairs`
     base: torch.nn.Module  # the frozen (4-bit) base, without adapters
     device: torch.device
 
 
-def load_run_inputs(config: Config) -> RunInputs:
-    """Data, the checked reference cache, then the base model."""
+def load_run_inputs(config: Config, objectives: Sequence[LossSettings] = ()) -> RunInputs:
+    """Data, the checked reference cache, then the base model. The cache is read as the
+    objectives need it (default: the config's; a sweep names all of its runs'): not at all when
+    none reads a reference, with the shared-prefix log-probs when one is LD-DPO."""
+    objectives = objectives or [LossSettings.of(config.train)]
+    with_reference = not all(objective.reference_free for objective in objectives)
+    if not with_reference:
+        log.info(
+            "train.loss_type=%s is reference-free: no reference cache is read (precompute.cache_dir is ignored)",
+            config.train.loss_type,
+        )
     device = default_device()
     optimizer_name(config.train, device)  # an impossible optimizer costs nothing to find out
     precision = policy_precision(config, device)
@@ -107,8 +117,13 @@ def load_run_inputs(config: Config) -> RunInputs:
 
     # A hub model not downloaded yet has no weights to fingerprint before it is loaded.
     base = None if resolve_model_dir(config.model) else load_base()
-    cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
-    reference, eval_reference = cache.aligned(pairs, "train"), cache.aligned(eval_pairs, "eval")
+    cache = reference = eval_reference = None
+    if with_reference:
+        cache = open_checked_cache(
+            config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch,
+            shared_prefix=any(objective.needs_shared_prefix for objective in objectives),
+        )
+        reference, eval_reference = cache.aligned(pairs, "train"), cache.aligned(eval_pairs, "eval")
     base = base or load_base()
     return RunInputs(tokenizer, pairs, eval_pairs, report, cache, reference, eval_reference, base, device)
 
@@ -149,6 +164,17 @@ class TrainState:
     @property
     def device(self) -> torch.device:
         return self.inputs.device
+
+    @property
+    def loss(self) -> LossSettings:
+        return LossSettings.of(self.cfg)
+
+    def references(self) -> tuple[ReferenceValues | None, ReferenceValues | None]:
+        """(train, eval) reference values this run's objective reads: none for a reference-free
+        one, even where the inputs hold some (a sweep of several objectives)."""
+        if self.loss.reference_free:
+            return None, None
+        return self.inputs.reference, self.inputs.eval_reference
 
 
 def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = False) -> TrainResult:
@@ -192,7 +218,8 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
     )
     if run.resume_from is not None:
         resume_from(state, run.resume_from)
-    elif not cfg.accept_cache_mismatch:
+    elif not cfg.accept_cache_mismatch and state.references()[0] is not None:
+        assert inputs.cache is not None  # reference values come from it
         state.step0_tolerance = step0_tolerance_for(inputs.cache.manifest)
     if generates:
         conversational = inputs.data_report.format == "conversational"
@@ -277,6 +304,7 @@ class TrainLoop:
         """One optimizer step over this rank's micro-batches; skipped on the device if not finite."""
         s, cfg = self.state, self.state.cfg
         s.meter.begin_step()
+        loss, reference = s.loss, s.references()[0]
         finite = torch.ones((), dtype=torch.bool, device=s.device)
         rows: list[int] = []
         for number, indices in enumerate(micro_batches):
@@ -284,20 +312,22 @@ class TrainLoop:
             tokens = batch.sequence_tokens  # counted on the CPU: no device sync
             rows += batch.source_indices
             batch = batch.to(s.device)
-            ref_chosen, ref_rejected = (t.to(s.device) for t in s.inputs.reference.logps(indices))
+            ref_chosen = ref_rejected = ref_shared = None
+            if reference is not None:
+                ref_chosen, ref_rejected = (t.to(s.device) for t in reference.logps(indices))
+                if loss.needs_shared_prefix:
+                    shared_chosen, shared_rejected = reference.shared_logps(indices)
+                    ref_shared = (shared_chosen.to(s.device), shared_rejected.to(s.device))
             # Under DDP, gradients are all-reduced once per step: on its last micro-batch.
             last = number == len(micro_batches) - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 with offload_saved_tensors(cfg.offload_activations):  # layer inputs wait on the host
                     policy_logps = self.logps(batch)  # chosen and rejected in one forward
                 if step0_tolerance is not None and number == 0:
+                    assert ref_chosen is not None and ref_rejected is not None  # set only with a reference
                     check_step0_agreement(policy_logps, ref_chosen, ref_rejected, step0_tolerance)
-                out = preference_loss(
-                    policy_logps.chosen, policy_logps.rejected, ref_chosen, ref_rejected, cfg.beta,
-                    loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, rpo_alpha=cfg.rpo_alpha,
-                    # the policy's counts are the cache's: the same pair, the same tokens
-                    chosen_tokens=policy_logps.chosen_tokens, rejected_tokens=policy_logps.rejected_tokens,
-                )
+                # the policy's token counts are the cache's: the same pair, the same tokens
+                out = compute_loss(loss, PairLogps.of(policy_logps, ref_chosen, ref_rejected, ref_shared))
                 # Sum over pairs / pairs in the global step: accumulation gives the mean of one
                 # big batch. DDP averages gradients over ranks, so each share is scaled back up.
                 (out.losses.sum() * (s.dist.world_size / pairs_in_step)).backward()
@@ -315,7 +345,8 @@ class TrainLoop:
 
     def logps(self, batch: Any) -> SequenceLogps:
         if self.ddp is None:
-            return sequence_logps(self.state.policy, batch, self.state.cfg.logits_chunk_size)
+            s = self.state
+            return sequence_logps(s.policy, batch, s.cfg.logits_chunk_size, **s.loss.statistics)
         return SequenceLogps(*self.ddp(batch))
 
     def log_window(self, lr: float, progress: Any) -> None:
@@ -335,7 +366,7 @@ class TrainLoop:
         metrics = None
         if s.inputs.eval_pairs and s.dist.is_main:
             metrics = evaluate(
-                s.policy, s.inputs.eval_pairs, s.inputs.eval_reference, LossSettings.of(s.cfg), s.pad_id,
+                s.policy, s.inputs.eval_pairs, s.references()[1], s.loss, s.pad_id,
                 s.config.precompute.batch_size, s.device, s.layout, s.config.precompute.max_tokens_per_batch,
             )
             if s.judge is not None:
@@ -395,7 +426,7 @@ class TrainLoop:
 
 def ddp_module(state: TrainState) -> DistributedDataParallel:
     """The policy's log-prob function under DDP, which all-reduces the LoRA gradients only."""
-    module = PairLogpsModule(state.policy, state.cfg.logits_chunk_size)
+    module = PairLogpsModule(state.policy, state.cfg.logits_chunk_size, state.loss.statistics)
     frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
     frozen += [n for n, _ in module.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
@@ -408,14 +439,15 @@ def ddp_module(state: TrainState) -> DistributedDataParallel:
 class PairLogpsModule(torch.nn.Module):
     """The policy with the log-prob function as its forward: the module DDP wraps."""
 
-    def __init__(self, policy: torch.nn.Module, chunk_size: int):
+    def __init__(self, policy: torch.nn.Module, chunk_size: int, statistics: dict[str, bool]):
         super().__init__()
         self.policy = policy
         self.chunk_size = chunk_size
+        self.statistics = statistics  # sequence_logps's optional statistics the loss reads
 
-    def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        out = sequence_logps(self.policy, batch, self.chunk_size)
-        return out.logps, out.tokens
+    def forward(self, batch: Any) -> tuple[torch.Tensor | None, ...]:
+        out = sequence_logps(self.policy, batch, self.chunk_size, **self.statistics)
+        return out.logps, out.tokens, out.shared_logps, out.log_sum_sq_probs
 
 
 def rank_state(meter: WindowMeter) -> dict[str, Any]:

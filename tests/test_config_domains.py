@@ -35,6 +35,11 @@ DOMAINS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "train.beta": ("> 0 and finite", ("0", "-0.1", *BAD_FLOATS), ("1e-12", "1000")),
     "train.label_smoothing": ("in [0, 0.5)", ("-0.01", "0.5", "1", *BAD_FLOATS), ("0", "0.49")),
     "train.rpo_alpha": (">= 0 and finite", ("-1", "-1e-9", *BAD_FLOATS), ("0", "1")),
+    "train.ld_alpha": ("in [0, 1]", ("-0.1", "1.5", *BAD_FLOATS), ("0", "1")),
+    "train.f_alpha_divergence_coef": ("in [0, 1]", ("-0.5", "1.01", *BAD_FLOATS), ("0", "1")),
+    "train.discopop_tau": ("> 0 and finite", ("0", "-0.05", *BAD_FLOATS), ("1e-6", "10")),
+    "train.simpo_gamma": (">= 0 and finite", ("-0.5", *BAD_FLOATS), ("0", "3")),
+    "train.cpo_alpha": (">= 0 and finite", ("-1", *BAD_FLOATS), ("0", "2")),
     "train.learning_rate": ("> 0 and finite", ("0", "-5e-5", *BAD_FLOATS), ("1e-10", "1")),
     "train.per_device_batch_size": ("> 0", ("0", "-1"), ("1",)),
     "train.gradient_accumulation_steps": ("> 0", ("0", "-4"), ("1",)),
@@ -58,7 +63,14 @@ DOMAINS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "train.seed": ("in [0, 4294967295]", ("-1", "4294967296"), ("0", "4294967295")),
 }
 # An edge value that only makes sense with another key moved out of its way.
-COMPANIONS = {"data.max_length": ["data.max_prompt_length=1"], "train.label_smoothing": ["train.loss_type=robust"]}
+COMPANIONS = {
+    "data.max_length": ["data.max_prompt_length=1"],
+    "train.label_smoothing": ["train.loss_type=robust"],
+    "train.f_alpha_divergence_coef": ["train.f_divergence_type=alpha_divergence"],
+    "train.discopop_tau": ["train.loss_type=discopop"],
+    "train.simpo_gamma": ["train.loss_type=simpo"],
+    "train.cpo_alpha": ["train.loss_type=cpo"],
+}
 
 
 def numeric_keys() -> set[str]:

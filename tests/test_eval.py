@@ -14,7 +14,7 @@ from lora_dpo.data import load_preference_data
 from lora_dpo.demo import demo_config
 from lora_dpo.evaluate import evaluate, evaluate_run
 from lora_dpo.logps import sequence_logps
-from lora_dpo.loss import LossSettings
+from lora_dpo.losses import LossSettings
 from lora_dpo.metrics import PAIR_METRICS
 from lora_dpo.model import attach_lora, load_base_model, load_tokenizer
 from precompute import precompute_reference

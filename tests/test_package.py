@@ -28,7 +28,7 @@ def test_every_public_name_resolves_to_its_home():
     from lora_dpo.cache import ReferenceCache
     from lora_dpo.config import Config, load_config
     from lora_dpo.logps import sequence_logps
-    from lora_dpo.loss import preference_loss
+    from lora_dpo.losses import preference_loss
     from precompute import precompute_reference
 
     homes = {

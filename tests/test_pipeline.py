@@ -19,7 +19,7 @@ from lora_dpo.data import load_preference_data
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import CacheError
 from lora_dpo.logps import sequence_logps
-from lora_dpo.loss import dpo_loss
+from lora_dpo.losses import dpo_loss
 from lora_dpo.model import attach_lora, load_base_model, load_tokenizer
 from lora_dpo.train import train
 from precompute import precompute_reference

@@ -217,17 +217,17 @@ def test_chosen_falling_fires_on_a_real_ipo_run(shared_opening_workdir, tmp_path
     per token (β·Δ/|y|, how IPO rewards were logged before every loss type logged summed ones)
     stay far from -1 nat, so the same check on them stays silent."""
     per_token, summed = [], []  # per logged step (one micro-batch each): means over its pairs
-    real_loss = train_module.preference_loss
+    real_loss = train_module.compute_loss
 
-    def recording_loss(*args, **kwargs):
-        out = real_loss(*args, **kwargs)
-        chosen_tokens, rejected_tokens = kwargs["chosen_tokens"].clamp(min=1), kwargs["rejected_tokens"].clamp(min=1)
+    def recording_loss(settings, batch):
+        out = real_loss(settings, batch)
+        chosen_tokens, rejected_tokens = batch.chosen_tokens.clamp(min=1), batch.rejected_tokens.clamp(min=1)
         per_token.append(((out.chosen_rewards / chosen_tokens).double().mean().item(),
                           (out.rejected_rewards / rejected_tokens).double().mean().item()))
         summed.append(out.chosen_rewards.double().mean().item())
         return out
 
-    monkeypatch.setattr(train_module, "preference_loss", recording_loss)
+    monkeypatch.setattr(train_module, "compute_loss", recording_loss)
     result = train(shared_opening_config(*shared_opening_workdir, tmp_path / "run", "ipo"))
     records = read_metrics(result.output_dir / "metrics.jsonl").train
     assert [r["rewards/chosen"] for r in records] == pytest.approx(summed, rel=1e-9)  # step k = call k

@@ -120,7 +120,8 @@ ROWS = [
     ("generate --adapter {adapter} --config {config} data.eval_path={missing}", "{missing}"),
     ("generate --adapter {adapter} --config {binary}", "{binary}"),
     # sweep
-    ("sweep", "the following arguments are required: --betas (see lora-dpo sweep --help)"),
+    ("sweep", "sweep: nothing to vary; give --set train.KEY=V1,V2 (or --betas)"),
+    ("sweep --set train.beta=0.1,x --config {config}", "sweep point train.beta=x: train.beta: expected float, got str 'x'"),
     ("sweep --betas a,b", "--betas 'a,b'"),
     ("sweep --betas 0.1 --config {config} precompute.cache_dir={missing}", "{missing}: no manifest.json"),
     ("sweep --betas 0.1 --config {list}", "expected a mapping of sections"),

@@ -27,9 +27,10 @@ from lora_dpo.cache.entries import ReferenceRun, ShardEntry
 from lora_dpo.cache.format import (
     CONFIG,
     FORMAT_VERSION,
-    SHARD_KEYS,
+    SHARED_PREFIX_FIELDS,
     ShardRecords,
     read_shard,
+    shard_fields,
     shard_header,
     shard_metadata,
     shard_name,
@@ -52,6 +53,7 @@ from lora_dpo.data import TokenizedPair, load_preference_data
 from lora_dpo.distributed import barrier, dist_info
 from lora_dpo.errors import CacheError
 from lora_dpo.fileio import sha256_file, write_text
+from lora_dpo.losses import LossSettings
 from lora_dpo.model import default_device, load_base_model, load_tokenizer, resolve_model_dir
 from lora_dpo.packing import Layout, choose_layout
 from lora_dpo.scoring import score_pairs
@@ -112,7 +114,10 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
         if not info.is_main:
             return cache_dir
         shards = tuple(
-            ShardEntry(spec.file, spec.split, len(spec.indices), sha256_file(shard_path(cache_dir, spec.file)), SHARD_KEYS)
+            ShardEntry(
+                spec.file, spec.split, len(spec.indices), sha256_file(shard_path(cache_dir, spec.file)),
+                shard_fields(shard_path(cache_dir, spec.file)),
+            )
             for spec in plan
         )
         added = sum(entry.pairs for entry in shards)
@@ -177,6 +182,8 @@ def write_planned_shards(
     pad_id: int,
     show_progress: bool,
 ) -> None:
+    # LD-DPO's statistic, for a config that will read it (an extra field other readers skip)
+    shared_prefix = LossSettings.of(config.train).needs_shared_prefix
     quiet = {} if show_progress else {"disable": True}  # one bar per job, not per rank
     progress = tqdm(total=sum(len(spec.indices) for spec in specs), desc="reference log-probs", unit="pair", **quiet)
     for spec in specs:
@@ -190,7 +197,7 @@ def write_planned_shards(
         model, layout = reference_model
         scores = score_pairs(
             model, shard_pairs, batch_size=config.precompute.batch_size, pad_id=pad_id, device=device, progress=progress,
-            layout=layout.name, max_tokens=config.precompute.max_tokens_per_batch,
+            layout=layout.name, max_tokens=config.precompute.max_tokens_per_batch, shared_prefix=shared_prefix,
         )
         records = ShardRecords(
             pair_hashes=[p.pair_hash for p in shard_pairs],
@@ -200,6 +207,8 @@ def write_planned_shards(
             rejected_tokens=scores.rejected_tokens,
             source_indices=torch.tensor([p.source_index for p in shard_pairs], dtype=torch.long),
         )
+        if scores.shared_logps is not None:  # [2n], chosen first
+            records.extras = dict(zip(SHARED_PREFIX_FIELDS, scores.shared_logps.chunk(2), strict=True))
         write_shard(path, records, shard_header(spec.split, stamp))
     progress.close()
 

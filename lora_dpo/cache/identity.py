@@ -97,11 +97,12 @@ def reference_differences(
 
 
 def open_checked_cache(
-    config: Config, tokenizer: Any, precision: Precision, *, accept_mismatch: bool = False
+    config: Config, tokenizer: Any, precision: Precision, *, accept_mismatch: bool = False, shared_prefix: bool = False
 ) -> ReferenceCache:
     """The reference cache, refused when it was built for another model, tokenizer, tokenization
-    or (for a `policy` reference) precision; with `accept_mismatch` the differences are logged."""
-    cache = ReferenceCache(config.precompute.cache_dir)
+    or (for a `policy` reference) precision; with `accept_mismatch` the differences are logged.
+    `shared_prefix`: also the shared-prefix log-probs (LD-DPO), see ReferenceCache."""
+    cache = ReferenceCache(config.precompute.cache_dir, shared_prefix=shared_prefix)
     manifest = cache.manifest
     differences = identity_differences(manifest.identity.to_dict(), reference_identity(config, tokenizer).to_dict())
     reference = manifest.reference
