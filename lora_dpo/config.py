@@ -207,10 +207,19 @@ class TrainConfig:
 COSMETIC_KEYS = frozenset(
     f"train.{name}"
     for name in (
-        "output_dir", "overwrite_output_dir", "logging_steps", "report_to", "eval_steps",
-        "save_steps", "save_total_limit", "max_consecutive_skips",
+        "output_dir",
+        "overwrite_output_dir",
+        "logging_steps",
+        "report_to",
+        "eval_steps",
+        "save_steps",
+        "save_total_limit",
+        "max_consecutive_skips",
         # greedy generation draws no random numbers: what training computes is unchanged
-        "generate_every", "generate_prompts", "generate_max_new_tokens", "reward_model",
+        "generate_every",
+        "generate_prompts",
+        "generate_max_new_tokens",
+        "reward_model",
     )
 )
 
@@ -336,11 +345,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
-        raise ConfigError(
-            f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}"
-        )
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
     if annotation is int and not -_INT64 <= value < _INT64:  # torch and numpy take int64 at most
-        raise ConfigError(f"{key}: a {len(str(abs(value)))}-digit number is too large (64-bit integers at most)")
+        raise ConfigError(
+            f"{key}: a {len(str(abs(value)))}-digit number is too large (64-bit integers at most)"
+        )
     return value
 
 
@@ -348,7 +357,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 # their meaning.
 RENAMED_KEYS = {
     "train.prefix_sharing": lambda on: (
-        "train.layout", "prompt_shared" if _coerce("train.prefix_sharing", on, bool) else "padded"
+        "train.layout",
+        "prompt_shared" if _coerce("train.prefix_sharing", on, bool) else "padded",
     ),
 }
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -15,13 +16,13 @@ from tqdm.auto import tqdm
 from lora_dpo.batching import length_sorted_batches, pad_id_of
 from lora_dpo.cache import ReferenceValues
 from lora_dpo.config import Config
-from lora_dpo.errors import ConfigError
 from lora_dpo.data import TokenizedPair, load_preference_data
+from lora_dpo.errors import ConfigError
 from lora_dpo.logps import SequenceLogps
-from lora_dpo.scoring import score_pairs
 from lora_dpo.losses import LossSettings, PairLogps, compute_loss
 from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
 from lora_dpo.packing import choose_layout
+from lora_dpo.scoring import score_pairs
 
 if TYPE_CHECKING:
     from lora_dpo.judge import WinRate
@@ -97,8 +98,14 @@ def evaluate(
     order = [i for batch in length_sorted_batches(pairs, batch_size) for i in batch]  # little padding
     progress = tqdm(total=len(order), desc="eval", unit="pair", leave=False)
     scores = score_pairs(
-        model, [pairs[i] for i in order], batch_size=batch_size, pad_id=pad_id, device=device, progress=progress,
-        layout=layout, max_tokens=max_tokens,
+        model,
+        [pairs[i] for i in order],
+        batch_size=batch_size,
+        pad_id=pad_id,
+        device=device,
+        progress=progress,
+        layout=layout,
+        max_tokens=max_tokens,
         **loss.statistics,
     )
     progress.close()
@@ -117,7 +124,9 @@ def evaluate(
     return EvalMetrics(
         pair_means=dict(zip(PAIR_METRICS, pair_metrics(out, policy).mean(dim=1).tolist())),
         preference_accuracy=tie_aware_accuracy(mean_chosen - mean_rejected).mean().item(),
-        chosen_logratio=None if ref_chosen is None else (policy.chosen.double() - ref_chosen.double()).mean().item(),
+        chosen_logratio=None
+        if ref_chosen is None
+        else (policy.chosen.double() - ref_chosen.double()).mean().item(),
         pairs=len(pairs),
     )
 
@@ -155,7 +164,10 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
     reference = None  # a reference-free objective reads no cache
     if not loss.reference_free:
         cache = open_checked_cache(
-            config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch,
+            config,
+            tokenizer,
+            precision,
+            accept_mismatch=config.train.accept_cache_mismatch,
             shared_prefix=loss.needs_shared_prefix,
         )
         reference = cache.aligned(pairs, "eval")

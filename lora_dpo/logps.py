@@ -103,7 +103,12 @@ def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, LogitHead]
     """
     base = base_model(model)
     config = base.config.get_text_config()
-    for attribute in ("output_multiplier_scale", "logits_scaling", "mup_width_multiplier", "lm_head_multiplier"):
+    for attribute in (
+        "output_multiplier_scale",
+        "logits_scaling",
+        "mup_width_multiplier",
+        "lm_head_multiplier",
+    ):
         if getattr(config, attribute, None) not in (None, 1, 1.0):
             raise NotImplementedError(
                 f"{type(base).__name__} rescales its logits ({attribute}); not supported yet"
@@ -139,17 +144,22 @@ def sequence_logps(
     if isinstance(batch, PackedPairBatch):
         inputs = packed_decoder_inputs(model, batch)
     else:
-        assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape, "batch shapes differ"
+        assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape, (
+            "batch shapes differ"
+        )
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     hidden = decoder(**inputs, use_cache=False).last_hidden_state  # [R, T, H]
     predictors, targets, sequence_of = batch.response_tokens()  # [N] each
     response_hidden = hidden.reshape(-1, hidden.shape[-1])[predictors]  # [N, H]
-    token_sq = torch.empty(len(targets), dtype=torch.float32, device=hidden.device) if log_sum_sq_probs else None
+    token_sq = (
+        torch.empty(len(targets), dtype=torch.float32, device=hidden.device) if log_sum_sq_probs else None
+    )
     token_logps = response_token_logps(head, response_hidden, targets, chunk_size, token_sq)  # [N] fp32
     sequences = 2 * batch.num_pairs
     zeros = torch.zeros(sequences, dtype=torch.float32, device=hidden.device)
     out = SequenceLogps(
-        logps=zeros.index_add(0, sequence_of, token_logps), tokens=torch.bincount(sequence_of, minlength=sequences)
+        logps=zeros.index_add(0, sequence_of, token_logps),
+        tokens=torch.bincount(sequence_of, minlength=sequences),
     )
     if shared_prefix:
         out.shared_logps = prefix_sums(token_logps, sequence_of, shared_lengths(out.tokens))
@@ -172,7 +182,9 @@ def prefix_sums(values: torch.Tensor, sequence_of: torch.Tensor, lengths: torch.
     counts = torch.bincount(sequence_of, minlength=len(lengths))  # [S]
     starts = torch.cumsum(counts, 0) - counts  # [S] where each sequence's group begins
     position = torch.empty_like(sequence_of)
-    position[order] = torch.arange(len(sequence_of), device=sequence_of.device) - starts[sequence_of[order]]  # [N]
+    position[order] = (
+        torch.arange(len(sequence_of), device=sequence_of.device) - starts[sequence_of[order]]
+    )  # [N]
     kept = position < lengths[sequence_of]  # [N]; position 0 is a sequence's first token
     sums = torch.zeros(len(lengths), dtype=values.dtype, device=values.device)
     return sums.index_add(0, sequence_of, values * kept)
@@ -195,7 +207,9 @@ def response_token_logps(
     if head.frozen_linear:
         # (forward runs with grad mode off, so whether a gradient is wanted is decided here)
         wants_grad = torch.is_grad_enabled() and hidden.requires_grad
-        logps, log_sum_sq = _FrozenHeadLogps.apply(hidden, targets, head, chunk_size, wants_grad, log_sum_sq_out is not None)
+        logps, log_sum_sq = _FrozenHeadLogps.apply(
+            hidden, targets, head, chunk_size, wants_grad, log_sum_sq_out is not None
+        )
         if log_sum_sq_out is not None:
             log_sum_sq_out.copy_(log_sum_sq)
         return logps
@@ -215,7 +229,9 @@ def response_token_logps(
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _chunk_logps(head: LogitHead, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_logps(
+    head: LogitHead, hidden: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     logps, exps, totals = _log_softmax_at(head(hidden), targets, inplace=False)
     return logps, _log_sum_sq(exps, totals)  # [C], [C]
 
@@ -254,7 +270,12 @@ class _FrozenHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, head: LogitHead, chunk_size: int, wants_grad: bool,
+        ctx: Any,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        head: LogitHead,
+        chunk_size: int,
+        wants_grad: bool,
         wants_log_sum_sq: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         linear = head.module
@@ -262,7 +283,9 @@ class _FrozenHeadLogps(torch.autograd.Function):
         weight, bias = linear.weight, linear.bias  # [V, H], [V] or None
         logps = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)  # [N]
         # [N] log Σ_v p_v² when asked for (WPO), else empty; never differentiated
-        log_sum_sq = torch.empty(len(hidden) if wants_log_sum_sq else 0, dtype=torch.float32, device=hidden.device)
+        log_sum_sq = torch.empty(
+            len(hidden) if wants_log_sum_sq else 0, dtype=torch.float32, device=hidden.device
+        )
         ctx.mark_non_differentiable(log_sum_sq)
         grads = torch.empty_like(hidden) if wants_grad else None  # [N, H]
         for start in range(0, len(hidden), chunk_size):
@@ -285,7 +308,9 @@ class _FrozenHeadLogps(torch.autograd.Function):
                 continue
             # In place, exps becomes d log p[y] / d z: onehot - p, through the cap and the scale.
             grad_logits = exps.div_(totals.unsqueeze(-1)).neg_()
-            grad_logits.scatter_add_(-1, t.unsqueeze(-1), torch.ones_like(t, dtype=grad_logits.dtype).unsqueeze(-1))
+            grad_logits.scatter_add_(
+                -1, t.unsqueeze(-1), torch.ones_like(t, dtype=grad_logits.dtype).unsqueeze(-1)
+            )
             if tanh is not None:
                 grad_logits.mul_(tanh.square_().neg_().add_(1.0))
             if head.scale is not None:
@@ -299,7 +324,9 @@ class _FrozenHeadLogps(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_logps: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # [N]
+    def backward(
+        ctx: Any, grad_logps: torch.Tensor, _: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:  # [N]
         (grads,) = ctx.saved_tensors
         grad_hidden = (grads * grad_logps.unsqueeze(-1)).to(grads.dtype)  # [N, H]
         return grad_hidden, None, None, None, None, None

@@ -28,7 +28,7 @@ def default_device() -> torch.device:
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto": bf16 on CUDA (tensor cores), fp32 on the CPU (bf16 matmuls are slow there)."""
+    """ "auto": bf16 on CUDA (tensor cores), fp32 on the CPU (bf16 matmuls are slow there)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
@@ -65,7 +65,11 @@ def load_base_model(
             device_map={"": str(device)},
             trust_remote_code=cfg.trust_remote_code,
         )
-    except (OSError, ValueError, pickle.UnpicklingError) as exc:  # not found, no network, untrusted code or pickle
+    except (
+        OSError,
+        ValueError,
+        pickle.UnpicklingError,
+    ) as exc:  # not found, no network, untrusted code or pickle
         raise ConfigError(_load_failure(path, "the model", exc)) from None
     disable_cpu_weight_repack(model)
     model.requires_grad_(False)
@@ -175,7 +179,9 @@ def load_adapter(model: PreTrainedModel, adapter: str | Path | Adapter, *, train
         return PeftModel.from_pretrained(model, str(adapter.directory), is_trainable=trainable)
     except (ValueError, RuntimeError, KeyError) as exc:  # what the checks above cannot foresee
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"{adapter.directory}: peft cannot load it onto {model.name_or_path!r}: {first[:300]}") from None
+        raise ConfigError(
+            f"{adapter.directory}: peft cannot load it onto {model.name_or_path!r}: {first[:300]}"
+        ) from None
 
 
 def resolve_model_dir(cfg: ModelConfig) -> Path | None:

@@ -46,9 +46,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -138,7 +139,9 @@ def read_metrics(path: Path) -> RunRecords:
                 session_ends.append(record["elapsed_s"])
     if notes and not train and not evals:
         first = notes[0].removeprefix(f"{path.name} ").rsplit("; ", 1)[0]
-        raise LoraDpoError(f"{path}: no readable metrics record in {len(notes)} damaged line(s); the first: {first}")
+        raise LoraDpoError(
+            f"{path}: no readable metrics record in {len(notes)} damaged line(s); the first: {first}"
+        )
     train.sort(key=lambda r: r["step"])
     evals.sort(key=lambda r: r["step"])
     wall = sum(session_ends) if session_ends else None
@@ -320,12 +323,17 @@ def check_repetition(samples: Sequence[Sample]) -> Check:
     return Check(name, detail)
 
 
-def health_checks(train: Sequence[dict[str, float]], beta: float, reference_free: bool = False) -> list[Check]:
+def health_checks(
+    train: Sequence[dict[str, float]], beta: float, reference_free: bool = False
+) -> list[Check]:
     """`reference_free`: the objective (simpo, orpo, cpo) logs its own rewards, not log-ratios
     against a reference, so the two checks that read them as nats of drift do not apply."""
     if reference_free:
         unjudged = "not judged: a reference-free objective's rewards are not log-ratios against a reference"
-        reference_checks = [Check("chosen log-probs vs margins", unjudged), Check("drift from the reference", unjudged)]
+        reference_checks = [
+            Check("chosen log-probs vs margins", unjudged),
+            Check("drift from the reference", unjudged),
+        ]
     else:
         reference_checks = [check_chosen_falling(train, beta), check_drift(train, beta)]
     return [
@@ -465,13 +473,22 @@ def _summary_lines(records: RunRecords, run_dir: Path) -> list[str]:
     if "train_loop_s" in totals:
         rows.append(("time in optimizer steps", f"{totals['train_loop_s']:.1f} s"))
     if "tokens_per_s" in totals:
-        rows.append(("throughput", f"{totals['tokens_per_s']:,.0f} tokens/s (prompt + both responses, no padding)"))
+        rows.append(
+            ("throughput", f"{totals['tokens_per_s']:,.0f} tokens/s (prompt + both responses, no padding)")
+        )
     if "peak_memory_mb" in totals:
-        rows.append(("peak memory", f"{totals['peak_memory_mb']:,.0f} MB (CUDA: max allocated; CPU: process peak RSS)"))
+        rows.append(
+            (
+                "peak memory",
+                f"{totals['peak_memory_mb']:,.0f} MB (CUDA: max allocated; CPU: process peak RSS)",
+            )
+        )
     from lora_dpo.run.directory import RunDirectory
 
     run, problem = RunDirectory(run_dir), RunDirectory(run_dir).adapter_problem()
-    saved = "not saved (the run did not finish?)" if not run.adapter_dir.exists() else f"incomplete: {problem}"
+    saved = (
+        "not saved (the run did not finish?)" if not run.adapter_dir.exists() else f"incomplete: {problem}"
+    )
     rows.append(("adapter", "adapter/ (PEFT format)" if problem is None else saved))
     return ["## Summary", "", *markdown_table(("", ""), rows)]
 
@@ -489,8 +506,10 @@ def _final_metrics_lines(records: RunRecords) -> list[str]:
         names = [k for k in last if k.startswith("eval/")]
         lines.append(f"Held-out pairs, step {int(first['step'])} -> step {int(last['step'])}:")
         lines.append("")
-        lines += markdown_table(("metric", f"step {int(first['step'])}", f"step {int(last['step'])}"),
-                                [(k, first.get(k, "-"), last[k]) for k in names])
+        lines += markdown_table(
+            ("metric", f"step {int(first['step'])}", f"step {int(last['step'])}"),
+            [(k, first.get(k, "-"), last[k]) for k in names],
+        )
         lines.append("")
     if not records.train and not records.evals:
         lines += ["No records yet.", ""]
@@ -498,13 +517,30 @@ def _final_metrics_lines(records: RunRecords) -> list[str]:
 
 
 CONFIG_SUMMARY = (
-    "model.name_or_path", "model.quantization", "model.dtype",
-    "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules",
-    "data.train_path", "data.eval_path", "data.max_length", "data.max_prompt_length",
-    "train.beta", "train.learning_rate", "train.per_device_batch_size",
-    "train.gradient_accumulation_steps", "train.epochs", "train.max_steps", "train.optimizer",
-    "train.warmup_ratio", "train.max_grad_norm", "train.gradient_checkpointing", "train.seed",
-    "precompute.cache_dir", "precompute.reference",
+    "model.name_or_path",
+    "model.quantization",
+    "model.dtype",
+    "lora.r",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.target_modules",
+    "data.train_path",
+    "data.eval_path",
+    "data.max_length",
+    "data.max_prompt_length",
+    "train.beta",
+    "train.learning_rate",
+    "train.per_device_batch_size",
+    "train.gradient_accumulation_steps",
+    "train.epochs",
+    "train.max_steps",
+    "train.optimizer",
+    "train.warmup_ratio",
+    "train.max_grad_norm",
+    "train.gradient_checkpointing",
+    "train.seed",
+    "precompute.cache_dir",
+    "precompute.reference",
 )
 
 
@@ -516,13 +552,19 @@ def _config_lines(config: dict[str, Any]) -> list[str]:
         section, key = dotted.split(".")
         if key in (config.get(section) or {}):
             rows.append((f"`{dotted}`", config[section][key]))
-    return ["## Config", "", "The full resolved config is in config.yaml.", "", *markdown_table(("key", "value"), rows), ""]
+    return [
+        "## Config",
+        "",
+        "The full resolved config is in config.yaml.",
+        "",
+        *markdown_table(("key", "value"), rows),
+        "",
+    ]
 
 
 def _cache_lines(config: dict[str, Any]) -> list[str]:
     from lora_dpo.cache import MANIFEST, Manifest, manifest_rows
     from lora_dpo.errors import CacheError
-
     from lora_dpo.losses import REFERENCE_FREE_LOSS_TYPES
 
     cache_dir = (config.get("precompute") or {}).get("cache_dir")
@@ -533,7 +575,10 @@ def _cache_lines(config: dict[str, Any]) -> list[str]:
     if not cache_dir:
         return lines + ["No precompute.cache_dir in config.yaml.", ""]
     if not (Path(cache_dir) / MANIFEST).is_file():
-        return lines + [f"No manifest at `{cache_dir}` (relative paths are read from the current directory).", ""]
+        return lines + [
+            f"No manifest at `{cache_dir}` (relative paths are read from the current directory).",
+            "",
+        ]
     try:
         manifest = Manifest.read(Path(cache_dir))
     except CacheError as exc:  # the report still gets written; the cache is described as it is
@@ -559,7 +604,9 @@ def _data_lines(report: dict[str, Any] | None) -> list[str]:
     if lengths:
         lines += ["Tokens per pair part:", ""]
         stats = ("p50", "p90", "p99", "max")
-        lines += markdown_table(("", *stats), [(part, *(int(s.get(k, 0)) for k in stats)) for part, s in lengths.items()])
+        lines += markdown_table(
+            ("", *stats), [(part, *(int(s.get(k, 0)) for k in stats)) for part, s in lengths.items()]
+        )
         lines.append("")
     return lines
 
@@ -572,7 +619,10 @@ def _health_lines(checks: Sequence[Check]) -> list[str]:
     lines += [f"- **WARNING**: {c.warning}" for c in fired]
     if fired:
         lines.append("")
-    lines += markdown_table(("check", "result", "measured"), [(c.name, "WARNING" if c.warning else "ok", c.detail) for c in checks])
+    lines += markdown_table(
+        ("check", "result", "measured"),
+        [(c.name, "WARNING" if c.warning else "ok", c.detail) for c in checks],
+    )
     return lines + ["", "How each check is defined: `lora_dpo/report.py` and the README."]
 
 
@@ -580,13 +630,24 @@ def _samples_lines(samples: Sequence[Sample]) -> list[str]:
     if not samples:
         return []
     shown = min(SAMPLE_ROWS, len(samples))
-    lines = ["## Samples", "", f"Greedy completions of the first {shown} held-out prompts, reference "
-             f"(adapter disabled) and policy; every prompt and step is in {SAMPLES_JSONL} and {SAMPLES_MD}.", ""]
+    lines = [
+        "## Samples",
+        "",
+        f"Greedy completions of the first {shown} held-out prompts, reference "
+        f"(adapter disabled) and policy; every prompt and step is in {SAMPLES_JSONL} and {SAMPLES_MD}.",
+        "",
+    ]
     return lines + samples_markdown(samples, limit=SAMPLE_ROWS)
 
 
-def render_markdown(run_dir: Path, records: RunRecords, checks: Sequence[Check], config: dict[str, Any],
-                    data_report: dict[str, Any] | None, samples: Sequence[Sample] = ()) -> str:
+def render_markdown(
+    run_dir: Path,
+    records: RunRecords,
+    checks: Sequence[Check],
+    config: dict[str, Any],
+    data_report: dict[str, Any] | None,
+    samples: Sequence[Sample] = (),
+) -> str:
     name = f"{run_dir.resolve().parent.name}/{run_dir.resolve().name}"
     lines = [f"# Run report: {name}", "", f"Run directory: `{run_dir}`", ""]
     lines += _health_lines(checks) + [""]
@@ -630,7 +691,9 @@ def write_report(run_dir: str | Path) -> ReportResult:
     figure = plot_metrics(records, title, train_cfg.get("max_grad_norm"))
     png, markdown = run_dir / PNG, run_dir / MARKDOWN
     atomic_write(png, lambda tmp: figure.savefig(tmp, format="png", pil_kwargs={"optimize": True}))
-    text = render_markdown(run_dir, records, checks, config, _read_json(run_dir / "data_report.json"), samples)
+    text = render_markdown(
+        run_dir, records, checks, config, _read_json(run_dir / "data_report.json"), samples
+    )
     write_text(markdown, text)
     for warning in warnings:
         log.warning("warning: %s", warning)

@@ -33,7 +33,9 @@ def scoring_batches(
     when it is set, of `batch_size` pairs otherwise."""
     if max_tokens:
         return token_budget_batches(pairs, range(len(pairs)), layout, max_tokens)
-    return [list(range(start, min(start + batch_size, len(pairs)))) for start in range(0, len(pairs), batch_size)]
+    return [
+        list(range(start, min(start + batch_size, len(pairs)))) for start in range(0, len(pairs), batch_size)
+    ]
 
 
 @torch.no_grad()
@@ -69,4 +71,10 @@ def score_pairs(
         if progress is not None:
             progress.update(batch.num_pairs)
     stacked = {name: torch.cat(parts, dim=1).flatten() if parts else None for name, parts in extra.items()}
-    return PairScores(torch.cat(chosen), torch.cat(rejected), torch.cat(chosen_tokens), torch.cat(rejected_tokens), **stacked)
+    return PairScores(
+        torch.cat(chosen),
+        torch.cat(rejected),
+        torch.cat(chosen_tokens),
+        torch.cat(rejected_tokens),
+        **stacked,
+    )

@@ -102,7 +102,9 @@ def parse_set(text: str) -> SweepAxis:
             f"--set {dotted}: a sweep varies train.* settings (one cache and one base load serve every run)"
         )
     if key in FIXED_KEYS:
-        raise ConfigError(f"--set {dotted}: the sweep sets this itself (one run directory per point, one cache)")
+        raise ConfigError(
+            f"--set {dotted}: the sweep sets this itself (one run directory per point, one cache)"
+        )
     values = split_values(raw)
     if any(not v for v in values):
         raise ConfigError(f"--set {text!r}: an empty value; separate values with single commas")
@@ -159,7 +161,9 @@ def grid_points(config: Config, axes: Sequence[SweepAxis]) -> list[SweepPoint]:
     for texts in itertools.product(*(axis.texts for axis in axes)):
         label = ", ".join(f"train.{axis.key}={text}" for axis, text in zip(axes, texts))
         try:
-            point = with_overrides(config, [f"train.{a.key}={t}" for a, t in zip(axes, texts)], origin="--set")
+            point = with_overrides(
+                config, [f"train.{a.key}={t}" for a, t in zip(axes, texts)], origin="--set"
+            )
         except ConfigError as exc:
             raise ConfigError(f"sweep point {label}: {exc}") from None
         settings = {axis.key: getattr(point.train, axis.key) for axis in axes}
@@ -181,7 +185,9 @@ def run_sweep(config: Config, axes: Sequence[SweepAxis] | Sequence[float]) -> Sw
         raise ConfigError("sweep compares runs on held-out pairs: set data.eval_path")
     grid = [axis for axis in axes if isinstance(axis, SweepAxis)]
     if len(grid) != len(axes):  # a plain list of numbers: a β sweep
-        grid = [SweepAxis("beta", tuple(repr(float(beta)) for beta in axes if not isinstance(beta, SweepAxis)))]
+        grid = [
+            SweepAxis("beta", tuple(repr(float(beta)) for beta in axes if not isinstance(beta, SweepAxis)))
+        ]
     points = grid_points(config, grid)
     keys = [axis.key for axis in grid]
     root = Path(config.train.output_dir)
@@ -239,7 +245,9 @@ def plot_sweep(rows: list[dict[str, Any]], keys: Sequence[str], path: Path) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    numeric = [k for k in keys if all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool) for r in rows)]
+    numeric = [
+        k for k in keys if all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool) for r in rows)
+    ]
     x_key = "beta" if "beta" in keys else (numeric[0] if numeric else keys[0])
     others = [k for k in keys if k != x_key]
     x_values = list(dict.fromkeys(format_value(r[x_key]) for r in rows))  # in grid order
@@ -247,7 +255,9 @@ def plot_sweep(rows: list[dict[str, Any]], keys: Sequence[str], path: Path) -> P
     numbers = x_key in numeric
     if numbers:
         positions = {format_value(r[x_key]): float(r[x_key]) for r in rows}
-    log_x = numbers and min(positions.values()) > 0 and max(positions.values()) >= 10 * min(positions.values())
+    log_x = (
+        numbers and min(positions.values()) > 0 and max(positions.values()) >= 10 * min(positions.values())
+    )
     lines: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
         lines.setdefault(tuple(format_value(row[k]) for k in others), []).append(row)
@@ -255,7 +265,11 @@ def plot_sweep(rows: list[dict[str, Any]], keys: Sequence[str], path: Path) -> P
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
     panels = [
         (axes[0, 0], [("train_loss", "")], "final train loss"),
-        (axes[0, 1], [("eval_reward_accuracy", "reward"), ("eval_preference_accuracy", "preference")], "accuracy (eval)"),
+        (
+            axes[0, 1],
+            [("eval_reward_accuracy", "reward"), ("eval_preference_accuracy", "preference")],
+            "accuracy (eval)",
+        ),
         (axes[1, 0], [("eval_reward_margin", "")], "reward margin (eval)"),
         (axes[1, 1], [("eval_chosen_logratio", "")], "mean log πθ(yw|x) − log πref(yw|x) (eval, nats)"),
     ]

@@ -17,9 +17,10 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -110,6 +111,7 @@ def load_run_inputs(config: Config, objectives: Sequence[LossSettings] = ()) -> 
     pairs, report = load_preference_data(config.data, tokenizer, "train")
     log.info("train data: %s", report.summary())
     eval_pairs = load_preference_data(config.data, tokenizer, "eval")[0] if config.data.eval_path else []
+
     def load_base() -> torch.nn.Module:
         return load_base_model(
             config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
@@ -120,7 +122,10 @@ def load_run_inputs(config: Config, objectives: Sequence[LossSettings] = ()) -> 
     cache = reference = eval_reference = None
     if with_reference:
         cache = open_checked_cache(
-            config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch,
+            config,
+            tokenizer,
+            precision,
+            accept_mismatch=config.train.accept_cache_mismatch,
             shared_prefix=any(objective.needs_shared_prefix for objective in objectives),
         )
         reference, eval_reference = cache.aligned(pairs, "train"), cache.aligned(eval_pairs, "eval")
@@ -213,8 +218,17 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg, inputs.device)
     plan = list(optimizer_steps(inputs.pairs, cfg, info.rank, info.world_size, layout.name))
     state = TrainState(
-        config, inputs, policy, optimizer, build_scheduler(optimizer, cfg, len(plan)),
-        WindowMeter(inputs.device), plan, NullMetricsFile(), info, pad_id_of(inputs.tokenizer), layout.name,
+        config,
+        inputs,
+        policy,
+        optimizer,
+        build_scheduler(optimizer, cfg, len(plan)),
+        WindowMeter(inputs.device),
+        plan,
+        NullMetricsFile(),
+        info,
+        pad_id_of(inputs.tokenizer),
+        layout.name,
     )
     if run.resume_from is not None:
         resume_from(state, run.resume_from)
@@ -223,7 +237,9 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
         state.step0_tolerance = step0_tolerance_for(inputs.cache.manifest)
     if generates:
         conversational = inputs.data_report.format == "conversational"
-        state.held_out = HeldOut.from_config(config, inputs.tokenizer, inputs.eval_pairs, conversational, inputs.device)
+        state.held_out = HeldOut.from_config(
+            config, inputs.tokenizer, inputs.eval_pairs, conversational, inputs.device
+        )
         state.judge = WinRateJudge(reward, state.held_out) if reward is not None else None
         state.samples = run.kept_samples()
     state.metrics = run.open_metrics(lambda path: open_logger(cfg.report_to, path, config.to_dict()), started)
@@ -234,22 +250,39 @@ def resume_from(state: TrainState, checkpoint: Checkpoint) -> None:
     """Weights, optimizer, schedule, RNG and metric window as they were at the checkpoint."""
     chosen = all_gather_objects(checkpoint.path.name)
     if len(set(chosen)) > 1:  # a checkpoint damaged for one rank only (a file system hiccup)
-        raise LoraDpoError(f"{checkpoint.path.parent}: the ranks found different newest intact checkpoints: {chosen}")
+        raise LoraDpoError(
+            f"{checkpoint.path.parent}: the ranks found different newest intact checkpoints: {chosen}"
+        )
     dist = state.dist
-    window = apply_checkpoint(checkpoint, state.policy, state.optimizer, state.scheduler, dist.rank, dist.world_size)
+    window = apply_checkpoint(
+        checkpoint, state.policy, state.optimizer, state.scheduler, dist.rank, dist.world_size
+    )
     state.meter.load_state_dict(window)
     state.step = checkpoint.step  # the policy has trained: no step-0 check
-    log.info("resuming %s from %s (step %d of %d)", state.cfg.output_dir, checkpoint.path.name, state.step, state.total_steps)
+    log.info(
+        "resuming %s from %s (step %d of %d)",
+        state.cfg.output_dir,
+        checkpoint.path.name,
+        state.step,
+        state.total_steps,
+    )
 
 
 def save(state: TrainState, run: RunTransaction) -> TrainResult:
     """Publish the adapter and the report (rank 0; the others wait)."""
     if not all(torch.isfinite(p).all() for p in state.policy.parameters() if p.requires_grad):
-        raise LoraDpoError("the trained adapter holds non-finite values; it was not saved")  # skipped steps: cannot happen
+        raise LoraDpoError(
+            "the trained adapter holds non-finite values; it was not saved"
+        )  # skipped steps: cannot happen
     run.publish(state.policy, state.inputs.tokenizer)
     barrier()
     return TrainResult(
-        run.target.path, run.target.adapter_dir, state.history, state.policy, state.eval_before, state.eval_after
+        run.target.path,
+        run.target.adapter_dir,
+        state.history,
+        state.policy,
+        state.eval_before,
+        state.eval_after,
     )
 
 
@@ -257,7 +290,9 @@ class TrainLoop:
     """The optimizer steps of a TrainState's plan from `state.step + 1` to the end, with the
     metric records, evals and checkpoints they are due."""
 
-    def __init__(self, state: TrainState, run: RunTransaction, stop: StopOnSignal, faults: FaultHooks | None = None):
+    def __init__(
+        self, state: TrainState, run: RunTransaction, stop: StopOnSignal, faults: FaultHooks | None = None
+    ):
         self.state = state
         self.run_dir = run  # checkpoints are saved through it
         self.stop = stop
@@ -366,8 +401,15 @@ class TrainLoop:
         metrics = None
         if s.inputs.eval_pairs and s.dist.is_main:
             metrics = evaluate(
-                s.policy, s.inputs.eval_pairs, s.references()[1], s.loss, s.pad_id,
-                s.config.precompute.batch_size, s.device, s.layout, s.config.precompute.max_tokens_per_batch,
+                s.policy,
+                s.inputs.eval_pairs,
+                s.references()[1],
+                s.loss,
+                s.pad_id,
+                s.config.precompute.batch_size,
+                s.device,
+                s.layout,
+                s.config.precompute.max_tokens_per_batch,
             )
             if s.judge is not None:
                 metrics = metrics.judged(s.judge(s.policy))
@@ -388,7 +430,9 @@ class TrainLoop:
         """Every rank's RNG states and metric window, gathered; rank 0 writes the checkpoint."""
         s = self.state
         rank_states = all_gather_objects(rank_state(s.meter))
-        path = self.run_dir.save_checkpoint(s.step, s.policy, s.optimizer, s.scheduler, rank_states, s.cfg.save_total_limit)
+        path = self.run_dir.save_checkpoint(
+            s.step, s.policy, s.optimizer, s.scheduler, rank_states, s.cfg.save_total_limit
+        )
         barrier()
         return path
 
@@ -419,7 +463,10 @@ class TrainLoop:
         if skipped_rows:
             log.warning(
                 "up to step %d: skipped %d update(s) with a non-finite loss or gradient; "
-                "their pairs (source rows): %s", step, len(skipped_rows), skipped_rows,
+                "their pairs (source rows): %s",
+                step,
+                len(skipped_rows),
+                skipped_rows,
             )
         return consecutive
 

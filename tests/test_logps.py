@@ -253,7 +253,9 @@ def test_through_4bit_lora_policy(demo_workdir):
     from lora_dpo.model import attach_lora, load_base_model
 
     base = load_base_model(
-        ModelConfig(name_or_path=str(demo_workdir / "model")), quantize=True, dtype=torch.float32,
+        ModelConfig(name_or_path=str(demo_workdir / "model")),
+        quantize=True,
+        dtype=torch.float32,
         device=torch.device("cpu"),
     )
     torch.manual_seed(0)
@@ -290,15 +292,26 @@ def random_pairs_batch(vocab: int) -> PairBatch:
     return collate(random_pairs(vocab=vocab), pad_id=5)
 
 
-SLIDING = {"mistral": {"sliding_window": 3}, "gemma2": {"sliding_window": 3},
-           "qwen2": {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1,
-                     "layer_types": ["full_attention", "sliding_attention"]}}
+SLIDING = {
+    "mistral": {"sliding_window": 3},
+    "gemma2": {"sliding_window": 3},
+    "qwen2": {
+        "use_sliding_window": True,
+        "sliding_window": 3,
+        "max_window_layers": 1,
+        "layer_types": ["full_attention", "sliding_attention"],
+    },
+}
 
 
 @pytest.mark.parametrize(
     "arch, attention",
-    [(arch, attention) for arch in ARCHITECTURES for attention in ("sdpa", "eager")
-     if (arch, attention) != ("gemma2", "sdpa")],  # Gemma 2's attention soft-capping needs eager
+    [
+        (arch, attention)
+        for arch in ARCHITECTURES
+        for attention in ("sdpa", "eager")
+        if (arch, attention) != ("gemma2", "sdpa")
+    ],  # Gemma 2's attention soft-capping needs eager
 )
 def test_prefix_sharing_equals_unshared(arch: str, attention: str):
     """Values and gradients of packed pairs equal the unshared [2B, T] computation, including
@@ -334,7 +347,9 @@ def test_rejected_does_not_see_chosen_when_packed():
     """Changing a chosen token changes the chosen sum only, never the rejected one."""
     model = make_model("llama", torch.float32)
     pair = random_pairs(count=1, seed=2, prompt=(4, 4), response=(5, 5))[0]
-    edited = TokenizedPair(pair.prompt_ids, pair.chosen_ids[:2] + (3,) + pair.chosen_ids[3:], pair.rejected_ids, 0)
+    edited = TokenizedPair(
+        pair.prompt_ids, pair.chosen_ids[:2] + (3,) + pair.chosen_ids[3:], pair.rejected_ids, 0
+    )
     with torch.no_grad():
         before = sequence_logps(model, collate_prompt_shared([pair], pad_id=5)).logps
         after = sequence_logps(model, collate_prompt_shared([edited], pad_id=5)).logps
@@ -386,7 +401,9 @@ def test_shared_prefix_and_log_sum_sq_match_the_oracle(head: str):
     torch.testing.assert_close(ours.log_sum_sq_probs, log_sum_sq, **tol)
     assert not ours.log_sum_sq_probs.requires_grad
     lengths = ours.tokens
-    assert (torch.minimum(lengths[:3], lengths[3:]) < torch.maximum(lengths[:3], lengths[3:])).any()  # a real cut
+    assert (
+        torch.minimum(lengths[:3], lengths[3:]) < torch.maximum(lengths[:3], lengths[3:])
+    ).any()  # a real cut
     grads_ours = torch.autograd.grad(weighted_sum(ours.shared_logps), params, allow_unused=True)
     grads_ref = torch.autograd.grad(weighted_sum(shared), params, allow_unused=True)
     assert_grads_close(grads_ours, grads_ref, tol)
@@ -395,8 +412,12 @@ def test_shared_prefix_and_log_sum_sq_match_the_oracle(head: str):
 def test_shared_prefix_is_the_same_with_the_prompt_shared():
     model = make_model("llama", torch.float32)
     pairs = random_pairs(count=4, seed=2) + [TokenizedPair((), (7, 8, 9), (10, 11), 99)]
-    packed = sequence_logps(model, collate_prompt_shared(pairs, pad_id=5), chunk_size=4, shared_prefix=True, log_sum_sq_probs=True)
-    unshared = sequence_logps(model, collate(pairs, pad_id=5), chunk_size=4, shared_prefix=True, log_sum_sq_probs=True)
+    packed = sequence_logps(
+        model, collate_prompt_shared(pairs, pad_id=5), chunk_size=4, shared_prefix=True, log_sum_sq_probs=True
+    )
+    unshared = sequence_logps(
+        model, collate(pairs, pad_id=5), chunk_size=4, shared_prefix=True, log_sum_sq_probs=True
+    )
     torch.testing.assert_close(packed.shared_logps, unshared.shared_logps, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(packed.log_sum_sq_probs, unshared.log_sum_sq_probs, rtol=1e-5, atol=1e-4)
 

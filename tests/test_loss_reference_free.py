@@ -41,7 +41,9 @@ def test_simpo_is_the_papers_formula():
     nc, nr = (torch.randint(1, 30, (16,), generator=gen).to(F64) for _ in range(2))
     beta, gamma = 2.5, 1.375
     expected = -torch.log(1 / (1 + torch.exp(-(beta / nc * pc - beta / nr * pr - gamma))))
-    torch.testing.assert_close(simpo_loss(pc, pr, nc, nr, beta, gamma).losses, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        simpo_loss(pc, pr, nc, nr, beta, gamma).losses, expected, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_cpo_hand_derived():
@@ -75,13 +77,18 @@ def test_orpo_hand_derived():
 def test_orpo_is_the_papers_odds_ratio():
     """Hong et al. 2024, Eqs. 4 and 7 written with odds(y) = P/(1-P), P = exp(mean token log-prob)."""
     gen = torch.Generator().manual_seed(5)
-    pc, pr = -torch.rand(12, generator=gen, dtype=F64) * 20 - 0.01, -torch.rand(12, generator=gen, dtype=F64) * 20 - 0.01
+    pc, pr = (
+        -torch.rand(12, generator=gen, dtype=F64) * 20 - 0.01,
+        -torch.rand(12, generator=gen, dtype=F64) * 20 - 0.01,
+    )
     nc, nr = torch.randint(1, 10, (12,), generator=gen), torch.randint(1, 10, (12,), generator=gen)
     odds = lambda p: p / (1 - p)  # noqa: E731
     ratio = odds(torch.exp(pc / nc)) / odds(torch.exp(pr / nr))
     nll = -pc.sum() / nc.sum()
     expected = nll - 0.25 * torch.log(ratio / (1 + ratio))
-    torch.testing.assert_close(orpo_loss(pc, pr, nc, nr, beta=0.25).losses.mean(), expected.mean(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        orpo_loss(pc, pr, nc, nr, beta=0.25).losses.mean(), expected.mean(), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_log1mexp_is_accurate_at_both_ends():
@@ -93,7 +100,9 @@ def test_log1mexp_is_accurate_at_both_ends():
 def test_reference_free_losses_read_no_reference():
     """preference_loss with no reference values at all, as training passes them."""
     for loss_type in ("simpo", "cpo", "orpo"):
-        out = preference_loss(PC, PR, None, None, 0.5, loss_type=loss_type, chosen_tokens=NC, rejected_tokens=NR)
+        out = preference_loss(
+            PC, PR, None, None, 0.5, loss_type=loss_type, chosen_tokens=NC, rejected_tokens=NR
+        )
         assert torch.isfinite(out.losses).all()
     with pytest.raises(ValueError, match="needs ref_chosen, ref_rejected"):
         preference_loss(PC, PR, None, None, 0.5, loss_type="sigmoid")

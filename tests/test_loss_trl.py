@@ -27,8 +27,20 @@ F64 = torch.float64
 B, T = 8, 12
 
 
-def trl_dpo_loss(loss_types, loss_weights, beta, eps, per_token, ref_per_token, mask, ld_alpha=None,
-                 f_divergence="reverse_kl", f_coef=0.5, tau=0.05, log_sum_sq=None):
+def trl_dpo_loss(
+    loss_types,
+    loss_weights,
+    beta,
+    eps,
+    per_token,
+    ref_per_token,
+    mask,
+    ld_alpha=None,
+    f_divergence="reverse_kl",
+    f_coef=0.5,
+    tau=0.05,
+    log_sum_sq=None,
+):
     """TRL 1.16 DPOTrainer: per_token [2B, T] policy log-probs, chosen rows first; mask [2B, T]."""
     if ld_alpha is None:
         logps, ref_logps = (per_token * mask).sum(1), (ref_per_token * mask).sum(1)
@@ -66,7 +78,9 @@ def trl_dpo_loss(loss_types, loss_weights, beta, eps, per_token, ref_per_token, 
         elif loss_type == "hinge":
             per_sequence_loss = torch.relu(1 - beta * delta_score)
         elif loss_type == "ipo":
-            ipo_delta = chosen_scores / chosen_mask.sum(1).clamp(min=1.0) - rejected_scores / rejected_mask.sum(1).clamp(min=1.0)
+            ipo_delta = chosen_scores / chosen_mask.sum(1).clamp(
+                min=1.0
+            ) - rejected_scores / rejected_mask.sum(1).clamp(min=1.0)
             per_sequence_loss = (ipo_delta - 1 / (2 * beta)) ** 2
         elif loss_type == "exo_pair":
             epsilon = torch.tensor(eps, dtype=F64)
@@ -81,19 +95,30 @@ def trl_dpo_loss(loss_types, loss_weights, beta, eps, per_token, ref_per_token, 
             flipped = -eps * F.logsigmoid(-beta * delta_score)
             per_sequence_loss = (clean - flipped) / (1 - 2 * eps)
         elif loss_type == "bco_pair":
-            per_sequence_loss = -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios)
+            per_sequence_loss = -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(
+                -beta * rejected_logratios
+            )
         elif loss_type == "sppo_hard":
             per_sequence_loss = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
         elif loss_type in ("aot", "aot_unpaired"):
             if loss_type == "aot":
-                delta = torch.sort(chosen_logps - rejected_logps, dim=0)[0] - torch.sort(ref_chosen_logps - ref_rejected_logps, dim=0)[0]
+                delta = (
+                    torch.sort(chosen_logps - rejected_logps, dim=0)[0]
+                    - torch.sort(ref_chosen_logps - ref_rejected_logps, dim=0)[0]
+                )
             else:
                 delta = torch.sort(chosen_logratios, dim=0)[0] - torch.sort(rejected_logratios, dim=0)[0]
             per_sequence_loss = -F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps
         elif loss_type == "apo_zero":
-            per_sequence_loss = 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+            per_sequence_loss = (
+                1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+            )
         elif loss_type == "apo_down":
-            per_sequence_loss = torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
+            per_sequence_loss = (
+                torch.sigmoid(beta * chosen_logratios)
+                + 1
+                - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
+            )
         elif loss_type == "discopop":
             logits = delta_score * beta
             modulation = torch.sigmoid(logits / tau)
@@ -102,7 +127,9 @@ def trl_dpo_loss(loss_types, loss_weights, beta, eps, per_token, ref_per_token, 
             chosen_per_token = per_token.chunk(2)[0]
             per_sequence_loss = (-chosen_per_token[chosen_mask.bool()].mean()).expand(B)
         elif loss_type == "sigmoid_norm":
-            delta = chosen_scores / chosen_mask.sum(1).clamp(min=1.0) - rejected_scores / rejected_mask.sum(1).clamp(min=1.0)
+            delta = chosen_scores / chosen_mask.sum(1).clamp(min=1.0) - rejected_scores / rejected_mask.sum(
+                1
+            ).clamp(min=1.0)
             per_sequence_loss = -F.logsigmoid(beta * delta)
         if log_sum_sq is not None:
             aligned = (per_token - log_sum_sq) * mask
@@ -140,8 +167,10 @@ def our_batch(per_token, ref_per_token, mask, log_sum_sq=None):
     return PairLogps(pc, pr, rc, rr, nc, nr, pcs, prs, rcs, rrs, *lsq)
 
 
-CASES = [dict(loss_type=t, label_smoothing=0.2 if t in ("robust", "exo_pair", "aot", "aot_unpaired") else 0.0)
-         for t in DPO_LOSS_TYPES]
+CASES = [
+    dict(loss_type=t, label_smoothing=0.2 if t in ("robust", "exo_pair", "aot", "aot_unpaired") else 0.0)
+    for t in DPO_LOSS_TYPES
+]
 CASES += [
     dict(loss_type="sigmoid+bco_pair+sft", loss_weights=(0.8, 0.2, 1.0)),  # MPO
     dict(loss_type="ipo+hinge+discopop", loss_weights=(1.0, 0.5, 2.0), discopop_tau=0.2),
@@ -152,11 +181,18 @@ CASES += [
     dict(loss_type="sigmoid+sft", use_weighting=True),
     dict(loss_type="bco_pair", use_weighting=True, ld_alpha=0.5),
 ]
-CASES += [dict(loss_type=t, f_divergence_type=f, label_smoothing=0.2 if t in ("robust", "exo_pair") else 0.0)
-          for t in F_DIVERGENCE_LOSS_TYPES for f in ("forward_kl", "js_divergence")]
-CASES += [dict(loss_type="sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=a)
-          for a in (0.0, 0.5, 1.0, 2.5)]
-CASES += [dict(loss_type="hinge", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3, ld_alpha=0.6)]
+CASES += [
+    dict(loss_type=t, f_divergence_type=f, label_smoothing=0.2 if t in ("robust", "exo_pair") else 0.0)
+    for t in F_DIVERGENCE_LOSS_TYPES
+    for f in ("forward_kl", "js_divergence")
+]
+CASES += [
+    dict(loss_type="sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=a)
+    for a in (0.0, 0.5, 1.0, 2.5)
+]
+CASES += [
+    dict(loss_type="hinge", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3, ld_alpha=0.6)
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
@@ -166,9 +202,18 @@ def test_dpo_losses_equal_trl_formulas(case, beta):
     per_token, ref_per_token, mask, log_sum_sq = random_pairs(zlib.crc32(repr((case, beta)).encode()))
     wpo = log_sum_sq if settings.use_weighting else None
     expected, chosen_rewards, rejected_rewards = trl_dpo_loss(
-        settings.loss_types, settings.weights, beta, settings.label_smoothing, per_token, ref_per_token, mask,
-        ld_alpha=settings.ld_alpha if settings.ld_alpha != 1.0 else None, f_divergence=settings.f_divergence_type,
-        f_coef=settings.f_alpha_divergence_coef, tau=settings.discopop_tau, log_sum_sq=wpo,
+        settings.loss_types,
+        settings.weights,
+        beta,
+        settings.label_smoothing,
+        per_token,
+        ref_per_token,
+        mask,
+        ld_alpha=settings.ld_alpha if settings.ld_alpha != 1.0 else None,
+        f_divergence=settings.f_divergence_type,
+        f_coef=settings.f_alpha_divergence_coef,
+        tau=settings.discopop_tau,
+        log_sum_sq=wpo,
     )
     batch = our_batch(per_token, ref_per_token, mask, wpo)
     out = compute_loss(settings, batch)
@@ -185,12 +230,21 @@ def test_ld_alpha_zero_masks_the_tail_and_one_is_dpo():
     per_token, ref_per_token, mask, _ = random_pairs(7)
     batch = our_batch(per_token, ref_per_token, mask)
     one = compute_loss(LossSettings(0.1, ld_alpha=1.0), batch)
-    dpo = compute_loss(LossSettings(0.1), PairLogps(batch.policy_chosen, batch.policy_rejected, batch.ref_chosen,
-                                                    batch.ref_rejected))
+    dpo = compute_loss(
+        LossSettings(0.1),
+        PairLogps(batch.policy_chosen, batch.policy_rejected, batch.ref_chosen, batch.ref_rejected),
+    )
     torch.testing.assert_close(one.losses, dpo.losses)
     zero = compute_loss(LossSettings(0.1, ld_alpha=0.0), batch)
-    shared_only = compute_loss(LossSettings(0.1), PairLogps(batch.policy_chosen_shared, batch.policy_rejected_shared,
-                                                            batch.ref_chosen_shared, batch.ref_rejected_shared))
+    shared_only = compute_loss(
+        LossSettings(0.1),
+        PairLogps(
+            batch.policy_chosen_shared,
+            batch.policy_rejected_shared,
+            batch.ref_chosen_shared,
+            batch.ref_rejected_shared,
+        ),
+    )
     torch.testing.assert_close(zero.losses, shared_only.losses)
 
 
@@ -225,9 +279,14 @@ def trl_orpo_loss(beta, per_token, mask):
 
 @pytest.mark.parametrize(
     "case",
-    [dict(loss_type="simpo", simpo_gamma=0.5), dict(loss_type="simpo", simpo_gamma=1.4, label_smoothing=0.1),
-     dict(loss_type="cpo"), dict(loss_type="cpo", cpo_alpha=0.0, label_smoothing=0.2), dict(loss_type="cpo", cpo_alpha=0.3),
-     dict(loss_type="orpo")],
+    [
+        dict(loss_type="simpo", simpo_gamma=0.5),
+        dict(loss_type="simpo", simpo_gamma=1.4, label_smoothing=0.1),
+        dict(loss_type="cpo"),
+        dict(loss_type="cpo", cpo_alpha=0.0, label_smoothing=0.2),
+        dict(loss_type="cpo", cpo_alpha=0.3),
+        dict(loss_type="orpo"),
+    ],
     ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
 )
 @pytest.mark.parametrize("beta", [0.1, 2.0])
@@ -238,8 +297,13 @@ def test_reference_free_losses_equal_trl_formulas(case, beta):
         expected, chosen_rewards, rejected_rewards = trl_orpo_loss(beta, per_token, mask)
     else:
         expected, chosen_rewards, rejected_rewards = trl_cpo_loss(
-            settings.loss_type, beta, settings.label_smoothing, settings.simpo_gamma,
-            settings.cpo_alpha if settings.loss_type == "cpo" else 0.0, per_token, mask,
+            settings.loss_type,
+            beta,
+            settings.label_smoothing,
+            settings.simpo_gamma,
+            settings.cpo_alpha if settings.loss_type == "cpo" else 0.0,
+            per_token,
+            mask,
         )
     sums, counts = (per_token * mask).sum(1), mask.sum(1).long()
     out = compute_loss(settings, PairLogps(*sums.chunk(2), None, None, *counts.chunk(2)))
@@ -254,5 +318,7 @@ def test_simpo_with_rpo_alpha_is_trl_cpo_simpo():
     per_token, _, mask, _ = random_pairs(11)
     expected, _, _ = trl_cpo_loss("simpo", 2.0, 0.0, 0.5, 1.0, per_token, mask)
     sums, counts = (per_token * mask).sum(1), mask.sum(1).long()
-    out = compute_loss(LossSettings(2.0, "simpo", rpo_alpha=1.0), PairLogps(*sums.chunk(2), None, None, *counts.chunk(2)))
+    out = compute_loss(
+        LossSettings(2.0, "simpo", rpo_alpha=1.0), PairLogps(*sums.chunk(2), None, None, *counts.chunk(2))
+    )
     torch.testing.assert_close(out.losses.mean(), expected, rtol=1e-10, atol=1e-10)

@@ -121,8 +121,14 @@ def test_exo_pair_hand_derived():
     assert out.losses[0].item() == pytest.approx(0.1140821077, abs=1e-9)
     assert_rewards(out)
     # Its minimum, 0, lies at q = 1 - ε: βz = log(0.9 / 0.1).
-    at_target = exo_pair_loss(torch.tensor([math.log(9.0)], dtype=F64), torch.zeros(1, dtype=F64),
-                              torch.zeros(1, dtype=F64), torch.zeros(1, dtype=F64), beta=1.0, label_smoothing=0.1)
+    at_target = exo_pair_loss(
+        torch.tensor([math.log(9.0)], dtype=F64),
+        torch.zeros(1, dtype=F64),
+        torch.zeros(1, dtype=F64),
+        torch.zeros(1, dtype=F64),
+        beta=1.0,
+        label_smoothing=0.1,
+    )
     close(at_target.losses, [0.0], atol=1e-12)
     with pytest.raises(ValueError, match="label_smoothing"):
         exo_pair_loss(**example(), beta=0.5, label_smoothing=0.0)
@@ -142,7 +148,9 @@ def test_discopop_hand_derived():
 
 def test_sigmoid_norm_hand_derived():
     """h = Δw/|yw| - Δl/|yl| = (0.75, 0, -2); L = sp(-βh): sp(-0.375) = 0.5231232641, ln 2, sp(1)."""
-    out = sigmoid_norm_loss(**example(), beta=0.5, chosen_tokens=CHOSEN_TOKENS, rejected_tokens=REJECTED_TOKENS)
+    out = sigmoid_norm_loss(
+        **example(), beta=0.5, chosen_tokens=CHOSEN_TOKENS, rejected_tokens=REJECTED_TOKENS
+    )
     close(out.losses, [0.5231232641, 0.6931471806, 1.3132616875])
     assert_rewards(out)
 
@@ -173,8 +181,14 @@ def test_weighted_multi_loss_mpo_hand_derived():
     pair 1: 0.8·0.3132616875 + 0.2·0.9481539684 + 3.5 = 3.9402401437
     pair 2: 0.8·ln 2 + 0.2·2 ln 2 + 3.5 = 4.3317766167
     pair 3: 0.8·3.0485873516 + 0.2·3.4401896985 + 3.5 = 6.6269078210"""
-    out = preference_loss(**example(), beta=0.5, loss_type="sigmoid+bco_pair+sft", loss_weights=(0.8, 0.2, 1.0),
-                          chosen_tokens=CHOSEN_TOKENS, rejected_tokens=REJECTED_TOKENS)
+    out = preference_loss(
+        **example(),
+        beta=0.5,
+        loss_type="sigmoid+bco_pair+sft",
+        loss_weights=(0.8, 0.2, 1.0),
+        chosen_tokens=CHOSEN_TOKENS,
+        rejected_tokens=REJECTED_TOKENS,
+    )
     close(out.losses, [3.9402401437, 4.3317766167, 6.6269078210])
     assert_rewards(out)
     unweighted = preference_loss(**example(), beta=0.5, loss_type="sigmoid+hinge")
@@ -200,9 +214,13 @@ def test_f_divergences_hand_derived():
         close(out.losses, expected)
         assert_rewards(out)  # the rewards stay β·Δ
     reverse = dpo_loss(**example(), beta=0.5).losses
-    torch.testing.assert_close(dpo_loss(**example(), beta=0.5, divergence=FDivergence("alpha_divergence", 1.0)).losses, reverse)
-    torch.testing.assert_close(dpo_loss(**example(), beta=0.5, divergence=FDivergence("alpha_divergence", 0.0)).losses,
-                               dpo_loss(**example(), beta=0.5, divergence=FDivergence("forward_kl")).losses)
+    torch.testing.assert_close(
+        dpo_loss(**example(), beta=0.5, divergence=FDivergence("alpha_divergence", 1.0)).losses, reverse
+    )
+    torch.testing.assert_close(
+        dpo_loss(**example(), beta=0.5, divergence=FDivergence("alpha_divergence", 0.0)).losses,
+        dpo_loss(**example(), beta=0.5, divergence=FDivergence("forward_kl")).losses,
+    )
 
 
 def test_ld_dpo_hand_derived():
@@ -214,9 +232,18 @@ def test_ld_dpo_hand_derived():
     The rewards are the whole responses': Δw = -6 + 3 = -3, Δl = -1."""
     t = lambda *v: torch.tensor(v, dtype=F64)  # noqa: E731
     close(ld_logps(t(-6.0), t(-3.0), 0.5), [-4.5])
-    batch = PairLogps(t(-6.0), t(-5.0), t(-3.0), t(-4.0), torch.tensor([3]), torch.tensor([2]),
-                      policy_chosen_shared=t(-3.0), policy_rejected_shared=t(-5.0),
-                      ref_chosen_shared=t(-2.0), ref_rejected_shared=t(-4.0))
+    batch = PairLogps(
+        t(-6.0),
+        t(-5.0),
+        t(-3.0),
+        t(-4.0),
+        torch.tensor([3]),
+        torch.tensor([2]),
+        policy_chosen_shared=t(-3.0),
+        policy_rejected_shared=t(-5.0),
+        ref_chosen_shared=t(-2.0),
+        ref_rejected_shared=t(-4.0),
+    )
     out = compute_loss(LossSettings(1.0, ld_alpha=0.5), batch)
     close(out.losses, [1.3132616875])
     close(out.chosen_rewards, [-3.0])
@@ -236,8 +263,16 @@ def test_wpo_hand_derived():
     weights = wpo_weights(pc, pr, t(-1.0), t(-1.5), torch.tensor([2]), torch.tensor([3]))
     close(weights, [math.exp(-1)])
     assert not weights.requires_grad
-    batch = PairLogps(pc, pr, pc.detach().clone(), pr.detach().clone(), torch.tensor([2]), torch.tensor([3]),
-                      chosen_log_sum_sq=torch.tensor([-1.0], dtype=F64), rejected_log_sum_sq=torch.tensor([-1.5], dtype=F64))
+    batch = PairLogps(
+        pc,
+        pr,
+        pc.detach().clone(),
+        pr.detach().clone(),
+        torch.tensor([2]),
+        torch.tensor([3]),
+        chosen_log_sum_sq=torch.tensor([-1.0], dtype=F64),
+        rejected_log_sum_sq=torch.tensor([-1.5], dtype=F64),
+    )
     out = compute_loss(LossSettings(0.5, use_weighting=True), batch)
     close(out.losses.detach(), [0.2549945974])
     out.losses.sum().backward()
@@ -253,9 +288,15 @@ def test_wpo_hand_derived():
         (dict(loss_type="exo_pair"), "needs label_smoothing > 0"),
         (dict(loss_type="ipo", label_smoothing=0.1), "has no effect with loss_type=ipo"),
         (dict(loss_type="sigmoid", discopop_tau=0.1), "discopop_tau=0.1 has no effect"),
-        (dict(loss_type="bco_pair", f_divergence_type="js_divergence"), "does not apply to loss_type=bco_pair"),
+        (
+            dict(loss_type="bco_pair", f_divergence_type="js_divergence"),
+            "does not apply to loss_type=bco_pair",
+        ),
         (dict(loss_type="aot", use_weighting=True), "sort the batch"),
-        (dict(f_divergence_type="js_divergence", f_alpha_divergence_coef=0.3), "no effect unless f_divergence_type=alpha"),
+        (
+            dict(f_divergence_type="js_divergence", f_alpha_divergence_coef=0.3),
+            "no effect unless f_divergence_type=alpha",
+        ),
         (dict(loss_type="simpo", ld_alpha=0.5), "has no reference"),
         (dict(loss_type="orpo", rpo_alpha=1.0), "holds the NLL term"),
         (dict(loss_type="cpo", rpo_alpha=1.0), "cpo_alpha weighs"),
@@ -263,14 +304,37 @@ def test_wpo_hand_derived():
 )
 def test_settings_that_cannot_run_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
-        preference_loss(**example(), beta=0.5, chosen_tokens=CHOSEN_TOKENS, rejected_tokens=REJECTED_TOKENS, **settings)
+        preference_loss(
+            **example(), beta=0.5, chosen_tokens=CHOSEN_TOKENS, rejected_tokens=REJECTED_TOKENS, **settings
+        )
 
 
-@pytest.mark.parametrize("loss_type", ["nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "aot",
-                                       "aot_unpaired", "discopop", "sigmoid_norm", "sft"])
+@pytest.mark.parametrize(
+    "loss_type",
+    [
+        "nca_pair",
+        "bco_pair",
+        "sppo_hard",
+        "apo_zero",
+        "apo_down",
+        "aot",
+        "aot_unpaired",
+        "discopop",
+        "sigmoid_norm",
+        "sft",
+    ],
+)
 def test_gradients_are_finite_at_large_margins(loss_type):
     big = torch.tensor([1e3, -1e3, 0.0], dtype=torch.float32, requires_grad=True)
-    out = preference_loss(big, -big, torch.zeros(3), torch.zeros(3), 1.0, loss_type=loss_type,
-                          chosen_tokens=torch.tensor([3, 3, 3]), rejected_tokens=torch.tensor([3, 3, 3]))
+    out = preference_loss(
+        big,
+        -big,
+        torch.zeros(3),
+        torch.zeros(3),
+        1.0,
+        loss_type=loss_type,
+        chosen_tokens=torch.tensor([3, 3, 3]),
+        rejected_tokens=torch.tensor([3, 3, 3]),
+    )
     out.losses.sum().backward()
     assert torch.isfinite(out.losses).all() and torch.isfinite(big.grad).all(), loss_type

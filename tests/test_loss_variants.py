@@ -78,8 +78,9 @@ def test_robust_hand_derived():
 
 def test_robust_without_noise_is_dpo():
     ex = example()
-    torch.testing.assert_close(robust_dpo_loss(**ex, beta=0.5, label_smoothing=0.0).losses,
-                               dpo_loss(**ex, beta=0.5).losses)
+    torch.testing.assert_close(
+        robust_dpo_loss(**ex, beta=0.5, label_smoothing=0.0).losses, dpo_loss(**ex, beta=0.5).losses
+    )
 
 
 def test_hinge_hand_derived():
@@ -99,8 +100,9 @@ def test_ipo_hand_derived():
     pair 3: Δw/|yw| = -4/4 = -1, Δl/|yl| = 2/2 = 1, h = -2, L = (-2 - 1)² = 9
             rewards 0.5·(-4) = -2, 0.5·2 = 1
     """
-    out = ipo_loss(**example(), beta=0.5, chosen_tokens=torch.tensor([2, 4, 4]),
-                   rejected_tokens=torch.tensor([4, 4, 2]))
+    out = ipo_loss(
+        **example(), beta=0.5, chosen_tokens=torch.tensor([2, 4, 4]), rejected_tokens=torch.tensor([4, 4, 2])
+    )
     close(out.losses, [0.0625, 1.0, 9.0])
     close(out.chosen_rewards, [0.5, 0.0, -2.0])
     close(out.rejected_rewards, [-0.5, 0.0, 1.0])
@@ -131,11 +133,25 @@ def test_every_variant_is_a_function_of_the_margin_at_init():
     """Policy == reference (z = 0): sigmoid, cDPO and robust give ln 2, hinge 1, IPO 1/(2β)²."""
     logps, other = torch.randn(8, dtype=F64) * 30, torch.randn(8, dtype=F64) * 30
     tokens = torch.randint(1, 50, (8,))
-    expected = {("sigmoid", 0.0): math.log(2), ("sigmoid", 0.3): math.log(2), ("robust", 0.3): math.log(2),
-                ("hinge", 0.0): 1.0, ("ipo", 0.0): 1 / (2 * 0.2) ** 2}
+    expected = {
+        ("sigmoid", 0.0): math.log(2),
+        ("sigmoid", 0.3): math.log(2),
+        ("robust", 0.3): math.log(2),
+        ("hinge", 0.0): 1.0,
+        ("ipo", 0.0): 1 / (2 * 0.2) ** 2,
+    }
     for (loss_type, eps), value in expected.items():
-        out = preference_loss(logps, other, logps.clone(), other.clone(), 0.2, loss_type=loss_type,
-                              label_smoothing=eps, chosen_tokens=tokens, rejected_tokens=tokens)
+        out = preference_loss(
+            logps,
+            other,
+            logps.clone(),
+            other.clone(),
+            0.2,
+            loss_type=loss_type,
+            label_smoothing=eps,
+            chosen_tokens=tokens,
+            rejected_tokens=tokens,
+        )
         torch.testing.assert_close(out.losses, torch.full((8,), value, dtype=F64), rtol=0, atol=1e-12)
         assert torch.all(out.chosen_rewards == 0) and torch.all(out.rejected_rewards == 0)
 
@@ -143,8 +159,9 @@ def test_every_variant_is_a_function_of_the_margin_at_init():
 def test_large_margins_stay_finite():
     big = torch.tensor([1e4, -1e4])
     for loss_type, eps in (("sigmoid", 0.1), ("robust", 0.1), ("hinge", 0.0)):
-        out = preference_loss(big, -big, torch.zeros(2), torch.zeros(2), 1.0, loss_type=loss_type,
-                              label_smoothing=eps)
+        out = preference_loss(
+            big, -big, torch.zeros(2), torch.zeros(2), 1.0, loss_type=loss_type, label_smoothing=eps
+        )
         assert torch.isfinite(out.losses).all(), loss_type
 
 
@@ -164,7 +181,9 @@ def trl_style(loss_type, pc, pr, rc, rr, beta, eps, nc, nr, token_logps, mask):
     if loss_type == "sigmoid":
         losses = -torch.log(sig(beta * logits)) * (1 - eps) - torch.log(sig(-beta * logits)) * eps
     elif loss_type == "robust":
-        losses = (-torch.log(sig(beta * logits)) * (1 - eps) + torch.log(sig(-beta * logits)) * eps) / (1 - 2 * eps)
+        losses = (-torch.log(sig(beta * logits)) * (1 - eps) + torch.log(sig(-beta * logits)) * eps) / (
+            1 - 2 * eps
+        )
     elif loss_type == "hinge":
         losses = torch.clamp(1 - beta * logits, min=0)
     else:
@@ -173,8 +192,9 @@ def trl_style(loss_type, pc, pr, rc, rr, beta, eps, nc, nr, token_logps, mask):
     return losses, nll
 
 
-@pytest.mark.parametrize("loss_type, eps", [("sigmoid", 0.0), ("sigmoid", 0.25), ("robust", 0.25),
-                                            ("hinge", 0.0), ("ipo", 0.0)])
+@pytest.mark.parametrize(
+    "loss_type, eps", [("sigmoid", 0.0), ("sigmoid", 0.25), ("robust", 0.25), ("hinge", 0.0), ("ipo", 0.0)]
+)
 @pytest.mark.parametrize("beta", [0.05, 0.5])
 def test_equals_trl_formula_on_random_inputs(loss_type, eps, beta):
     gen = torch.Generator().manual_seed(hash((loss_type, eps, beta)) % 2**31)
@@ -188,8 +208,9 @@ def test_equals_trl_formula_on_random_inputs(loss_type, eps, beta):
     nc, nr = lengths[0], lengths[1]
 
     expected, nll = trl_style(loss_type, pc, pr, rc, rr, beta, eps, nc, nr, token_logps[0], masks[0])
-    out = preference_loss(pc, pr, rc, rr, beta, loss_type=loss_type, label_smoothing=eps,
-                          chosen_tokens=nc, rejected_tokens=nr)
+    out = preference_loss(
+        pc, pr, rc, rr, beta, loss_type=loss_type, label_smoothing=eps, chosen_tokens=nc, rejected_tokens=nr
+    )
     torch.testing.assert_close(out.losses, expected, rtol=1e-10, atol=1e-10)
     # The rewards are β·(summed log-ratio) for every variant, IPO included (TRL's IPO rewards
     # are per token; here the length normalisation stays inside the loss).
@@ -197,10 +218,22 @@ def test_equals_trl_formula_on_random_inputs(loss_type, eps, beta):
     torch.testing.assert_close(out.rejected_rewards, beta * (pr - rr), rtol=1e-12, atol=1e-12)
 
     alpha = 0.7
-    with_rpo = preference_loss(pc, pr, rc, rr, beta, loss_type=loss_type, label_smoothing=eps,
-                               rpo_alpha=alpha, chosen_tokens=nc, rejected_tokens=nr)
+    with_rpo = preference_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        beta,
+        loss_type=loss_type,
+        label_smoothing=eps,
+        rpo_alpha=alpha,
+        chosen_tokens=nc,
+        rejected_tokens=nr,
+    )
     # TRL: losses + rpo_alpha * nll_loss, then the batch mean.
-    torch.testing.assert_close(with_rpo.losses.mean(), (expected + alpha * nll).mean(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        with_rpo.losses.mean(), (expected + alpha * nll).mean(), rtol=1e-10, atol=1e-10
+    )
 
 
 # ---- config -------------------------------------------------------------------------------
@@ -223,7 +256,11 @@ def test_bad_loss_settings_name_the_key(overrides, message):
 
 def test_loss_settings_load():
     config = load_config(None, ["train.loss_type=robust", "train.label_smoothing=0.1", "train.rpo_alpha=1"])
-    assert (config.train.loss_type, config.train.label_smoothing, config.train.rpo_alpha) == ("robust", 0.1, 1.0)
+    assert (config.train.loss_type, config.train.label_smoothing, config.train.rpo_alpha) == (
+        "robust",
+        0.1,
+        1.0,
+    )
 
 
 # ---- each variant trains the demo task ------------------------------------------------------
@@ -267,7 +304,10 @@ VARIANTS = {
     "robust": (dict(loss_type="robust", label_smoothing=0.2), math.log(2)),
     "rpo": (dict(loss_type="sigmoid", rpo_alpha=0.5), None),  # ln 2 + the chosen NLL
     # q = ½: log ½ - ½·log(ε(1-ε))
-    "exo_pair": (dict(loss_type="exo_pair", label_smoothing=EXO_EPS), math.log(0.5) - 0.5 * math.log(EXO_EPS * (1 - EXO_EPS))),
+    "exo_pair": (
+        dict(loss_type="exo_pair", label_smoothing=EXO_EPS),
+        math.log(0.5) - 0.5 * math.log(EXO_EPS * (1 - EXO_EPS)),
+    ),
     "nca_pair": (dict(loss_type="nca_pair"), 2 * math.log(2)),
     "bco_pair": (dict(loss_type="bco_pair"), 2 * math.log(2)),
     "sppo_hard": (dict(loss_type="sppo_hard"), 2 * (1 / (2 * 0.1)) ** 2),
@@ -283,8 +323,10 @@ VARIANTS = {
     "ld_dpo": (dict(loss_type="sigmoid", ld_alpha=0.5), math.log(2)),
     "forward_kl": (dict(loss_type="sigmoid", f_divergence_type="forward_kl"), math.log(2)),
     "js_divergence": (dict(loss_type="sigmoid", f_divergence_type="js_divergence"), math.log(2)),
-    "alpha_divergence": (dict(loss_type="sigmoid", f_divergence_type="alpha_divergence",
-                              f_alpha_divergence_coef=0.5), math.log(2)),
+    "alpha_divergence": (
+        dict(loss_type="sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5),
+        math.log(2),
+    ),
     # Reference-free: no cache (the test points precompute.cache_dir at nothing), their own rewards.
     "simpo": (dict(loss_type="simpo", beta=2.5, max_steps=10), None),
     "cpo": (dict(loss_type="cpo", beta=0.5, cpo_alpha=0.2, max_steps=10), None),
@@ -333,8 +375,10 @@ def test_variant_trains_the_demo_task(name, variants_workdir, tmp_path, caplog, 
     notices = [r.message for r in caplog.records if "reference-free" in r.message]
     if name in REFERENCE_FREE:  # no cache opened, none made, and said once
         assert not absent.exists()
-        assert notices == [f"train.loss_type={name} is reference-free: no reference cache is read "
-                           "(precompute.cache_dir is ignored)"]
+        assert notices == [
+            f"train.loss_type={name} is reference-free: no reference cache is read "
+            "(precompute.cache_dir is ignored)"
+        ]
         assert before.chosen_logratio is None and "eval/logratio/chosen" not in after.to_dict()
         report = (result.output_dir / "report.md").read_text()
         assert report.count("not judged: a reference-free objective's rewards are not log-ratios") == 2
@@ -376,7 +420,9 @@ def test_ld_dpo_cache_holds_each_responses_shared_prefix(variants_workdir, ld_ca
     assert torch.equal(rejected_shared[longer], values.rejected_logps[longer])
     assert torch.equal(chosen_shared[shorter], values.chosen_logps[shorter])
     assert torch.all(rejected_shared[shorter] > values.rejected_logps[shorter])
-    assert ReferenceCache(variants_workdir / "cache-variants", shared_prefix=True).shared_prefix[0].isnan().all()
+    assert (
+        ReferenceCache(variants_workdir / "cache-variants", shared_prefix=True).shared_prefix[0].isnan().all()
+    )
 
 
 def test_ld_dpo_on_a_cache_without_the_statistic_names_the_rebuild(variants_workdir, tmp_path, capsys):
@@ -390,7 +436,9 @@ def test_ld_dpo_on_a_cache_without_the_statistic_names_the_rebuild(variants_work
     assert main(["train", "--config", str(config_file)]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"error: {variants_workdir / 'cache-variants'}: {PAIRS} of {PAIRS} train pairs lack "
-                               "the shared-prefix reference log-probs that train.ld_alpha < 1 reads"), lines
+    assert lines[0].startswith(
+        f"error: {variants_workdir / 'cache-variants'}: {PAIRS} of {PAIRS} train pairs lack "
+        "the shared-prefix reference log-probs that train.ld_alpha < 1 reads"
+    ), lines
     assert lines[0].endswith("rebuild the cache with precompute-ref --rebuild and this train.ld_alpha"), lines
     assert not (tmp_path / "run" / "adapter").exists()

@@ -24,10 +24,24 @@ from precompute import precompute_reference
 
 def test_sweep_table_has_one_line_per_beta_and_names_its_columns():
     rows = [
-        {"beta": 0.05, "train_loss": 0.61234567, "eval_reward_accuracy": 0.75, "eval_reward_margin": -0.0123,
-         "eval_preference_accuracy": 0.5, "eval_chosen_logratio": -3.14159, "run_dir": "runs/beta-0.05"},
-        {"beta": 0.5, "train_loss": 0.1, "eval_reward_accuracy": 1.0, "eval_reward_margin": 2.0,
-         "eval_preference_accuracy": 0.9, "eval_chosen_logratio": 10.0, "run_dir": "runs/beta-0.5"},
+        {
+            "beta": 0.05,
+            "train_loss": 0.61234567,
+            "eval_reward_accuracy": 0.75,
+            "eval_reward_margin": -0.0123,
+            "eval_preference_accuracy": 0.5,
+            "eval_chosen_logratio": -3.14159,
+            "run_dir": "runs/beta-0.05",
+        },
+        {
+            "beta": 0.5,
+            "train_loss": 0.1,
+            "eval_reward_accuracy": 1.0,
+            "eval_reward_margin": 2.0,
+            "eval_preference_accuracy": 0.9,
+            "eval_chosen_logratio": 10.0,
+            "run_dir": "runs/beta-0.5",
+        },
     ]
     assert sweep_table(rows) == (
         "| β | final train loss | eval reward accuracy | eval margin | eval preference accuracy "
@@ -40,9 +54,17 @@ def test_sweep_table_has_one_line_per_beta_and_names_its_columns():
 
 
 def test_sweep_table_adds_the_judges_columns_when_runs_were_judged():
-    row = {"beta": 0.1, "train_loss": 0.5, "eval_reward_accuracy": 1.0, "eval_reward_margin": 1.0,
-           "eval_preference_accuracy": 1.0, "eval_chosen_logratio": 0.5, "eval_win_rate": 0.75,
-           "eval_score_gain": 1.25, "run_dir": "runs/beta-0.1"}
+    row = {
+        "beta": 0.1,
+        "train_loss": 0.5,
+        "eval_reward_accuracy": 1.0,
+        "eval_reward_margin": 1.0,
+        "eval_preference_accuracy": 1.0,
+        "eval_chosen_logratio": 0.5,
+        "eval_win_rate": 0.75,
+        "eval_score_gain": 1.25,
+        "run_dir": "runs/beta-0.1",
+    }
     lines = sweep_table([row]).splitlines()
     assert lines[0].endswith("| chosen log-ratio (eval) | win rate (eval) | score gain (eval) |")
     assert lines[2] == "| 0.1 | 0.5000 | 1.0000 | 1.0000 | 1.0000 | 0.5000 | 0.7500 | 1.2500 |"
@@ -51,11 +73,28 @@ def test_sweep_table_adds_the_judges_columns_when_runs_were_judged():
 
 
 def test_sweep_table_has_a_column_per_varied_key():
-    rows = [{"loss_type": "simpo", "loss_weights": None, "beta": 2.5, "train_loss": 0.9, "eval_reward_accuracy": 0.95,
-             "eval_reward_margin": 0.3, "eval_preference_accuracy": 0.9, "eval_chosen_logratio": None},
-            {"loss_type": "sigmoid+sft", "loss_weights": [0.5, 1.0], "beta": 0.1, "train_loss": 6.0,
-             "eval_reward_accuracy": 0.85, "eval_reward_margin": 0.1, "eval_preference_accuracy": 0.8,
-             "eval_chosen_logratio": 1.5}]
+    rows = [
+        {
+            "loss_type": "simpo",
+            "loss_weights": None,
+            "beta": 2.5,
+            "train_loss": 0.9,
+            "eval_reward_accuracy": 0.95,
+            "eval_reward_margin": 0.3,
+            "eval_preference_accuracy": 0.9,
+            "eval_chosen_logratio": None,
+        },
+        {
+            "loss_type": "sigmoid+sft",
+            "loss_weights": [0.5, 1.0],
+            "beta": 0.1,
+            "train_loss": 6.0,
+            "eval_reward_accuracy": 0.85,
+            "eval_reward_margin": 0.1,
+            "eval_preference_accuracy": 0.8,
+            "eval_chosen_logratio": 1.5,
+        },
+    ]
     lines = sweep_table(rows, ["loss_type", "loss_weights", "beta"]).splitlines()
     assert lines[0].startswith("| loss_type | loss_weights | β | final train loss |")
     assert lines[2] == "| simpo | none | 2.5 | 0.9000 | 0.9500 | 0.3000 | 0.9000 | n/a |"
@@ -73,7 +112,10 @@ def test_axes_from_the_command_line():
     assert axes == [SweepAxis("loss_type", ("sigmoid", "ipo")), SweepAxis("beta", ("0.05", "0.1"))]
     assert run_dir_name({"loss_type": "ipo", "beta": 0.05}) == "loss_type-ipo_beta-0.05"
     assert run_dir_name({"beta": 0.1}) == "beta-0.1"
-    assert run_dir_name({"loss_weights": [0.8, 0.2, 1.0], "use_weighting": True}) == "loss_weights-0.8+0.2+1_use_weighting-true"
+    assert (
+        run_dir_name({"loss_weights": [0.8, 0.2, 1.0], "use_weighting": True})
+        == "loss_weights-0.8+0.2+1_use_weighting-true"
+    )
 
 
 @pytest.mark.parametrize(
@@ -99,8 +141,10 @@ def test_bad_axes_are_one_line_errors(sets, betas, message):
         (["train.beta=0.1,abc"], r"sweep point train.beta=abc: train.beta: expected float, got str 'abc'"),
         (["train.beta=0.1,-1"], r"sweep point train.beta=-1: train.beta=-1.0: must be > 0"),
         (["train.bta=0.1,0.2"], r"unknown key 'train.bta' \(did you mean 'beta'\?\)"),
-        (["train.loss_type=sigmoid,ipo", "train.label_smoothing=0,0.1"],
-         r"sweep point train.loss_type=ipo, train.label_smoothing=0.1: train.label_smoothing=0.1 has no effect"),
+        (
+            ["train.loss_type=sigmoid,ipo", "train.label_smoothing=0,0.1"],
+            r"sweep point train.loss_type=ipo, train.label_smoothing=0.1: train.label_smoothing=0.1 has no effect",
+        ),
         (["train.beta=0.1,1e-1"], r"two grid points are the same run \(beta-0.1\)"),
     ],
 )
@@ -110,8 +154,15 @@ def test_every_grid_point_is_parsed_and_checked_by_the_config(demo_workdir, sets
 
 
 def test_a_bad_value_is_one_error_line_from_the_cli(demo_workdir, capsys):
-    code = main(["sweep", "--set", "train.loss_type=sigmoid,dpo", f"model.name_or_path={demo_workdir / 'model'}",
-                 f"data.eval_path={demo_workdir / 'data' / 'eval.jsonl'}"])
+    code = main(
+        [
+            "sweep",
+            "--set",
+            "train.loss_type=sigmoid,dpo",
+            f"model.name_or_path={demo_workdir / 'model'}",
+            f"data.eval_path={demo_workdir / 'data' / 'eval.jsonl'}",
+        ]
+    )
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith(
@@ -153,7 +204,8 @@ def count_model_work(monkeypatch):
     monkeypatch.setattr(build, "score_pairs", lambda *a, **k: reference_runs.append(1) or real_score(*a, **k))
     real_load = AutoModelForCausalLM.from_pretrained.__func__
     monkeypatch.setattr(
-        AutoModelForCausalLM, "from_pretrained",
+        AutoModelForCausalLM,
+        "from_pretrained",
         classmethod(lambda cls, *a, **k: model_loads.append(1) or real_load(cls, *a, **k)),
     )
     return reference_runs, model_loads
@@ -172,24 +224,45 @@ def test_grid_of_loss_types_and_betas_on_one_cache(sweep_workdir, tmp_path, monk
     assert len(model_loads) == 1  # the 4-bit base, once for all four runs
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == before
     assert [(row["loss_type"], row["beta"]) for row in result.rows] == [
-        ("sigmoid", 0.05), ("sigmoid", 0.1), ("ipo", 0.05), ("ipo", 0.1)
+        ("sigmoid", 0.05),
+        ("sigmoid", 0.1),
+        ("ipo", 0.05),
+        ("ipo", 0.1),
     ]
-    names = ["loss_type-sigmoid_beta-0.05", "loss_type-sigmoid_beta-0.1", "loss_type-ipo_beta-0.05", "loss_type-ipo_beta-0.1"]
+    names = [
+        "loss_type-sigmoid_beta-0.05",
+        "loss_type-sigmoid_beta-0.1",
+        "loss_type-ipo_beta-0.05",
+        "loss_type-ipo_beta-0.1",
+    ]
     assert [row["run_dir"] for row in result.rows] == [str(tmp_path / "sweep" / name) for name in names]
     lines = result.table_md.read_text().splitlines()
     assert len(lines) == 2 + 4
-    assert lines[0] == ("| loss_type | β | final train loss | eval reward accuracy | eval margin "
-                        "| eval preference accuracy | chosen log-ratio (eval) |")
+    assert lines[0] == (
+        "| loss_type | β | final train loss | eval reward accuracy | eval margin "
+        "| eval preference accuracy | chosen log-ratio (eval) |"
+    )
     assert [line.split(" | ")[:2] for line in lines[2:]] == [
-        ["| sigmoid", "0.05"], ["| sigmoid", "0.1"], ["| ipo", "0.05"], ["| ipo", "0.1"]
+        ["| sigmoid", "0.05"],
+        ["| sigmoid", "0.1"],
+        ["| ipo", "0.05"],
+        ["| ipo", "0.1"],
     ]
     saved = json.loads(result.table_json.read_text())
     assert saved["varied"] == ["loss_type", "beta"] and len(saved["runs"]) == 4
     assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Each run is the configured one: the step-1 loss at z = 0 is ln 2 for sigmoid, 1/(4β²) for IPO.
     for row, expected in zip(result.rows, (0.6931472, 0.6931472, 1 / (4 * 0.05**2), 1 / (4 * 0.1**2))):
-        first = json.loads((tmp_path / "sweep" / run_dir_name({"loss_type": row["loss_type"], "beta": row["beta"]})
-                            / "metrics.jsonl").read_text().splitlines()[1])
+        first = json.loads(
+            (
+                tmp_path
+                / "sweep"
+                / run_dir_name({"loss_type": row["loss_type"], "beta": row["beta"]})
+                / "metrics.jsonl"
+            )
+            .read_text()
+            .splitlines()[1]
+        )
         assert first["loss"] == pytest.approx(expected, abs=1e-5), row
 
 

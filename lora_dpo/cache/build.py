@@ -108,14 +108,25 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
         if mine and reference_model is None:
             reference_model = load_reference(config, precision, device)
         write_planned_shards(
-            cache_dir, mine, splits, reference_model, stamp, config, device, pad_id_of(tokenizer), info.is_main
+            cache_dir,
+            mine,
+            splits,
+            reference_model,
+            stamp,
+            config,
+            device,
+            pad_id_of(tokenizer),
+            info.is_main,
         )
         barrier()  # every shard is on disk
         if not info.is_main:
             return cache_dir
         shards = tuple(
             ShardEntry(
-                spec.file, spec.split, len(spec.indices), sha256_file(shard_path(cache_dir, spec.file)),
+                spec.file,
+                spec.split,
+                len(spec.indices),
+                sha256_file(shard_path(cache_dir, spec.file)),
                 shard_fields(shard_path(cache_dir, spec.file)),
             )
             for spec in plan
@@ -127,12 +138,18 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
         commit(cache_dir, manifest)
         log.info(
             "reference cache: %s: %d new pairs scored, %d in the cache, %d data set(s) covered (%.1f s)",
-            cache_dir, added, manifest.total_pairs, len(manifest.datasets), change.seconds,
+            cache_dir,
+            added,
+            manifest.total_pairs,
+            len(manifest.datasets),
+            change.seconds,
         )
     return cache_dir
 
 
-def load_reference(config: Config, precision: Precision, device: torch.device) -> tuple[torch.nn.Module, Layout]:
+def load_reference(
+    config: Config, precision: Precision, device: torch.device
+) -> tuple[torch.nn.Module, Layout]:
     """The frozen reference, and the batch layout it scores in (switched to its attention)."""
     model = load_base_model(
         config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
@@ -151,7 +168,10 @@ class ShardSpec:
 
 
 def plan_shards(
-    splits: Mapping[str, tuple[Sequence[TokenizedPair], Any]], known: set[bytes], config: Config, first_number: int
+    splits: Mapping[str, tuple[Sequence[TokenizedPair], Any]],
+    known: set[bytes],
+    config: Config,
+    first_number: int,
 ) -> list[ShardSpec]:
     """The pairs of each split the cache lacks, length-sorted and cut into shards of `shard_size`
     pairs, numbered from `first_number` across splits. Deterministic: resume and ranks rely on it.
@@ -167,7 +187,9 @@ def plan_shards(
         batches = length_sorted_batches([pairs[i] for i in new], config.precompute.batch_size)
         order = [new[i] for batch in batches for i in batch]
         for offset in range(0, len(order), size):
-            specs.append(ShardSpec(shard_name(first_number + len(specs)), split, order[offset : offset + size]))
+            specs.append(
+                ShardSpec(shard_name(first_number + len(specs)), split, order[offset : offset + size])
+            )
     return specs
 
 
@@ -185,7 +207,9 @@ def write_planned_shards(
     # LD-DPO's statistic, for a config that will read it (an extra field other readers skip)
     shared_prefix = LossSettings.of(config.train).needs_shared_prefix
     quiet = {} if show_progress else {"disable": True}  # one bar per job, not per rank
-    progress = tqdm(total=sum(len(spec.indices) for spec in specs), desc="reference log-probs", unit="pair", **quiet)
+    progress = tqdm(
+        total=sum(len(spec.indices) for spec in specs), desc="reference log-probs", unit="pair", **quiet
+    )
     for spec in specs:
         pairs = splits[spec.split][0]
         shard_pairs = [pairs[i] for i in spec.indices]
@@ -196,8 +220,15 @@ def write_planned_shards(
         assert reference_model is not None, "the reference is loaded when there is a shard to score"
         model, layout = reference_model
         scores = score_pairs(
-            model, shard_pairs, batch_size=config.precompute.batch_size, pad_id=pad_id, device=device, progress=progress,
-            layout=layout.name, max_tokens=config.precompute.max_tokens_per_batch, shared_prefix=shared_prefix,
+            model,
+            shard_pairs,
+            batch_size=config.precompute.batch_size,
+            pad_id=pad_id,
+            device=device,
+            progress=progress,
+            layout=layout.name,
+            max_tokens=config.precompute.max_tokens_per_batch,
+            shared_prefix=shared_prefix,
         )
         records = ShardRecords(
             pair_hashes=[p.pair_hash for p in shard_pairs],

@@ -214,7 +214,9 @@ def check_shapes(path: Path, tensors: dict[str, torch.Tensor]) -> None:
                     f"expected {str(dtype).removeprefix('torch.')} {expected}"
                 )
         elif tensor.ndim == 0 or len(tensor) != n:
-            raise CacheError(f"{path}: {name} has shape {list(tensor.shape)}, expected [{n}, ...] (one row per pair)")
+            raise CacheError(
+                f"{path}: {name} has shape {list(tensor.shape)}, expected [{n}, ...] (one row per pair)"
+            )
 
 
 def value_problems(path: Path, records: ShardRecords) -> list[str]:

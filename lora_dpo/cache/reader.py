@@ -62,7 +62,9 @@ def load_listed_shard(
         raise CacheError(f"{path}: checksum mismatch, the shard is truncated or altered")
     fields = shard_fields(path)
     if fields != entry.fields:
-        raise CacheError(f"{path}: holds fields {', '.join(fields)}; the manifest lists {', '.join(entry.fields)}")
+        raise CacheError(
+            f"{path}: holds fields {', '.join(fields)}; the manifest lists {', '.join(entry.fields)}"
+        )
     records = read_shard(path, extras=extras)
     if len(records.pair_hashes) != entry.pairs:
         raise CacheError(f"{path}: holds {len(records.pair_hashes)} pairs, manifest says {entry.pairs}")
@@ -131,6 +133,9 @@ class ReferenceCache:
                 )
             shared = (chosen, rejected)
         return ReferenceValues(
-            self.chosen_logps[index], self.rejected_logps[index], self.chosen_tokens[index], self.rejected_tokens[index],
+            self.chosen_logps[index],
+            self.rejected_logps[index],
+            self.chosen_tokens[index],
+            self.rejected_tokens[index],
             shared,
         )

@@ -38,11 +38,15 @@ class FDivergence:
 
     def __post_init__(self) -> None:
         if self.kind not in F_DIVERGENCE_TYPES:
-            raise ValueError(f"unknown f_divergence_type {self.kind!r}; known: {', '.join(F_DIVERGENCE_TYPES)}")
+            raise ValueError(
+                f"unknown f_divergence_type {self.kind!r}; known: {', '.join(F_DIVERGENCE_TYPES)}"
+            )
 
     def scores(self, logratios: torch.Tensor) -> torch.Tensor:
         """f'(e^Δ) per response, [B] -> [B]."""
-        if self.kind == "reverse_kl" or (self.kind == "alpha_divergence" and abs(self.alpha_coef - 1.0) < 1e-6):
+        if self.kind == "reverse_kl" or (
+            self.kind == "alpha_divergence" and abs(self.alpha_coef - 1.0) < 1e-6
+        ):
             return logratios
         if self.kind == "forward_kl":
             return 1 - torch.exp(-logratios)

@@ -160,7 +160,9 @@ def ipo_loss(
     chosen, rejected, chosen_scores, rejected_scores = _margin(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, divergence
     )
-    per_token_margin = per_token(chosen_scores, chosen_tokens) - per_token(rejected_scores, rejected_tokens)  # [B] h
+    per_token_margin = per_token(chosen_scores, chosen_tokens) - per_token(
+        rejected_scores, rejected_tokens
+    )  # [B] h
     losses = (per_token_margin - 1 / (2 * beta)) ** 2
     return rewards_output(losses, chosen, rejected, beta)
 

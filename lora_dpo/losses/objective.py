@@ -58,14 +58,24 @@ class PairLogps:
     rejected_log_sum_sq: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, policy: Any, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None,
-           ref_shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> PairLogps:
+    def of(
+        cls,
+        policy: Any,
+        ref_chosen: torch.Tensor | None,
+        ref_rejected: torch.Tensor | None,
+        ref_shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> PairLogps:
         """From the policy's `lora_dpo.logps.SequenceLogps` and the reference values of its pairs."""
         shared = policy.shared_logps
         log_sum_sq = policy.log_sum_sq_probs
         half = len(policy.logps) // 2
         return cls(
-            policy.chosen, policy.rejected, ref_chosen, ref_rejected, policy.chosen_tokens, policy.rejected_tokens,
+            policy.chosen,
+            policy.rejected,
+            ref_chosen,
+            ref_rejected,
+            policy.chosen_tokens,
+            policy.rejected_tokens,
             *((shared[:half], shared[half:]) if shared is not None else (None, None)),
             *(ref_shared or (None, None)),
             *((log_sum_sq[:half], log_sum_sq[half:]) if log_sum_sq is not None else (None, None)),
@@ -109,18 +119,30 @@ def _with_reference(s: LossSettings, batch: PairLogps) -> DPOOutput:
     chosen, rejected = logratios(pc, pr, rc, rr)  # summed: the rewards
     if s.needs_shared_prefix:
         shared = batch.require(
-            f"ld_alpha={s.ld_alpha}", "policy_chosen_shared", "policy_rejected_shared",
-            "ref_chosen_shared", "ref_rejected_shared",
+            f"ld_alpha={s.ld_alpha}",
+            "policy_chosen_shared",
+            "policy_rejected_shared",
+            "ref_chosen_shared",
+            "ref_rejected_shared",
         )
-        pc, pr, rc, rr = (ld_logps(total, part, s.ld_alpha) for total, part in zip((pc, pr, rc, rr), shared, strict=True))
+        pc, pr, rc, rr = (
+            ld_logps(total, part, s.ld_alpha) for total, part in zip((pc, pr, rc, rr), shared, strict=True)
+        )
     divergence = FDivergence(s.f_divergence_type, s.f_alpha_divergence_coef)
     losses = torch.zeros_like(chosen)
     for loss_type, weight in zip(s.loss_types, s.weights, strict=True):
         losses = losses + weight * _loss_type(loss_type, s, batch, (pc, pr, rc, rr), divergence).losses
     if s.use_weighting:
         losses = losses * wpo_weights(
-            batch.policy_chosen, batch.policy_rejected,
-            *batch.require("use_weighting", "chosen_log_sum_sq", "rejected_log_sum_sq", "chosen_tokens", "rejected_tokens"),
+            batch.policy_chosen,
+            batch.policy_rejected,
+            *batch.require(
+                "use_weighting",
+                "chosen_log_sum_sq",
+                "rejected_log_sum_sq",
+                "chosen_tokens",
+                "rejected_tokens",
+            ),
         )
     return rewards_output(losses, chosen, rejected, s.beta)
 
@@ -165,6 +187,7 @@ def _loss_type(
         return (aot_loss if loss_type == "aot" else aot_unpaired_loss)(*logps, beta, eps)
     return PAIRWISE_LOSSES[loss_type](*logps, beta)  # settings.check() refused the rest
 
+
 def preference_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -181,6 +204,5 @@ def preference_loss(
     a `PairLogps` and call `compute_loss`. Shape: all inputs [B]; all outputs [B]."""
     return compute_loss(
         LossSettings(beta, **settings),
-        PairLogps(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens)
+        PairLogps(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens),
     )
-

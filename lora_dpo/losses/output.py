@@ -48,7 +48,10 @@ def rewards_output(
 
 
 def logratios(
-    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Δw, Δl) = (log πθ(yw|x) - log πref(yw|x), log πθ(yl|x) - log πref(yl|x)), [B] each."""
     check_shapes(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
@@ -67,4 +70,3 @@ def soft_label_sigmoid(logits: torch.Tensor, label_smoothing: float) -> torch.Te
 def per_token(values: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """values / token count, [B]; a count of 0 (never in a cache) divides by 1."""
     return values / tokens.clamp(min=1)
-

@@ -15,8 +15,21 @@ if TYPE_CHECKING:
 
 # TRL's DPOTrainer `loss_type` list (the first four in the order this project had them).
 DPO_LOSS_TYPES = (
-    "sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
 )
 # No reference model at all: TRL's CPOTrainer (`cpo`, its `loss_type="simpo"`) and ORPOTrainer.
 REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo", "cpo")
@@ -126,14 +139,21 @@ class LossSettings:
                     f"{p}f_divergence_type={self.f_divergence_type} does not apply to {p}loss_type={', '.join(others)}; "
                     f"it applies to {', '.join(F_DIVERGENCE_LOSS_TYPES)}"
                 )
-        if self.f_divergence_type != "alpha_divergence" and self.f_alpha_divergence_coef != _DEFAULTS["f_alpha_divergence_coef"]:
+        if (
+            self.f_divergence_type != "alpha_divergence"
+            and self.f_alpha_divergence_coef != _DEFAULTS["f_alpha_divergence_coef"]
+        ):
             return f"{p}f_alpha_divergence_coef has no effect unless {p}f_divergence_type=alpha_divergence"
         if self.reference_free:
             for name in ("ld_alpha", "use_weighting"):
                 if getattr(self, name) != _DEFAULTS[name]:
                     return f"{p}{name}={getattr(self, name)} is a DPO option; {p}loss_type={self.loss_type} has no reference"
             if self.rpo_alpha and self.loss_type != "simpo":
-                nll = f"{p}cpo_alpha weighs its NLL term" if self.loss_type == "cpo" else "its loss holds the NLL term"
+                nll = (
+                    f"{p}cpo_alpha weighs its NLL term"
+                    if self.loss_type == "cpo"
+                    else "its loss holds the NLL term"
+                )
                 return f"{p}rpo_alpha={self.rpo_alpha} does not apply to {p}loss_type={self.loss_type}: {nll}"
         if self.use_weighting and set(types) & set(UNWEIGHTED_LOSS_TYPES):
             return f"{p}use_weighting=true does not apply to {p}loss_type={self.loss_type}: the aot losses sort the batch"

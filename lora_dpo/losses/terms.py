@@ -89,7 +89,9 @@ def wpo_weights(
     with the log-probs). The weight multiplies each pair's loss and carries no gradient, so
     off-policy pairs count less. Shape: all inputs [B]; output [B].
     """
-    check_shapes(policy_chosen, policy_rejected, chosen_log_sum_sq, rejected_log_sum_sq, chosen_tokens, rejected_tokens)
+    check_shapes(
+        policy_chosen, policy_rejected, chosen_log_sum_sq, rejected_log_sum_sq, chosen_tokens, rejected_tokens
+    )
     chosen = per_token(policy_chosen.detach() - chosen_log_sum_sq, chosen_tokens)  # [B]
     rejected = per_token(policy_rejected.detach() - rejected_log_sum_sq, rejected_tokens)
     return torch.exp(chosen + rejected).detach()
