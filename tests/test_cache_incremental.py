@@ -40,6 +40,9 @@ def config_for(
     config = demo_config(workdir)
     config.data.train_path = str(train_file)
     config.data.eval_path = str(eval_file) if eval_file else None
+    config.train.generate_every = (
+        0 if eval_file is None else config.train.generate_every
+    )  # samples need held-out prompts
     config.precompute.cache_dir = str(cache_dir)
     config.train.layout = (
         "padded"  # counted_pairs counts padded batches; the cache is the same in every layout

@@ -51,6 +51,7 @@ def config_for(root: Path, cache_dir: Path, data: str = "old.jsonl"):
     config = demo_config(root)
     config.data.train_path = str(root / data)
     config.data.eval_path = None
+    config.train.generate_every = 0  # samples need held-out prompts
     config.precompute.cache_dir = str(cache_dir)
     config.train.layout = (
         "padded"  # counted_pairs counts padded batches; the cache is the same in every layout
