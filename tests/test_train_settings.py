@@ -94,7 +94,9 @@ def test_a_checkpoint_holding_pickled_code_is_refused_in_one_line(workdir, uncli
     shutil.copytree(unclipped / "checkpoints" / "step-000001", checkpoint)
     shutil.copy(unclipped / "config.yaml", run_dir / "config.yaml")
     marker = tmp_path / "code-was-executed"
-    torch.save({"state": {}, "param_groups": [], "extra": Payload(f"touch '{marker}'")}, checkpoint / "optimizer.pt")
+    torch.save(
+        {"state": {}, "param_groups": [], "extra": Payload(f"touch '{marker}'")}, checkpoint / "optimizer.pt"
+    )
 
     assert main(["train", "--resume", str(run_dir)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
@@ -125,6 +127,9 @@ def test_a_lora_target_the_model_lacks_is_one_line_from_train(workdir, tmp_path,
     path.write_text(dump_config(config))
     assert main(["train", "--config", str(path), "lora.target_modules=q_proj,v_prj"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1] == "error: lora.target_modules: 'v_prj' matches no module of the model; closest: v_proj, q_proj, o_proj"
+    assert (
+        lines[-1]
+        == "error: lora.target_modules: 'v_prj' matches no module of the model; closest: v_proj, q_proj, o_proj"
+    )
     assert not any("Traceback" in line for line in lines)
     assert not (tmp_path / "run" / "adapter").exists()
