@@ -78,12 +78,18 @@ def make_rows(count: int, shape: dict, words: list[str], rng: random.Random) -> 
         return " ".join(rng.choice(words) for _ in range(rng.randint(*bounds)))
 
     return [
-        {"prompt": text(shape["prompt"]) + "\n", "chosen": text(shape["response"]), "rejected": text(shape["response"])}
+        {
+            "prompt": text(shape["prompt"]) + "\n",
+            "chosen": text(shape["response"]),
+            "rejected": text(shape["response"]),
+        }
         for _ in range(count)
     ]
 
 
-def make_spread_rows(count: int, spread: dict, words: list[str], rng: random.Random, max_length: int) -> list[dict]:
+def make_spread_rows(
+    count: int, spread: dict, words: list[str], rng: random.Random, max_length: int
+) -> list[dict]:
     """Pairs whose word counts are log-normal, clipped to [low, high], with prompt + the longer
     response within max_length - 24 (so neither trainer truncates, whatever it appends)."""
 
@@ -92,7 +98,11 @@ def make_spread_rows(count: int, spread: dict, words: list[str], rng: random.Ran
 
     rows = []
     while len(rows) < count:
-        prompt, chosen, rejected = length(*spread["prompt"]), length(*spread["response"]), length(*spread["response"])
+        prompt, chosen, rejected = (
+            length(*spread["prompt"]),
+            length(*spread["response"]),
+            length(*spread["response"]),
+        )
         if prompt + max(chosen, rejected) > max_length - 24:
             continue
         text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
@@ -121,15 +131,21 @@ def build_decoder_fixture(workdir: Path, pairs: int, quick: bool) -> tuple[Fixtu
     rng = random.Random(SEED + 1)
     words = pseudo_words(400, random.Random(SEED))  # the words the shared tokenizer knows
     path = workdir / "data" / "real_spread.jsonl"
-    rows = make_spread_rows(pairs, REAL_SPREAD_QUICK if quick else REAL_SPREAD, words, rng, DECODER_MAX_LENGTH)
+    rows = make_spread_rows(
+        pairs, REAL_SPREAD_QUICK if quick else REAL_SPREAD, words, rng, DECODER_MAX_LENGTH
+    )
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     tokenizer = AutoTokenizer.from_pretrained(str(workdir / "tokenizer"))
     name = "decoder-quick" if quick else "decoder"
     model_dir = workdir / "models" / name
     if not (model_dir / "config.json").is_file():
         config = tiny_config(
-            "llama", vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_layers=shape["layers"],
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            "llama",
+            vocab_size=shape["vocab"],
+            hidden_size=shape["hidden"],
+            num_layers=shape["layers"],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
         config.num_attention_heads, config.num_key_value_heads = shape["heads"], shape["kv_heads"]
@@ -139,8 +155,14 @@ def build_decoder_fixture(workdir: Path, pairs: int, quick: bool) -> tuple[Fixtu
         torch.manual_seed(SEED)
         AutoModelForCausalLM.from_config(config).save_pretrained(str(model_dir))
         tokenizer.save_pretrained(str(model_dir))
-    fixture = Fixture(name, model_dir, shape["vocab"], DECODER_MAX_LENGTH, DECODER_PAIRS_PER_STEP,
-                      DECODER_TOKENS_PER_BATCH if not quick else 1024)
+    fixture = Fixture(
+        name,
+        model_dir,
+        shape["vocab"],
+        DECODER_MAX_LENGTH,
+        DECODER_PAIRS_PER_STEP,
+        DECODER_TOKENS_PER_BATCH if not quick else 1024,
+    )
     return fixture, path
 
 
@@ -154,7 +176,10 @@ def build_fixtures(workdir: Path, pairs: int) -> tuple[list[Fixture], dict[str, 
 
     rng = random.Random(SEED)
     words = pseudo_words(400, rng)
-    datasets = {"chat": make_rows(pairs, CHAT, words, rng), "long_prompt": make_rows(pairs, LONG_PROMPT, words, rng)}
+    datasets = {
+        "chat": make_rows(pairs, CHAT, words, rng),
+        "long_prompt": make_rows(pairs, LONG_PROMPT, words, rng),
+    }
     data_files = {}
     for name, rows in datasets.items():
         path = workdir / "data" / f"{name}.jsonl"
@@ -168,8 +193,12 @@ def build_fixtures(workdir: Path, pairs: int) -> tuple[list[Fixture], dict[str, 
         model_dir = workdir / "models" / f"vocab-{vocab}"
         if not (model_dir / "config.json").is_file():
             config = tiny_config(
-                "llama", vocab_size=vocab, hidden_size=HIDDEN, num_layers=LAYERS,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                "llama",
+                vocab_size=vocab,
+                hidden_size=HIDDEN,
+                num_layers=LAYERS,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
             torch.manual_seed(SEED)
@@ -192,7 +221,11 @@ def sequence_tokens(model_dir: Path, data_file: Path, max_length: int = MAX_LENG
     pairs, report = load_preference_data(cfg, tokenizer, "train")
     assert report.truncated == 0 and report.kept == report.total, "benchmark pairs must fit max_length"
     needed = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    return len(pairs), sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs), needed
+    return (
+        len(pairs),
+        sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
+        needed,
+    )
 
 
 def busy_cpu_seconds() -> float:
@@ -240,11 +273,15 @@ class Runner:
         stem.parent.mkdir(parents=True, exist_ok=True)
         busy_before = wait_for_quiet(self.max_busy, self.max_wait_s)
         command = [sys.executable, str(HERE / "bench_worker.py"), mode, f"{stem}.json", *args]
-        print(f"  [{time.strftime('%H:%M:%S')}] {mode} {' '.join(args[1:])} (others: {busy_before:.2f} cores)",
-              flush=True)
+        print(
+            f"  [{time.strftime('%H:%M:%S')}] {mode} {' '.join(args[1:])} (others: {busy_before:.2f} cores)",
+            flush=True,
+        )
         started, busy_start = time.perf_counter(), busy_cpu_seconds()
         with open(f"{stem}.log", "w") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=HERE.parent)
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=HERE.parent
+            )
             _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - started
         others = (busy_cpu_seconds() - busy_start - usage.ru_utime - usage.ru_stime) / wall
@@ -253,16 +290,24 @@ class Runner:
             raise SystemExit(f"{mode} failed with exit code {code}; see {stem}.log")
         result = json.loads(Path(f"{stem}.json").read_text())
         # ru_maxrss is in KiB on Linux
-        return {**result, "wall_s": wall, "max_rss_bytes": usage.ru_maxrss * 1024,
-                "others_cores_before": busy_before, "others_cores_during": max(others, 0.0)}
+        return {
+            **result,
+            "wall_s": wall,
+            "max_rss_bytes": usage.ru_maxrss * 1024,
+            "others_cores_before": busy_before,
+            "others_cores_during": max(others, 0.0),
+        }
 
 
 def lora_config(workdir: Path, fixture: Fixture, data_file: Path, cache_name: str) -> Path:
     config = {
         "model": {"name_or_path": str(fixture.model_dir)},
         "lora": LORA,
-        "data": {"train_path": str(data_file), "max_length": fixture.max_length,
-                 "max_prompt_length": fixture.max_length - 64},
+        "data": {
+            "train_path": str(data_file),
+            "max_length": fixture.max_length,
+            "max_prompt_length": fixture.max_length - 64,
+        },
         "precompute": {"cache_dir": str(workdir / "caches" / cache_name), "batch_size": PRECOMPUTE_BATCH},
         "train": {
             "output_dir": str(workdir / "lora-runs" / cache_name),
@@ -309,7 +354,9 @@ def steady_steps(runs: list[dict]) -> list[float]:
     return [t for run in runs for t in run["step_times"][1:]]
 
 
-def bench_trainers(runner: Runner, workdir: Path, fixture: Fixture, data_file: Path, betas: list[float]) -> dict:
+def bench_trainers(
+    runner: Runner, workdir: Path, fixture: Fixture, data_file: Path, betas: list[float]
+) -> dict:
     """lora-dpo (one cache, one train process per β) against TRL (one full run per β)."""
     config = lora_config(workdir, fixture, data_file, f"{fixture.name}-chat")
     precompute = runner.run("lora-precompute", str(config))
@@ -317,8 +364,12 @@ def bench_trainers(runner: Runner, workdir: Path, fixture: Fixture, data_file: P
     for beta in betas:  # interleaved, so drifting machine load hits both sides alike
         trl_runs.append(runner.run("trl", str(trl_spec(workdir, fixture, data_file, beta))))
         lora_runs.append(
-            runner.run("lora-train", str(config), f"train.beta={beta}",
-                       f"train.output_dir={workdir / 'lora-runs' / f'{fixture.name}-beta-{beta:g}'}")
+            runner.run(
+                "lora-train",
+                str(config),
+                f"train.beta={beta}",
+                f"train.output_dir={workdir / 'lora-runs' / f'{fixture.name}-beta-{beta:g}'}",
+            )
         )
     pairs, tokens, _ = sequence_tokens(fixture.model_dir, data_file)
     return {
@@ -337,8 +388,12 @@ def bench_prefix_sharing(runner: Runner, workdir: Path, fixture: Fixture, data_f
     runs = {}
     for shared in (False, True):
         out = workdir / "lora-runs" / f"{fixture.name}-long-{'shared' if shared else 'unshared'}"
-        runs[shared] = runner.run("lora-train", str(config), f"train.layout={'prompt_shared' if shared else 'padded'}",
-                                  f"train.output_dir={out}")
+        runs[shared] = runner.run(
+            "lora-train",
+            str(config),
+            f"train.layout={'prompt_shared' if shared else 'padded'}",
+            f"train.output_dir={out}",
+        )
     return {"unshared": runs[False], "shared": runs[True]}
 
 
@@ -350,13 +405,25 @@ def bench_decoder(runner: Runner, workdir: Path, fixture: Fixture, data_file: Pa
     trl = runner.run("trl", str(trl_spec(workdir, fixture, data_file, 0.1)))
     out = workdir / "lora-runs" / fixture.name
     lora = runner.run("lora-train", str(config), f"train.output_dir={out}-auto")
-    padded = runner.run("lora-train", str(config), "train.layout=padded", "train.max_tokens_per_batch=0",
-                        f"train.output_dir={out}-padded")
+    padded = runner.run(
+        "lora-train",
+        str(config),
+        "train.layout=padded",
+        "train.max_tokens_per_batch=0",
+        f"train.output_dir={out}-padded",
+    )
     pairs, sequence, needed = sequence_tokens(fixture.model_dir, data_file, fixture.max_length)
     steps = pairs / fixture.pairs_per_step
-    return {"pairs": pairs, "sequence_tokens_per_step": sequence / steps, "needed_tokens_per_step": needed / steps,
-            "lora_precompute": precompute, "trl": trl, "lora": lora, "lora_padded": padded,
-            "gemm_peak": runner.run("gemm-peak")}
+    return {
+        "pairs": pairs,
+        "sequence_tokens_per_step": sequence / steps,
+        "needed_tokens_per_step": needed / steps,
+        "lora_precompute": precompute,
+        "trl": trl,
+        "lora": lora,
+        "lora_padded": padded,
+        "gemm_peak": runner.run("gemm-peak"),
+    }
 
 
 def token_accounting(run: dict, needed_per_step: float, peak_flops: float) -> dict:
@@ -370,8 +437,15 @@ def token_accounting(run: dict, needed_per_step: float, peak_flops: float) -> di
     step_time = statistics.mean(steady_steps([run]))
     per_token = run["first_step_flops"] / max(run["first_step_computed_tokens"], 1)
     flops = per_token * timed_tokens / step_time
-    return {"computed": computed, "needed": needed_per_step, "ratio": computed / needed_per_step,
-            "padding": 1 - real / computed, "step_time": step_time, "flops": flops, "peak_share": flops / peak_flops}
+    return {
+        "computed": computed,
+        "needed": needed_per_step,
+        "ratio": computed / needed_per_step,
+        "padding": 1 - real / computed,
+        "step_time": step_time,
+        "flops": flops,
+        "peak_share": flops / peak_flops,
+    }
 
 
 def summarize_decoder(name: str, r: dict) -> list[str]:
@@ -380,10 +454,12 @@ def summarize_decoder(name: str, r: dict) -> list[str]:
     rows = {label: token_accounting(run, r["needed_tokens_per_step"], peak) for label, run in runs.items()}
     trl_step = rows["TRL"]["step_time"]
     lines = [
-        f"### {name}: decoder-dominated, real length spread", "",
+        f"### {name}: decoder-dominated, real length spread",
+        "",
         f"{r['pairs']} pairs, {r['needed_tokens_per_step']:,.0f} tokens needed per step (prompt once + both "
         f"responses); this machine's fp32 GEMM peak, measured in this run: {peak / 1e9:,.1f} GFLOP/s "
-        f"({r['gemm_peak']['threads']} threads).", "",
+        f"({r['gemm_peak']['threads']} threads).",
+        "",
         "| trainer | mean step | / TRL | needed tokens/s | decoder tokens computed per step | computed / needed "
         "| padding share of computed | matmul FLOP/s | share of fp32 peak |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -396,9 +472,13 @@ def summarize_decoder(name: str, r: dict) -> list[str]:
         )
     lora_pps = r["lora_precompute"]["pairs"] / r["lora_precompute"]["precompute_s"]
     trl_pps = r["pairs"] / r["trl"]["precompute_train_s"]
-    lines += ["", f"Reference precompute: lora-dpo {lora_pps:.2f} pairs/s, TRL {trl_pps:.2f} pairs/s. "
-              f"First-step loss: lora-dpo {r['lora']['losses'][0]:.4f}, TRL {r['trl']['losses'][0]:.4f}. "
-              f"Peak RSS: lora-dpo {mib(r['lora']['max_rss_bytes'])}, TRL {mib(r['trl']['max_rss_bytes'])}.", ""]
+    lines += [
+        "",
+        f"Reference precompute: lora-dpo {lora_pps:.2f} pairs/s, TRL {trl_pps:.2f} pairs/s. "
+        f"First-step loss: lora-dpo {r['lora']['losses'][0]:.4f}, TRL {r['trl']['losses'][0]:.4f}. "
+        f"Peak RSS: lora-dpo {mib(r['lora']['max_rss_bytes'])}, TRL {mib(r['trl']['max_rss_bytes'])}.",
+        "",
+    ]
     return lines
 
 
@@ -455,8 +535,12 @@ def summarize(results: dict) -> str:
     for name, r in results.get("decoder", {}).items():
         lines += summarize_decoder(name, r)
     if results.get("prefix_sharing"):
-        lines += ["### prefix sharing, long-prompt pairs (lora-dpo)", "",
-                  "| fixture | unshared step | shared step | shared / unshared |", "|---|---|---|---|"]
+        lines += [
+            "### prefix sharing, long-prompt pairs (lora-dpo)",
+            "",
+            "| fixture | unshared step | shared step | shared / unshared |",
+            "|---|---|---|---|",
+        ]
         for name, r in results["prefix_sharing"].items():
             unshared = statistics.mean(steady_steps([r["unshared"]]))
             shared = statistics.mean(steady_steps([r["shared"]]))
@@ -468,8 +552,14 @@ def summarize(results: dict) -> str:
 def environment() -> dict:
     import importlib.metadata as md
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     packages = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "datasets")
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -486,12 +576,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per training run")
     parser.add_argument("--betas", default="0.05,0.1,0.2,0.5", help="the sweep")
     parser.add_argument("--workdir", default="runs/bench", help="fixtures, caches, runs, results.json")
-    parser.add_argument("--max-busy", type=float, default=0.25,
-                        help="start a run only when other processes use fewer cores than this")
+    parser.add_argument(
+        "--max-busy",
+        type=float,
+        default=0.25,
+        help="start a run only when other processes use fewer cores than this",
+    )
     parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for a quiet machine")
     parser.add_argument("--no-prefix-sharing", action="store_true", help="skip the long-prompt runs")
-    parser.add_argument("--only", choices=("vocab", "decoder"), help="only the vocabulary fixtures or only the "
-                        "decoder-dominated one (with --quick: a scaled-down model and shorter pairs)")
+    parser.add_argument(
+        "--only",
+        choices=("vocab", "decoder"),
+        help="only the vocabulary fixtures or only the "
+        "decoder-dominated one (with --quick: a scaled-down model and shorter pairs)",
+    )
     parser.add_argument("--decoder-steps", type=int, default=8, help="optimizer steps on the decoder fixture")
     args = parser.parse_args(argv)
     steps, betas = (2, [0.1, 0.2]) if args.quick else (args.steps, [float(b) for b in args.betas.split(",")])
@@ -503,19 +601,29 @@ def main(argv: list[str] | None = None) -> int:
 
     fixtures, data_files = build_fixtures(workdir, pairs=steps * PAIRS_PER_STEP)
     runner = Runner(workdir, args.max_busy, args.max_wait)
-    results: dict = {"environment": environment(), "steps": steps, "betas": betas, "fixtures": {},
-                     "prefix_sharing": {}, "decoder": {}}
+    results: dict = {
+        "environment": environment(),
+        "steps": steps,
+        "betas": betas,
+        "fixtures": {},
+        "prefix_sharing": {},
+        "decoder": {},
+    }
     print(json.dumps(results["environment"], indent=2))
     if args.only != "vocab":
         decoder_steps = 2 if args.quick else args.decoder_steps
-        fixture, data_file = build_decoder_fixture(workdir, decoder_steps * DECODER_PAIRS_PER_STEP, args.quick)
+        fixture, data_file = build_decoder_fixture(
+            workdir, decoder_steps * DECODER_PAIRS_PER_STEP, args.quick
+        )
         print(f"{fixture.name}: lora-dpo (auto, padded) and TRL, {decoder_steps} steps each", flush=True)
         results["decoder"][fixture.name] = bench_decoder(runner, workdir, fixture, data_file)
     if args.only == "decoder":
         fixtures = []
     for fixture in fixtures:
         print(f"{fixture.name}: lora-dpo and TRL, {len(betas)} betas, {steps} steps each", flush=True)
-        results["fixtures"][fixture.name] = bench_trainers(runner, workdir, fixture, data_files["chat"], betas)
+        results["fixtures"][fixture.name] = bench_trainers(
+            runner, workdir, fixture, data_files["chat"], betas
+        )
     if not args.no_prefix_sharing and args.only != "decoder":
         for fixture in fixtures:
             print(f"{fixture.name}: prefix sharing on long-prompt pairs", flush=True)

@@ -166,7 +166,10 @@ def lora_train(config_path: str, overrides: list[str]) -> dict:
     code = cli.main(["train", "--config", config_path, *overrides])
     peaks = sampler.stop()
     config = load_config(config_path, overrides)
-    records = [json.loads(line) for line in (Path(config.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (Path(config.train.output_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
     steps = [r for r in records if "loss" in r]
     return {
         "exit_code": code,
@@ -225,7 +228,9 @@ def trl_run(spec_path: str) -> dict:
             return out
 
         def training_step(self, *args, **kwargs):  # one micro-batch; accumulation is 1
-            return counted_first_step(lambda: super(TimedDPOTrainer, self).training_step(*args, **kwargs), tokens, flops)
+            return counted_first_step(
+                lambda: super(TimedDPOTrainer, self).training_step(*args, **kwargs), tokens, flops
+            )
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -283,14 +288,25 @@ def trl_run(spec_path: str) -> dict:
         task_type="CAUSAL_LM",
     )
     trainer = TimedDPOTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
         callbacks=[StepTimer()],
     )
     trainer.train()
     trainer.save_model(spec["output_dir"])  # the adapter, as `lora-dpo train` saves it
     peaks = sampler.stop()
-    return {"exit_code": 0, "step_times": step_times, "losses": losses, "rss_peaks": peaks, **timings,
-            "decoder_tokens": tokens.steps, **flops}
+    return {
+        "exit_code": 0,
+        "step_times": step_times,
+        "losses": losses,
+        "rss_peaks": peaks,
+        **timings,
+        "decoder_tokens": tokens.steps,
+        **flops,
+    }
 
 
 def main(argv: list[str]) -> int:

@@ -97,7 +97,11 @@ class LiveBytes:
                 continue
             allocated = pending.pop(fields.ptr, None)
             op = allocated.parent if allocated is not None else None
-            if op is not None and op.name in self.exclude_workspace_of and event.start_time_ns <= op.end_time_ns:
+            if (
+                op is not None
+                and op.name in self.exclude_workspace_of
+                and event.start_time_ns <= op.end_time_ns
+            ):
                 found |= {id(allocated), id(event)}
         return found
 
@@ -116,7 +120,10 @@ def _walk(events: list[Any]) -> Iterator[Any]:
 
 
 def _is_allocation(event: Any) -> bool:
-    return type(event.extra_fields).__name__ == "_ExtraFields_Allocation" and event.extra_fields.device.type == "cpu"
+    return (
+        type(event.extra_fields).__name__ == "_ExtraFields_Allocation"
+        and event.extra_fields.device.type == "cpu"
+    )
 
 
 def _callers(event: Any) -> tuple[str, ...]:
@@ -135,7 +142,11 @@ def persistent_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
     for module in model.modules():
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         while state is not None:  # nested (double) quantization keeps a second state
-            tensors += [t for t in (state.absmax, state.code, getattr(state, "offset", None)) if isinstance(t, torch.Tensor)]
+            tensors += [
+                t
+                for t in (state.absmax, state.code, getattr(state, "offset", None))
+                if isinstance(t, torch.Tensor)
+            ]
             state = getattr(state, "state2", None)
     if optimizer is not None:
         tensors += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]

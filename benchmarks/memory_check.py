@@ -48,7 +48,7 @@ from lora_dpo.config import Config, load_config  # noqa: E402
 from lora_dpo.data import TokenizedPair  # noqa: E402
 from lora_dpo.fileio import write_json, write_text  # noqa: E402
 from lora_dpo.logps import sequence_logps  # noqa: E402
-from lora_dpo.loss import preference_loss  # noqa: E402
+from lora_dpo.losses import preference_loss  # noqa: E402
 from lora_dpo.model import attach_lora, load_base_model  # noqa: E402
 from lora_dpo.plan import GIB, Architecture, MemoryPlan, Workload, estimate  # noqa: E402
 from lora_dpo.versions import package_versions  # noqa: E402
@@ -58,9 +58,14 @@ LENGTHS = (512, 1024, 2048, 4096)
 # The recipes' settings, as the CPU runs them: bf16 compute, and bitsandbytes' 8-bit AdamW,
 # whose state is paged_adamw_8bit's without the paging.
 SETTINGS = [
-    "model.quantization=nf4", "model.dtype=bf16",
-    "lora.r=16", "lora.alpha=32", "lora.dropout=0.05",
-    "train.per_device_batch_size=1", "train.optimizer=adamw_8bit", "train.gradient_checkpointing=true",
+    "model.quantization=nf4",
+    "model.dtype=bf16",
+    "lora.r=16",
+    "lora.alpha=32",
+    "lora.dropout=0.05",
+    "train.per_device_batch_size=1",
+    "train.optimizer=adamw_8bit",
+    "train.gradient_checkpointing=true",
     "train.logits_chunk_size=512",
 ]
 TOLERANCE = 0.15
@@ -85,12 +90,16 @@ def build_model(config_json: Path, num_layers: int, out_dir: Path, seed: int = 0
     return out_dir
 
 
-def make_pair(vocab: int, length: int, response_fraction: float, rng: random.Random, shorter_by: int) -> TokenizedPair:
+def make_pair(
+    vocab: int, length: int, response_fraction: float, rng: random.Random, shorter_by: int
+) -> TokenizedPair:
     """Random ids: chosen fills `length` tokens, rejected is `shorter_by` tokens shorter (a padded
     batch, as real pairs give); the last `response_fraction` of each sequence is the response."""
     prompt = length - max(2, round(length * response_fraction))
     ids = [rng.randrange(vocab) for _ in range(length)]
-    return TokenizedPair(tuple(ids[:prompt]), tuple(ids[prompt:]), tuple(ids[prompt : length - shorter_by]), 0)
+    return TokenizedPair(
+        tuple(ids[:prompt]), tuple(ids[prompt:]), tuple(ids[prompt : length - shorter_by]), 0
+    )
 
 
 @dataclass
@@ -153,10 +162,24 @@ def measure(
         started = time.perf_counter()
         with LiveBytes(exclude_workspace_of=CPU_BLAS_OPS) as live:
             loss = step(batch, reference.chosen, reference.rejected)
-        steps.append(Step(length, int((batch.labels != -100).sum()), persistent, live.peak, live.end, live.workspace_peak, loss,
-                          time.perf_counter() - started, live.breakdown(depth=3, top=8)))
-        print(f"  {model_dir.name}: {length} tokens: peak {steps[-1].peak / GIB:.3f} GiB "
-              f"(step {live.peak / GIB:.3f}), loss {loss:.6f}, {steps[-1].seconds:.0f} s", flush=True)
+        steps.append(
+            Step(
+                length,
+                int((batch.labels != -100).sum()),
+                persistent,
+                live.peak,
+                live.end,
+                live.workspace_peak,
+                loss,
+                time.perf_counter() - started,
+                live.breakdown(depth=3, top=8),
+            )
+        )
+        print(
+            f"  {model_dir.name}: {length} tokens: peak {steps[-1].peak / GIB:.3f} GiB "
+            f"(step {live.peak / GIB:.3f}), loss {loss:.6f}, {steps[-1].seconds:.0f} s",
+            flush=True,
+        )
     return steps
 
 
@@ -197,8 +220,14 @@ def extrapolate(config_json: Path, one: Step, two: Step) -> dict[str, float]:
     """The full-depth figure from the measured parts, next to plan's (both without CUDA terms)."""
     arch = Architecture.from_config_json(config_json)
     fixed, per_layer = parts(one.peak, two.peak)
-    plan_full = estimate(recipe_config("unused"), arch, Workload(2, one.length, one.response_tokens, True), device="cpu")
-    return {"layers": arch.num_layers, "measured": fixed + arch.num_layers * per_layer, "plan": plan_full.tensor_bytes}
+    plan_full = estimate(
+        recipe_config("unused"), arch, Workload(2, one.length, one.response_tokens, True), device="cpu"
+    )
+    return {
+        "layers": arch.num_layers,
+        "measured": fixed + arch.num_layers * per_layer,
+        "plan": plan_full.tensor_bytes,
+    }
 
 
 def cell(values: dict[str, float]) -> str:
@@ -227,24 +256,45 @@ def render(results: dict) -> str:
 
 def render_markdown(results: dict) -> str:
     """benchmarks/memory.md: how it was measured, the table, what carries over to CUDA."""
-    versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items() if k in ("torch", "transformers", "peft", "bitsandbytes"))
+    versions = ", ".join(
+        f"{k} {v}"
+        for k, v in results["versions"].items()
+        if k in ("torch", "transformers", "peft", "bitsandbytes")
+    )
     machine = results["machine"]
-    workspace = max(s["blas_workspace"] for m in results["models"].values() for r in m["lengths"] for s in r["steps"])
+    workspace = max(
+        s["blas_workspace"] for m in results["models"].values() for r in m["lengths"] for s in r["steps"]
+    )
     return MARKDOWN.format(
-        date=results["date"], cpu=machine["cpu"], cores=machine["cores"], versions=versions,
-        minutes=results.get("seconds", 0) / 60, fraction=results["response_fraction"], table=render(results),
-        tolerance=TOLERANCE, worst=worst_gap(results), workspace=workspace / 2**20, recipes=recipe_table(),
+        date=results["date"],
+        cpu=machine["cpu"],
+        cores=machine["cores"],
+        load=machine.get("load_average", 0.0),
+        versions=versions,
+        minutes=results.get("seconds", 0) / 60,
+        fraction=results["response_fraction"],
+        table=render(results),
+        tolerance=TOLERANCE,
+        worst=worst_gap(results),
+        workspace=workspace / 2**20,
+        recipes=recipe_table(),
     )
 
 
 def recipe_table() -> str:
     """plan on CUDA for every shipped 7-8B recipe: what the 24 GB claims rest on."""
-    lines = ["| recipe | micro-batch | persistent | activations | CUDA context + allocator reserve | total | host (offload) |",
-             "|---|---|---|---|---|---|---|"]
-    recipes = sorted(((r, load_config(r)) for r in (ROOT.parent / "configs").glob("*-*b*.yaml")),
-                     key=lambda rc: (rc[0].name.split("-")[0], rc[1].data.max_length))
+    lines = [
+        "| recipe | micro-batch | persistent | activations | CUDA context + allocator reserve | total | host (offload) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    recipes = sorted(
+        ((r, load_config(r)) for r in (ROOT.parent / "configs").glob("*-*b*.yaml")),
+        key=lambda rc: (rc[0].name.split("-")[0], rc[1].data.max_length),
+    )
     for recipe, config in recipes:
-        arch = Architecture.from_config_json(ROOT / "model_configs" / "-".join(recipe.stem.split("-")[:2]) / "config.json")
+        arch = Architecture.from_config_json(
+            ROOT / "model_configs" / "-".join(recipe.stem.split("-")[:2]) / "config.json"
+        )
         plan = estimate(config, arch)
         host = f"{plan.host_bytes / GIB:.2f} GiB" if plan.host_bytes else "-"
         lines.append(
@@ -256,13 +306,19 @@ def recipe_table() -> str:
 
 
 def worst_gap(results: dict) -> float:
-    return max(abs(v["ratio"] - 1) for m in results["models"].values() for r in m["lengths"] for v in r["parts"].values())
+    return max(
+        abs(v["ratio"] - 1)
+        for m in results["models"].values()
+        for r in m["lengths"]
+        for v in r["parts"].values()
+    )
 
 
 MARKDOWN = """# Memory: lora-dpo plan against measurement
 
-`python benchmarks/memory_check.py` ({date}; {cpu}, {cores} cores, no GPU; {versions};
-{minutes:.0f} minutes, raw results in `results/memory-{date}.json`).
+`python benchmarks/memory_check.py` ({date}; {cpu}, {cores} cores, no GPU, shared with other
+jobs: load average up to {load:.1f}; {versions}; {minutes:.0f} minutes; raw results in
+`results/memory-{date}.json`).
 
 For Llama-3.1-8B, Qwen2.5-7B and Mistral-7B at their real widths (config.json in
 `model_configs/`), random models with 1 and with 2 decoder layers went through the project's
@@ -272,8 +328,9 @@ checkpointing), bitsandbytes' 8-bit AdamW (the state of `paged_adamw_8bit`, with
 paging), and one training step per length: `sequence_logps` (logits chunk 512) and
 `preference_loss` against reference log-probs from a no-grad `sequence_logps` forward of the
 same model (what precompute computes; not a cache file), backward, gradient clipping,
-optimizer step. One pair per micro-batch: chosen fills the length, rejected is 16 tokens
-shorter (a padded batch with its attention mask, as real pairs give); the last
+optimizer step. One pair per micro-batch in the padded layout (chosen and rejected as two
+rows; the one plan models, see `lora_dpo/plan.py` for why it bounds the packed layouts): chosen
+fills the length, rejected is 16 tokens shorter (a padded batch with its attention mask); the last
 {fraction:.0%} of each sequence is response. Every step starts from the initial adapter
 (LoRA B = 0), so the step-0 loss is ln 2.
 
@@ -285,8 +342,10 @@ inside bitsandbytes' 4-bit matmul, which a dispatch-mode tracker of op outputs m
 apart: the CPU matmuls' own workspace (oneDNN packing buffers, up to {workspace:.1f} MiB here),
 which cuBLAS keeps in a fixed workspace instead. Two layers minus one is the per-layer part;
 one layer minus that is the fixed part. Each cell: measured / `lora-dpo plan` for the same
-truncated model and batch on the CPU's terms (plan / measured); largest gap {worst:.1%}
-(tolerance {tolerance:.0%}).
+truncated model and batch on the CPU's terms (plan / measured); largest gap {worst:.2%}
+(tolerance {tolerance:.0%}). At these widths the step's peak is always the backward of the
+last layer, during its recompute (plan's other moment, the LM head's logits chunk, is the
+peak in one of the small models of `tests/test_memory.py`, which checks it the same way).
 
 {table}
 
@@ -299,8 +358,9 @@ transients, the mask, the LM head) exists once.
 
 ## The recipes on a 24 GB card, by plan
 
-The same model, with the CUDA terms below, for each shipped recipe (pairs x tokens per
-sequence; every row at max_length, padded). Estimates: the GPU check measures them.
+The same model on CUDA's terms (bool dropout masks, and the CUDA-only terms below) for each
+shipped recipe: pairs x tokens per sequence, every row at max_length and padded. Estimates,
+until `benchmarks/gpu_check.py` has measured them on a GPU.
 
 {recipes}
 
@@ -349,7 +409,9 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def run(models: list[str], lengths: list[int], response_fraction: float, workdir: Path, unfinished: Path) -> dict:
+def run(
+    models: list[str], lengths: list[int], response_fraction: float, workdir: Path, unfinished: Path
+) -> dict:
     """Measure each model; after each, the results so far go to `unfinished`, and a run that
     finds that file (same lengths and response share) goes on from where it stopped."""
     started = time.perf_counter()
@@ -380,13 +442,19 @@ def run(models: list[str], lengths: list[int], response_fraction: float, workdir
         rows = []
         for one, two in zip(steps[1], steps[2]):
             assert one.response_tokens == two.response_tokens, "both models score the same pairs"
-            rows.append({
-                "length": one.length, "response_tokens": one.response_tokens,
-                "loss": [one.loss, two.loss], "seconds": [one.seconds, two.seconds],
-                "steps": [asdict(one), asdict(two)],
-            })
+            rows.append(
+                {
+                    "length": one.length,
+                    "response_tokens": one.response_tokens,
+                    "loss": [one.loss, two.loss],
+                    "seconds": [one.seconds, two.seconds],
+                    "steps": [asdict(one), asdict(two)],
+                }
+            )
         results["models"][model] = {"lengths": rows}
         results["seconds"] = round(time.perf_counter() - started)
+        machine = results["machine"]  # other jobs on the machine slow the run, not the bytes
+        machine["load_average"] = max(machine.get("load_average", 0.0), os.getloadavg()[0])
         write_json(unfinished, results)
     return compare_all(results)
 
@@ -395,15 +463,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
-    parser.add_argument("--response-fraction", type=float, default=0.25,
-                        help="share of each sequence that is response (the LM head's cost on the CPU)")
+    parser.add_argument(
+        "--response-fraction",
+        type=float,
+        default=0.25,
+        help="share of each sequence that is response (the LM head's cost on the CPU)",
+    )
     parser.add_argument("--quick", action="store_true", help="Mistral-7B widths at 256 and 512 tokens")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
-    parser.add_argument("--compare", type=Path, metavar="RESULTS_JSON",
-                        help="no measuring: compare the raw steps of an earlier run with the current plan")
-    parser.add_argument("--markdown", type=Path, help="write the write-up (default for a full run: benchmarks/memory.md)")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="no measuring: compare the raw steps of an earlier run with the current plan",
+    )
+    parser.add_argument(
+        "--markdown", type=Path, help="write the write-up (default for a full run: benchmarks/memory.md)"
+    )
     args = parser.parse_args(argv)
-    if args.markdown is None and not args.quick and args.models == list(MODELS) and args.lengths == list(LENGTHS):
+    if (
+        args.markdown is None
+        and not args.quick
+        and args.models == list(MODELS)
+        and args.lengths == list(LENGTHS)
+    ):
         args.markdown = ROOT / "memory.md"
     models, lengths = (["mistral-7b"], [256, 512]) if args.quick else (args.models, args.lengths)
     if args.compare:

@@ -29,7 +29,7 @@ _EXPORTS = {
     "load_config": "lora_dpo.config",
     "precompute_reference": "precompute",
     "ReferenceCache": "lora_dpo.cache",
-    "preference_loss": "lora_dpo.loss",
+    "preference_loss": "lora_dpo.losses",
     "sequence_logps": "lora_dpo.logps",
 }
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from lora_dpo.cache import ReferenceCache
     from lora_dpo.config import Config, load_config
     from lora_dpo.logps import sequence_logps
-    from lora_dpo.loss import preference_loss
+    from lora_dpo.losses import preference_loss
     from precompute import precompute_reference
 
 

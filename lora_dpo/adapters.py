@@ -77,7 +77,9 @@ class Adapter:
             return len(AutoTokenizer.from_pretrained(str(self.directory)))
         except (OSError, ValueError, TypeError, KeyError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ConfigError(f"{self.directory}: the tokenizer saved there cannot be read: {first[:200]}") from None
+            raise ConfigError(
+                f"{self.directory}: the tokenizer saved there cannot be read: {first[:200]}"
+            ) from None
 
 
 def find_adapter_dir(path: str | Path) -> Path:
@@ -161,7 +163,9 @@ def tensor_shapes(path: Path) -> dict[str, list[int]]:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except SafetensorError as exc:
         detail = str(exc).removeprefix("Error while deserializing header: ")
-        raise ConfigError(f"{path}: not a complete safetensors file ({detail}); the file is truncated or damaged") from None
+        raise ConfigError(
+            f"{path}: not a complete safetensors file ({detail}); the file is truncated or damaged"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- adapter vs base
@@ -221,7 +225,9 @@ def shapes_from_files(model_dir: Path | None) -> BaseShapes | None:
             if key.endswith(".weight") and len(shape) == 2:
                 weights[key.removesuffix(".weight")] = shape
     text_config = config.get("text_config")  # multimodal configs nest the language model's
-    vocab = config.get("vocab_size") or (text_config.get("vocab_size") if isinstance(text_config, dict) else None)
+    vocab = config.get("vocab_size") or (
+        text_config.get("vocab_size") if isinstance(text_config, dict) else None
+    )
     return BaseShapes(weights, int(vocab) if isinstance(vocab, int) else None, complete=False)
 
 
@@ -258,7 +264,9 @@ def check_fits(adapter: Adapter, base: BaseShapes, base_name: str) -> None:
         weight = base.weights.get(module)
         if weight is None:
             if base.complete:
-                raise ConfigError(f"{adapter.directory}: adapts {module}, which the base {base_name!r} does not have")
+                raise ConfigError(
+                    f"{adapter.directory}: adapts {module}, which the base {base_name!r} does not have"
+                )
             continue  # stored under another name in the checkpoint: the loaded model will tell
         in_dim, out_dim = (0, 1) if transposed or factors.embedding else (1, 0)
         short = module.rpartition(".")[2]
@@ -295,9 +303,13 @@ def check_mergeable(adapter: Adapter) -> None:
     if config.get("fan_in_fan_out"):
         raise ConfigError(f"{where}: fan_in_fan_out adapters (Conv1D bases) cannot be merged here")
     if config.get("modules_to_save"):
-        raise ConfigError(f"{where}: adapters with modules_to_save {config['modules_to_save']} cannot be merged here")
+        raise ConfigError(
+            f"{where}: adapters with modules_to_save {config['modules_to_save']} cannot be merged here"
+        )
     if adapter.embedding_modules:
-        raise ConfigError(f"{where}: adapts embedding layers ({', '.join(sorted(adapter.embedding_modules))}); only linear layers can be merged here")
+        raise ConfigError(
+            f"{where}: adapts embedding layers ({', '.join(sorted(adapter.embedding_modules))}); only linear layers can be merged here"
+        )
 
 
 def check_mergeable_layer(name: str, module: torch.nn.Module) -> None:

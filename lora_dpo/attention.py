@@ -60,7 +60,9 @@ def packing_problem(model: torch.nn.Module) -> str | None:
     """Why pairs cannot share a row in this model, or None if they can."""
     config = text_config(model)
     if config.model_type not in PACKING_ARCHITECTURES:
-        return f"not supported for model type {config.model_type!r} (tested: {', '.join(PACKING_ARCHITECTURES)})"
+        return (
+            f"not supported for model type {config.model_type!r} (tested: {', '.join(PACKING_ARCHITECTURES)})"
+        )
     implementation = getattr(config, "_attn_implementation", None) or "eager"
     if implementation not in PACKED_IMPLEMENTATIONS:
         return f"needs eager, sdpa or flex_attention attention; this model uses {implementation!r}"
@@ -130,7 +132,9 @@ def packed_decoder_inputs(model: torch.nn.Module, batch: PackedPairBatch) -> dic
         inputs["attention_mask"] = per_layer_type(config, lambda window: block_mask(batch, window))
         return inputs
     dtype = model_dtype(model)
-    inputs["attention_mask"] = per_layer_type(config, lambda window: additive(batch.visibility(window), dtype))
+    inputs["attention_mask"] = per_layer_type(
+        config, lambda window: additive(batch.visibility(window), dtype)
+    )
     return inputs
 
 
@@ -175,8 +179,13 @@ def block_mask(batch: PackedPairBatch, sliding_window: int | None) -> Any:
     rows, length = batch.input_ids.shape
     device = batch.input_ids.device
     return create_block_mask(
-        mask_mod(batch, sliding_window), B=rows, H=None, Q_LEN=length, KV_LEN=length,
-        device=device, _compile=device.type == "cuda",
+        mask_mod(batch, sliding_window),
+        B=rows,
+        H=None,
+        Q_LEN=length,
+        KV_LEN=length,
+        device=device,
+        _compile=device.type == "cuda",
     )
 
 
@@ -187,7 +196,11 @@ class PairMasks:
     def __init__(self, batch: PackedPairBatch, dtype: torch.dtype):
         self.spans = batch.spans
         self._ids = [
-            (batch.documents[row, start:end], batch.segments[row, start:end], batch.position_ids[row, start:end])
+            (
+                batch.documents[row, start:end],
+                batch.segments[row, start:end],
+                batch.position_ids[row, start:end],
+            )
             for row, start, end in batch.spans
         ]
         self._dtype = dtype
@@ -228,7 +241,9 @@ def pairwise_attention(inner_name: str) -> Any:
         filled = [0] * rows
         for (row, start, end), mask in zip(pair_masks.spans, pair_masks.masks(kwargs.get("sliding_window"))):
             assert start == filled[row], "pairs lie side by side in a row"
-            out, _ = inner(module, *(t[row : row + 1, :, start:end] for t in (query, key, value)), mask, **kwargs)
+            out, _ = inner(
+                module, *(t[row : row + 1, :, start:end] for t in (query, key, value)), mask, **kwargs
+            )
             pieces[row].append(out[0])  # [n, Hq, D]
             filled[row] = end
         for row in range(rows):  # padding after the last pair: attends to nothing, outputs zeros

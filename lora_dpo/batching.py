@@ -62,7 +62,7 @@ class PairBatch:
         rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # [N], row-major
         return rows * self.labels.shape[1] + columns, targets[rows, columns], rows
 
-    def to(self, device: torch.device) -> "PairBatch":
+    def to(self, device: torch.device) -> PairBatch:
         return PairBatch(
             self.input_ids.to(device),
             self.attention_mask.to(device),
@@ -112,7 +112,7 @@ class PackedPairBatch:
         key = (self.documents.unsqueeze(1), self.segments.unsqueeze(1), self.position_ids.unsqueeze(1))
         return visible(query, key, index.view(1, -1, 1), index.view(1, 1, -1), sliding_window)
 
-    def to(self, device: torch.device) -> "PackedPairBatch":
+    def to(self, device: torch.device) -> PackedPairBatch:
         return PackedPairBatch(
             self.input_ids.to(device),
             self.position_ids.to(device),
@@ -132,7 +132,11 @@ TokenIds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (document, segment
 
 
 def visible(
-    query: TokenIds, key: TokenIds, query_index: torch.Tensor, key_index: torch.Tensor, sliding_window: int | None
+    query: TokenIds,
+    key: TokenIds,
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    sliding_window: int | None,
 ) -> torch.Tensor:
     """Whether a query token sees a key token in a packed row: THE rule, evaluated densely
     (`PackedPairBatch.visibility`), per pair, or per block by FlexAttention's mask_mod.
@@ -183,7 +187,9 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int) -> PackedPairBat
     return collate_rows(pairs, pad_id, [list(range(len(pairs)))])
 
 
-def collate_rows(pairs: Sequence[TokenizedPair], pad_id: int, rows: Sequence[Sequence[int]]) -> PackedPairBatch:
+def collate_rows(
+    pairs: Sequence[TokenizedPair], pad_id: int, rows: Sequence[Sequence[int]]
+) -> PackedPairBatch:
     """Pairs placed in rows (`rows[r]`: the pairs of row r, in order), right-padded to the longest.
 
     Response tokens are listed in the order `collate` gives them (every chosen sequence, then

@@ -127,7 +127,9 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     if not isinstance(ranks, list) or len(ranks) != world_size:
         held = len(ranks) if isinstance(ranks, list) else "no"
         raise problem("ranks.pt", f"holds {held} rank states for {world_size} ranks")
-    return Checkpoint(path, step, world_size, {k: v.to(device) for k, v in adapter.items()}, optimizer, scheduler, ranks)
+    return Checkpoint(
+        path, step, world_size, {k: v.to(device) for k, v in adapter.items()}, optimizer, scheduler, ranks
+    )
 
 
 def _first_line(exc: BaseException) -> str:

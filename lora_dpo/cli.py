@@ -12,8 +12,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 from lora_dpo.errors import ConfigError, LoraDpoError, TrainingInterrupted
 from lora_dpo.versions import package_versions
@@ -31,14 +32,17 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_quiet_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--quiet", "-q", action="store_true",
+        "--quiet",
+        "-q",
+        action="store_true",
         help="no progress bars, for non-interactive logs (training still prints one line per logging step)",
     )
 
 
 def _add_no_wait_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--no-wait", action="store_true",
+        "--no-wait",
+        action="store_true",
         help="fail at once when another process is writing the cache, instead of waiting for it",
     )
 
@@ -87,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="make the reference cache cover the data: the frozen reference scores only the pairs it lacks",
     )
     precompute.add_argument(
-        "--rebuild", action="store_true",
+        "--rebuild",
+        action="store_true",
         help="replace the cache (also one of another reference) instead of adding to it; "
         "the old one stays usable until the new one is complete",
     )
@@ -124,22 +129,44 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="complete held-out prompts with the policy and its reference (samples.jsonl, samples.md)",
     )
-    generate.add_argument("--adapter", required=True, help="a train run directory (RUN or RUN/adapter) or any PEFT adapter directory")
-    generate.add_argument("--prompts", type=int, default=8, help="how many held-out prompts (the eval split's first distinct ones)")
+    generate.add_argument(
+        "--adapter",
+        required=True,
+        help="a train run directory (RUN or RUN/adapter) or any PEFT adapter directory",
+    )
+    generate.add_argument(
+        "--prompts",
+        type=int,
+        default=8,
+        help="how many held-out prompts (the eval split's first distinct ones)",
+    )
     generate.add_argument("--max-new-tokens", type=int, default=128, help="tokens per completion at most")
     generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     generate.add_argument("--seed", type=int, help="sampling seed (default: 0)")
     generate.add_argument("--temperature", type=float, help="sampling temperature (default: 1.0)")
-    generate.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens up to this mass (default: 1.0)")
+    generate.add_argument(
+        "--top-p",
+        type=float,
+        help="nucleus sampling: keep the most likely tokens up to this mass (default: 1.0)",
+    )
     generate.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     generate.add_argument("--out", help="where samples.jsonl and samples.md go (default: the run directory)")
     _add_config_args(generate)
 
     sweep = verbs.add_parser(
         "sweep",
-        help="one training run per beta on one reference cache, with a summary table and plot",
+        help="one training run per point of a grid of train.* settings on one reference cache, with a table and plot",
     )
-    sweep.add_argument("--betas", required=True, help="comma-separated betas, e.g. 0.01,0.05,0.1,0.5")
+    sweep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="train.KEY=V1,V2",
+        help="an axis of the grid (repeatable, none by default; the grid is every combination), e.g. train.loss_type=sigmoid,ipo",
+    )
+    sweep.add_argument(
+        "--betas", help="comma-separated betas, shorthand for --set train.beta=..., e.g. 0.01,0.05,0.1,0.5"
+    )
     _add_config_args(sweep)
 
     cache = verbs.add_parser(
@@ -152,14 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache_info.add_argument("cache_dir", metavar="DIR")
     cache_info.add_argument(
-        "--plot", nargs="?", const="", metavar="PATH",
+        "--plot",
+        nargs="?",
+        const="",
+        metavar="PATH",
         help="also draw the margins and lengths into PATH (default when given without PATH: DIR/cache.png)",
     )
     cache_verify = cache_verbs.add_parser(
         "verify", help="re-check every shard (checksum, fields, shapes, values); exit 1 on any problem"
     )
     cache_verify.add_argument("cache_dir", metavar="DIR")
-    cache_export = cache_verbs.add_parser("export", help="write the cache as one parquet table, identity in its metadata")
+    cache_export = cache_verbs.add_parser(
+        "export", help="write the cache as one parquet table, identity in its metadata"
+    )
     cache_export.add_argument("cache_dir", metavar="DIR")
     cache_export.add_argument("--out", required=True, metavar="FILE", help="the .parquet file to write")
     cache_import = cache_verbs.add_parser(
@@ -170,24 +202,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_no_wait_arg(cache_import)
     cache_merge = cache_verbs.add_parser("merge", help="join caches of the same reference into one")
     cache_merge.add_argument("sources", nargs="+", metavar="DIR")
-    cache_merge.add_argument("--into", required=True, metavar="DIR", help="the cache to join them into (new, or one of them)")
+    cache_merge.add_argument(
+        "--into", required=True, metavar="DIR", help="the cache to join them into (new, or one of them)"
+    )
     _add_no_wait_arg(cache_merge)
 
     merge = verbs.add_parser(
         "merge",
         help="merge a LoRA adapter into its base and save a plain transformers model",
     )
-    merge.add_argument("--adapter", required=True, help="a train run directory (RUN or RUN/adapter) or any PEFT LoRA adapter directory")
-    merge.add_argument("--out", required=True, help="where the merged model goes (must not exist, unless --overwrite)")
-    merge.add_argument("--base", help="base model path or hub name (default: adapter_config.json's base_model_name_or_path)")
     merge.add_argument(
-        "--mode", choices=("nf4-dequantized", "original"),
+        "--adapter",
+        required=True,
+        help="a train run directory (RUN or RUN/adapter) or any PEFT LoRA adapter directory",
+    )
+    merge.add_argument(
+        "--out", required=True, help="where the merged model goes (must not exist, unless --overwrite)"
+    )
+    merge.add_argument(
+        "--base", help="base model path or hub name (default: adapter_config.json's base_model_name_or_path)"
+    )
+    merge.add_argument(
+        "--mode",
+        choices=("nf4-dequantized", "original"),
         help="default: nf4-dequantized, the base the QLoRA adapter was trained against "
         "(original when the run trained on an unquantized base)",
     )
-    merge.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="dtype of the merged weights")
+    merge.add_argument(
+        "--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="dtype of the merged weights"
+    )
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
-    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is complete)")
+    merge.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out (only once the new one is complete)",
+    )
     _add_quiet_arg(merge)
 
     demo = verbs.add_parser(
@@ -216,8 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--model-config", help="the model's config.json (default: from model.name_or_path)")
     plan.add_argument("--gpu-gib", type=float, default=24.0, help="memory of the card to check against")
-    plan.add_argument("--find-max-length", action="store_true",
-                      help="print the longest data.max_length that fits the card at the config's micro-batch")
+    plan.add_argument(
+        "--find-max-length",
+        action="store_true",
+        help="print the longest data.max_length that fits the card at the config's micro-batch",
+    )
     _add_config_args(plan)
     return _use_help_formatter(parser)
 
@@ -301,7 +353,9 @@ def _run(args: argparse.Namespace) -> int:
     from lora_dpo.distributed import init_distributed, launched_by_torchrun, shutdown
 
     args.writing = (
-        getattr(args, "out", None) or getattr(args, "into", None) or getattr(args, "workdir", None)
+        getattr(args, "out", None)
+        or getattr(args, "into", None)
+        or getattr(args, "workdir", None)
         or getattr(args, "run_dir", None)
     )
     if args.verb == "report":
@@ -321,8 +375,13 @@ def _run(args: argparse.Namespace) -> int:
         from lora_dpo.merge import merge
 
         merge(
-            args.adapter, args.out, base=args.base, mode=args.mode, dtype=args.dtype,
-            max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+            args.adapter,
+            args.out,
+            base=args.base,
+            mode=args.mode,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
         )
         return 0
     if getattr(args, "resume", None):
@@ -333,8 +392,11 @@ def _run(args: argparse.Namespace) -> int:
         config = load_config(saved, [*args.overrides, f"train.output_dir={run_dir}"])
     else:
         config = load_config(args.config, args.overrides)
-    args.writing = {"precompute-ref": config.precompute.cache_dir, "train": config.train.output_dir,
-                    "sweep": config.train.output_dir}.get(args.verb)
+    args.writing = {
+        "precompute-ref": config.precompute.cache_dir,
+        "train": config.train.output_dir,
+        "sweep": config.train.output_dir,
+    }.get(args.verb)
     if args.verb == "plan":
         from lora_dpo.plan import run_plan
 
@@ -365,20 +427,26 @@ def _run_stage(args: argparse.Namespace, config: Any) -> int:
 
         train(config, resume=bool(args.resume))
     elif args.verb == "sweep":
-        from lora_dpo.sweep import parse_betas, run_sweep
+        from lora_dpo.sweep import run_sweep, sweep_axes
 
-        run_sweep(config, parse_betas(args.betas))
+        run_sweep(config, sweep_axes(args.set, args.betas))
     elif args.verb == "generate":
         from lora_dpo.generate import cli_settings, generate_run
         from lora_dpo.samples import samples_markdown
 
         settings = cli_settings(
-            max_new_tokens=args.max_new_tokens, sample=args.sample, seed=args.seed,
-            temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            sample=args.sample,
+            seed=args.seed,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            batch_size=args.batch_size,
         )
         if args.prompts < 1:
             raise ConfigError(f"--prompts {args.prompts}: must be >= 1")
-        samples, out_dir = generate_run(config, args.adapter, prompts=args.prompts, settings=settings, out=args.out)
+        samples, out_dir = generate_run(
+            config, args.adapter, prompts=args.prompts, settings=settings, out=args.out
+        )
         print("\n".join(samples_markdown(samples, limit=3)))
         print(f"samples: {out_dir / 'samples.jsonl'}, {out_dir / 'samples.md'}")
     elif args.verb == "eval":
@@ -413,7 +481,9 @@ def _run_cache(args: argparse.Namespace) -> int:
         print(f"problem: {problem}", file=sys.stderr)
     manifest = cache.Manifest.read(Path(args.cache_dir))
     for stray in cache.unlisted_shards(Path(args.cache_dir), manifest):
-        print(f"note: {stray} is not listed in the manifest (left by an interrupted write; the next write removes it)")
+        print(
+            f"note: {stray} is not listed in the manifest (left by an interrupted write; the next write removes it)"
+        )
     if problems:
         print(f"cache verify: {len(problems)} problem(s) in {args.cache_dir}", file=sys.stderr)
         return 1

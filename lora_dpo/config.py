@@ -10,6 +10,7 @@ work: one line naming the key, the value and the domain.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -97,15 +98,38 @@ class TrainConfig:
     overwrite_output_dir: bool = False
     beta: float = setting(0.1, above(0))
     # TRL's names, so settings carry over: "sigmoid" (DPO), "ipo" (length-normalised, targets a
-    # margin of 1/(2β) instead of an unbounded one), "hinge" (SLiC), "robust" (rDPO).
-    # Checked against lora_dpo.loss.LOSS_TYPES, the losses' own list.
+    # margin of 1/(2β) instead of an unbounded one), "hinge" (SLiC), "robust" (rDPO), and the
+    # rest of TRL's DPO list (lora_dpo.losses.LOSS_TYPES). Several DPO loss types at once (TRL's
+    # list loss_type=[a, b]) are joined with "+": "sigmoid+bco_pair+sft" (MPO). The
+    # reference-free "simpo", "orpo" and "cpo" stand alone and need no reference cache.
     loss_type: str = "sigmoid"
-    # Probability that a preference label is flipped: cDPO on "sigmoid", rDPO's ε on "robust".
-    # 0 trusts every label. Must be < 0.5 (at 0.5 the labels carry no information).
+    # Probability that a preference label is flipped: cDPO on "sigmoid", rDPO's ε on "robust",
+    # EXO's ε on "exo_pair" (which needs it > 0). 0 trusts every label. Must be < 0.5 (at 0.5
+    # the labels carry no information).
     label_smoothing: float = setting(0.0, between(0, 0.5, high_open=True))
     # Weight of the RPO term, the NLL of the chosen response (TRL's rpo_alpha; the RPO paper
     # uses 1.0). 0 turns it off: plain preference optimisation can lower chosen likelihoods too.
     rpo_alpha: float = setting(0.0, at_least(0))
+    # One weight per loss type joined in loss_type (TRL's loss_weights; MPO: [0.8, 0.2, 1.0]),
+    # each >= 0. None: every loss type weighs 1.
+    loss_weights: list[float] | None = None
+    # LD-DPO's α in [0, 1]: response tokens past the pair's shared length min(|yw|, |yl|) count
+    # with this weight, so verbosity earns less reward. 1.0 is plain DPO (TRL's ld_alpha=None).
+    ld_alpha: float = setting(1.0, between(0, 1))
+    # WPO: weight each pair by how likely the policy is to generate it (TRL's use_weighting), so
+    # off-policy pairs count less.
+    use_weighting: bool = False
+    # f-DPO's regulariser: "reverse_kl" (DPO's), "forward_kl", "js_divergence" or
+    # "alpha_divergence" with f_alpha_divergence_coef (1 is reverse KL, 0 forward KL). Checked,
+    # with every combination of loss settings, by lora_dpo.losses.LossSettings.problem.
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = setting(0.5, between(0, 1))
+    # DiscoPOP's temperature τ, the paper's value (loss_type="discopop").
+    discopop_tau: float = setting(0.05, above(0))
+    # SimPO's target reward margin γ (loss_type="simpo"; TRL's simpo_gamma).
+    simpo_gamma: float = setting(0.5, at_least(0))
+    # Weight of CPO's chosen NLL term (loss_type="cpo"; TRL's CPOConfig default).
+    cpo_alpha: float = setting(1.0, at_least(0))
     # LoRA trains a small fraction of the weights and tolerates a larger step than full tuning.
     learning_rate: float = setting(5e-5, above(0))
     per_device_batch_size: int = setting(4, above(0))
@@ -184,10 +208,19 @@ class TrainConfig:
 COSMETIC_KEYS = frozenset(
     f"train.{name}"
     for name in (
-        "output_dir", "overwrite_output_dir", "logging_steps", "report_to", "eval_steps",
-        "save_steps", "save_total_limit", "max_consecutive_skips",
+        "output_dir",
+        "overwrite_output_dir",
+        "logging_steps",
+        "report_to",
+        "eval_steps",
+        "save_steps",
+        "save_total_limit",
+        "max_consecutive_skips",
         # greedy generation draws no random numbers: what training computes is unchanged
-        "generate_every", "generate_prompts", "generate_max_new_tokens", "reward_model",
+        "generate_every",
+        "generate_prompts",
+        "generate_max_new_tokens",
+        "reward_model",
     )
 )
 
@@ -254,16 +287,12 @@ class Config:
         self._validate_loss()
 
     def _validate_loss(self) -> None:
-        from lora_dpo.loss import LOSS_TYPES, SMOOTHED_LOSS_TYPES
+        from lora_dpo.losses import LossSettings
 
         cfg = self.train
-        if cfg.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"train.loss_type={cfg.loss_type!r}: must be one of {', '.join(LOSS_TYPES)}")
-        if cfg.label_smoothing and cfg.loss_type not in SMOOTHED_LOSS_TYPES:
-            raise ConfigError(
-                f"train.label_smoothing={cfg.label_smoothing} has no effect with "
-                f"train.loss_type={cfg.loss_type}; it applies to {' and '.join(SMOOTHED_LOSS_TYPES)}"
-            )
+        problem = LossSettings.of(cfg).problem("train.")
+        if problem:
+            raise ConfigError(problem)
 
 
 def _closest(name: str, options: typing.Iterable[str]) -> str:
@@ -317,11 +346,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
-        raise ConfigError(
-            f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}"
-        )
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
     if annotation is int and not -_INT64 <= value < _INT64:  # torch and numpy take int64 at most
-        raise ConfigError(f"{key}: a {len(str(abs(value)))}-digit number is too large (64-bit integers at most)")
+        raise ConfigError(
+            f"{key}: a {len(str(abs(value)))}-digit number is too large (64-bit integers at most)"
+        )
     return value
 
 
@@ -329,7 +358,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 # their meaning.
 RENAMED_KEYS = {
     "train.prefix_sharing": lambda on: (
-        "train.layout", "prompt_shared" if _coerce("train.prefix_sharing", on, bool) else "padded"
+        "train.layout",
+        "prompt_shared" if _coerce("train.prefix_sharing", on, bool) else "padded",
     ),
 }
 
@@ -417,6 +447,17 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     for text in overrides:
         key, value = _parse_override(text)
         _set(config, key, value, "override")
+    config.validate()
+    return config
+
+
+def with_overrides(config: Config, overrides: typing.Sequence[str], origin: str = "override") -> Config:
+    """A validated copy of `config` with `key=value` overrides applied, parsed as on the
+    command line (a sweep's grid points)."""
+    config = copy.deepcopy(config)
+    for text in overrides:
+        key, value = _parse_override(text)
+        _set(config, key, value, origin)
     config.validate()
     return config
 

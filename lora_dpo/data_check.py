@@ -36,8 +36,7 @@ def check_data(config: Config) -> DataCheck:
     tokenizer = load_tokenizer(config.model)
     splits = ["train"] + (["eval"] if config.data.eval_path else [])
     reports = {
-        split: load_preference_data(config.data, tokenizer, split, allow_empty=True)[1]
-        for split in splits
+        split: load_preference_data(config.data, tokenizer, split, allow_empty=True)[1] for split in splits
     }
     return DataCheck(reports)
 

@@ -46,7 +46,9 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=torch.device("cuda", local_rank))
+        dist.init_process_group(
+            "nccl", timeout=COLLECTIVE_TIMEOUT, device_id=torch.device("cuda", local_rank)
+        )
     else:
         dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     return dist_info()
@@ -71,7 +73,9 @@ def barrier() -> None:
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In place across ranks ("sum", "min" or "max"); the identity for one process."""
     if dist_info().enabled:
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+        dist.all_reduce(
+            tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
+        )
     return tensor
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -15,13 +16,13 @@ from tqdm.auto import tqdm
 from lora_dpo.batching import length_sorted_batches, pad_id_of
 from lora_dpo.cache import ReferenceValues
 from lora_dpo.config import Config
-from lora_dpo.errors import ConfigError
 from lora_dpo.data import TokenizedPair, load_preference_data
+from lora_dpo.errors import ConfigError
 from lora_dpo.logps import SequenceLogps
-from lora_dpo.scoring import score_pairs
-from lora_dpo.loss import LossSettings, preference_loss
+from lora_dpo.losses import LossSettings, PairLogps, compute_loss
 from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
 from lora_dpo.packing import choose_layout
+from lora_dpo.scoring import score_pairs
 
 if TYPE_CHECKING:
     from lora_dpo.judge import WinRate
@@ -38,8 +39,8 @@ class EvalMetrics:
     preference_accuracy: float  # share with mean-token log-prob of chosen > rejected (no reference)
     # Mean of log πθ(yw|x) - log πref(yw|x) over the chosen responses, in nats. Large negative
     # values mean the policy has pushed the chosen responses down too (the classic DPO drift),
-    # large positive ones that it has moved far from the reference.
-    chosen_logratio: float
+    # large positive ones that it has moved far from the reference. None without a reference.
+    chosen_logratio: float | None
     pairs: int
     # The policy's completions of held-out prompts judged against the reference's by
     # train.reward_model (lora_dpo/judge.py); None without a reward model.
@@ -65,20 +66,22 @@ class EvalMetrics:
         return dataclasses.replace(self, win_rate=won.win_rate, score_gain=won.score_gain)
 
     def to_dict(self, prefix: str = "eval/") -> dict[str, float]:
-        return {
+        values = {
             **{prefix + name: value for name, value in self.pair_means.items()},
             f"{prefix}preference_accuracy": self.preference_accuracy,
-            f"{prefix}logratio/chosen": self.chosen_logratio,
             **({f"{prefix}win_rate": self.win_rate} if self.win_rate is not None else {}),
             **({f"{prefix}score_gain": self.score_gain} if self.score_gain is not None else {}),
         }
+        if self.chosen_logratio is not None:
+            values[f"{prefix}logratio/chosen"] = self.chosen_logratio
+        return values
 
 
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     pairs: Sequence[TokenizedPair],
-    reference: ReferenceValues,
+    reference: ReferenceValues | None,
     loss: LossSettings,
     pad_id: int,
     batch_size: int,
@@ -86,35 +89,44 @@ def evaluate(
     layout: str = "padded",
     max_tokens: int = 0,
 ) -> EvalMetrics:
-    """Score `pairs` (aligned with `reference`) with the training objective and training's
-    per-pair metrics, over all held-out pairs at once (RPO's per-token NLL is over all of them).
-    Batches as the precompute makes them: `batch_size` pairs, or `max_tokens` in `layout`."""
+    """Score `pairs` (aligned with `reference`; None for a reference-free objective) with the
+    training objective and training's per-pair metrics, over all held-out pairs at once (RPO's
+    per-token NLL is over all of them). Batches as the precompute makes them: `batch_size`
+    pairs, or `max_tokens` in `layout`."""
     was_training = model.training
     model.eval()  # no LoRA dropout
     order = [i for batch in length_sorted_batches(pairs, batch_size) for i in batch]  # little padding
     progress = tqdm(total=len(order), desc="eval", unit="pair", leave=False)
     scores = score_pairs(
-        model, [pairs[i] for i in order], batch_size=batch_size, pad_id=pad_id, device=device, progress=progress,
-        layout=layout, max_tokens=max_tokens,
+        model,
+        [pairs[i] for i in order],
+        batch_size=batch_size,
+        pad_id=pad_id,
+        device=device,
+        progress=progress,
+        layout=layout,
+        max_tokens=max_tokens,
+        **loss.statistics,
     )
     progress.close()
     model.train(was_training)
     policy = SequenceLogps(
         logps=torch.cat([scores.chosen, scores.rejected]),  # [2N], chosen first
         tokens=torch.cat([scores.chosen_tokens, scores.rejected_tokens]),
+        shared_logps=scores.shared_logps,
+        log_sum_sq_probs=scores.log_sum_sq_probs,
     )
-    ref_chosen, ref_rejected = reference.logps(order)  # [N] each, in scoring order
-    out = preference_loss(
-        policy.chosen, policy.rejected, ref_chosen, ref_rejected, loss.beta,
-        loss_type=loss.loss_type, label_smoothing=loss.label_smoothing, rpo_alpha=loss.rpo_alpha,
-        chosen_tokens=policy.chosen_tokens, rejected_tokens=policy.rejected_tokens,
-    )
+    ref_chosen, ref_rejected = reference.logps(order) if reference is not None else (None, None)  # [N] each
+    ref_shared = reference.shared_logps(order) if reference is not None and loss.needs_shared_prefix else None
+    out = compute_loss(loss, PairLogps.of(policy, ref_chosen, ref_rejected, ref_shared))
     mean_chosen = policy.chosen / policy.chosen_tokens.clamp(min=1)  # [N] per-token log-prob
     mean_rejected = policy.rejected / policy.rejected_tokens.clamp(min=1)
     return EvalMetrics(
         pair_means=dict(zip(PAIR_METRICS, pair_metrics(out, policy).mean(dim=1).tolist())),
         preference_accuracy=tie_aware_accuracy(mean_chosen - mean_rejected).mean().item(),
-        chosen_logratio=(policy.chosen.double() - ref_chosen.double()).mean().item(),
+        chosen_logratio=None
+        if ref_chosen is None
+        else (policy.chosen.double() - ref_chosen.double()).mean().item(),
         pairs=len(pairs),
     )
 
@@ -130,7 +142,7 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
     from lora_dpo.model import (
         default_device,
         load_adapter,
-        load_base_model,
+        load_base_at,
         load_tokenizer,
         resolve_model_dir,
     )
@@ -148,8 +160,17 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
     precision = policy_precision(config, device)
     tokenizer = load_tokenizer(config.model)
     pairs, report = load_preference_data(config.data, tokenizer, "eval")
-    cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
-    reference = cache.aligned(pairs, "eval")
+    loss = LossSettings.of(config.train)
+    reference = None  # a reference-free objective reads no cache
+    if not loss.reference_free:
+        cache = open_checked_cache(
+            config,
+            tokenizer,
+            precision,
+            accept_mismatch=config.train.accept_cache_mismatch,
+            shared_prefix=loss.needs_shared_prefix,
+        )
+        reference = cache.aligned(pairs, "eval")
     judge = None
     if adapter is not None:  # (the bare base is its own reference: nothing to judge)
         from lora_dpo.generate import HeldOut
@@ -157,9 +178,7 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
 
         held_out = HeldOut.from_config(config, tokenizer, pairs, report.format == "conversational", device)
         judge = judge_from_config(config, held_out)
-    model = load_base_model(
-        config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
-    )
+    model = load_base_at(config.model, precision, device)
     if adapter is not None:
         model = load_adapter(model, adapter)
     layout = choose_layout(config.train.layout, model, device)
@@ -168,7 +187,7 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
         model,
         pairs,
         reference,
-        LossSettings.of(config.train),
+        loss,
         pad_id_of(tokenizer),
         config.precompute.batch_size,
         device,

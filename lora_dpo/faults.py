@@ -44,7 +44,9 @@ class FaultHooks:
             try:
                 return kind(text)
             except ValueError:
-                raise ConfigError(f"{name}={text!r}: expected {'a number' if kind is float else 'an integer'}") from None
+                raise ConfigError(
+                    f"{name}={text!r}: expected {'a number' if kind is float else 'an integer'}"
+                ) from None
 
         delay = number(STEP_DELAY_S, float)
         return cls(float(delay or 0.0), number(FAIL_AT_STEP, int), number(FAIL_RANK, int))  # type: ignore[arg-type]

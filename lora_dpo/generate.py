@@ -57,17 +57,28 @@ class Completion:
 
 
 def cli_settings(
-    *, max_new_tokens: int, sample: bool, seed: int | None, temperature: float | None,
-    top_p: float | None, batch_size: int,
+    *,
+    max_new_tokens: int,
+    sample: bool,
+    seed: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    batch_size: int,
 ) -> GenerationSettings:
     """`lora-dpo generate`'s flags, checked: the sampling flags need --sample."""
     sampling = {"--seed": seed, "--temperature": temperature, "--top-p": top_p}
     given = [flag for flag, value in sampling.items() if value is not None]
     if given and not sample:
-        raise ConfigError(f"{', '.join(given)}: a sampling setting, and --sample is not given (greedy decoding draws nothing)")
+        raise ConfigError(
+            f"{', '.join(given)}: a sampling setting, and --sample is not given (greedy decoding draws nothing)"
+        )
     settings = GenerationSettings(
-        max_new_tokens, sample, 1.0 if temperature is None else temperature,
-        1.0 if top_p is None else top_p, 0 if seed is None else seed, batch_size,
+        max_new_tokens,
+        sample,
+        1.0 if temperature is None else temperature,
+        1.0 if top_p is None else top_p,
+        0 if seed is None else seed,
+        batch_size,
     )
     for flag, value in (("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size)):
         if value < 1:
@@ -101,7 +112,9 @@ def stop_token_ids(tokenizer: Any, conversational: bool) -> list[int]:
         if len(ids) == 1 and ids[0] not in stops:
             stops.append(int(ids[0]))
         elif len(ids) > 1:
-            log.warning("the chat template's end of turn %r is %d tokens: generation stops at EOS only", end, len(ids))
+            log.warning(
+                "the chat template's end of turn %r is %d tokens: generation stops at EOS only", end, len(ids)
+            )
     return stops
 
 
@@ -183,7 +196,9 @@ def generate_completions(
         for start in range(0, len(prompts), settings.batch_size):
             input_ids, attention_mask = left_pad(prompts[start : start + settings.batch_size], pad_id)
             out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
             )  # [b, W + new]
             for row in out[:, input_ids.shape[1] :].tolist():
                 ids, finished = cut_at_stop(row, stops)
@@ -194,13 +209,23 @@ def generate_completions(
 
 
 def make_samples(
-    step: int | None, tokenizer: Any, prompts: Sequence[Sequence[int]],
-    reference: Sequence[Completion], policy: Sequence[Completion],
+    step: int | None,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    reference: Sequence[Completion],
+    policy: Sequence[Completion],
 ) -> list[Sample]:
     return [
         Sample(
-            step, index, tokenizer.decode(list(prompt), skip_special_tokens=True), ref.text, pol.text,
-            len(ref.ids), len(pol.ids), ref.finished, pol.finished,
+            step,
+            index,
+            tokenizer.decode(list(prompt), skip_special_tokens=True),
+            ref.text,
+            pol.text,
+            len(ref.ids),
+            len(pol.ids),
+            ref.finished,
+            pol.finished,
         )
         for index, (prompt, ref, pol) in enumerate(zip(prompts, reference, policy, strict=True))
     ]
@@ -212,27 +237,45 @@ class HeldOut:
     training's samples (`train.generate_every`) and the win-rate judge (`train.reward_model`)
     all generate through one."""
 
-    def __init__(self, tokenizer: Any, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
-                 stops: Sequence[int], pad_id: int, device: torch.device):
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompts: Sequence[Sequence[int]],
+        settings: GenerationSettings,
+        stops: Sequence[int],
+        pad_id: int,
+        device: torch.device,
+    ):
         self.tokenizer, self.prompts, self.settings = tokenizer, [tuple(p) for p in prompts], settings
         self.stops, self.pad_id, self.device = list(stops), pad_id, device
         self.prompt_texts = [tokenizer.decode(list(p), skip_special_tokens=True) for p in self.prompts]
         self._reference: list[Completion] | None = None
 
     @classmethod
-    def from_config(cls, config: Config, tokenizer: Any, eval_pairs: Sequence[TokenizedPair], conversational: bool,
-                    device: torch.device) -> HeldOut:
+    def from_config(
+        cls,
+        config: Config,
+        tokenizer: Any,
+        eval_pairs: Sequence[TokenizedPair],
+        conversational: bool,
+        device: torch.device,
+    ) -> HeldOut:
         """The first `train.generate_prompts` distinct held-out prompts, up to
         `train.generate_max_new_tokens` tokens each."""
         cfg = config.train
         return cls(
-            tokenizer, held_out_prompts(eval_pairs, cfg.generate_prompts),
+            tokenizer,
+            held_out_prompts(eval_pairs, cfg.generate_prompts),
             GenerationSettings(max_new_tokens=cfg.generate_max_new_tokens),
-            stop_token_ids(tokenizer, conversational), pad_id_of(tokenizer), device,
+            stop_token_ids(tokenizer, conversational),
+            pad_id_of(tokenizer),
+            device,
         )
 
     def completions(self, model: Any) -> list[Completion]:
-        return generate_completions(model, self.tokenizer, self.prompts, self.settings, self.stops, self.pad_id, self.device)
+        return generate_completions(
+            model, self.tokenizer, self.prompts, self.settings, self.stops, self.pad_id, self.device
+        )
 
     def reference(self, policy: Any) -> list[Completion]:
         if self._reference is None:
@@ -242,7 +285,9 @@ class HeldOut:
 
     def samples(self, policy: Any, step: int | None) -> list[Sample]:
         """One Sample per prompt: the reference's completion beside the policy's at `step`."""
-        return make_samples(step, self.tokenizer, self.prompts, self.reference(policy), self.completions(policy))
+        return make_samples(
+            step, self.tokenizer, self.prompts, self.reference(policy), self.completions(policy)
+        )
 
 
 # ----------------------------------------------------------------------------- lora-dpo generate
@@ -264,7 +309,12 @@ def final_step(run_dir: Path) -> int | None:
 
 
 def generate_run(
-    config: Config, adapter: str | Path, *, prompts: int, settings: GenerationSettings, out: str | Path | None = None
+    config: Config,
+    adapter: str | Path,
+    *,
+    prompts: int,
+    settings: GenerationSettings,
+    out: str | Path | None = None,
 ) -> tuple[list[Sample], Path]:
     """`lora-dpo generate`: the policy of `adapter` and its reference on the first `prompts`
     held-out prompts; samples.jsonl and samples.md go to the run directory (or `out`)."""
@@ -274,7 +324,7 @@ def generate_run(
     from lora_dpo.model import (
         default_device,
         load_adapter,
-        load_base_model,
+        load_base_at,
         load_tokenizer,
         resolve_model_dir,
     )
@@ -289,9 +339,7 @@ def generate_run(
     tokenizer = load_tokenizer(config.model)
     pairs, report = load_preference_data(config.data, tokenizer, "eval")
     prompt_ids = held_out_prompts(pairs, prompts)
-    base = load_base_model(
-        config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
-    )
+    base = load_base_at(config.model, precision, device)
     policy = load_adapter(base, checked)
     stops = stop_token_ids(tokenizer, report.format == "conversational")
     held_out = HeldOut(tokenizer, prompt_ids, settings, stops, pad_id_of(tokenizer), device)

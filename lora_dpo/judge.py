@@ -57,14 +57,18 @@ def load_reward_model(path: str, device: torch.device) -> RewardModel:
         )
     except (OSError, ValueError) as exc:  # not a model, or not one with a sequence-classification head
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"{where}: cannot load it as a sequence-classification model: {first[:300]}") from None
+        raise ConfigError(
+            f"{where}: cannot load it as a sequence-classification model: {first[:300]}"
+        ) from None
     if model.config.num_labels != 1:
         raise ConfigError(
             f"{where}: the model has {model.config.num_labels} labels; a reward model gives one score (num_labels=1)"
         )
     text_config = model.config.get_text_config()
     if text_config.pad_token_id is None:  # it finds each text's last token by its pad id
-        text_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        text_config.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
     model.requires_grad_(False)
     model.eval()
     return RewardModel(model, tokenizer, device)
@@ -84,7 +88,9 @@ def score_texts(reward: RewardModel, texts: Sequence[str], batch_size: int = 8) 
         for row, ids in enumerate(chunk):
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
-        out = reward.model(input_ids=input_ids.to(reward.device), attention_mask=attention_mask.to(reward.device))
+        out = reward.model(
+            input_ids=input_ids.to(reward.device), attention_mask=attention_mask.to(reward.device)
+        )
         scores.append(out.logits[:, 0].float().cpu())  # [b]
     return torch.cat(scores) if scores else torch.zeros(0)
 
@@ -112,7 +118,9 @@ class WinRateJudge:
         """`policy` is a peft model: its adapter on for the policy, disabled for the reference."""
         prompts = self.held_out.prompt_texts
         if self.reference_scores is None:
-            self.reference_scores = score_texts(self.reward, judge_texts(prompts, self.held_out.reference(policy)))
+            self.reference_scores = score_texts(
+                self.reward, judge_texts(prompts, self.held_out.reference(policy))
+            )
         policy_scores = score_texts(self.reward, judge_texts(prompts, self.held_out.completions(policy)))
         return win_rate(self.reference_scores, policy_scores)
 

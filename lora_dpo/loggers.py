@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from lora_dpo.errors import ConfigError
 

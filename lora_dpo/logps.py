@@ -45,6 +45,11 @@ class SequenceLogps:
 
     logps: torch.Tensor  # [2B] fp32, sum over response tokens of log π(token | prefix)
     tokens: torch.Tensor  # [2B] number of response tokens
+    # [2B] fp32, the sum over each response's first min(|yw|, |yl|) tokens (its pair's shared
+    # length; LD-DPO), when asked for
+    shared_logps: torch.Tensor | None = None
+    # [2B] fp32, Σ over response tokens of log Σ_v π(v | prefix)², no gradient (WPO), when asked for
+    log_sum_sq_probs: torch.Tensor | None = None
 
     @property
     def chosen(self) -> torch.Tensor:  # [B]
@@ -98,7 +103,12 @@ def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, LogitHead]
     """
     base = base_model(model)
     config = base.config.get_text_config()
-    for attribute in ("output_multiplier_scale", "logits_scaling", "mup_width_multiplier", "lm_head_multiplier"):
+    for attribute in (
+        "output_multiplier_scale",
+        "logits_scaling",
+        "mup_width_multiplier",
+        "lm_head_multiplier",
+    ):
         if getattr(config, attribute, None) not in (None, 1, 1.0):
             raise NotImplementedError(
                 f"{type(base).__name__} rescales its logits ({attribute}); not supported yet"
@@ -115,6 +125,9 @@ def sequence_logps(
     model: torch.nn.Module,
     batch: PairBatch | PackedPairBatch,
     chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
+    *,
+    shared_prefix: bool = False,
+    log_sum_sq_probs: bool = False,
 ) -> SequenceLogps:
     """Per-sequence sums of response-token log-probs of a batch of B pairs.
 
@@ -123,34 +136,83 @@ def sequence_logps(
     Either way the batch names the N response tokens: which hidden state predicts each
     (position t predicts token t+1, hence the shift), its target id and its sequence (chosen
     0..B-1, rejected B..2B-1).
+
+    `shared_prefix` adds `shared_logps`, `log_sum_sq_probs` the statistic of the same name;
+    both come from the same forward and the same log-probs.
     """
     decoder, head = causal_lm_parts(model)
     if isinstance(batch, PackedPairBatch):
         inputs = packed_decoder_inputs(model, batch)
     else:
-        assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape, "batch shapes differ"
+        assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape, (
+            "batch shapes differ"
+        )
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     hidden = decoder(**inputs, use_cache=False).last_hidden_state  # [R, T, H]
     predictors, targets, sequence_of = batch.response_tokens()  # [N] each
     response_hidden = hidden.reshape(-1, hidden.shape[-1])[predictors]  # [N, H]
-    token_logps = response_token_logps(head, response_hidden, targets, chunk_size)  # [N] fp32
+    token_sq = (
+        torch.empty(len(targets), dtype=torch.float32, device=hidden.device) if log_sum_sq_probs else None
+    )
+    token_logps = response_token_logps(head, response_hidden, targets, chunk_size, token_sq)  # [N] fp32
     sequences = 2 * batch.num_pairs
-    sums = torch.zeros(sequences, dtype=torch.float32, device=hidden.device)
-    sums = sums.index_add(0, sequence_of, token_logps)  # [2B]
-    return SequenceLogps(logps=sums, tokens=torch.bincount(sequence_of, minlength=sequences))
+    zeros = torch.zeros(sequences, dtype=torch.float32, device=hidden.device)
+    out = SequenceLogps(
+        logps=zeros.index_add(0, sequence_of, token_logps),
+        tokens=torch.bincount(sequence_of, minlength=sequences),
+    )
+    if shared_prefix:
+        out.shared_logps = prefix_sums(token_logps, sequence_of, shared_lengths(out.tokens))
+    if token_sq is not None:
+        out.log_sum_sq_probs = zeros.index_add(0, sequence_of, token_sq)
+    return out
+
+
+def shared_lengths(tokens: torch.Tensor) -> torch.Tensor:
+    """[2B] response token counts (chosen first) -> [2B] min(|yw|, |yl|) of each row's pair."""
+    shared = torch.minimum(*tokens.chunk(2))  # [B]
+    return torch.cat([shared, shared])
+
+
+def prefix_sums(values: torch.Tensor, sequence_of: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per sequence, the sum of its first lengths[s] values: values [N] and sequence_of [N]
+    list each sequence's tokens in order (interleaved with other sequences' or not), lengths
+    [S]; -> [S]."""
+    order = torch.sort(sequence_of, stable=True).indices  # [N] tokens grouped by sequence, in order
+    counts = torch.bincount(sequence_of, minlength=len(lengths))  # [S]
+    starts = torch.cumsum(counts, 0) - counts  # [S] where each sequence's group begins
+    position = torch.empty_like(sequence_of)
+    position[order] = (
+        torch.arange(len(sequence_of), device=sequence_of.device) - starts[sequence_of[order]]
+    )  # [N]
+    kept = position < lengths[sequence_of]  # [N]; position 0 is a sequence's first token
+    sums = torch.zeros(len(lengths), dtype=values.dtype, device=values.device)
+    return sums.index_add(0, sequence_of, values * kept)
 
 
 def response_token_logps(
-    head: LogitHead, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE
+    head: LogitHead,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
+    log_sum_sq_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log softmax(head(hidden))[target] per token, fp32 [N], chunk_size tokens at a time."""
+    """log softmax(head(hidden))[target] per token, fp32 [N], chunk_size tokens at a time.
+
+    `log_sum_sq_out` ([N] fp32), when given, is filled with log Σ_v softmax(head(hidden))_v²
+    per token, without a gradient, while each chunk's logits exist (no second pass)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     assert hidden.ndim == 2 and targets.shape == hidden.shape[:1], "expected hidden [N, H], targets [N]"
     if head.frozen_linear:
         # (forward runs with grad mode off, so whether a gradient is wanted is decided here)
         wants_grad = torch.is_grad_enabled() and hidden.requires_grad
-        return _FrozenHeadLogps.apply(hidden, targets, head, chunk_size, wants_grad)
+        logps, log_sum_sq = _FrozenHeadLogps.apply(
+            hidden, targets, head, chunk_size, wants_grad, log_sum_sq_out is not None
+        )
+        if log_sum_sq_out is not None:
+            log_sum_sq_out.copy_(log_sum_sq)
+        return logps
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in head.module.parameters())
     )
@@ -158,14 +220,26 @@ def response_token_logps(
     for start in range(0, len(hidden), chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]  # [C, H], [C]
         if needs_grad:  # keep only h and t; the [C, V] logits are recomputed in backward
-            pieces.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False))
+            logps, log_sum_sq = checkpoint(_chunk_logps, head, h, t, use_reentrant=False)
         else:
-            pieces.append(_chunk_logps(head, h, t))
+            logps, log_sum_sq = _chunk_logps(head, h, t)
+        pieces.append(logps)
+        if log_sum_sq_out is not None:
+            log_sum_sq_out[start : start + len(h)] = log_sum_sq.detach()
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _chunk_logps(head: LogitHead, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return _log_softmax_at(head(hidden), targets, inplace=False)[0]  # [C]
+def _chunk_logps(
+    head: LogitHead, hidden: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logps, exps, totals = _log_softmax_at(head(hidden), targets, inplace=False)
+    return logps, _log_sum_sq(exps, totals)  # [C], [C]
+
+
+def _log_sum_sq(exps: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
+    """log Σ_v p_v² [C] from exps = exp(logits - max) [C, V] and totals = Σ_v exps [C]:
+    p = exps / totals, so Σ p² = ‖exps‖² / totals² (the norm is >= 1: the max entry is e^0)."""
+    return 2 * (torch.linalg.vector_norm(exps, dim=-1).log() - totals.log())
 
 
 def _log_softmax_at(
@@ -196,12 +270,23 @@ class _FrozenHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, head: LogitHead, chunk_size: int, wants_grad: bool
-    ) -> torch.Tensor:
+        ctx: Any,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        head: LogitHead,
+        chunk_size: int,
+        wants_grad: bool,
+        wants_log_sum_sq: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         linear = head.module
         assert isinstance(linear, torch.nn.Linear)  # frozen_linear chose this path
         weight, bias = linear.weight, linear.bias  # [V, H], [V] or None
         logps = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)  # [N]
+        # [N] log Σ_v p_v² when asked for (WPO), else empty; never differentiated
+        log_sum_sq = torch.empty(
+            len(hidden) if wants_log_sum_sq else 0, dtype=torch.float32, device=hidden.device
+        )
+        ctx.mark_non_differentiable(log_sum_sq)
         grads = torch.empty_like(hidden) if wants_grad else None  # [N, H]
         for start in range(0, len(hidden), chunk_size):
             h = hidden[start : start + chunk_size]  # [C, H]
@@ -216,12 +301,16 @@ class _FrozenHeadLogps(torch.autograd.Function):
                 logits = tanh * head.softcap
             logps[start : start + len(h)], exps, totals = _log_softmax_at(logits, t, inplace=True)
             del logits  # exps is the same memory; dropped below before the next chunk's is made
+            if wants_log_sum_sq:
+                log_sum_sq[start : start + len(h)] = _log_sum_sq(exps, totals)
             if not wants_grad:
                 del exps, tanh
                 continue
             # In place, exps becomes d log p[y] / d z: onehot - p, through the cap and the scale.
             grad_logits = exps.div_(totals.unsqueeze(-1)).neg_()
-            grad_logits.scatter_add_(-1, t.unsqueeze(-1), torch.ones_like(t, dtype=grad_logits.dtype).unsqueeze(-1))
+            grad_logits.scatter_add_(
+                -1, t.unsqueeze(-1), torch.ones_like(t, dtype=grad_logits.dtype).unsqueeze(-1)
+            )
             if tanh is not None:
                 grad_logits.mul_(tanh.square_().neg_().add_(1.0))
             if head.scale is not None:
@@ -231,11 +320,13 @@ class _FrozenHeadLogps(torch.autograd.Function):
             del exps, grad_logits, tanh  # one chunk of logits at a time, not two
         if wants_grad:
             ctx.save_for_backward(grads)
-        return logps
+        return logps, log_sum_sq
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_logps: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # grad_logps [N]
+    def backward(
+        ctx: Any, grad_logps: torch.Tensor, _: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:  # [N]
         (grads,) = ctx.saved_tensors
         grad_hidden = (grads * grad_logps.unsqueeze(-1)).to(grads.dtype)  # [N, H]
-        return grad_hidden, None, None, None, None
+        return grad_hidden, None, None, None, None, None

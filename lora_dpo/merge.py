@@ -96,7 +96,9 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
     in_run = adapter_dir == run.adapter_dir and run.config_path.is_file()
     problem = run.adapter_problem() if in_run else None
     if problem is not None:
-        raise ConfigError(f"--adapter {path}: the run's adapter is incomplete ({problem}); resume or retrain the run")
+        raise ConfigError(
+            f"--adapter {path}: the run's adapter is incomplete ({problem}); resume or retrain the run"
+        )
     model = ModelConfig()
     run_config: Path | None = run.config_path
     if in_run:
@@ -127,7 +129,9 @@ def _check_base(source: AdapterSource) -> None:
     path = Path(source.base).expanduser()
     if not looks_like_hub_name(source.base) and not path.is_dir():
         what = "a file, not a model directory" if path.exists() else "no such directory"
-        raise ConfigError(f"base model {source.base!r} (from {source.base_origin}): {what}; give the base model with --base")
+        raise ConfigError(
+            f"base model {source.base!r} (from {source.base_origin}): {what}; give the base model with --base"
+        )
 
 
 def resolve_mode(mode: str | None, source: AdapterSource) -> tuple[str, str]:
@@ -164,7 +168,9 @@ def check_output(out: Path, source: AdapterSource, overwrite: bool) -> None:
     target = out.resolve()
     for directory in inputs:
         if target == directory or target in directory.parents or directory in target.parents:
-            raise ConfigError(f"--out {out}: overlaps the input {directory}; write the merged model elsewhere")
+            raise ConfigError(
+                f"--out {out}: overlaps the input {directory}; write the merged model elsewhere"
+            )
 
 
 def merge(
@@ -194,7 +200,10 @@ def merge(
 
     stale = sorted(out.parent.glob(f".{out.name}.*.partial")) if out.parent.is_dir() else []
     if stale:
-        log.warning("left by interrupted merges (safe to delete unless one is running): %s", ", ".join(map(str, stale)))
+        log.warning(
+            "left by interrupted merges (safe to delete unless one is running): %s",
+            ", ".join(map(str, stale)),
+        )
 
     tokenizer = _load_tokenizer(source)
     # nf4: the quantized values depend on the dtype the weights are loaded in; use training's.
@@ -238,7 +247,9 @@ def merge(
     return report
 
 
-def merge_to_state_dict(peft_model: torch.nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+def merge_to_state_dict(
+    peft_model: torch.nn.Module, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Fold every LoRA layer into its base weight and dequantize every 4-bit layer, in place,
     one module at a time; returns the plain model's state dict at `dtype` and the counts."""
     import bitsandbytes as bnb
@@ -388,7 +399,9 @@ def _check_plain_config(path: Path) -> None:
         raise RuntimeError(f"{path}: still holds {leftovers}")
 
 
-def encode_prompts(tokenizer, prompts: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(
+    tokenizer, prompts: tuple[str, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both [N, T], right-padded; the mask comes from the lengths
     (pad ids may equal real ones)."""
     ids = [tokenizer(prompt).input_ids for prompt in prompts]
@@ -420,4 +433,6 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
     if not check["argmax_all_agree"]:
         log.warning("merged model's argmax differs from base+adapter at some positions; see %s", out / REPORT)
     if report["dtype"] == "fp32" and check["max_abs_diff"] > FP32_TOLERANCE:
-        log.warning("max |Δlogit| %.2e exceeds the fp32 tolerance %.0e", check["max_abs_diff"], FP32_TOLERANCE)
+        log.warning(
+            "max |Δlogit| %.2e exceeds the fp32 tolerance %.0e", check["max_abs_diff"], FP32_TOLERANCE
+        )

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from lora_dpo.distributed import all_reduce_
-from lora_dpo.loss import DPOOutput
 from lora_dpo.logps import SequenceLogps
+from lora_dpo.losses import DPOOutput
 
 # TRL's names, so dashboards and habits carry over. The rewards are β·(summed log-ratio) for
 # every loss type (see `DPOOutput`), so `rewards/*` of any run, train or eval, share one unit.
@@ -94,7 +94,13 @@ class WindowMeter:
         """(means over the window, (finite, source rows) of each of its steps); the window's
         one host sync."""
         # Under torchrun: sums over all ranks (steps are skipped alike on every rank).
-        totals = torch.cat([self.sums, self.pairs.view(1), torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.device)])
+        totals = torch.cat(
+            [
+                self.sums,
+                self.pairs.view(1),
+                torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.device),
+            ]
+        )
         all_reduce_(totals)
         self.sums, self.pairs, self.tokens = totals[:-2], totals[-2], int(totals[-1].item())
         flags = torch.stack(self.finite_flags).tolist() if self.finite_flags else []
@@ -127,7 +133,9 @@ class WindowMeter:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         as_tensor = lambda v: torch.tensor(v, dtype=torch.float64, device=self.device)  # noqa: E731
-        self.sums, self.pairs, self.grad_norms = (as_tensor(state[k]) for k in ("sums", "pairs", "grad_norms"))
+        self.sums, self.pairs, self.grad_norms = (
+            as_tensor(state[k]) for k in ("sums", "pairs", "grad_norms")
+        )
         self.finite_flags = [torch.tensor(f, device=self.device) for f in state["finite_flags"]]
         self.step_pairs = state["step_pairs"]
         self.steps, self.tokens = state["steps"], state["tokens"]

@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ def default_device() -> torch.device:
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto": bf16 on CUDA (tensor cores), fp32 on the CPU (bf16 matmuls are slow there)."""
+    """ "auto": bf16 on CUDA (tensor cores), fp32 on the CPU (bf16 matmuls are slow there)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
@@ -41,6 +42,24 @@ def load_tokenizer(cfg: ModelConfig):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:  # not found, no network, custom code not trusted
         raise ConfigError(_load_failure(path, "its tokenizer", exc)) from None
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a model runs: 4-bit or plain weights, and its compute dtype."""
+
+    quantization: str  # "nf4" | "none"
+    dtype: torch.dtype  # compute dtype
+
+    def to_dict(self) -> dict[str, str]:
+        return {"quantization": self.quantization, "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def load_base_at(cfg: ModelConfig, precision: Precision, device: torch.device) -> PreTrainedModel:
+    """The frozen base at `precision`: what precompute, train, eval and generate all load."""
+    return load_base_model(
+        cfg, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
+    )
 
 
 def load_base_model(
@@ -65,7 +84,11 @@ def load_base_model(
             device_map={"": str(device)},
             trust_remote_code=cfg.trust_remote_code,
         )
-    except (OSError, ValueError, pickle.UnpicklingError) as exc:  # not found, no network, untrusted code or pickle
+    except (
+        OSError,
+        ValueError,
+        pickle.UnpicklingError,
+    ) as exc:  # not found, no network, untrusted code or pickle
         raise ConfigError(_load_failure(path, "the model", exc)) from None
     disable_cpu_weight_repack(model)
     model.requires_grad_(False)
@@ -175,7 +198,9 @@ def load_adapter(model: PreTrainedModel, adapter: str | Path | Adapter, *, train
         return PeftModel.from_pretrained(model, str(adapter.directory), is_trainable=trainable)
     except (ValueError, RuntimeError, KeyError) as exc:  # what the checks above cannot foresee
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"{adapter.directory}: peft cannot load it onto {model.name_or_path!r}: {first[:300]}") from None
+        raise ConfigError(
+            f"{adapter.directory}: peft cannot load it onto {model.name_or_path!r}: {first[:300]}"
+        ) from None
 
 
 def resolve_model_dir(cfg: ModelConfig) -> Path | None:

@@ -20,7 +20,11 @@ StepPlan = tuple[list[list[int]], int]
 
 
 def optimizer_steps(
-    pairs: Sequence[TokenizedPair], cfg: TrainConfig, rank: int = 0, world_size: int = 1, layout: str = "padded"
+    pairs: Sequence[TokenizedPair],
+    cfg: TrainConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    layout: str = "padded",
 ) -> Iterator[StepPlan]:
     """This rank's plan for each optimizer step, across epochs.
 
@@ -84,12 +88,16 @@ def build_optimizer(
     return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over `warmup_ratio` of the run, then cosine decay to zero."""
     return get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
 
 
-def finite_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], finite: torch.Tensor) -> None:
+def finite_step(
+    optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], finite: torch.Tensor
+) -> None:
     """optimizer.step(), undone on the device when `finite` is False: no host sync per step.
 
     Costs one copy of the trainable weights and their optimizer state (the adapters only).

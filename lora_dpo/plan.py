@@ -1,7 +1,12 @@
 """`lora-dpo plan`: peak GPU memory of a training config, estimated from the model's config.json.
 
-No weights are read and no GPU is needed. The estimate is for one micro-batch whose rows all
-reach data.max_length (padded, so an attention mask exists), every token a response token:
+No weights are read and no GPU is needed. The estimate is for one micro-batch in the padded
+layout whose rows all reach data.max_length (so an attention mask exists), every token a
+response token. The packed layouts (`train.layout`; packed is `auto`'s choice for Llama,
+Mistral and Qwen2) put the same pairs in no more tokens (the prompt once) and, with
+FlexAttention on CUDA, build no [L, L] mask and expand no key or value, so the padded figure
+bounds them from above; the pairwise fallback keeps one dense [n, n] mask per pair of n tokens,
+at most 2 x max_length^2 x (compute dtype) bytes more per pair than the padded mask.
 
 - persistent: nf4 linear layers (4 bits + an 8-bit scale per 64 weights, double quantization),
   embeddings, norms and the LM head in the compute dtype; LoRA weights in fp32; the
@@ -92,10 +97,20 @@ class Architecture:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer in one decoder layer."""
-        h, i, q, kv = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        h, i, q, kv = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        )
         return {
-            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
         }
 
     @property
@@ -175,12 +190,15 @@ class MemoryPlan:
     def render(self, gpu_gib: float) -> str:
         width = max(len(item.name) for item in self.items)
         lines = [
-            f"{item.name:<{width}}  {item.bytes / GIB:7.2f} GiB" + ("" if item.counted else "  (not at the peak)")
+            f"{item.name:<{width}}  {item.bytes / GIB:7.2f} GiB"
+            + ("" if item.counted else "  (not at the peak)")
             for item in self.items
         ]
         lines.append(f"{'total (peak, estimated)':<{width}}  {self.total / GIB:7.2f} GiB")
         if self.host_bytes:
-            lines.append(f"{'host memory, offloaded activations (pinned)':<{width}}  {self.host_bytes / GIB:7.2f} GiB")
+            lines.append(
+                f"{'host memory, offloaded activations (pinned)':<{width}}  {self.host_bytes / GIB:7.2f} GiB"
+            )
         spare = gpu_gib - self.total / GIB
         verdict = (
             f"fits a {gpu_gib:g} GiB card with {spare:.1f} GiB to spare"
@@ -243,7 +261,9 @@ def last_layer_backward_bytes(arch: Architecture, config: Config, workload: Work
         mask = DROPOUT_MASK_BYTES[device] if config.lora.dropout > 0 else 0
         down_lora = 4 * i + (4 + mask) * i + 2 * d * h  # fp32 copy, dropout output and mask, output + clone
         saved -= (4 + mask) * i  # counted in this moment, not twice
-    dequantized = max(a * b for a, b in arch.linear_shapes().values()) * d if config.model.quantization == "nf4" else 0
+    dequantized = (
+        max(a * b for a, b in arch.linear_shapes().values()) * d if config.model.quantization == "nf4" else 0
+    )
     attention_mask = workload.rows * workload.length**2 * (1 + d) if workload.padded else 0
     return tokens * (saved + transients) + max(tokens * down_lora, dequantized) + attention_mask
 
@@ -287,8 +307,11 @@ def estimate(
     optimizer, optimizer_bytes = optimizer_state_bytes(arch, config)
     lora = arch.lora_weights(config.lora.r, config.lora.target_modules)
     items = [
-        PlanItem("base weights, linear layers (nf4)" if quantized else "base weights, linear layers",
-                 arch.linear_weights * (NF4_BYTES_PER_WEIGHT if quantized else d), "persistent"),
+        PlanItem(
+            "base weights, linear layers (nf4)" if quantized else "base weights, linear layers",
+            arch.linear_weights * (NF4_BYTES_PER_WEIGHT if quantized else d),
+            "persistent",
+        ),
         PlanItem("base weights, embeddings + LM head + norms", arch.other_weights * d, "persistent"),
         PlanItem("LoRA weights (fp32)", lora * 4, "persistent"),
         PlanItem(f"optimizer state ({optimizer})", optimizer_bytes, "persistent"),
@@ -305,23 +328,45 @@ def estimate(
             host = arch.num_layers * checkpoint
             layer += checkpoint + (arch.num_layers - 1) * gradients
         else:
-            items.append(PlanItem(f"layer inputs kept for recompute ({arch.num_layers} x {tokens} tokens)",
-                                  arch.num_layers * checkpoint, "activations"))
+            items.append(
+                PlanItem(
+                    f"layer inputs kept for recompute ({arch.num_layers} x {tokens} tokens)",
+                    arch.num_layers * checkpoint,
+                    "activations",
+                )
+            )
             layer += max(0.0, (arch.num_layers - 1) * (gradients - checkpoint))
     else:  # every layer's saved tensors; with offload they wait on the host instead
-        saved = (arch.num_layers - 1) * (layer_saved_bytes_per_token(arch, config, workload, device) + h * d) * tokens
+        saved = (
+            (arch.num_layers - 1)
+            * (layer_saved_bytes_per_token(arch, config, workload, device) + h * d)
+            * tokens
+        )
         if cfg.offload_activations:
             host = saved
         else:
-            items.append(PlanItem(f"activations of {arch.num_layers - 1} more layers (no checkpointing)",
-                                  saved, "activations"))
+            items.append(
+                PlanItem(
+                    f"activations of {arch.num_layers - 1} more layers (no checkpointing)",
+                    saved,
+                    "activations",
+                )
+            )
     chunk, head = lm_head_bytes(arch, config, workload)
     head_at_peak = head > layer
     items += [
-        PlanItem("backward of a layer: recomputed activations, transients, mask, LoRA gradients",
-                 layer, "activations", not head_at_peak),
-        PlanItem(f"LM head: one logits chunk ({chunk} tokens x {arch.vocab_size} vocab), final hidden states",
-                 head, "activations", head_at_peak),
+        PlanItem(
+            "backward of a layer: recomputed activations, transients, mask, LoRA gradients",
+            layer,
+            "activations",
+            not head_at_peak,
+        ),
+        PlanItem(
+            f"LM head: one logits chunk ({chunk} tokens x {arch.vocab_size} vocab), final hidden states",
+            head,
+            "activations",
+            head_at_peak,
+        ),
     ]
     if device == "cuda":
         items += cuda_only_terms(sum(i.bytes for i in items if i.kind == "activations" and i.counted))
@@ -331,6 +376,7 @@ def estimate(
 def find_max_length(config: Config, arch: Architecture, gpu_gib: float, limit: int = 1 << 20) -> int:
     """The longest data.max_length (tokens per sequence of a pair, at the config's micro-batch)
     whose estimate fits `gpu_gib`; 0 when not even 2 tokens fit. The estimate grows with length."""
+
     def fits(length: int) -> bool:
         return estimate(config, arch, Workload.worst_case(config, length)).total <= gpu_gib * GIB
 

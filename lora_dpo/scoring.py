@@ -21,6 +21,9 @@ class PairScores:
     rejected: torch.Tensor  # [N] fp32
     chosen_tokens: torch.Tensor  # [N] response token counts
     rejected_tokens: torch.Tensor  # [N]
+    # [2N] chosen rows then rejected ones: sequence_logps's optional statistics, when asked for
+    shared_logps: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
 
 
 def scoring_batches(
@@ -30,7 +33,9 @@ def scoring_batches(
     when it is set, of `batch_size` pairs otherwise."""
     if max_tokens:
         return token_budget_batches(pairs, range(len(pairs)), layout, max_tokens)
-    return [list(range(start, min(start + batch_size, len(pairs)))) for start in range(0, len(pairs), batch_size)]
+    return [
+        list(range(start, min(start + batch_size, len(pairs)))) for start in range(0, len(pairs), batch_size)
+    ]
 
 
 @torch.no_grad()
@@ -44,18 +49,32 @@ def score_pairs(
     progress: Any = None,
     layout: str = "padded",
     max_tokens: int = 0,
+    **statistics: bool,
 ) -> PairScores:
     """Consecutive batches (`scoring_batches`) in the given order (sort the pairs by length
     first for little padding), collated in `layout` (lora_dpo.packing.choose_layout prepares
-    the model for it). `progress` (a tqdm bar) is advanced by the pairs scored."""
+    the model for it). `progress` (a tqdm bar) is advanced by the pairs scored. `statistics`
+    are sequence_logps's optional ones (shared_prefix=True, ...)."""
     chosen, rejected, chosen_tokens, rejected_tokens = [], [], [], []
+    extra: dict[str, list[torch.Tensor]] = {"shared_logps": [], "log_sum_sq_probs": []}
     for indices in scoring_batches(pairs, batch_size, layout, max_tokens):
         batch = COLLATE[layout]([pairs[i] for i in indices], pad_id).to(device)
-        out = sequence_logps(model, batch)
+        out = sequence_logps(model, batch, **statistics)
         chosen.append(out.chosen.cpu())
         rejected.append(out.rejected.cpu())
         chosen_tokens.append(out.chosen_tokens.cpu())
         rejected_tokens.append(out.rejected_tokens.cpu())
+        for name, parts in extra.items():
+            value = getattr(out, name)
+            if value is not None:
+                parts.append(value.cpu().view(2, -1))  # [2, b]: chosen, rejected
         if progress is not None:
             progress.update(batch.num_pairs)
-    return PairScores(torch.cat(chosen), torch.cat(rejected), torch.cat(chosen_tokens), torch.cat(rejected_tokens))
+    stacked = {name: torch.cat(parts, dim=1).flatten() if parts else None for name, parts in extra.items()}
+    return PairScores(
+        torch.cat(chosen),
+        torch.cat(rejected),
+        torch.cat(chosen_tokens),
+        torch.cat(rejected_tokens),
+        **stacked,
+    )

@@ -65,9 +65,7 @@ class Source:
     lines: list[int] | None = None  # 1-based line each row starts on (JSON Lines and CSV)
 
 
-def read_source(
-    path: str, split: str = "train", max_row_bytes: int = DataConfig.max_row_bytes
-) -> Source:
+def read_source(path: str, split: str = "train", max_row_bytes: int = DataConfig.max_row_bytes) -> Source:
     if not path:
         raise DataError("no data path given")
     local = Path(os.path.expanduser(path))
@@ -92,8 +90,15 @@ def looks_local(path: str) -> bool:
 
 def json_type(value: Any) -> str:
     """How a user sees a value's type in a JSON file."""
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -194,8 +199,7 @@ def _parse_json_line(raw: bytes, start: int, offset_note: str) -> Any:
     except UnicodeDecodeError as exc:
         return Unreadable(
             NOT_UTF8,
-            f"byte 0x{raw[exc.start]:02x} at byte offset {start + exc.start}{offset_note} "
-            "is not UTF-8",
+            f"byte 0x{raw[exc.start]:02x} at byte offset {start + exc.start}{offset_note} is not UTF-8",
         )
     try:
         row = json.loads(text)
@@ -233,7 +237,8 @@ def _read_json(path: Path, limit: int) -> Source:
         raise DataError(f'{path}: expected a list of objects or {{"data": [...]}}')
     return Source(
         [
-            _limit(item, limit) if isinstance(item, dict)
+            _limit(item, limit)
+            if isinstance(item, dict)
             else Unreadable(NOT_AN_OBJECT, f"expected a JSON object, got {json_type(item)}")
             for item in parsed
         ]
@@ -272,9 +277,7 @@ def _read_csv(path: Path, limit: int) -> Source:
                 continue
             lines.append(start)
             if len(record) > len(header) and any(v.strip() for v in record[len(header) :]):
-                rows.append(Unreadable(
-                    MALFORMED_ROW, f"{len(record)} fields, the header has {len(header)}"
-                ))
+                rows.append(Unreadable(MALFORMED_ROW, f"{len(record)} fields, the header has {len(header)}"))
             else:  # a short record lacks its last fields: the row checks name them
                 rows.append(_limit(dict(zip(header, record)), limit))
     except csv.Error as exc:

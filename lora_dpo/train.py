@@ -14,51 +14,46 @@ import contextlib
 import logging
 import math
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lora_dpo.batching import COLLATE, pad_id_of
 from lora_dpo.cache import (
-    ReferenceCache,
     ReferenceValues,
     check_step0_agreement,
-    open_checked_cache,
-    policy_precision,
     step0_tolerance_for,
 )
 from lora_dpo.checkpoint import Checkpoint, apply_checkpoint
 from lora_dpo.config import Config, TrainConfig
-from lora_dpo.data import DataReport, TokenizedPair, load_preference_data
+from lora_dpo.ddp import ddp_module
 from lora_dpo.distributed import DistInfo, all_gather_objects, all_reduce_, barrier, dist_info
 from lora_dpo.errors import LoraDpoError, TrainingInterrupted
 from lora_dpo.evaluate import EvalMetrics, evaluate
 from lora_dpo.faults import FaultHooks
 from lora_dpo.generate import HeldOut
+from lora_dpo.inputs import RunInputs, load_run_inputs
 from lora_dpo.judge import WinRateJudge, load_reward_model
 from lora_dpo.loggers import check_backends, open_logger
 from lora_dpo.logps import SequenceLogps, sequence_logps
-from lora_dpo.loss import LossSettings, preference_loss
+from lora_dpo.losses import LossSettings, PairLogps, compute_loss
 from lora_dpo.metrics import WindowMeter, console_line
-from lora_dpo.model import attach_lora, default_device, load_base_model, load_tokenizer, resolve_model_dir
+from lora_dpo.model import attach_lora, default_device
 from lora_dpo.offload import offload_saved_tensors
 from lora_dpo.optim import (
     StepPlan,
     build_optimizer,
     build_scheduler,
     finite_step,
-    optimizer_name,
     optimizer_steps,
 )
 from lora_dpo.packing import choose_layout
 from lora_dpo.run.metrics_file import MetricsFile, NullMetricsFile
+from lora_dpo.run.stop import StopOnSignal
 from lora_dpo.run.transaction import RunTransaction
 from lora_dpo.samples import Sample
 
@@ -73,44 +68,6 @@ class TrainResult:
     policy: torch.nn.Module  # the trained peft model, for callers that go on using it
     eval_before: EvalMetrics | None
     eval_after: EvalMetrics | None
-
-
-@dataclass
-class RunInputs:
-    """What a training run reads besides its `train` settings; a sweep loads it once."""
-
-    tokenizer: Any
-    pairs: list[TokenizedPair]
-    eval_pairs: list[TokenizedPair]
-    data_report: DataReport
-    cache: ReferenceCache
-    reference: ReferenceValues  # aligned with `pairs`
-    eval_reference: ReferenceValues  # aligned with `eval_pairs`
-    base: torch.nn.Module  # the frozen (4-bit) base, without adapters
-    device: torch.device
-
-
-def load_run_inputs(config: Config) -> RunInputs:
-    """Data, the checked reference cache, then the base model."""
-    device = default_device()
-    optimizer_name(config.train, device)  # an impossible optimizer costs nothing to find out
-    precision = policy_precision(config, device)
-    # Data and reference values first: a cache problem should cost seconds, not a model load.
-    tokenizer = load_tokenizer(config.model)
-    pairs, report = load_preference_data(config.data, tokenizer, "train")
-    log.info("train data: %s", report.summary())
-    eval_pairs = load_preference_data(config.data, tokenizer, "eval")[0] if config.data.eval_path else []
-    def load_base() -> torch.nn.Module:
-        return load_base_model(
-            config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
-        )
-
-    # A hub model not downloaded yet has no weights to fingerprint before it is loaded.
-    base = None if resolve_model_dir(config.model) else load_base()
-    cache = open_checked_cache(config, tokenizer, precision, accept_mismatch=config.train.accept_cache_mismatch)
-    reference, eval_reference = cache.aligned(pairs, "train"), cache.aligned(eval_pairs, "eval")
-    base = base or load_base()
-    return RunInputs(tokenizer, pairs, eval_pairs, report, cache, reference, eval_reference, base, device)
 
 
 @dataclass
@@ -149,6 +106,17 @@ class TrainState:
     @property
     def device(self) -> torch.device:
         return self.inputs.device
+
+    @property
+    def loss(self) -> LossSettings:
+        return LossSettings.of(self.cfg)
+
+    def references(self) -> tuple[ReferenceValues | None, ReferenceValues | None]:
+        """(train, eval) reference values this run's objective reads: none for a reference-free
+        one, even where the inputs hold some (a sweep of several objectives)."""
+        if self.loss.reference_free:
+            return None, None
+        return self.inputs.reference, self.inputs.eval_reference
 
 
 def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = False) -> TrainResult:
@@ -189,16 +157,28 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg, inputs.device)
     plan = list(optimizer_steps(inputs.pairs, cfg, info.rank, info.world_size, layout.name))
     state = TrainState(
-        config, inputs, policy, optimizer, build_scheduler(optimizer, cfg, len(plan)),
-        WindowMeter(inputs.device), plan, NullMetricsFile(), info, pad_id_of(inputs.tokenizer), layout.name,
+        config,
+        inputs,
+        policy,
+        optimizer,
+        build_scheduler(optimizer, cfg, len(plan)),
+        WindowMeter(inputs.device),
+        plan,
+        NullMetricsFile(),
+        info,
+        pad_id_of(inputs.tokenizer),
+        layout.name,
     )
     if run.resume_from is not None:
         resume_from(state, run.resume_from)
-    elif not cfg.accept_cache_mismatch:
+    elif not cfg.accept_cache_mismatch and state.references()[0] is not None:
+        assert inputs.cache is not None  # reference values come from it
         state.step0_tolerance = step0_tolerance_for(inputs.cache.manifest)
     if generates:
         conversational = inputs.data_report.format == "conversational"
-        state.held_out = HeldOut.from_config(config, inputs.tokenizer, inputs.eval_pairs, conversational, inputs.device)
+        state.held_out = HeldOut.from_config(
+            config, inputs.tokenizer, inputs.eval_pairs, conversational, inputs.device
+        )
         state.judge = WinRateJudge(reward, state.held_out) if reward is not None else None
         state.samples = run.kept_samples()
     state.metrics = run.open_metrics(lambda path: open_logger(cfg.report_to, path, config.to_dict()), started)
@@ -209,22 +189,39 @@ def resume_from(state: TrainState, checkpoint: Checkpoint) -> None:
     """Weights, optimizer, schedule, RNG and metric window as they were at the checkpoint."""
     chosen = all_gather_objects(checkpoint.path.name)
     if len(set(chosen)) > 1:  # a checkpoint damaged for one rank only (a file system hiccup)
-        raise LoraDpoError(f"{checkpoint.path.parent}: the ranks found different newest intact checkpoints: {chosen}")
+        raise LoraDpoError(
+            f"{checkpoint.path.parent}: the ranks found different newest intact checkpoints: {chosen}"
+        )
     dist = state.dist
-    window = apply_checkpoint(checkpoint, state.policy, state.optimizer, state.scheduler, dist.rank, dist.world_size)
+    window = apply_checkpoint(
+        checkpoint, state.policy, state.optimizer, state.scheduler, dist.rank, dist.world_size
+    )
     state.meter.load_state_dict(window)
     state.step = checkpoint.step  # the policy has trained: no step-0 check
-    log.info("resuming %s from %s (step %d of %d)", state.cfg.output_dir, checkpoint.path.name, state.step, state.total_steps)
+    log.info(
+        "resuming %s from %s (step %d of %d)",
+        state.cfg.output_dir,
+        checkpoint.path.name,
+        state.step,
+        state.total_steps,
+    )
 
 
 def save(state: TrainState, run: RunTransaction) -> TrainResult:
     """Publish the adapter and the report (rank 0; the others wait)."""
     if not all(torch.isfinite(p).all() for p in state.policy.parameters() if p.requires_grad):
-        raise LoraDpoError("the trained adapter holds non-finite values; it was not saved")  # skipped steps: cannot happen
+        raise LoraDpoError(
+            "the trained adapter holds non-finite values; it was not saved"
+        )  # skipped steps: cannot happen
     run.publish(state.policy, state.inputs.tokenizer)
     barrier()
     return TrainResult(
-        run.target.path, run.target.adapter_dir, state.history, state.policy, state.eval_before, state.eval_after
+        run.target.path,
+        run.target.adapter_dir,
+        state.history,
+        state.policy,
+        state.eval_before,
+        state.eval_after,
     )
 
 
@@ -232,7 +229,9 @@ class TrainLoop:
     """The optimizer steps of a TrainState's plan from `state.step + 1` to the end, with the
     metric records, evals and checkpoints they are due."""
 
-    def __init__(self, state: TrainState, run: RunTransaction, stop: StopOnSignal, faults: FaultHooks | None = None):
+    def __init__(
+        self, state: TrainState, run: RunTransaction, stop: StopOnSignal, faults: FaultHooks | None = None
+    ):
         self.state = state
         self.run_dir = run  # checkpoints are saved through it
         self.stop = stop
@@ -240,7 +239,11 @@ class TrainLoop:
         self.consecutive_skips = 0
         # Under torchrun the log-prob function runs through DDP, which all-reduces the LoRA
         # gradients (the frozen base is not synchronised: every rank loaded the same weights).
-        self.ddp = ddp_module(state) if state.dist.enabled else None
+        self.ddp = (
+            ddp_module(state.policy, state.cfg.logits_chunk_size, state.loss.statistics, state.device)
+            if state.dist.enabled
+            else None
+        )
 
     def run(self) -> None:
         s, cfg = self.state, self.state.cfg
@@ -279,6 +282,7 @@ class TrainLoop:
         """One optimizer step over this rank's micro-batches; skipped on the device if not finite."""
         s, cfg = self.state, self.state.cfg
         s.meter.begin_step()
+        loss, reference = s.loss, s.references()[0]
         finite = torch.ones((), dtype=torch.bool, device=s.device)
         rows: list[int] = []
         for number, indices in enumerate(micro_batches):
@@ -286,20 +290,22 @@ class TrainLoop:
             tokens = batch.sequence_tokens  # counted on the CPU: no device sync
             rows += batch.source_indices
             batch = batch.to(s.device)
-            ref_chosen, ref_rejected = (t.to(s.device) for t in s.inputs.reference.logps(indices))
+            ref_chosen = ref_rejected = ref_shared = None
+            if reference is not None:
+                ref_chosen, ref_rejected = (t.to(s.device) for t in reference.logps(indices))
+                if loss.needs_shared_prefix:
+                    shared_chosen, shared_rejected = reference.shared_logps(indices)
+                    ref_shared = (shared_chosen.to(s.device), shared_rejected.to(s.device))
             # Under DDP, gradients are all-reduced once per step: on its last micro-batch.
             last = number == len(micro_batches) - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 with offload_saved_tensors(cfg.offload_activations):  # layer inputs wait on the host
                     policy_logps = self.logps(batch)  # chosen and rejected in one forward
                 if step0_tolerance is not None and number == 0:
+                    assert ref_chosen is not None and ref_rejected is not None  # set only with a reference
                     check_step0_agreement(policy_logps, ref_chosen, ref_rejected, step0_tolerance)
-                out = preference_loss(
-                    policy_logps.chosen, policy_logps.rejected, ref_chosen, ref_rejected, cfg.beta,
-                    loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, rpo_alpha=cfg.rpo_alpha,
-                    # the policy's counts are the cache's: the same pair, the same tokens
-                    chosen_tokens=policy_logps.chosen_tokens, rejected_tokens=policy_logps.rejected_tokens,
-                )
+                # the policy's token counts are the cache's: the same pair, the same tokens
+                out = compute_loss(loss, PairLogps.of(policy_logps, ref_chosen, ref_rejected, ref_shared))
                 # Sum over pairs / pairs in the global step: accumulation gives the mean of one
                 # big batch. DDP averages gradients over ranks, so each share is scaled back up.
                 (out.losses.sum() * (s.dist.world_size / pairs_in_step)).backward()
@@ -317,7 +323,8 @@ class TrainLoop:
 
     def logps(self, batch: Any) -> SequenceLogps:
         if self.ddp is None:
-            return sequence_logps(self.state.policy, batch, self.state.cfg.logits_chunk_size)
+            s = self.state
+            return sequence_logps(s.policy, batch, s.cfg.logits_chunk_size, **s.loss.statistics)
         return SequenceLogps(*self.ddp(batch))
 
     def log_window(self, lr: float, progress: Any) -> None:
@@ -337,8 +344,15 @@ class TrainLoop:
         metrics = None
         if s.inputs.eval_pairs and s.dist.is_main:
             metrics = evaluate(
-                s.policy, s.inputs.eval_pairs, s.inputs.eval_reference, LossSettings.of(s.cfg), s.pad_id,
-                s.config.precompute.batch_size, s.device, s.layout, s.config.precompute.max_tokens_per_batch,
+                s.policy,
+                s.inputs.eval_pairs,
+                s.references()[1],
+                s.loss,
+                s.pad_id,
+                s.config.precompute.batch_size,
+                s.device,
+                s.layout,
+                s.config.precompute.max_tokens_per_batch,
             )
             if s.judge is not None:
                 metrics = metrics.judged(s.judge(s.policy))
@@ -359,7 +373,9 @@ class TrainLoop:
         """Every rank's RNG states and metric window, gathered; rank 0 writes the checkpoint."""
         s = self.state
         rank_states = all_gather_objects(rank_state(s.meter))
-        path = self.run_dir.save_checkpoint(s.step, s.policy, s.optimizer, s.scheduler, rank_states, s.cfg.save_total_limit)
+        path = self.run_dir.save_checkpoint(
+            s.step, s.policy, s.optimizer, s.scheduler, rank_states, s.cfg.save_total_limit
+        )
         barrier()
         return path
 
@@ -390,34 +406,12 @@ class TrainLoop:
         if skipped_rows:
             log.warning(
                 "up to step %d: skipped %d update(s) with a non-finite loss or gradient; "
-                "their pairs (source rows): %s", step, len(skipped_rows), skipped_rows,
+                "their pairs (source rows): %s",
+                step,
+                len(skipped_rows),
+                skipped_rows,
             )
         return consecutive
-
-
-def ddp_module(state: TrainState) -> DistributedDataParallel:
-    """The policy's log-prob function under DDP, which all-reduces the LoRA gradients only."""
-    module = PairLogpsModule(state.policy, state.cfg.logits_chunk_size)
-    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
-    frozen += [n for n, _ in module.named_buffers()]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
-    device = state.device
-    return DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-    )
-
-
-class PairLogpsModule(torch.nn.Module):
-    """The policy with the log-prob function as its forward: the module DDP wraps."""
-
-    def __init__(self, policy: torch.nn.Module, chunk_size: int):
-        super().__init__()
-        self.policy = policy
-        self.chunk_size = chunk_size
-
-    def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        out = sequence_logps(self.policy, batch, self.chunk_size)
-        return out.logps, out.tokens
 
 
 def rank_state(meter: WindowMeter) -> dict[str, Any]:
@@ -426,26 +420,6 @@ def rank_state(meter: WindowMeter) -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state()
     return state
-
-
-class StopOnSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each optimizer step, so the run
-    stops at a step boundary with a checkpoint instead of dying mid-update."""
-
-    def __enter__(self) -> StopOnSignal:
-        self.signal_name: str | None = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def seed_everything(seed: int) -> None:

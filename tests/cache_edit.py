@@ -52,7 +52,9 @@ def counted_pairs() -> Iterator[list[int]]:
     def count(module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         if type(module).__name__ == "LlamaModel":  # the demo's decoder, under its LM head
             mask = kwargs.get("attention_mask")
-            assert mask is not None and mask.ndim == 2, "counted_pairs counts padded batches: set train.layout=padded"
+            assert mask is not None and mask.ndim == 2, (
+                "counted_pairs counts padded batches: set train.layout=padded"
+            )
             pairs.append(output.last_hidden_state.shape[0] // 2)
 
     handle = register_module_forward_hook(count, with_kwargs=True)

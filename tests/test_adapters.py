@@ -57,11 +57,14 @@ def world(demo_workdir, tiny_tokenizer, tmp_path_factory):
     llama = demo_workdir / "model"
     copy = Path(shutil.copytree(llama, root / "llama-copy"))
     qwen = build_tiny_model(root / "qwen2-32", tiny_tokenizer, "qwen2", hidden_size=32)
-    one_layer = build_tiny_model(root / "llama-1-layer", tiny_tokenizer, "llama", hidden_size=64, num_layers=1)
+    one_layer = build_tiny_model(
+        root / "llama-1-layer", tiny_tokenizer, "llama", hidden_size=64, num_layers=1
+    )
     small_vocab = root / "llama-small-vocab"
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tiny_tokenizer) - 16, hidden_size=64)
-                                     ).save_pretrained(str(small_vocab))
+    AutoModelForCausalLM.from_config(
+        tiny_config("llama", vocab_size=len(tiny_tokenizer) - 16, hidden_size=64)
+    ).save_pretrained(str(small_vocab))
     tiny_tokenizer.save_pretrained(str(small_vocab))
 
     config = demo_config(demo_workdir)
@@ -72,13 +75,23 @@ def world(demo_workdir, tiny_tokenizer, tmp_path_factory):
     (run / "config.yaml").write_text(dump_config(config))
     qwen_adapter = save_adapter(qwen, root / "qwen-adapter")
     precompute_reference(config)
-    return SimpleNamespace(root=root, llama=llama, copy=copy, qwen=qwen, one_layer=one_layer,
-                           small_vocab=small_vocab, config=config, run=run, qwen_adapter=qwen_adapter)
+    return SimpleNamespace(
+        root=root,
+        llama=llama,
+        copy=copy,
+        qwen=qwen,
+        one_layer=one_layer,
+        small_vocab=small_vocab,
+        config=config,
+        run=run,
+        qwen_adapter=qwen_adapter,
+    )
 
 
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Any model load fails the test: what is checked here is checked before one."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
@@ -97,7 +110,12 @@ def no_load_bars():
 
 def config_args(world, base: Path | None = None) -> list[str]:
     """The fixture's config as eval reads it from the command line (the run's config.yaml)."""
-    return ["--config", str(world.run / "config.yaml"), f"model.name_or_path={base or world.llama}", "--quiet"]
+    return [
+        "--config",
+        str(world.run / "config.yaml"),
+        f"model.name_or_path={base or world.llama}",
+        "--quiet",
+    ]
 
 
 def header_shapes(model_dir: Path) -> BaseShapes:
@@ -150,6 +168,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], Path], str]] = {}  # name -> (damage a 
 
 def damage(name: str, message: str) -> Callable[[Callable[[Path], Path]], Callable[[Path], Path]]:
     """Register `make(adapter) -> the path given to --adapter` under `name`."""
+
     def register(make: Callable[[Path], Path]) -> Callable[[Path], Path]:
         DAMAGE[name] = (make, message)
         return make
@@ -266,12 +285,19 @@ def _no_lora_b(adapter: Path) -> Path:
 
 @damage("ranks disagree", "their ranks do not agree")
 def _ranks_disagree(adapter: Path) -> Path:
-    return _with_factors(adapter, {f"base_model.model.{Q_PROJ}.lora_A.weight": torch.zeros(4, 64),
-                                   f"base_model.model.{Q_PROJ}.lora_B.weight": torch.zeros(64, 8)})
+    return _with_factors(
+        adapter,
+        {
+            f"base_model.model.{Q_PROJ}.lora_A.weight": torch.zeros(4, 64),
+            f"base_model.model.{Q_PROJ}.lora_B.weight": torch.zeros(64, 8),
+        },
+    )
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_a_damaged_adapter_is_one_line_naming_it_before_any_load(damage, world, tmp_path, capsys, no_model_load):
+def test_a_damaged_adapter_is_one_line_naming_it_before_any_load(
+    damage, world, tmp_path, capsys, no_model_load
+):
     make, message = DAMAGE[damage]
     adapter = Path(shutil.copytree(world.run / "adapter", tmp_path / "adapter"))
     given = make(adapter)
@@ -303,27 +329,76 @@ def test_eval_refuses_an_adapter_trained_on_another_base(world, capsys, no_model
 def test_base_does_not_excuse_shapes_that_do_not_fit(world, tmp_path, capsys, no_model_load):
     """--base accepts a foreign adapter only if every LoRA factor fits: the first mismatch,
     read from the base's safetensors headers before any load, is the error, for eval and merge."""
-    qwen_on_llama = (f"{world.qwen_adapter}: does not fit the base '{world.llama}': lora_A of {Q_PROJ} is "
-                     "[4, 32], the base's q_proj takes 64 inputs")
-    assert main(["eval", "--adapter", str(world.qwen_adapter), "--base", str(world.llama), *config_args(world)]) == 2
+    qwen_on_llama = (
+        f"{world.qwen_adapter}: does not fit the base '{world.llama}': lora_A of {Q_PROJ} is "
+        "[4, 32], the base's q_proj takes 64 inputs"
+    )
+    assert (
+        main(["eval", "--adapter", str(world.qwen_adapter), "--base", str(world.llama), *config_args(world)])
+        == 2
+    )
     assert one_error_line(capsys) == qwen_on_llama
-    assert main(["merge", "--adapter", str(world.qwen_adapter), "--base", str(world.llama),
-                 "--out", str(tmp_path / "merged")]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                "--adapter",
+                str(world.qwen_adapter),
+                "--base",
+                str(world.llama),
+                "--out",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 2
+    )
     assert one_error_line(capsys) == qwen_on_llama
-    assert main(["merge", "--adapter", str(world.run), "--base", str(world.qwen), "--out", str(tmp_path / "merged")]) == 2
-    assert one_error_line(capsys) == (f"{world.run / 'adapter'}: does not fit the base '{world.qwen}': lora_A of "
-                                      f"{Q_PROJ} is [4, 64], the base's q_proj takes 32 inputs")
+    assert (
+        main(
+            [
+                "merge",
+                "--adapter",
+                str(world.run),
+                "--base",
+                str(world.qwen),
+                "--out",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 2
+    )
+    assert one_error_line(capsys) == (
+        f"{world.run / 'adapter'}: does not fit the base '{world.qwen}': lora_A of "
+        f"{Q_PROJ} is [4, 64], the base's q_proj takes 32 inputs"
+    )
     assert not (tmp_path / "merged").exists()
 
 
 def test_the_saved_tokenizer_must_fit_the_base_vocabulary(world, tmp_path, capsys, no_model_load):
     """Same widths, fewer embedding rows than the tokenizer saved with the adapter has tokens."""
-    expected = (f"{world.run / 'adapter'}: does not fit the base '{world.small_vocab}': the tokenizer saved with "
-                "the adapter has 384 tokens, the base's embedding has 368 rows")
-    assert main(["merge", "--adapter", str(world.run), "--base", str(world.small_vocab),
-                 "--out", str(tmp_path / "merged")]) == 2
+    expected = (
+        f"{world.run / 'adapter'}: does not fit the base '{world.small_vocab}': the tokenizer saved with "
+        "the adapter has 384 tokens, the base's embedding has 368 rows"
+    )
+    assert (
+        main(
+            [
+                "merge",
+                "--adapter",
+                str(world.run),
+                "--base",
+                str(world.small_vocab),
+                "--out",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 2
+    )
     assert one_error_line(capsys) == expected
-    assert main(["eval", "--adapter", str(world.run), "--base", str(world.small_vocab), *config_args(world)]) == 2
+    assert (
+        main(["eval", "--adapter", str(world.run), "--base", str(world.small_vocab), *config_args(world)])
+        == 2
+    )
     assert one_error_line(capsys) == expected
 
 
@@ -342,20 +417,42 @@ def test_shapes_are_checked_on_the_loaded_modules_too(world):
     """Where headers cannot tell (a 4-bit base: packed storage; a layer the checkpoint does not
     list), `load_adapter` compares the factors with the loaded modules before peft sees them."""
     qwen_4bit = load_base_model(model_config(world.qwen), quantize=True, dtype=torch.float32, device=CPU)
-    with pytest.raises(ConfigError, match=rf"lora_A of {Q_PROJ} is \[4, 64\], the base's q_proj takes 32 inputs$"):
+    with pytest.raises(
+        ConfigError, match=rf"lora_A of {Q_PROJ} is \[4, 64\], the base's q_proj takes 32 inputs$"
+    ):
         load_adapter(qwen_4bit, world.run)
-    one_layer = load_base_model(model_config(world.one_layer), quantize=False, dtype=torch.float32, device=CPU)
+    one_layer = load_base_model(
+        model_config(world.one_layer), quantize=False, dtype=torch.float32, device=CPU
+    )
     check_fits(read_adapter(world.run), header_shapes(world.one_layer), str(world.one_layer))  # layer 0 fits
-    with pytest.raises(ConfigError, match=r"adapts model.layers.1.self_attn.(q|v)_proj, which the base .* does not have$"):
+    with pytest.raises(
+        ConfigError, match=r"adapts model.layers.1.self_attn.(q|v)_proj, which the base .* does not have$"
+    ):
         load_adapter(one_layer, world.run)
-    fitting = load_adapter(load_base_model(model_config(world.llama), quantize=True, dtype=torch.float32,
-                                           device=CPU), world.run)
+    fitting = load_adapter(
+        load_base_model(model_config(world.llama), quantize=True, dtype=torch.float32, device=CPU), world.run
+    )
     assert sum("lora_A" in name for name, _ in fitting.named_parameters()) == 4
 
 
 def test_merge_through_a_base_with_a_missing_layer_is_one_line(world, tmp_path, capsys):
-    assert main(["merge", "--adapter", str(world.run), "--base", str(world.one_layer), "--dtype", "fp32",
-                 "--out", str(tmp_path / "merged"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                "--adapter",
+                str(world.run),
+                "--base",
+                str(world.one_layer),
+                "--dtype",
+                "fp32",
+                "--out",
+                str(tmp_path / "merged"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "adapts model.layers.1.self_attn." in one_error_line(capsys)
     assert not (tmp_path / "merged").exists()
 
@@ -370,11 +467,15 @@ def test_merge_through_a_base_with_a_missing_layer_is_one_line(world, tmp_path, 
         ({"lora_bias": True}, "adapters with lora_bias cannot be merged here"),
     ],
 )
-def test_merge_refuses_what_it_cannot_fold_before_any_load_and_eval_takes_it(options, message, world, tmp_path, capsys):
+def test_merge_refuses_what_it_cannot_fold_before_any_load_and_eval_takes_it(
+    options, message, world, tmp_path, capsys
+):
     adapter = save_adapter(world.llama, tmp_path / "adapter", **options)
     assert read_adapter(adapter).factors[Q_PROJ].a == [4, 64]  # a sound adapter, for eval
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+        patch.setattr(
+            AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded")
+        )
         assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 2
     assert one_error_line(capsys) == f"{adapter / 'adapter_config.json'}: {message}"
     assert evaluate_run(world.config, str(adapter)).pairs == 16  # eval runs it through peft's own forward
@@ -383,10 +484,14 @@ def test_merge_refuses_what_it_cannot_fold_before_any_load_and_eval_takes_it(opt
 def test_conv1d_adapters_fit_their_base_and_merge_refuses_them(world, tiny_tokenizer, tmp_path, capsys):
     """GPT-2 stores its projections as Conv1D [in, out] (fan_in_fan_out): the checks read the
     factors the other way round and find a correct adapter fitting, from files and loaded."""
-    config = AutoConfig.for_model("gpt2", vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    config = AutoConfig.for_model(
+        "gpt2", vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "gpt2"))
-    adapter = read_adapter(save_adapter(tmp_path / "gpt2", tmp_path / "adapter", targets=("c_attn",), fan_in_fan_out=True))
+    adapter = read_adapter(
+        save_adapter(tmp_path / "gpt2", tmp_path / "adapter", targets=("c_attn",), fan_in_fan_out=True)
+    )
     assert adapter.factors["transformer.h.0.attn.c_attn"] == LoraFactors(a=[4, 32], b=[96, 4])
     check_fits(adapter, header_shapes(tmp_path / "gpt2"), "gpt2")
     check_fits(adapter, shapes_of(AutoModelForCausalLM.from_pretrained(str(tmp_path / "gpt2"))), "gpt2")
@@ -404,4 +509,7 @@ def test_embedding_adapters_fit_and_merge_refuses_them(world, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"the base's embed_tokens takes 368 inputs$"):
         check_fits(adapter, header_shapes(world.small_vocab), "small")
     assert main(["merge", "--adapter", str(adapter.directory), "--out", str(tmp_path / "merged")]) == 2
-    assert "adapts embedding layers (model.embed_tokens); only linear layers can be merged here" in one_error_line(capsys)
+    assert (
+        "adapts embedding layers (model.embed_tokens); only linear layers can be merged here"
+        in one_error_line(capsys)
+    )

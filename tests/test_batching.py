@@ -56,10 +56,25 @@ def test_collate_pads_to_the_longest_pair_with_masks_from_lengths():
     pairs = [TokenizedPair((1, 2), (2, 2, 9), (5,), 0), TokenizedPair((1,), (7,), (8, 2), 1)]
     batch = collate(pairs, pad_id=pad)
     assert batch.input_ids.shape == (4, 5)  # the longest sequence, 2 + 3, not max_length
-    assert batch.input_ids.tolist() == [[1, 2, 2, 2, 9], [1, 7, pad, pad, pad], [1, 2, 5, pad, pad], [1, 8, 2, pad, pad]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    assert batch.input_ids.tolist() == [
+        [1, 2, 2, 2, 9],
+        [1, 7, pad, pad, pad],
+        [1, 2, 5, pad, pad],
+        [1, 8, 2, pad, pad],
+    ]
+    assert batch.attention_mask.tolist() == [
+        [1, 1, 1, 1, 1],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 0, 0],
+    ]
     no = IGNORE_INDEX
-    assert batch.labels.tolist() == [[no, no, 2, 2, 9], [no, 7, no, no, no], [no, no, 5, no, no], [no, 8, 2, no, no]]
+    assert batch.labels.tolist() == [
+        [no, no, 2, 2, 9],
+        [no, 7, no, no, no],
+        [no, no, 5, no, no],
+        [no, 8, 2, no, no],
+    ]
     assert batch.sequence_tokens == 5 + 2 + 3 + 3
     predictors, targets, rows = batch.response_tokens()
     assert targets.tolist() == [2, 2, 9, 7, 5, 8, 2]
@@ -137,7 +152,9 @@ def test_prompt_shared_layout():
 
 
 def test_prompt_shared_visibility_keeps_rejected_from_chosen():
-    batch = collate_prompt_shared([TokenizedPair((1, 2), (3, 4), (5, 6), 0), TokenizedPair((1,), (3,), (5,), 1)], 0)
+    batch = collate_prompt_shared(
+        [TokenizedPair((1, 2), (3, 4), (5, 6), 0), TokenizedPair((1,), (3,), (5,), 1)], 0
+    )
     visible = batch.visibility()[0].int().tolist()  # query x key
     assert visible == [
         [1, 0, 0, 0, 0, 0],  # prompt
@@ -148,7 +165,11 @@ def test_prompt_shared_visibility_keeps_rejected_from_chosen():
         [1, 1, 0, 0, 1, 1],
     ]
     padded = batch.visibility()[1].int()
-    assert padded[3:, :].tolist() == [[0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1]]  # pads: self only
+    assert padded[3:, :].tolist() == [
+        [0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]  # pads: self only
     assert padded[:3, 3:].sum() == 0  # nothing real sees a pad
 
 
@@ -215,7 +236,9 @@ def test_batch_tokens_count_what_each_layout_runs():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    lengths=st.lists(st.tuples(st.integers(0, 30), st.integers(1, 30), st.integers(1, 30)), min_size=1, max_size=40),
+    lengths=st.lists(
+        st.tuples(st.integers(0, 30), st.integers(1, 30), st.integers(1, 30)), min_size=1, max_size=40
+    ),
     budget=st.integers(1, 200),
     layout=st.sampled_from(LAYOUTS),
 )

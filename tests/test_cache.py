@@ -18,16 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from cache_edit import edited_cache_copy
 from safetensors.torch import load_file, save_file
 
-from cache_edit import edited_cache_copy
 from lora_dpo.cache import ReferenceCache, verify_cache, weights_fingerprint
-from lora_dpo.fileio import write_json
 from lora_dpo.cli import main as cli_main
 from lora_dpo.config import dump_config
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import CacheError
-from lora_dpo.train import load_run_inputs, train
+from lora_dpo.fileio import write_json
+from lora_dpo.inputs import load_run_inputs
+from lora_dpo.train import train
 from precompute import precompute_reference
 
 
@@ -99,7 +100,9 @@ def test_changed_chat_template_is_named(workdir, tmp_path):
 
 def test_changed_max_length_is_named(workdir):
     config = base_config(workdir, max_length=128)
-    with pytest.raises(CacheError, match=r"tokenization.max_length: cache was built with 64, this run uses 128"):
+    with pytest.raises(
+        CacheError, match=r"tokenization.max_length: cache was built with 64, this run uses 128"
+    ):
         load_run_inputs(config)
 
 
@@ -109,7 +112,9 @@ def test_changed_data_is_named(workdir, tmp_path):
     changed = tmp_path / "train.jsonl"
     changed.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = base_config(workdir, train_path=str(changed))
-    with pytest.raises(CacheError, match=r"1 of 48 train pairs are not in the reference cache \(source rows \[3\]"):
+    with pytest.raises(
+        CacheError, match=r"1 of 48 train pairs are not in the reference cache \(source rows \[3\]"
+    ):
         load_run_inputs(config)
 
 
@@ -138,7 +143,9 @@ def test_aligned_values_follow_the_run_order(workdir, tmp_path):
     assert values.chosen_tokens.tolist() == [len(p.chosen_ids) for p in pairs]
     assert values.rejected_tokens.tolist() == [len(p.rejected_ids) for p in pairs]
     some = [29, 3, 3, 11]
-    assert torch.equal(values.logps(some)[0], cache.chosen_logps[[cache.row_of[pairs[i].pair_hash] for i in some]])
+    assert torch.equal(
+        values.logps(some)[0], cache.chosen_logps[[cache.row_of[pairs[i].pair_hash] for i in some]]
+    )
     assert len(inputs.eval_reference) == len(inputs.eval_pairs) == 48
 
 
@@ -150,6 +157,7 @@ def test_deliberate_mismatch_can_be_accepted(workdir):
 
 def test_step0_check_catches_values_from_another_model(workdir, tmp_path):
     """Fingerprints all match, but the stored values are not this model's: training stops."""
+
     def two_nats_per_token_off(tensors):
         tensors["chosen_logps"] -= 2.0 * tensors["chosen_tokens"]
 
@@ -157,7 +165,9 @@ def test_step0_check_catches_values_from_another_model(workdir, tmp_path):
     config = base_config(workdir)
     config.precompute.cache_dir = str(cache_dir)
     config.train.output_dir = str(tmp_path / "run")
-    with pytest.raises(CacheError, match=r"policy at init disagrees with the cached reference by 2 nats per token"):
+    with pytest.raises(
+        CacheError, match=r"policy at init disagrees with the cached reference by 2 nats per token"
+    ):
         train(config)
 
 
@@ -182,6 +192,7 @@ def test_flipped_byte_fails_verify_and_train(workdir, tmp_path, capsys):
 
 def bad_values(name: str):
     """(an edit of a shard's tensors, the problem it must be refused with)."""
+
     def nan(tensors):
         tensors["chosen_logps"][:3] = math.nan
 
@@ -247,7 +258,12 @@ def test_verify_lists_every_bad_value(workdir, tmp_path, capsys):
 def test_cache_info_describes_the_cache(workdir, capsys):
     assert cli_main(["cache", "info", str(workdir / "cache")]) == 0
     out = capsys.readouterr().out
-    for text in ("pairs: train 48, eval 48", "reference: policy (nf4, float32)", "max_length 64", "chosen logps: mean"):
+    for text in (
+        "pairs: train 48, eval 48",
+        "reference: policy (nf4, float32)",
+        "max_length 64",
+        "chosen logps: mean",
+    ):
         assert text in out
 
 
@@ -330,7 +346,6 @@ def test_sweep_never_runs_the_reference(workdir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     import lora_dpo.cache.build as build
-
     import lora_dpo.sweep as sweep
 
     reference_runs, model_loads = [], []
@@ -338,7 +353,8 @@ def test_sweep_never_runs_the_reference(workdir, tmp_path, monkeypatch):
     monkeypatch.setattr(build, "score_pairs", lambda *a, **k: reference_runs.append(1) or real_score(*a, **k))
     real_load = AutoModelForCausalLM.from_pretrained.__func__
     monkeypatch.setattr(
-        AutoModelForCausalLM, "from_pretrained",
+        AutoModelForCausalLM,
+        "from_pretrained",
         classmethod(lambda cls, *a, **k: model_loads.append(1) or real_load(cls, *a, **k)),
     )
     before = {p.name: p.read_bytes() for p in (workdir / "cache").iterdir()}
@@ -358,7 +374,10 @@ def test_sweep_never_runs_the_reference(workdir, tmp_path, monkeypatch):
     config.train.beta = 0.1
     config.train.output_dir = str(tmp_path / "alone")
     alone = train(config)
-    swept = [json.loads(line) for line in (tmp_path / "sweep" / "beta-0.1" / "metrics.jsonl").read_text().splitlines()]
+    swept = [
+        json.loads(line)
+        for line in (tmp_path / "sweep" / "beta-0.1" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["loss"] for r in swept if "loss" in r] == [r["loss"] for r in alone.history]
 
 

@@ -84,8 +84,11 @@ def test_a_manifest_naming_files_outside_the_cache_touches_none(built, tmp_path,
 
     with pytest.raises(CacheError, match="^" + re.escape(refusal)):
         ReferenceCache(cache_dir)
-    for argv in (["cache", "verify", str(cache_dir)], ["cache", "info", str(cache_dir)],
-                 ["cache", "export", str(cache_dir), "--out", str(tmp_path / "t.parquet")]):
+    for argv in (
+        ["cache", "verify", str(cache_dir)],
+        ["cache", "info", str(cache_dir)],
+        ["cache", "export", str(cache_dir), "--out", str(tmp_path / "t.parquet")],
+    ):
         assert cli_main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {refusal}") and "\n" not in err
@@ -100,7 +103,9 @@ def test_a_manifest_naming_files_outside_the_cache_touches_none(built, tmp_path,
     build_cache(config_for(built, cache_dir), rebuild=True)
     assert verify_cache(cache_dir) == ([], 20)
     assert not os.path.lexists(cache_dir / "shard-00099.safetensors")  # the link went, not its target
-    assert sorted(p.name for p in cache_dir.glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(3)]
+    assert sorted(p.name for p in cache_dir.glob("shard-*")) == [
+        f"shard-0000{i}.safetensors" for i in range(3)
+    ]
     for decoy, data in decoys.items():
         assert decoy.read_bytes() == data, decoy
 
@@ -124,23 +129,46 @@ def test_shards_inconsistent_with_the_manifest_are_named(built, tmp_path):
     fields = tmp_path / "fields"
     shutil.copytree(built / "cache", fields)
     rewrite(fields, 1, fields=(*Manifest.read(fields).shards[1].fields, "first_token_logps"))
-    with pytest.raises(CacheError, match=r"shard-00001.safetensors: holds fields pair_hash, .*, source_index; "
-                                         r"the manifest lists .*source_index, first_token_logps$"):
+    with pytest.raises(
+        CacheError,
+        match=r"shard-00001.safetensors: holds fields pair_hash, .*, source_index; "
+        r"the manifest lists .*source_index, first_token_logps$",
+    ):
         ReferenceCache(fields)
 
     missing = tmp_path / "missing"
     shutil.copytree(built / "cache", missing)
     (missing / "shard-00000.safetensors").unlink()
-    assert verify_cache(missing)[0] == [f"{missing / 'shard-00000.safetensors'}: shard listed in the manifest is missing"]
+    assert verify_cache(missing)[0] == [
+        f"{missing / 'shard-00000.safetensors'}: shard listed in the manifest is missing"
+    ]
 
 
-@pytest.mark.parametrize("edit, problem", [
-    (lambda t: t.update(chosen_logps=t["chosen_logps"][:, None].clone()), "chosen_logps is float32 [8, 1], expected float32 [8]"),
-    (lambda t: t.update(pair_hash=t["pair_hash"][:, :31].clone()), "pair_hash is uint8 [8, 31], expected uint8 [8, 32]"),
-    (lambda t: t.update(rejected_tokens=t["rejected_tokens"].long()), "rejected_tokens is int64 [8], expected int32 [8]"),
-    (lambda t: t.update(source_index=t["source_index"][:5].clone()), "source_index is int64 [5], expected int64 [8]"),
-    (lambda t: t["rejected_logps"].__setitem__(2, float("inf")), "rejected_logps holds 1 non-finite values"),
-])
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (
+            lambda t: t.update(chosen_logps=t["chosen_logps"][:, None].clone()),
+            "chosen_logps is float32 [8, 1], expected float32 [8]",
+        ),
+        (
+            lambda t: t.update(pair_hash=t["pair_hash"][:, :31].clone()),
+            "pair_hash is uint8 [8, 31], expected uint8 [8, 32]",
+        ),
+        (
+            lambda t: t.update(rejected_tokens=t["rejected_tokens"].long()),
+            "rejected_tokens is int64 [8], expected int32 [8]",
+        ),
+        (
+            lambda t: t.update(source_index=t["source_index"][:5].clone()),
+            "source_index is int64 [5], expected int64 [8]",
+        ),
+        (
+            lambda t: t["rejected_logps"].__setitem__(2, float("inf")),
+            "rejected_logps holds 1 non-finite values",
+        ),
+    ],
+)
 def test_verify_names_a_shard_with_wrong_shapes_or_values(built, tmp_path, capsys, edit, problem):
     shard = "shard-00001.safetensors"
     cache_dir = edited_cache_copy(built / "cache", tmp_path / "cache", edit, only={shard})
@@ -154,10 +182,13 @@ def test_verify_names_a_shard_with_wrong_shapes_or_values(built, tmp_path, capsy
 
 def test_extra_fields_are_listed_ignored_by_readers_and_travel(built, tmp_path):
     """A shard may hold more per-pair tensors than the reader needs (listed as its `fields`)."""
+
     def add_first_tokens(tensors):
         tensors["first_token_logps"] = -torch.rand(len(tensors["pair_hash"]), 4)  # [n, k]
 
-    cache_dir = edited_cache_copy(built / "cache", tmp_path / "cache", add_first_tokens, only={"shard-00001.safetensors"})
+    cache_dir = edited_cache_copy(
+        built / "cache", tmp_path / "cache", add_first_tokens, only={"shard-00001.safetensors"}
+    )
     manifest = Manifest.read(cache_dir)
     shards = list(manifest.shards)
     shards[1] = dataclasses.replace(shards[1], fields=(*shards[1].fields, "first_token_logps"))

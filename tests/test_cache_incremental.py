@@ -18,7 +18,7 @@ from lora_dpo.cli import main as cli_main
 from lora_dpo.config import dump_config
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import CacheError
-from lora_dpo.train import load_run_inputs
+from lora_dpo.inputs import load_run_inputs
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,16 @@ def rows(workdir) -> list[str]:
     return (workdir / "data" / "train.jsonl").read_text().splitlines()
 
 
-def config_for(workdir: Path, cache_dir: Path, train_file: Path, *, batch_size: int = 8, eval_file: Path | None = None):
+def config_for(
+    workdir: Path, cache_dir: Path, train_file: Path, *, batch_size: int = 8, eval_file: Path | None = None
+):
     config = demo_config(workdir)
     config.data.train_path = str(train_file)
     config.data.eval_path = str(eval_file) if eval_file else None
     config.precompute.cache_dir = str(cache_dir)
-    config.train.layout = "padded"  # counted_pairs counts padded batches; the cache is the same in every layout
+    config.train.layout = (
+        "padded"  # counted_pairs counts padded batches; the cache is the same in every layout
+    )
     config.precompute.shard_size = 16
     config.precompute.batch_size = batch_size
     config.train.output_dir = str(cache_dir.parent / "run")
@@ -85,9 +89,13 @@ def test_adding_ten_percent_scores_only_the_new_pairs(workdir, rows, tmp_path, b
     manifest = Manifest.read(cache_dir)
     assert [entry.pairs for entry in manifest.shards] == [16, 16, 8, 4]
     assert [(d.split, d.report.source, d.pairs) for d in manifest.datasets] == [
-        ("train", str(first), 40), ("train", str(second), 44)
+        ("train", str(first), 40),
+        ("train", str(second), 44),
     ]
-    assert [(c.what, c.added, c.scored) for c in manifest.history] == [("precompute-ref", 40, 40), ("precompute-ref", 4, 4)]
+    assert [(c.what, c.added, c.scored) for c in manifest.history] == [
+        ("precompute-ref", 40, 40),
+        ("precompute-ref", 4, 4),
+    ]
 
     full_dir = tmp_path / "full"
     with counted_pairs() as scored:
@@ -146,13 +154,19 @@ def test_two_data_sets_share_one_cache(workdir, rows, tmp_path):
     manifest = Manifest.read(cache_dir)
     assert manifest.pairs == {"train": 60, "eval": 10}
     assert [(d.split, d.report.source) for d in manifest.datasets] == [
-        ("train", str(one)), ("eval", str(held_out)), ("train", str(two))
+        ("train", str(one)),
+        ("eval", str(held_out)),
+        ("train", str(two)),
     ]
-    first, second = (load_run_inputs(config_for(workdir, cache_dir, f, eval_file=held_out)) for f in (one, two))
+    first, second = (
+        load_run_inputs(config_for(workdir, cache_dir, f, eval_file=held_out)) for f in (one, two)
+    )
     assert len(first.reference) == len(second.reference) == 30
     assert len(first.eval_reference) == 10
     cache = ReferenceCache(cache_dir)
-    assert torch.equal(first.reference.chosen_logps, cache.chosen_logps[[cache.row_of[p.pair_hash] for p in first.pairs]])
+    assert torch.equal(
+        first.reference.chosen_logps, cache.chosen_logps[[cache.row_of[p.pair_hash] for p in first.pairs]]
+    )
 
 
 def test_another_reference_is_refused_and_rebuild_replaces_it(workdir, rows, tmp_path, capsys):
@@ -169,8 +183,11 @@ def test_another_reference_is_refused_and_rebuild_replaces_it(workdir, rows, tmp
     assert "precompute-ref --rebuild replaces the cache" in str(caught.value)
     unquantized = config_for(workdir, cache_dir, data)
     unquantized.precompute.reference = "fp32"
-    with pytest.raises(CacheError, match=r"reference.mode: cache was built with 'policy', this run uses 'fp32'; "
-                                         r"reference.quantization: cache was built with 'nf4', this run uses 'none'"):
+    with pytest.raises(
+        CacheError,
+        match=r"reference.mode: cache was built with 'policy', this run uses 'fp32'; "
+        r"reference.quantization: cache was built with 'nf4', this run uses 'none'",
+    ):
         build_cache(unquantized)
     assert (cache_dir / "manifest.json").read_bytes() == manifest_bytes
     assert shard_bytes(cache_dir) == shards
@@ -189,7 +206,10 @@ def test_another_reference_is_refused_and_rebuild_replaces_it(workdir, rows, tmp
 
 def test_a_v1_cache_is_read_and_upgraded_without_rescoring(workdir, rows, tmp_path, capsys):
     cache_dir = tmp_path / "cache"
-    data, held_out = write_rows(tmp_path / "data.jsonl", rows[:40]), write_rows(tmp_path / "eval.jsonl", rows[100:116])
+    data, held_out = (
+        write_rows(tmp_path / "data.jsonl", rows[:40]),
+        write_rows(tmp_path / "eval.jsonl", rows[100:116]),
+    )
     config = config_for(workdir, cache_dir, data, eval_file=held_out)
     build_cache(config)
     as_v1_cache(cache_dir)

@@ -28,14 +28,20 @@ def cache_with(tmp_path: Path, text: str) -> Path:
 def test_v1_manifest_reads_into_fields_and_writes_the_same_bytes(tmp_path):
     manifest = ManifestV1.from_dict(json.loads(V1.read_text()), V1)
     assert manifest.version == 1 and manifest.created == "2026-12-01T09:06:44+00:00"
-    assert manifest.reference.mode == "policy" and manifest.reference.precision == {"quantization": "nf4", "dtype": "float32"}
+    assert manifest.reference.mode == "policy" and manifest.reference.precision == {
+        "quantization": "nf4",
+        "dtype": "float32",
+    }
     assert manifest.identity.model.weights_sha256.startswith("27c4769e")
     assert manifest.identity.tokenization["max_length"] == 64
     assert manifest.pairs == {"train": 48, "eval": 48}
     assert manifest.data["eval"].kept == 48 and manifest.data["train"].source == "data/train.jsonl"
     assert len(manifest.shards) == 6
     assert manifest.shards[3] == ShardEntry(
-        "shard-00003.safetensors", "eval", 16, "076c3d661036db61d78ab2fb58e25b3d060be68739ff7cfb4c083f2f66e5d5f8"
+        "shard-00003.safetensors",
+        "eval",
+        16,
+        "076c3d661036db61d78ab2fb58e25b3d060be68739ff7cfb4c083f2f66e5d5f8",
     )
     assert manifest.seconds == 0.05 and manifest.versions["torch"] == "2.13.0+cpu"
 
@@ -53,7 +59,9 @@ def test_v1_manifest_reads_as_the_v2_manifest_it_amounts_to(tmp_path):
     assert manifest.identity == old.identity and manifest.reference == old.reference
     assert manifest.shards == old.shards and manifest.pairs == old.pairs == {"train": 48, "eval": 48}
     assert [(d.split, d.report) for d in manifest.datasets] == list(old.data.items())
-    assert [(c.added, c.scored, c.seconds, c.versions) for c in manifest.history] == [(96, 96, 0.05, old.versions)]
+    assert [(c.added, c.scored, c.seconds, c.versions) for c in manifest.history] == [
+        (96, 96, 0.05, old.versions)
+    ]
 
     manifest.write(tmp_path / "v2")
     written = json.loads((tmp_path / "v2" / "manifest.json").read_text())
@@ -62,7 +70,11 @@ def test_v1_manifest_reads_as_the_v2_manifest_it_amounts_to(tmp_path):
     again = Manifest.read(tmp_path / "v2")
     assert again.version == 2
     assert (again.identity, again.reference, again.datasets, again.shards, again.history) == (
-        manifest.identity, manifest.reference, manifest.datasets, manifest.shards, manifest.history
+        manifest.identity,
+        manifest.reference,
+        manifest.datasets,
+        manifest.shards,
+        manifest.history,
     )
 
 
@@ -78,7 +90,10 @@ DAMAGE = {
         "format version 3, this lora-dpo reads versions 1 and 2",
     ),
     "not-json": (V1.read_text()[:200], "not valid JSON (Unterminated string"),
-    "other-format": (damaged(lambda m: m.update(format="something-else")), "not a lora-dpo-reference-cache manifest"),
+    "other-format": (
+        damaged(lambda m: m.update(format="something-else")),
+        "not a lora-dpo-reference-cache manifest",
+    ),
     "missing-field": (
         damaged(lambda m: m["identity"]["model"].pop("weights_sha256")),
         "field identity.model.weights_sha256 is missing",
@@ -113,7 +128,9 @@ def test_damaged_manifest_is_a_one_line_error_naming_file_and_field(tmp_path, na
 
 
 def test_missing_manifest_says_the_cache_is_incomplete(tmp_path):
-    with pytest.raises(CacheError, match=r"no manifest.json; not a reference cache, or its precompute did not finish"):
+    with pytest.raises(
+        CacheError, match=r"no manifest.json; not a reference cache, or its precompute did not finish"
+    ):
         Manifest.read(tmp_path)
 
 
@@ -142,10 +159,15 @@ def test_v2_manifest_reads_into_fields_and_writes_the_same_bytes(tmp_path):
     assert manifest.reference.precision == {"quantization": "nf4", "dtype": "float32"}
     assert manifest.pairs == {"train": 48, "eval": 48} and manifest.total_pairs == 96
     assert [(d.split, d.report.source, d.pairs) for d in manifest.datasets] == [
-        ("train", "data/train.jsonl", 48), ("eval", "data/eval.jsonl", 48)
+        ("train", "data/train.jsonl", 48),
+        ("eval", "data/eval.jsonl", 48),
     ]
     assert manifest.shards[3] == ShardEntry(
-        "shard-00003.safetensors", "eval", 16, "70056549b29389316e5d3edde7215942aa8cc147684b74e97e36e63963f7edf2", SHARD_KEYS
+        "shard-00003.safetensors",
+        "eval",
+        16,
+        "70056549b29389316e5d3edde7215942aa8cc147684b74e97e36e63963f7edf2",
+        SHARD_KEYS,
     )
     assert [(c.what, c.added, c.scored, c.versions["torch"]) for c in manifest.history] == [
         ("precompute-ref", 96, 96, "2.13.0+cpu")
@@ -173,8 +195,14 @@ DAMAGE_V2 = {
         damaged_v2(shard_file("/tmp/shard-00000.safetensors")),
         "field shards[0].file is '/tmp/shard-00000.safetensors', not a shard file name inside the cache",
     ),
-    "subdirectory": (damaged_v2(shard_file("sub/shard-00000.safetensors")), "field shards[0].file is 'sub/shard-00000"),
-    "other-name": (damaged_v2(shard_file("config.yaml")), "field shards[0].file is 'config.yaml', not a shard file name"),
+    "subdirectory": (
+        damaged_v2(shard_file("sub/shard-00000.safetensors")),
+        "field shards[0].file is 'sub/shard-00000",
+    ),
+    "other-name": (
+        damaged_v2(shard_file("config.yaml")),
+        "field shards[0].file is 'config.yaml', not a shard file name",
+    ),
     "twice": (
         damaged_v2(lambda m: m["shards"][1].update(file="shard-00000.safetensors")),
         "field shards lists shard-00000.safetensors twice",
@@ -183,11 +211,20 @@ DAMAGE_V2 = {
         damaged_v2(lambda m: m["pairs"].update(train=47)),
         "field pairs says {'train': 47, 'eval': 48}, the shards listed hold {'train': 48, 'eval': 48}",
     ),
-    "fields-lack": (damaged_v2(lambda m: m["shards"][2]["fields"].remove("source_index")), "field shards[2].fields lacks source_index"),
-    "fields-name": (damaged_v2(lambda m: m["shards"][2]["fields"].append("../x")), "field shards[2].fields names '../x'"),
+    "fields-lack": (
+        damaged_v2(lambda m: m["shards"][2]["fields"].remove("source_index")),
+        "field shards[2].fields lacks source_index",
+    ),
+    "fields-name": (
+        damaged_v2(lambda m: m["shards"][2]["fields"].append("../x")),
+        "field shards[2].fields names '../x'",
+    ),
     "history": (damaged_v2(lambda m: m.update(history=[])), "field history is empty"),
     "dataset": (damaged_v2(lambda m: m["datasets"][1].pop("report")), "field datasets[1].report is missing"),
-    "version": (damaged_v2(lambda m: m.update(version=3)), "format version 3, this lora-dpo reads versions 1 and 2"),
+    "version": (
+        damaged_v2(lambda m: m.update(version=3)),
+        "format version 3, this lora-dpo reads versions 1 and 2",
+    ),
     "not-json": (V2.read_text()[:300], "not valid JSON ("),
 }
 

@@ -37,8 +37,12 @@ def test_info_states_margins_and_lengths_and_plot_draws_them(cached, tmp_path, c
     cache = ReferenceCache(cache_dir)
     margins = [
         c / nc - r / nr
-        for c, nc, r, nr in zip(cache.chosen_logps.tolist(), cache.chosen_tokens.tolist(),
-                                cache.rejected_logps.tolist(), cache.rejected_tokens.tolist())
+        for c, nc, r, nr in zip(
+            cache.chosen_logps.tolist(),
+            cache.chosen_tokens.tolist(),
+            cache.rejected_logps.tolist(),
+            cache.rejected_tokens.tolist(),
+        )
     ]
     prefers = sum(m > 0 for m in margins) / len(margins)
     assert 0 < chosen_longer < 1 and 0 < prefers < 1  # the demo task has both kinds
@@ -60,4 +64,6 @@ def test_info_states_margins_and_lengths_and_plot_draws_them(cached, tmp_path, c
     assert "plot:" not in capsys.readouterr().out
 
     overview = PairOverview.of(cache)
-    assert overview.chosen_longer == pytest.approx(chosen_longer) and overview.prefers_chosen == pytest.approx(prefers)
+    assert overview.chosen_longer == pytest.approx(
+        chosen_longer
+    ) and overview.prefers_chosen == pytest.approx(prefers)

@@ -60,7 +60,9 @@ def other_reference(cache_dir: Path, target: Path) -> Path:
     """A copy whose manifest names other weights: the same files, another reference."""
     shutil.copytree(cache_dir, target)
     manifest = Manifest.read(target)
-    identity = dataclasses.replace(manifest.identity, model=ModelIdentity("0" * 64, manifest.identity.model.config_sha256))
+    identity = dataclasses.replace(
+        manifest.identity, model=ModelIdentity("0" * 64, manifest.identity.model.config_sha256)
+    )
     dataclasses.replace(manifest, identity=identity).write(target)
     return target
 
@@ -77,9 +79,19 @@ def test_export_import_round_trip_is_bit_exact(workdir, tmp_path, capsys):
 
     frame = pd.read_parquet(table_file)
     assert list(frame.columns) == [
-        "pair_hash", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens", "source_index", "shard"
+        "pair_hash",
+        "chosen_logps",
+        "rejected_logps",
+        "chosen_tokens",
+        "rejected_tokens",
+        "source_index",
+        "shard",
     ]
-    assert [str(frame[c].dtype) for c in ("chosen_logps", "chosen_tokens", "source_index")] == ["float32", "int32", "int64"]
+    assert [str(frame[c].dtype) for c in ("chosen_logps", "chosen_tokens", "source_index")] == [
+        "float32",
+        "int32",
+        "int64",
+    ]
     assert frame["pair_hash"].str.fullmatch(r"[0-9a-f]{64}").all()
     table = datasets.Dataset.from_parquet(str(table_file))
     assert table.num_rows == 42 and table.features["chosen_logps"].dtype == "float32"
@@ -100,7 +112,10 @@ def test_export_import_round_trip_is_bit_exact(workdir, tmp_path, capsys):
     assert files(target) == files(source)
     imported = Manifest.read(target)
     assert (imported.identity, imported.reference, imported.shards, imported.datasets) == (
-        manifest.identity, manifest.reference, manifest.shards, manifest.datasets
+        manifest.identity,
+        manifest.reference,
+        manifest.shards,
+        manifest.datasets,
     )
     assert imported.history[:-1] == manifest.history
     assert (imported.history[-1].what, imported.history[-1].added) == ("import ref.parquet", 42)
@@ -113,8 +128,11 @@ def test_import_refuses_another_reference_and_altered_tables(workdir, tmp_path):
     export_cache(workdir / "cache-a", table_file)
     other = other_reference(workdir / "cache-b", tmp_path / "other")
     before = (other / "manifest.json").read_bytes(), files(other)
-    with pytest.raises(CacheError, match=rf"{table_file} holds another reference's values than {other}: "
-                                         rf"model.weights_sha256: {other} has '0000"):
+    with pytest.raises(
+        CacheError,
+        match=rf"{table_file} holds another reference's values than {other}: "
+        rf"model.weights_sha256: {other} has '0000",
+    ):
         import_cache(table_file, other)
     assert ((other / "manifest.json").read_bytes(), files(other)) == before
 
@@ -123,7 +141,9 @@ def test_import_refuses_another_reference_and_altered_tables(workdir, tmp_path):
 
     rewritten = tmp_path / "rewritten.parquet"
     datasets.Dataset.from_parquet(str(table_file)).to_parquet(str(rewritten))
-    with pytest.raises(CacheError, match=r"no lora_dpo metadata in the parquet schema: not an exported reference cache"):
+    with pytest.raises(
+        CacheError, match=r"no lora_dpo metadata in the parquet schema: not an exported reference cache"
+    ):
         import_cache(rewritten, tmp_path / "new")
 
     # One value changed, metadata kept: the shard does not come back to its checksum.
@@ -146,9 +166,13 @@ def test_merge_joins_two_caches_of_one_reference(workdir, tmp_path, capsys):
     assert f"cache merge: 62 pairs added to {joined}" in capsys.readouterr().out
     manifest = Manifest.read(joined)
     assert manifest.total_pairs == 62 and manifest.pairs == {"train": 50, "eval": 12}
-    assert {name: data for name, data in files(joined).items() if name in files(a)} == files(a)  # a's shards as they are
+    assert {name: data for name, data in files(joined).items() if name in files(a)} == files(
+        a
+    )  # a's shards as they are
     assert [d.report.source for d in manifest.datasets] == [
-        str(workdir / "a.jsonl"), str(workdir / "eval.jsonl"), str(workdir / "b.jsonl")
+        str(workdir / "a.jsonl"),
+        str(workdir / "eval.jsonl"),
+        str(workdir / "b.jsonl"),
     ]
     assert verify_cache(joined) == ([], 62)
     cache, cache_a, cache_b = ReferenceCache(joined), ReferenceCache(a), ReferenceCache(b)
@@ -169,6 +193,8 @@ def test_merge_refuses_another_reference(workdir, tmp_path):
     with pytest.raises(CacheError) as caught:
         merge_caches([workdir / "cache-a", other], tmp_path / "joined")
     message = str(caught.value)
-    assert message.startswith(f"{other} holds another reference's values than {workdir / 'cache-a'}: model.weights_sha256:")
+    assert message.startswith(
+        f"{other} holds another reference's values than {workdir / 'cache-a'}: model.weights_sha256:"
+    )
     assert "\n" not in message
     assert not (tmp_path / "joined" / "manifest.json").exists()

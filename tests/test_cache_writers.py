@@ -52,7 +52,9 @@ def config_for(root: Path, cache_dir: Path, data: str = "old.jsonl"):
     config.data.train_path = str(root / data)
     config.data.eval_path = None
     config.precompute.cache_dir = str(cache_dir)
-    config.train.layout = "padded"  # counted_pairs counts padded batches; the cache is the same in every layout
+    config.train.layout = (
+        "padded"  # counted_pairs counts padded batches; the cache is the same in every layout
+    )
     config.precompute.shard_size = 8
     config.precompute.batch_size = 4
     return config
@@ -66,7 +68,10 @@ def config_file(config, path: Path) -> Path:
 def precompute(config_path: Path, *flags: str, stderr=subprocess.PIPE) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "precompute", "--quiet", "--config", str(config_path), *flags],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
     )
 
 
@@ -95,7 +100,9 @@ def test_a_second_writer_waits_or_fails_at_once_naming_the_holder(workdir, tmp_p
         log = tmp_path / "waiting.log"
         with log.open("w") as stderr:
             waiting = precompute(path, stderr=stderr)
-            wait_for(lambda: f"waiting for pid {os.getpid()}" in log.read_text(), "the waiting message", waiting)
+            wait_for(
+                lambda: f"waiting for pid {os.getpid()}" in log.read_text(), "the waiting message", waiting
+            )
             time.sleep(0.5)
             assert waiting.poll() is None and not (cache_dir / "manifest.json").exists()
     assert waiting.wait(timeout=180) == 0
@@ -141,9 +148,18 @@ def test_a_killed_rebuild_leaves_the_old_cache_usable_and_resumes(workdir, tmp_p
 
     new = config_for(workdir, cache_dir, "new.jsonl")
     process = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SLOW_PRECOMPUTE), "--rebuild", "--quiet",
-         "--config", str(config_file(new, tmp_path / "new.yaml"))],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(SLOW_PRECOMPUTE),
+            "--rebuild",
+            "--quiet",
+            "--config",
+            str(config_file(new, tmp_path / "new.yaml")),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     written = lambda: sorted(set(p.name for p in cache_dir.glob("shard-*.safetensors")) - set(old_shards))  # noqa: E731
     wait_for(lambda: len(written()) >= 2, "two new shards", process)
@@ -188,7 +204,9 @@ def test_cache_files_get_the_permissions_open_would_give(workdir, tmp_path, umas
         os.umask(previous)
     files = [*cache_dir.iterdir(), *(tmp_path / "imported").iterdir(), tmp_path / "ref.parquet"]
     names = sorted(str(path.relative_to(tmp_path)) for path in files)
-    assert len(names) == (10 + 4) + (10 + 2) + 1, names  # shards, manifest, config, lock, plot; the import; the table
+    assert len(names) == (10 + 4) + (10 + 2) + 1, (
+        names
+    )  # shards, manifest, config, lock, plot; the import; the table
     for path in files:
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
     for directory in (cache_dir, tmp_path / "imported"):

@@ -48,7 +48,8 @@ def test_version_lists_key_packages():
 def test_cli_runs_both_stages(demo_workdir, tmp_path):
     """The stages as a user runs them, through the real entry point, on the demo fixture."""
     common = [
-        "--config", "configs/demo.yaml",
+        "--config",
+        "configs/demo.yaml",
         f"model.name_or_path={demo_workdir / 'model'}",
         f"data.train_path={demo_workdir / 'data' / 'train.jsonl'}",
         f"data.eval_path={demo_workdir / 'data' / 'eval.jsonl'}",
@@ -61,9 +62,19 @@ def test_cli_runs_both_stages(demo_workdir, tmp_path):
     stage1 = run("-m", "precompute", *common, cwd=root)
     assert stage1.returncode == 0, stage1.stderr
     assert (tmp_path / "cache" / "manifest.json").is_file()
-    stage2 = run("-m", "lora_dpo.cli", "train", *common, f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", cwd=root)
+    stage2 = run(
+        "-m",
+        "lora_dpo.cli",
+        "train",
+        *common,
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.max_steps=2",
+        cwd=root,
+    )
     assert stage2.returncode == 0, stage2.stderr
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
-    evaluation = run("-m", "lora_dpo.cli", "eval", *common, "--adapter", str(tmp_path / "run" / "adapter"), cwd=root)
+    evaluation = run(
+        "-m", "lora_dpo.cli", "eval", *common, "--adapter", str(tmp_path / "run" / "adapter"), cwd=root
+    )
     assert evaluation.returncode == 0, evaluation.stderr
     assert "eval/rewards/accuracies" in evaluation.stdout

@@ -35,6 +35,11 @@ DOMAINS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "train.beta": ("> 0 and finite", ("0", "-0.1", *BAD_FLOATS), ("1e-12", "1000")),
     "train.label_smoothing": ("in [0, 0.5)", ("-0.01", "0.5", "1", *BAD_FLOATS), ("0", "0.49")),
     "train.rpo_alpha": (">= 0 and finite", ("-1", "-1e-9", *BAD_FLOATS), ("0", "1")),
+    "train.ld_alpha": ("in [0, 1]", ("-0.1", "1.5", *BAD_FLOATS), ("0", "1")),
+    "train.f_alpha_divergence_coef": ("in [0, 1]", ("-0.5", "1.01", *BAD_FLOATS), ("0", "1")),
+    "train.discopop_tau": ("> 0 and finite", ("0", "-0.05", *BAD_FLOATS), ("1e-6", "10")),
+    "train.simpo_gamma": (">= 0 and finite", ("-0.5", *BAD_FLOATS), ("0", "3")),
+    "train.cpo_alpha": (">= 0 and finite", ("-1", *BAD_FLOATS), ("0", "2")),
     "train.learning_rate": ("> 0 and finite", ("0", "-5e-5", *BAD_FLOATS), ("1e-10", "1")),
     "train.per_device_batch_size": ("> 0", ("0", "-1"), ("1",)),
     "train.gradient_accumulation_steps": ("> 0", ("0", "-4"), ("1",)),
@@ -43,7 +48,9 @@ DOMAINS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "train.warmup_ratio": ("in [0, 1]", ("-0.1", "1.01", "2", *BAD_FLOATS), ("0", "1")),
     "train.weight_decay": (">= 0 and finite", ("-5", "-0.01", *BAD_FLOATS), ("0", "0.1")),
     "train.max_grad_norm": (
-        "none (no clipping) or > 0 and finite", ("0", "-1", "-0.5", *BAD_FLOATS), ("1e-6", "none", "null")
+        "none (no clipping) or > 0 and finite",
+        ("0", "-1", "-0.5", *BAD_FLOATS),
+        ("1e-6", "none", "null"),
     ),
     "train.logits_chunk_size": ("> 0", ("0", "-512"), ("1",)),
     "train.max_tokens_per_batch": (">= 0", ("-1",), ("0", "4096")),
@@ -58,7 +65,14 @@ DOMAINS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "train.seed": ("in [0, 4294967295]", ("-1", "4294967296"), ("0", "4294967295")),
 }
 # An edge value that only makes sense with another key moved out of its way.
-COMPANIONS = {"data.max_length": ["data.max_prompt_length=1"], "train.label_smoothing": ["train.loss_type=robust"]}
+COMPANIONS = {
+    "data.max_length": ["data.max_prompt_length=1"],
+    "train.label_smoothing": ["train.loss_type=robust"],
+    "train.f_alpha_divergence_coef": ["train.f_divergence_type=alpha_divergence"],
+    "train.discopop_tau": ["train.loss_type=discopop"],
+    "train.simpo_gamma": ["train.loss_type=simpo"],
+    "train.cpo_alpha": ["train.loss_type=cpo"],
+}
 
 
 def numeric_keys() -> set[str]:
@@ -125,8 +139,14 @@ def test_train_refuses_before_any_model_work_in_a_real_process(tmp_path):
     no LoRA target. Each is refused by `lora-dpo train` with no model path set: the config is
     checked before anything else is looked at."""
     for override, message in [
-        ("train.max_grad_norm=-1", "error: train.max_grad_norm=-1.0: must be none (no clipping) or > 0 and finite"),
-        ("train.max_grad_norm=0", "error: train.max_grad_norm=0.0: must be none (no clipping) or > 0 and finite"),
+        (
+            "train.max_grad_norm=-1",
+            "error: train.max_grad_norm=-1.0: must be none (no clipping) or > 0 and finite",
+        ),
+        (
+            "train.max_grad_norm=0",
+            "error: train.max_grad_norm=0.0: must be none (no clipping) or > 0 and finite",
+        ),
         ("train.beta=.inf", "error: train.beta=inf: must be > 0 and finite"),
         ("train.learning_rate=.inf", "error: train.learning_rate=inf: must be > 0 and finite"),
         ("train.weight_decay=-5", "error: train.weight_decay=-5.0: must be >= 0 and finite"),
@@ -134,7 +154,9 @@ def test_train_refuses_before_any_model_work_in_a_real_process(tmp_path):
     ]:
         result = subprocess.run(
             [sys.executable, "-m", "lora_dpo.cli", "train", f"train.output_dir={tmp_path / 'run'}", override],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines() == [message]
@@ -161,7 +183,10 @@ def test_yaml_1_2_floats_in_a_file_are_floats(tmp_path):
     [
         ("train:\n  learning_rate: 5e-5x\n", "train.learning_rate: expected float, got str '5e-5x'"),
         ("train:\n  learning_rate: fast\n", "train.learning_rate: expected float, got str 'fast'"),
-        ("train:\n  max_grad_norm: .inf\n", "train.max_grad_norm=inf: must be none (no clipping) or > 0 and finite"),
+        (
+            "train:\n  max_grad_norm: .inf\n",
+            "train.max_grad_norm=inf: must be none (no clipping) or > 0 and finite",
+        ),
         ("train:\n  beta: 1e400\n", "train.beta=inf: must be > 0 and finite"),
         ("train:\n  epochs: 1e3\n", "train.epochs: expected int, got str '1e3'"),
     ],
@@ -184,7 +209,9 @@ def test_yaml_1_2_floats_as_overrides():
 def test_huge_integers_are_one_line():
     with pytest.raises(ConfigError, match="train.beta: a 400-digit number is too large for a float"):
         load_config(None, ["train.beta=" + "9" * 400])
-    with pytest.raises(ConfigError, match=r"train.epochs: a 20-digit number is too large \(64-bit integers at most\)"):
+    with pytest.raises(
+        ConfigError, match=r"train.epochs: a 20-digit number is too large \(64-bit integers at most\)"
+    ):
         load_config(None, ["train.epochs=" + "9" * 20])
 
 

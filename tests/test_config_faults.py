@@ -249,9 +249,17 @@ def tiny_base(demo_workdir):
     [
         (["q_prj"], "lora.target_modules: 'q_prj' matches no module of the model; closest: q_proj"),
         (["q_proj", "v_prj"], "lora.target_modules: 'v_prj' matches no module of the model; closest: v_proj"),
-        (["mlp.gate"], "lora.target_modules: 'mlp.gate' matches no module of the model; closest: mlp.gate_proj"),
-        (["attention"], ("lora.target_modules: 'attention' matches no module of the model; its linear "
-                         "layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")),
+        (
+            ["mlp.gate"],
+            "lora.target_modules: 'mlp.gate' matches no module of the model; closest: mlp.gate_proj",
+        ),
+        (
+            ["attention"],
+            (
+                "lora.target_modules: 'attention' matches no module of the model; its linear "
+                "layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
+            ),
+        ),
     ],
 )
 def test_misspelled_lora_target_is_named_with_the_closest_names(tiny_base, targets, message):
@@ -277,13 +285,19 @@ def test_lora_targets_match_like_peft(tiny_base):
         (["model.layers.1.mlp.up_proj"], 1),
         (["lm_head"], 1),
     ]:
-        policy = attach_lora(load_model(tiny_base), LoraConfig(target_modules=targets), gradient_checkpointing=False)
-        names = [name for name, module in policy.named_modules() if hasattr(module, "lora_A") and module.lora_A]
+        policy = attach_lora(
+            load_model(tiny_base), LoraConfig(target_modules=targets), gradient_checkpointing=False
+        )
+        names = [
+            name for name, module in policy.named_modules() if hasattr(module, "lora_A") and module.lora_A
+        ]
         assert len(names) == wrapped, (targets, names)
 
 
 def test_empty_lora_targets_are_refused_at_config_load():
-    with pytest.raises(ConfigError, match=r"lora.target_modules=\[\]: name at least one module, or all-linear"):
+    with pytest.raises(
+        ConfigError, match=r"lora.target_modules=\[\]: name at least one module, or all-linear"
+    ):
         load_config(None, ["lora.target_modules="])
     with pytest.raises(ConfigError, match="all-linear already covers every linear layer"):
         load_config(None, ["lora.target_modules=all-linear,q_proj"])

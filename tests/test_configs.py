@@ -25,7 +25,9 @@ def test_shipped_config_loads_and_says_how_to_run_it(path: Path):
 
 
 def test_demo_yaml_matches_the_demo_config():
-    assert load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml") == demo_config("runs/demo")
+    assert load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml") == demo_config(
+        "runs/demo"
+    )
 
 
 def test_every_module_imports():
@@ -35,8 +37,16 @@ def test_every_module_imports():
 
 
 def test_overrides_are_typed(tmp_path):
-    config = load_config(None, ["train.beta=0.05", "train.epochs=3", "lora.target_modules=q_proj,v_proj",
-                                "train.learning_rate=1", "model.name_or_path=/m"])
+    config = load_config(
+        None,
+        [
+            "train.beta=0.05",
+            "train.epochs=3",
+            "lora.target_modules=q_proj,v_proj",
+            "train.learning_rate=1",
+            "model.name_or_path=/m",
+        ],
+    )
     assert config.train.beta == 0.05 and config.train.epochs == 3
     assert config.lora.target_modules == ["q_proj", "v_proj"]
     assert config.train.learning_rate == 1.0 and isinstance(config.train.learning_rate, float)
@@ -64,7 +74,9 @@ def test_bad_overrides_name_the_key(override: str, message: str):
 def test_unknown_key_in_file_names_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  learning_rat: 0.1\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'train.learning_rat' \(did you mean 'learning_rate'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"c.yaml: unknown key 'train.learning_rat' \(did you mean 'learning_rate'\?\)"
+    ):
         load_config(path)
 
 
@@ -80,7 +92,12 @@ def test_readme_documents_every_config_key():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     import dataclasses
 
-    for section, cls in (("model", Config().model), ("lora", Config().lora), ("data", Config().data),
-                         ("precompute", Config().precompute), ("train", Config().train)):
+    for section, cls in (
+        ("model", Config().model),
+        ("lora", Config().lora),
+        ("data", Config().data),
+        ("precompute", Config().precompute),
+        ("train", Config().train),
+    ):
         for f in dataclasses.fields(cls):
             assert f"`{section}.{f.name}`" in readme, f"{section}.{f.name} missing from README"

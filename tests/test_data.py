@@ -179,8 +179,17 @@ def write_source(kind: str, tmp_path: Path) -> tuple[str, str]:
 
 @pytest.mark.parametrize(
     "kind",
-    ["jsonl", "json-list", "json-data", "json-lines", "jsonl.gz", "parquet", "csv",
-     "dataset-dir", "datasetdict-dir"],
+    [
+        "jsonl",
+        "json-list",
+        "json-data",
+        "json-lines",
+        "jsonl.gz",
+        "parquet",
+        "csv",
+        "dataset-dir",
+        "datasetdict-dir",
+    ],
 )
 def test_every_source_format_round_trips_the_rows(kind, tmp_path, bpe):
     path, split = write_source(kind, tmp_path)
@@ -245,10 +254,8 @@ def test_hub_name_offline_is_one_clear_line(monkeypatch, bpe):
     [
         (explicit("p", "a", "b"), "explicit"),
         ({"chosen": "H: x A: a", "rejected": "H: x A: b"}, "implicit"),
-        ({"prompt": [user("x")], "chosen": [assistant("a")], "rejected": [assistant("b")]},
-         "conversational"),
-        ({"chosen": [user("x"), assistant("a")], "rejected": [user("x"), assistant("b")]},
-         "conversational"),
+        ({"prompt": [user("x")], "chosen": [assistant("a")], "rejected": [assistant("b")]}, "conversational"),
+        ({"chosen": [user("x"), assistant("a")], "rejected": [user("x"), assistant("b")]}, "conversational"),
     ],
 )
 def test_detect_format(row, expected):
@@ -601,7 +608,7 @@ def hh_rlhf_quirks(path: Path) -> tuple[list[int], list[int]]:
         cut = {key: row[key].rfind(marker) + len(marker) for key in ("chosen", "rejected")}
         if row["chosen"][: cut["chosen"]] != row["rejected"][: cut["rejected"]]:
             differ.append(index)
-        elif any(not row[key][cut[key]:].strip() for key in ("chosen", "rejected")):
+        elif any(not row[key][cut[key] :].strip() for key in ("chosen", "rejected")):
             empty.append(index)
     return differ, empty
 

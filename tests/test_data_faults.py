@@ -77,38 +77,107 @@ EXPLICIT_CORPUS = [
     (INVALID_JSON, b'{"prompt": "p", "chosen": \n', "not valid JSON"),
     (NOT_AN_OBJECT, b"[1, 2]\n", "expected a JSON object, got a list"),
     (NOT_UTF8, b'{"prompt": "caf\xe9", "chosen": " a", "rejected": " b"}\n', "byte 0xe9 at byte offset"),
-    (NOT_UTF8, b'{"prompt": "p", "chosen": " \\ud800", "rejected": " b"}\n', "chosen text is not valid UTF-8"),
+    (
+        NOT_UTF8,
+        b'{"prompt": "p", "chosen": " \\ud800", "rejected": " b"}\n',
+        "chosen text is not valid UTF-8",
+    ),
     (MISSING_FIELD, line({"prompt": "p", "chosen": " a"}), "field 'rejected' is missing"),
-    (MISSING_FIELD, line({"prompt": "p", "chosen": " a", "rejected": 7}), "field 'rejected' is a number, expected a string"),
+    (
+        MISSING_FIELD,
+        line({"prompt": "p", "chosen": " a", "rejected": 7}),
+        "field 'rejected' is a number, expected a string",
+    ),
     (MISSING_FIELD, line({"prompt": None, "chosen": " a", "rejected": " b"}), "field 'prompt' is null"),
     (EMPTY_PROMPT, line({"prompt": "  \n", "chosen": " a", "rejected": " b"}), "the prompt is empty"),
-    (EMPTY_RESPONSE, line({"prompt": "p", "chosen": " a", "rejected": " "}), "the rejected response is empty"),
+    (
+        EMPTY_RESPONSE,
+        line({"prompt": "p", "chosen": " a", "rejected": " "}),
+        "the rejected response is empty",
+    ),
     (IDENTICAL_RESPONSES, line({"prompt": "p", "chosen": " same", "rejected": " same"}), "same text"),
 ]
 
 CONVERSATIONAL_CORPUS = [
-    (BAD_ROLES, {"prompt": [msg("bot", "hi")], "chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "b")]},
-     "message 0 of 'prompt' has role 'bot'"),
-    (MISSING_FIELD, {"prompt": [msg("user", ["hi"])], "chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "b")]},
-     "message 0 of 'prompt': 'content' is a list, expected a string"),
-    (MISSING_FIELD, {"prompt": [msg("user", "hi")], "chosen": [{"role": "assistant"}], "rejected": [msg("assistant", "b")]},
-     "message 0 of 'chosen': 'content' is missing"),
-    (MISSING_FIELD, {"prompt": [msg("user", "hi")], "chosen": "a", "rejected": [msg("assistant", "b")]},
-     "field 'chosen' is a string, expected a list of messages"),
-    (NO_FINAL_ASSISTANT_TURN, {"prompt": [msg("user", "hi")], "chosen": [msg("user", "a")], "rejected": [msg("assistant", "b")]},
-     "the last message of 'chosen' is from 'user'"),
-    (NO_FINAL_ASSISTANT_TURN, {"chosen": [msg("user", "hi"), msg("assistant", "a")], "rejected": [msg("user", "hi")]},
-     "the last message of 'rejected' is from 'user'"),
-    (DIALOGUES_DIFFER, {"chosen": [msg("user", "hi"), msg("assistant", "a")], "rejected": [msg("user", "yo"), msg("assistant", "b")]},
-     "differ before their last message"),
-    (EMPTY_RESPONSE, {"prompt": [msg("user", "hi")], "chosen": [msg("assistant", "")], "rejected": [msg("assistant", "b")]},
-     "the chosen response is empty"),
-    (EMPTY_PROMPT, {"prompt": [], "chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "b")]},
-     "field 'prompt' is an empty list"),
-    (IDENTICAL_RESPONSES, {"prompt": [msg("user", "hi")], "chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "a")]},
-     "same messages"),
+    (
+        BAD_ROLES,
+        {
+            "prompt": [msg("bot", "hi")],
+            "chosen": [msg("assistant", "a")],
+            "rejected": [msg("assistant", "b")],
+        },
+        "message 0 of 'prompt' has role 'bot'",
+    ),
+    (
+        MISSING_FIELD,
+        {
+            "prompt": [msg("user", ["hi"])],
+            "chosen": [msg("assistant", "a")],
+            "rejected": [msg("assistant", "b")],
+        },
+        "message 0 of 'prompt': 'content' is a list, expected a string",
+    ),
+    (
+        MISSING_FIELD,
+        {
+            "prompt": [msg("user", "hi")],
+            "chosen": [{"role": "assistant"}],
+            "rejected": [msg("assistant", "b")],
+        },
+        "message 0 of 'chosen': 'content' is missing",
+    ),
+    (
+        MISSING_FIELD,
+        {"prompt": [msg("user", "hi")], "chosen": "a", "rejected": [msg("assistant", "b")]},
+        "field 'chosen' is a string, expected a list of messages",
+    ),
+    (
+        NO_FINAL_ASSISTANT_TURN,
+        {"prompt": [msg("user", "hi")], "chosen": [msg("user", "a")], "rejected": [msg("assistant", "b")]},
+        "the last message of 'chosen' is from 'user'",
+    ),
+    (
+        NO_FINAL_ASSISTANT_TURN,
+        {"chosen": [msg("user", "hi"), msg("assistant", "a")], "rejected": [msg("user", "hi")]},
+        "the last message of 'rejected' is from 'user'",
+    ),
+    (
+        DIALOGUES_DIFFER,
+        {
+            "chosen": [msg("user", "hi"), msg("assistant", "a")],
+            "rejected": [msg("user", "yo"), msg("assistant", "b")],
+        },
+        "differ before their last message",
+    ),
+    (
+        EMPTY_RESPONSE,
+        {
+            "prompt": [msg("user", "hi")],
+            "chosen": [msg("assistant", "")],
+            "rejected": [msg("assistant", "b")],
+        },
+        "the chosen response is empty",
+    ),
+    (
+        EMPTY_PROMPT,
+        {"prompt": [], "chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "b")]},
+        "field 'prompt' is an empty list",
+    ),
+    (
+        IDENTICAL_RESPONSES,
+        {
+            "prompt": [msg("user", "hi")],
+            "chosen": [msg("assistant", "a")],
+            "rejected": [msg("assistant", "a")],
+        },
+        "same messages",
+    ),
 ]
-GOOD_CONVERSATION = {"prompt": [msg("user", "hi")], "chosen": [msg("assistant", "Hello!")], "rejected": [msg("assistant", "Go.")]}
+GOOD_CONVERSATION = {
+    "prompt": [msg("user", "hi")],
+    "chosen": [msg("assistant", "Hello!")],
+    "rejected": [msg("assistant", "Go.")],
+}
 
 
 def write_corpus(path: Path, corpus, good_line: bytes) -> dict[str, list[int]]:
@@ -133,7 +202,7 @@ def assert_reported(report, corpus, lines: dict[str, list[int]]) -> None:
     for reason, numbers in lines.items():
         assert report.examples[reason] == [n - 1 for n in numbers]  # one row per line
     summary = report.summary()
-    for reason, numbers in lines.items():
+    for numbers in lines.values():
         for number in numbers:
             assert f"line {number} (row {number - 1})" in summary
 
@@ -170,7 +239,10 @@ def test_strict_mode_names_file_line_and_field(bpe, tmp_path, reason, raw, fragm
 
 
 def test_consecutive_roles_drop_only_where_the_template_rejects_them(bpe_dir, tmp_path):
-    twice = {"prompt": [msg("user", "hi"), msg("user", "again")], **{k: GOOD_CONVERSATION[k] for k in ("chosen", "rejected")}}
+    twice = {
+        "prompt": [msg("user", "hi"), msg("user", "again")],
+        **{k: GOOD_CONVERSATION[k] for k in ("chosen", "rejected")},
+    }
     path = tmp_path / "chat.jsonl"
     path.write_bytes(line(GOOD_CONVERSATION) + line(twice))
     accepting = AutoTokenizer.from_pretrained(str(bpe_dir))  # ChatML-like: renders any order
@@ -213,7 +285,7 @@ def test_csv_rows_keep_their_lines_and_bad_bytes_cost_one_row(bpe, tmp_path):
         writer.writerow(["p", " a", " b", "extra"])  # line 5
         writer.writerow(["p", " a"])  # line 6: no rejected
     with open(path, "ab") as handle:
-        handle.write(b"caf\xe9,\" a\",\" b\"\r\n")  # line 7: not UTF-8
+        handle.write(b'caf\xe9," a"," b"\r\n')  # line 7: not UTF-8
     pairs, report = load_preference_data(config(path), bpe)
     assert [p.source_index for p in pairs] == [0, 1]
     assert report.dropped == {MALFORMED_ROW: 1, MISSING_FIELD: 1, NOT_UTF8: 1}
@@ -254,8 +326,13 @@ def test_unreadable_files_are_one_line_errors(bpe, tmp_path, name, content, mess
 def test_utf8_bom_and_line_separators_inside_strings(bpe, tmp_path):
     path = tmp_path / "bom.jsonl"
     odd = {**GOOD, "chosen": " Mix\u2028flour\u0085and water."}  # not line ends in JSON Lines
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD, ensure_ascii=False).encode() + b"\n"
-                     + json.dumps(odd, ensure_ascii=False).encode() + b"\r\n")
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + json.dumps(GOOD, ensure_ascii=False).encode()
+        + b"\n"
+        + json.dumps(odd, ensure_ascii=False).encode()
+        + b"\r\n"
+    )
     pairs, report = load_preference_data(config(path), bpe)
     assert len(pairs) == 2 and not report.dropped
 
@@ -287,7 +364,10 @@ def test_format_is_detected_past_broken_first_rows(bpe, tmp_path):
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lora_dpo.cli", "data", "check", *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
 
 
@@ -296,8 +376,13 @@ def test_data_check_cli_reports_drops_then_strict_fails_in_one_line(bpe_dir, tmp
     lines = write_corpus(train, EXPLICIT_CORPUS, line(GOOD))
     evaluation = tmp_path / "eval.jsonl"
     evaluation.write_bytes(line(GOOD) + line({"prompt": "p", "chosen": " x", "rejected": " x"}))
-    common = [f"model.name_or_path={bpe_dir}", f"data.train_path={train}", f"data.eval_path={evaluation}",
-              "data.max_length=128", "data.max_prompt_length=64"]
+    common = [
+        f"model.name_or_path={bpe_dir}",
+        f"data.train_path={train}",
+        f"data.eval_path={evaluation}",
+        "data.max_length=128",
+        "data.max_prompt_length=64",
+    ]
     ok = cli(*common)
     assert ok.returncode == 0, ok.stderr
     assert "Traceback" not in ok.stderr
@@ -334,8 +419,26 @@ def test_data_check_exits_2_when_a_split_has_no_pair(bpe_dir, tmp_path, capsys):
 # ------------------------------------------------------------------------------------- fuzz
 
 # Realistic rows (so that pairs get through tokenization and truncation), mixed with junk.
-PIECES = [" How", " do", " I", " bake", " bread", "?", " Mix", " flour", "\n", " é", " 🍞", "  ", "</s>",
-          "<s>", "\n\nHuman:", "\n\nAssistant:", "\x00", "\u2028"]
+PIECES = [
+    " How",
+    " do",
+    " I",
+    " bake",
+    " bread",
+    "?",
+    " Mix",
+    " flour",
+    "\n",
+    " é",
+    " 🍞",
+    "  ",
+    "</s>",
+    "<s>",
+    "\n\nHuman:",
+    "\n\nAssistant:",
+    "\x00",
+    "\u2028",
+]
 
 
 def mostly(good: st.SearchStrategy, other: st.SearchStrategy, odds: int = 3) -> st.SearchStrategy:
@@ -344,18 +447,30 @@ def mostly(good: st.SearchStrategy, other: st.SearchStrategy, odds: int = 3) -> 
 
 
 GOOD_TEXT = st.lists(st.sampled_from(PIECES), min_size=1, max_size=12).map("".join)
-TEXT = mostly(GOOD_TEXT, st.one_of(st.text(max_size=8), st.sampled_from(["", " \n", "\ud800", " a\udcff"])), 7)
+TEXT = mostly(
+    GOOD_TEXT, st.one_of(st.text(max_size=8), st.sampled_from(["", " \n", "\ud800", " a\udcff"])), 7
+)
 LEAF = st.one_of(TEXT, st.integers(), st.floats(), st.none(), st.booleans())
 MESSAGE = st.one_of(
-    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "bot", 1]), "content": LEAF}),
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "bot", 1]), "content": LEAF}
+    ),
     st.dictionaries(st.sampled_from(["role", "content", "name"]), LEAF, max_size=3),
     LEAF,
 )
 JUNK_ROW = st.one_of(
-    st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "other"]),
-                    st.one_of(LEAF, st.lists(MESSAGE, max_size=4)), max_size=4),
-    st.fixed_dictionaries({"prompt": st.lists(MESSAGE, max_size=3), "chosen": st.lists(MESSAGE, max_size=2),
-                           "rejected": st.lists(MESSAGE, max_size=2)}),
+    st.dictionaries(
+        st.sampled_from(["prompt", "chosen", "rejected", "other"]),
+        st.one_of(LEAF, st.lists(MESSAGE, max_size=4)),
+        max_size=4,
+    ),
+    st.fixed_dictionaries(
+        {
+            "prompt": st.lists(MESSAGE, max_size=3),
+            "chosen": st.lists(MESSAGE, max_size=2),
+            "rejected": st.lists(MESSAGE, max_size=2),
+        }
+    ),
     LEAF,
 )
 
@@ -368,11 +483,20 @@ GOOD_ROWS = {
     "explicit": st.fixed_dictionaries({"prompt": TEXT, "chosen": TEXT, "rejected": TEXT}),
     "implicit": st.builds(
         lambda p, c, r, marker: {"chosen": p + marker + c, "rejected": p + marker + r},
-        GOOD_TEXT, TEXT, TEXT, st.sampled_from(["\n\nAssistant:", " "]),
+        GOOD_TEXT,
+        TEXT,
+        TEXT,
+        st.sampled_from(["\n\nAssistant:", " "]),
     ),
     "conversational": st.builds(
-        lambda turns, c, r: {"prompt": dialogue(turns), "chosen": [msg("assistant", c)], "rejected": [msg("assistant", r)]},
-        st.lists(GOOD_TEXT, min_size=1, max_size=3).filter(lambda t: len(t) % 2 == 1), TEXT, TEXT,
+        lambda turns, c, r: {
+            "prompt": dialogue(turns),
+            "chosen": [msg("assistant", c)],
+            "rejected": [msg("assistant", r)],
+        },
+        st.lists(GOOD_TEXT, min_size=1, max_size=3).filter(lambda t: len(t) % 2 == 1),
+        TEXT,
+        TEXT,
     ),
 }
 
@@ -385,8 +509,7 @@ def row_lists(min_size: int = 0) -> st.SearchStrategy:
 
 
 ROWS = row_lists()
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                database=None)
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 
 
 def json_bytes(value, ascii_only: bool) -> bytes:
@@ -396,7 +519,9 @@ def json_bytes(value, ascii_only: bool) -> bytes:
 
 def csv_bytes(rows: list) -> bytes:
     """The rows as CSV under the first row's keys; other values become JSON text."""
-    header = next((list(row) for row in rows if isinstance(row, dict) and row), ["prompt", "chosen", "rejected"])
+    header = next(
+        (list(row) for row in rows if isinstance(row, dict) and row), ["prompt", "chosen", "rejected"]
+    )
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(header)
@@ -412,7 +537,8 @@ JUNK_LINE = st.one_of(
 )
 LINES = st.lists(
     mostly(st.builds(json_bytes, mostly(GOOD_ROWS["explicit"], JUNK_ROW), st.booleans()), JUNK_LINE),
-    min_size=1, max_size=8,
+    min_size=1,
+    max_size=8,
 )
 SUFFIXES = [".jsonl", ".json", ".csv"]
 
@@ -433,12 +559,16 @@ LENGTHS = mostly(
     st.integers(2, 48).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n - 1))),
     st.tuples(st.integers(1, 48), st.integers(1, 48)),
 )
-CONFIG = LENGTHS.flatmap(lambda lengths: st.fixed_dictionaries({
-    "max_length": st.just(lengths[0]),
-    "max_prompt_length": st.just(lengths[1]),
-    "format": mostly(st.just("auto"), st.sampled_from(["explicit", "implicit", "conversational"])),
-    "strict": st.sampled_from([False, False, False, True]),
-}))
+CONFIG = LENGTHS.flatmap(
+    lambda lengths: st.fixed_dictionaries(
+        {
+            "max_length": st.just(lengths[0]),
+            "max_prompt_length": st.just(lengths[1]),
+            "format": mostly(st.just("auto"), st.sampled_from(["explicit", "implicit", "conversational"])),
+            "strict": st.sampled_from([False, False, False, True]),
+        }
+    )
+)
 
 
 def check_result(pairs, report, cfg: DataConfig, eos: int) -> None:

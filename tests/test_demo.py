@@ -47,17 +47,23 @@ def test_demo_learns_the_held_out_task(tmp_path, capsys):
     final = [s for s in greedy if s.step == 24]
     assert kind_share([s.policy for s in final]) == 1.0  # after DPO: kind words only
     report = (run / "report.md").read_text()
-    section = report[report.index("## Samples"):]
+    section = report[report.index("## Samples") :]
     assert all(s.policy in section and s.reference in section for s in final)
     assert "| generated length | ok |" in report and "| repetition | ok |" in report
 
 
 def kind_share(texts: list[str], words: list[str] = KIND) -> float:
     """Share of texts that read "<name> is <a> and <b>." with a and b both among `words`."""
+
     def described(text: str) -> bool:
         text = text.strip()
         parts = text.removesuffix(".").split(" ")
-        return text.endswith(".") and len(parts) >= 5 and parts[-4] == "is" and parts[-2] == "and" and {parts[-3], parts[-1]} <= set(words)
+        return (
+            text.endswith(".")
+            and len(parts) >= 5
+            and parts[-4] == "is"
+            and parts[-2] == "and"
+            and {parts[-3], parts[-1]} <= set(words)
+        )
 
     return sum(map(described, texts)) / len(texts)
-

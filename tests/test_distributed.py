@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow  # every test here starts torchrun
-
 from lora_dpo.cache import ReferenceCache
 from lora_dpo.config import dump_config
 from lora_dpo.demo import demo_config
+
+pytestmark = pytest.mark.slow  # every test here starts torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -76,7 +76,12 @@ def test_precompute_under_torchrun_equals_one_process(workdir, tmp_path):
 
 
 def test_training_on_two_ranks_equals_one_at_the_same_global_batch(workdir, tmp_path):
-    run([sys.executable, "-m", "lora_dpo.cli", "precompute-ref"], config_for(workdir, tmp_path), tmp_path, "cache")
+    run(
+        [sys.executable, "-m", "lora_dpo.cli", "precompute-ref"],
+        config_for(workdir, tmp_path),
+        tmp_path,
+        "cache",
+    )
     one = config_for(workdir, tmp_path, gradient_accumulation_steps=2, output_dir=str(tmp_path / "one"))
     two = config_for(workdir, tmp_path, gradient_accumulation_steps=1, output_dir=str(tmp_path / "two"))
     run([sys.executable, "-m", "lora_dpo.cli", "train"], one, tmp_path, "one")
@@ -116,10 +121,19 @@ def start_ranks(workdir: Path, tmp_path: Path, **env) -> subprocess.Popen:
     script = tmp_path / "slow_ranks.py"
     script.write_text(textwrap.dedent(SLOW_RANKS))
     return subprocess.Popen(
-        [*TORCHRUN, str(script), str(config_file)], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PID_DIR": str(tmp_path), "PYTHONPATH": str(ROOT),
-             "LORA_DPO_STEP_DELAY_S": "0.5", **env},
+        [*TORCHRUN, str(script), str(config_file)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PID_DIR": str(tmp_path),
+            "PYTHONPATH": str(ROOT),
+            "LORA_DPO_STEP_DELAY_S": "0.5",
+            **env,
+        },
     )
 
 

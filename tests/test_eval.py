@@ -14,7 +14,7 @@ from lora_dpo.data import load_preference_data
 from lora_dpo.demo import demo_config
 from lora_dpo.evaluate import evaluate, evaluate_run
 from lora_dpo.logps import sequence_logps
-from lora_dpo.loss import LossSettings
+from lora_dpo.losses import LossSettings
 from lora_dpo.metrics import PAIR_METRICS
 from lora_dpo.model import attach_lora, load_base_model, load_tokenizer
 from precompute import precompute_reference
@@ -76,7 +76,9 @@ def expected_losses(settings: LossSettings, pc, pr, rc, rr, nc, nr) -> torch.Ten
 )
 def test_eval_uses_the_configured_loss_and_training_names(eval_setup, settings):
     config, pairs, cache, policy, pad_id = eval_setup
-    metrics = evaluate(policy, pairs, cache.aligned(pairs, "eval"), settings, pad_id, batch_size=len(pairs), device=CPU)
+    metrics = evaluate(
+        policy, pairs, cache.aligned(pairs, "eval"), settings, pad_id, batch_size=len(pairs), device=CPU
+    )
 
     # The reference computation: one forward over all pairs, the cache, each formula by hand.
     batch = collate(pairs, pad_id)
@@ -102,8 +104,10 @@ def test_eval_uses_the_configured_loss_and_training_names(eval_setup, settings):
         "eval/logratio/chosen": (pc - rc).mean(),
     }
     values = metrics.to_dict()
-    assert set(values) == {"eval/" + name for name in PAIR_METRICS} | {"eval/preference_accuracy",
-                                                                     "eval/logratio/chosen"}
+    assert set(values) == {"eval/" + name for name in PAIR_METRICS} | {
+        "eval/preference_accuracy",
+        "eval/logratio/chosen",
+    }
     assert (margins != 0).all() and 0.05 < expected["eval/rewards/accuracies"] < 0.95  # not trivial
     for name, value in expected.items():
         assert values[name] == pytest.approx(value.item(), rel=1e-5, abs=1e-6), name

@@ -52,14 +52,35 @@ def policy(config, demo_run):
 
 
 def test_generate_writes_samples_of_policy_and_reference(config, demo_run, tmp_path, capsys):
-    assert main(["generate", "--config", str(demo_run / "config.yaml"), "--adapter", str(demo_run),
-                 "--prompts", "6", "--max-new-tokens", "24"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                str(demo_run / "config.yaml"),
+                "--adapter",
+                str(demo_run),
+                "--prompts",
+                "6",
+                "--max-new-tokens",
+                "24",
+            ]
+        )
+        == 0
+    )
     samples = read_samples(demo_run / "samples.jsonl")
     lines = (demo_run / "samples.jsonl").read_text().splitlines()
     assert len(samples) == len(lines) == 6
     assert set(json.loads(lines[0])) == {
-        "step", "index", "prompt", "reference", "policy", "reference_tokens", "policy_tokens",
-        "reference_finished", "policy_finished",
+        "step",
+        "index",
+        "prompt",
+        "reference",
+        "policy",
+        "reference_tokens",
+        "policy_tokens",
+        "reference_finished",
+        "policy_finished",
     }
     assert [s.index for s in samples] == list(range(6)) and {s.step for s in samples} == {24}
     # the eval split's first distinct prompts, in the data's order
@@ -75,8 +96,24 @@ def test_generate_writes_samples_of_policy_and_reference(config, demo_run, tmp_p
     assert "| prompt | reference | policy |" in printed and str(demo_run / "samples.jsonl") in printed
 
     # greedy is deterministic: a second run (to --out) writes the same samples
-    assert main(["generate", "--config", str(demo_run / "config.yaml"), "--adapter", str(demo_run / "adapter"),
-                 "--prompts", "6", "--max-new-tokens", "24", "--out", str(tmp_path / "again")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                str(demo_run / "config.yaml"),
+                "--adapter",
+                str(demo_run / "adapter"),
+                "--prompts",
+                "6",
+                "--max-new-tokens",
+                "24",
+                "--out",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "again" / "samples.jsonl").read_text() == (demo_run / "samples.jsonl").read_text()
 
 
@@ -89,8 +126,9 @@ def test_completions_stop_at_eos_and_say_when_they_ran_out(policy):
     for c in done:
         assert c.ids[-1] == eos and eos not in c.ids[:-1]  # cut right after the first EOS
         assert c.text == tokenizer.decode(c.ids[:-1]) and tokenizer.eos_token not in c.text
-    short = generate_completions(model, tokenizer, prompts, GenerationSettings(max_new_tokens=3), [eos],
-                                 pad_id_of(tokenizer), CPU)
+    short = generate_completions(
+        model, tokenizer, prompts, GenerationSettings(max_new_tokens=3), [eos], pad_id_of(tokenizer), CPU
+    )
     assert all(not c.finished and len(c.ids) == 3 for c in short)
     assert [c.ids for c in short] == [c.ids[:3] for c in done]
 
@@ -118,7 +156,9 @@ def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(policy):
 
     def sample(seed: int) -> list[tuple[int, ...]]:
         settings = GenerationSettings(max_new_tokens=24, sample=True, temperature=1.0, seed=seed)
-        return [c.ids for c in generate_completions(model, tokenizer, prompts * 2, settings, stops, pad_id, CPU)]
+        return [
+            c.ids for c in generate_completions(model, tokenizer, prompts * 2, settings, stops, pad_id, CPU)
+        ]
 
     torch.manual_seed(123)
     state = torch.get_rng_state()
@@ -179,8 +219,18 @@ def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
 
 
 def test_an_adapter_path_without_an_adapter_is_a_one_line_error(tmp_path, capsys):
-    assert main(["generate", "--adapter", str(tmp_path), "data.eval_path=x.jsonl",
-                 f"model.name_or_path={tmp_path}"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--adapter",
+                str(tmp_path),
+                "data.eval_path=x.jsonl",
+                f"model.name_or_path={tmp_path}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err == f"error: --adapter {tmp_path}: no adapter_config.json there or in {tmp_path / 'adapter'}"
 
@@ -192,11 +242,29 @@ def test_eval_judges_the_policy_against_the_reference_with_a_reward_model(config
     from lora_dpo.demo.models import build_last_token_reward_model
 
     tokenizer = load_tokenizer(config.model)
-    token_scores = torch.tensor([(token * 7919) % 11 - 5.0 for token in range(len(tokenizer))])  # fixed, varied
+    token_scores = torch.tensor(
+        [(token * 7919) % 11 - 5.0 for token in range(len(tokenizer))]
+    )  # fixed, varied
     judge_dir = build_last_token_reward_model(tmp_path / "rm", tokenizer, token_scores)
     # 3 new tokens: completions stop mid-description, so their last tokens differ
-    assert main(["generate", "--config", str(demo_run / "config.yaml"), "--adapter", str(demo_run),
-                 "--prompts", "8", "--max-new-tokens", "3", "--out", str(tmp_path / "samples")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                str(demo_run / "config.yaml"),
+                "--adapter",
+                str(demo_run),
+                "--prompts",
+                "8",
+                "--max-new-tokens",
+                "3",
+                "--out",
+                str(tmp_path / "samples"),
+            ]
+        )
+        == 0
+    )
     samples = read_samples(tmp_path / "samples" / "samples.jsonl")
 
     def score(text: str) -> float:
@@ -205,10 +273,24 @@ def test_eval_judges_the_policy_against_the_reference_with_a_reward_model(config
     gains = [score(s.prompt + s.policy) - score(s.prompt + s.reference) for s in samples]
     expected_rate = sum(1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gains) / len(gains)
     capsys.readouterr()
-    assert main(["eval", "--config", str(demo_run / "config.yaml"), "--adapter", str(demo_run / "adapter"),
-                 f"train.reward_model={judge_dir}", "train.generate_prompts=8",
-                 "train.generate_max_new_tokens=3"]) == 0
-    printed = dict(line.split(": ") for line in capsys.readouterr().out.splitlines() if line.startswith("eval/"))
+    assert (
+        main(
+            [
+                "eval",
+                "--config",
+                str(demo_run / "config.yaml"),
+                "--adapter",
+                str(demo_run / "adapter"),
+                f"train.reward_model={judge_dir}",
+                "train.generate_prompts=8",
+                "train.generate_max_new_tokens=3",
+            ]
+        )
+        == 0
+    )
+    printed = dict(
+        line.split(": ") for line in capsys.readouterr().out.splitlines() if line.startswith("eval/")
+    )
     assert float(printed["eval/win_rate"]) == pytest.approx(expected_rate, abs=1e-4)
     assert float(printed["eval/score_gain"]) == pytest.approx(sum(gains) / len(gains), abs=1e-4)
     assert expected_rate != 0.5  # the check can tell a judged policy from an unjudged one
@@ -217,12 +299,26 @@ def test_eval_judges_the_policy_against_the_reference_with_a_reward_model(config
 def test_report_shows_the_samples_and_judges_them(demo_run):
     """After `lora-dpo generate`, `lora-dpo report` has a Samples section (reference vs policy)
     and the two generation checks, judged and quiet on the demo's healthy policy."""
-    assert main(["generate", "--config", str(demo_run / "config.yaml"), "--adapter", str(demo_run),
-                 "--prompts", "7", "--max-new-tokens", "24"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                str(demo_run / "config.yaml"),
+                "--adapter",
+                str(demo_run),
+                "--prompts",
+                "7",
+                "--max-new-tokens",
+                "24",
+            ]
+        )
+        == 0
+    )
     samples = read_samples(demo_run / "samples.jsonl")
     assert main(["report", str(demo_run)]) == 0
     text = (demo_run / "report.md").read_text()
-    section = text[text.index("## Samples"):text.index("## Config")]
+    section = text[text.index("## Samples") : text.index("## Config")]
     assert "first 5 held-out prompts" in section and "Step 24:" in section
     rows = [line for line in section.splitlines() if line.startswith("| ") and "| prompt |" not in line]
     assert len(rows) == 5
@@ -278,16 +374,22 @@ def test_training_writes_samples_and_judges_every_eval(train_root, tmp_path):
     from lora_dpo.train import train
 
     run = tmp_path / "run"
-    result = train(sample_config(train_root, run, generate_every=4, eval_steps=3, reward_model=str(train_root / "rm")))
+    result = train(
+        sample_config(train_root, run, generate_every=4, eval_steps=3, reward_model=str(train_root / "rm"))
+    )
     samples = read_samples(run / "samples.jsonl")
-    assert [(s.step, s.index) for s in samples] == [(step, i) for step in (4, 6) for i in range(3)]  # and the end
+    assert [(s.step, s.index) for s in samples] == [
+        (step, i) for step in (4, 6) for i in range(3)
+    ]  # and the end
     assert samples[0].reference == samples[3].reference  # the reference never changes
     assert "Step 4:" in (run / "samples.md").read_text()
     assert RunDirectory(run).state() is RunState.FINISHED and RunDirectory(run).foreign_entries() == []
 
     evals = {int(r["step"]): r for r in read_metrics(run / "metrics.jsonl").evals}
     assert sorted(evals) == [0, 3, 6]
-    assert evals[0]["eval/win_rate"] == 0.5 and evals[0]["eval/score_gain"] == 0.0  # the policy is the reference
+    assert (
+        evals[0]["eval/win_rate"] == 0.5 and evals[0]["eval/score_gain"] == 0.0
+    )  # the policy is the reference
     tokenizer = load_tokenizer(sample_config(train_root, run).model)
     scores = RM_SCORES(len(tokenizer))
 
@@ -307,8 +409,24 @@ def test_training_writes_samples_and_judges_every_eval(train_root, tmp_path):
 
     # the saved adapter writes what the policy wrote at the last step (the training layout's
     # attention was switched back and forth around each generation)
-    assert main(["generate", "--config", str(run / "config.yaml"), "--adapter", str(run), "--prompts", "3",
-                 "--max-new-tokens", "3", "--out", str(tmp_path / "again")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                str(run / "config.yaml"),
+                "--adapter",
+                str(run),
+                "--prompts",
+                "3",
+                "--max-new-tokens",
+                "3",
+                "--out",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 0
+    )
     again = read_samples(tmp_path / "again" / "samples.jsonl")
     assert [(s.reference, s.policy) for s in again] == [(s.reference, s.policy) for s in final]
 
@@ -361,8 +479,12 @@ def test_a_resume_may_change_what_is_generated(tmp_path):
     from lora_dpo.run.resume import check_resume
 
     saved = load_config(None, ["data.eval_path=e.jsonl"])
-    keys = {"train.generate_every": 5, "train.generate_prompts": 2, "train.generate_max_new_tokens": 9,
-            "train.reward_model": "rm"}
+    keys = {
+        "train.generate_every": 5,
+        "train.generate_prompts": 2,
+        "train.generate_max_new_tokens": 9,
+        "train.reward_model": "rm",
+    }
     asked = load_config(None, ["data.eval_path=e.jsonl", *(f"{k}={v}" for k, v in keys.items())])
     changes = check_resume(saved, asked, tmp_path)
     assert {key: change["resume"] for key, change in changes.items()} == keys

@@ -18,15 +18,26 @@ from lora_dpo.model import load_tokenizer
 def write_adapter(adapter, base: str) -> None:
     """A minimal LoRA adapter directory recording `base` (one q_proj pair of factors)."""
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": base})
+    )
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    save_file({f"{prefix}.lora_A.weight": torch.zeros(4, 8), f"{prefix}.lora_B.weight": torch.zeros(8, 4)},
-              str(adapter / "adapter_model.safetensors"))
+    save_file(
+        {f"{prefix}.lora_A.weight": torch.zeros(4, 8), f"{prefix}.lora_B.weight": torch.zeros(8, 4)},
+        str(adapter / "adapter_model.safetensors"),
+    )
 
 
 HUB_NAMES = ["gpt2", "meta-llama/Llama-3.1-8B", "Qwen/Qwen2.5-7B-Instruct"]
-LOCAL_PATHS = ["/models/llama", "./llama", "../llama", "~/llama", ".cache/llama", "models/llama/8b",
-               "models\\llama"]
+LOCAL_PATHS = [
+    "/models/llama",
+    "./llama",
+    "../llama",
+    "~/llama",
+    ".cache/llama",
+    "models/llama/8b",
+    "models\\llama",
+]
 
 
 @pytest.mark.parametrize("name", HUB_NAMES)

@@ -26,7 +26,9 @@ def word_judge(tiny_tokenizer, tmp_path_factory):
     scores = torch.zeros(len(tiny_tokenizer))
     words = {" kind": 2.0, " warm": 1.0, " rude": -1.0}
     ids = {word: last_id(tiny_tokenizer, "Ada is" + word) for word in words}
-    assert len(set(ids.values())) == 3 and all(len(tiny_tokenizer(w, add_special_tokens=False)["input_ids"]) == 1 for w in words)
+    assert len(set(ids.values())) == 3 and all(
+        len(tiny_tokenizer(w, add_special_tokens=False)["input_ids"]) == 1 for w in words
+    )
     for word, score in words.items():
         scores[ids[word]] = score
     path = build_last_token_reward_model(tmp_path_factory.mktemp("rm"), tiny_tokenizer, scores)
@@ -64,17 +66,28 @@ def test_a_policy_equal_to_its_reference_wins_half():
 def test_a_bad_reward_model_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^train.reward_model='.*missing': no such directory"):
         load_reward_model(str(tmp_path / "missing"), CPU)
-    with pytest.raises(ConfigError, match=r"^train.reward_model='.*': cannot load it as a sequence-classification model"):
+    with pytest.raises(
+        ConfigError, match=r"^train.reward_model='.*': cannot load it as a sequence-classification model"
+    ):
         load_reward_model(str(tmp_path), CPU)  # a directory without a model
 
 
 def test_a_classifier_with_several_labels_is_refused(tiny_tokenizer, tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, num_labels=3,
-                         pad_token_id=tiny_tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=3,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
     LlamaForSequenceClassification(config).save_pretrained(str(tmp_path))
     tiny_tokenizer.save_pretrained(str(tmp_path))
-    with pytest.raises(ConfigError, match=r"the model has 3 labels; a reward model gives one score \(num_labels=1\)"):
+    with pytest.raises(
+        ConfigError, match=r"the model has 3 labels; a reward model gives one score \(num_labels=1\)"
+    ):
         load_reward_model(str(tmp_path), CPU)

@@ -36,7 +36,10 @@ def test_null_logger_is_the_default(report_to, tmp_path):
 
 
 def test_report_to_is_validated():
-    assert load_config(None, ["train.report_to=tensorboard,wandb"]).train.report_to == ["tensorboard", "wandb"]
+    assert load_config(None, ["train.report_to=tensorboard,wandb"]).train.report_to == [
+        "tensorboard",
+        "wandb",
+    ]
     with pytest.raises(ConfigError, match="train.report_to='tb': must be none, tensorboard or wandb"):
         load_config(None, ["train.report_to=tb"])
     with pytest.raises(ConfigError, match="unknown 'mlflow'"):

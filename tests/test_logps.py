@@ -253,7 +253,9 @@ def test_through_4bit_lora_policy(demo_workdir):
     from lora_dpo.model import attach_lora, load_base_model
 
     base = load_base_model(
-        ModelConfig(name_or_path=str(demo_workdir / "model")), quantize=True, dtype=torch.float32,
+        ModelConfig(name_or_path=str(demo_workdir / "model")),
+        quantize=True,
+        dtype=torch.float32,
         device=torch.device("cpu"),
     )
     torch.manual_seed(0)
@@ -290,15 +292,26 @@ def random_pairs_batch(vocab: int) -> PairBatch:
     return collate(random_pairs(vocab=vocab), pad_id=5)
 
 
-SLIDING = {"mistral": {"sliding_window": 3}, "gemma2": {"sliding_window": 3},
-           "qwen2": {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1,
-                     "layer_types": ["full_attention", "sliding_attention"]}}
+SLIDING = {
+    "mistral": {"sliding_window": 3},
+    "gemma2": {"sliding_window": 3},
+    "qwen2": {
+        "use_sliding_window": True,
+        "sliding_window": 3,
+        "max_window_layers": 1,
+        "layer_types": ["full_attention", "sliding_attention"],
+    },
+}
 
 
 @pytest.mark.parametrize(
     "arch, attention",
-    [(arch, attention) for arch in ARCHITECTURES for attention in ("sdpa", "eager")
-     if (arch, attention) != ("gemma2", "sdpa")],  # Gemma 2's attention soft-capping needs eager
+    [
+        (arch, attention)
+        for arch in ARCHITECTURES
+        for attention in ("sdpa", "eager")
+        if (arch, attention) != ("gemma2", "sdpa")
+    ],  # Gemma 2's attention soft-capping needs eager
 )
 def test_prefix_sharing_equals_unshared(arch: str, attention: str):
     """Values and gradients of packed pairs equal the unshared [2B, T] computation, including
@@ -334,7 +347,9 @@ def test_rejected_does_not_see_chosen_when_packed():
     """Changing a chosen token changes the chosen sum only, never the rejected one."""
     model = make_model("llama", torch.float32)
     pair = random_pairs(count=1, seed=2, prompt=(4, 4), response=(5, 5))[0]
-    edited = TokenizedPair(pair.prompt_ids, pair.chosen_ids[:2] + (3,) + pair.chosen_ids[3:], pair.rejected_ids, 0)
+    edited = TokenizedPair(
+        pair.prompt_ids, pair.chosen_ids[:2] + (3,) + pair.chosen_ids[3:], pair.rejected_ids, 0
+    )
     with torch.no_grad():
         before = sequence_logps(model, collate_prompt_shared([pair], pad_id=5)).logps
         after = sequence_logps(model, collate_prompt_shared([edited], pad_id=5)).logps
@@ -351,3 +366,67 @@ def test_prefix_sharing_refuses_untested_models():
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ConfigError, match="eager, sdpa or flex_attention"):
         check_packing_support(model)
+
+
+# Optional per-sequence statistics: LD-DPO's shared prefix, WPO's log Σp².
+
+
+def oracle_statistics(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shared-prefix sums [2B], Σ log Σ_v p_v² [2B]) from full logits, position by position:
+    a response's first min(|yw|, |yl|) tokens are its first that many masked positions."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logprobs = logits[:, :-1].float().log_softmax(-1)  # [2B, T-1, V]
+    targets = batch.labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    gathered = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [2B, T-1]
+    counts = mask.sum(1)
+    pairs = len(counts) // 2
+    shared = torch.minimum(counts[:pairs], counts[pairs:]).repeat(2)  # [2B]
+    in_prefix = mask & (mask.cumsum(1) <= shared[:, None])
+    log_sum_sq = torch.logsumexp(2 * logprobs, dim=-1)  # [2B, T-1] log Σ p²
+    return (gathered * in_prefix).sum(-1), (log_sum_sq * mask).sum(-1)
+
+
+@pytest.mark.parametrize("head", ["frozen", "trainable"])
+def test_shared_prefix_and_log_sum_sq_match_the_oracle(head: str):
+    model = make_model("llama", torch.float32, frozen_head=head == "frozen")
+    batch = random_batch(pairs=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = sequence_logps(model, batch, chunk_size=3, shared_prefix=True, log_sum_sq_probs=True)
+    plain = sequence_logps(model, batch, chunk_size=3)
+    shared, log_sum_sq = oracle_statistics(model, batch)
+    tol = TOLERANCE[torch.float32]
+    torch.testing.assert_close(ours.logps, plain.logps, rtol=0, atol=0)  # asking changes nothing else
+    torch.testing.assert_close(ours.shared_logps, shared, **tol)
+    torch.testing.assert_close(ours.log_sum_sq_probs, log_sum_sq, **tol)
+    assert not ours.log_sum_sq_probs.requires_grad
+    lengths = ours.tokens
+    assert (
+        torch.minimum(lengths[:3], lengths[3:]) < torch.maximum(lengths[:3], lengths[3:])
+    ).any()  # a real cut
+    grads_ours = torch.autograd.grad(weighted_sum(ours.shared_logps), params, allow_unused=True)
+    grads_ref = torch.autograd.grad(weighted_sum(shared), params, allow_unused=True)
+    assert_grads_close(grads_ours, grads_ref, tol)
+
+
+def test_shared_prefix_is_the_same_with_the_prompt_shared():
+    model = make_model("llama", torch.float32)
+    pairs = random_pairs(count=4, seed=2) + [TokenizedPair((), (7, 8, 9), (10, 11), 99)]
+    packed = sequence_logps(
+        model, collate_prompt_shared(pairs, pad_id=5), chunk_size=4, shared_prefix=True, log_sum_sq_probs=True
+    )
+    unshared = sequence_logps(
+        model, collate(pairs, pad_id=5), chunk_size=4, shared_prefix=True, log_sum_sq_probs=True
+    )
+    torch.testing.assert_close(packed.shared_logps, unshared.shared_logps, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(packed.log_sum_sq_probs, unshared.log_sum_sq_probs, rtol=1e-5, atol=1e-4)
+
+
+def test_prefix_sums_of_interleaved_sequences():
+    """Sequence 0's values 1, 2, 3 and sequence 1's 10, 20 interleaved; first 2 and first 1."""
+    from lora_dpo.logps import prefix_sums
+
+    values = torch.tensor([1.0, 10.0, 2.0, 20.0, 3.0])
+    rows = torch.tensor([0, 1, 0, 1, 0])
+    torch.testing.assert_close(prefix_sums(values, rows, torch.tensor([2, 1])), torch.tensor([3.0, 10.0]))
+    torch.testing.assert_close(prefix_sums(values, rows, torch.tensor([5, 0])), torch.tensor([6.0, 0.0]))

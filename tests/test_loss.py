@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from lora_dpo.loss import dpo_loss
+from lora_dpo.losses import dpo_loss
 
 
 def test_hand_derived_values():

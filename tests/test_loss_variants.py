@@ -12,15 +12,16 @@ softplus(3) = log(1 + e^3) = 3.0485873516; and softplus(x) - softplus(-x) = x.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
-from lora_dpo.config import load_config
+from lora_dpo.config import dump_config, load_config
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import ConfigError
-from lora_dpo.loss import (
+from lora_dpo.losses import (
     dpo_loss,
     hinge_loss,
     ipo_loss,
@@ -77,8 +78,9 @@ def test_robust_hand_derived():
 
 def test_robust_without_noise_is_dpo():
     ex = example()
-    torch.testing.assert_close(robust_dpo_loss(**ex, beta=0.5, label_smoothing=0.0).losses,
-                               dpo_loss(**ex, beta=0.5).losses)
+    torch.testing.assert_close(
+        robust_dpo_loss(**ex, beta=0.5, label_smoothing=0.0).losses, dpo_loss(**ex, beta=0.5).losses
+    )
 
 
 def test_hinge_hand_derived():
@@ -98,8 +100,9 @@ def test_ipo_hand_derived():
     pair 3: Δw/|yw| = -4/4 = -1, Δl/|yl| = 2/2 = 1, h = -2, L = (-2 - 1)² = 9
             rewards 0.5·(-4) = -2, 0.5·2 = 1
     """
-    out = ipo_loss(**example(), beta=0.5, chosen_tokens=torch.tensor([2, 4, 4]),
-                   rejected_tokens=torch.tensor([4, 4, 2]))
+    out = ipo_loss(
+        **example(), beta=0.5, chosen_tokens=torch.tensor([2, 4, 4]), rejected_tokens=torch.tensor([4, 4, 2])
+    )
     close(out.losses, [0.0625, 1.0, 9.0])
     close(out.chosen_rewards, [0.5, 0.0, -2.0])
     close(out.rejected_rewards, [-0.5, 0.0, 1.0])
@@ -130,11 +133,25 @@ def test_every_variant_is_a_function_of_the_margin_at_init():
     """Policy == reference (z = 0): sigmoid, cDPO and robust give ln 2, hinge 1, IPO 1/(2β)²."""
     logps, other = torch.randn(8, dtype=F64) * 30, torch.randn(8, dtype=F64) * 30
     tokens = torch.randint(1, 50, (8,))
-    expected = {("sigmoid", 0.0): math.log(2), ("sigmoid", 0.3): math.log(2), ("robust", 0.3): math.log(2),
-                ("hinge", 0.0): 1.0, ("ipo", 0.0): 1 / (2 * 0.2) ** 2}
+    expected = {
+        ("sigmoid", 0.0): math.log(2),
+        ("sigmoid", 0.3): math.log(2),
+        ("robust", 0.3): math.log(2),
+        ("hinge", 0.0): 1.0,
+        ("ipo", 0.0): 1 / (2 * 0.2) ** 2,
+    }
     for (loss_type, eps), value in expected.items():
-        out = preference_loss(logps, other, logps.clone(), other.clone(), 0.2, loss_type=loss_type,
-                              label_smoothing=eps, chosen_tokens=tokens, rejected_tokens=tokens)
+        out = preference_loss(
+            logps,
+            other,
+            logps.clone(),
+            other.clone(),
+            0.2,
+            loss_type=loss_type,
+            label_smoothing=eps,
+            chosen_tokens=tokens,
+            rejected_tokens=tokens,
+        )
         torch.testing.assert_close(out.losses, torch.full((8,), value, dtype=F64), rtol=0, atol=1e-12)
         assert torch.all(out.chosen_rewards == 0) and torch.all(out.rejected_rewards == 0)
 
@@ -142,8 +159,9 @@ def test_every_variant_is_a_function_of_the_margin_at_init():
 def test_large_margins_stay_finite():
     big = torch.tensor([1e4, -1e4])
     for loss_type, eps in (("sigmoid", 0.1), ("robust", 0.1), ("hinge", 0.0)):
-        out = preference_loss(big, -big, torch.zeros(2), torch.zeros(2), 1.0, loss_type=loss_type,
-                              label_smoothing=eps)
+        out = preference_loss(
+            big, -big, torch.zeros(2), torch.zeros(2), 1.0, loss_type=loss_type, label_smoothing=eps
+        )
         assert torch.isfinite(out.losses).all(), loss_type
 
 
@@ -163,7 +181,9 @@ def trl_style(loss_type, pc, pr, rc, rr, beta, eps, nc, nr, token_logps, mask):
     if loss_type == "sigmoid":
         losses = -torch.log(sig(beta * logits)) * (1 - eps) - torch.log(sig(-beta * logits)) * eps
     elif loss_type == "robust":
-        losses = (-torch.log(sig(beta * logits)) * (1 - eps) + torch.log(sig(-beta * logits)) * eps) / (1 - 2 * eps)
+        losses = (-torch.log(sig(beta * logits)) * (1 - eps) + torch.log(sig(-beta * logits)) * eps) / (
+            1 - 2 * eps
+        )
     elif loss_type == "hinge":
         losses = torch.clamp(1 - beta * logits, min=0)
     else:
@@ -172,8 +192,9 @@ def trl_style(loss_type, pc, pr, rc, rr, beta, eps, nc, nr, token_logps, mask):
     return losses, nll
 
 
-@pytest.mark.parametrize("loss_type, eps", [("sigmoid", 0.0), ("sigmoid", 0.25), ("robust", 0.25),
-                                            ("hinge", 0.0), ("ipo", 0.0)])
+@pytest.mark.parametrize(
+    "loss_type, eps", [("sigmoid", 0.0), ("sigmoid", 0.25), ("robust", 0.25), ("hinge", 0.0), ("ipo", 0.0)]
+)
 @pytest.mark.parametrize("beta", [0.05, 0.5])
 def test_equals_trl_formula_on_random_inputs(loss_type, eps, beta):
     gen = torch.Generator().manual_seed(hash((loss_type, eps, beta)) % 2**31)
@@ -187,8 +208,9 @@ def test_equals_trl_formula_on_random_inputs(loss_type, eps, beta):
     nc, nr = lengths[0], lengths[1]
 
     expected, nll = trl_style(loss_type, pc, pr, rc, rr, beta, eps, nc, nr, token_logps[0], masks[0])
-    out = preference_loss(pc, pr, rc, rr, beta, loss_type=loss_type, label_smoothing=eps,
-                          chosen_tokens=nc, rejected_tokens=nr)
+    out = preference_loss(
+        pc, pr, rc, rr, beta, loss_type=loss_type, label_smoothing=eps, chosen_tokens=nc, rejected_tokens=nr
+    )
     torch.testing.assert_close(out.losses, expected, rtol=1e-10, atol=1e-10)
     # The rewards are β·(summed log-ratio) for every variant, IPO included (TRL's IPO rewards
     # are per token; here the length normalisation stays inside the loss).
@@ -196,10 +218,22 @@ def test_equals_trl_formula_on_random_inputs(loss_type, eps, beta):
     torch.testing.assert_close(out.rejected_rewards, beta * (pr - rr), rtol=1e-12, atol=1e-12)
 
     alpha = 0.7
-    with_rpo = preference_loss(pc, pr, rc, rr, beta, loss_type=loss_type, label_smoothing=eps,
-                               rpo_alpha=alpha, chosen_tokens=nc, rejected_tokens=nr)
+    with_rpo = preference_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        beta,
+        loss_type=loss_type,
+        label_smoothing=eps,
+        rpo_alpha=alpha,
+        chosen_tokens=nc,
+        rejected_tokens=nr,
+    )
     # TRL: losses + rpo_alpha * nll_loss, then the batch mean.
-    torch.testing.assert_close(with_rpo.losses.mean(), (expected + alpha * nll).mean(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        with_rpo.losses.mean(), (expected + alpha * nll).mean(), rtol=1e-10, atol=1e-10
+    )
 
 
 # ---- config -------------------------------------------------------------------------------
@@ -222,7 +256,11 @@ def test_bad_loss_settings_name_the_key(overrides, message):
 
 def test_loss_settings_load():
     config = load_config(None, ["train.loss_type=robust", "train.label_smoothing=0.1", "train.rpo_alpha=1"])
-    assert (config.train.loss_type, config.train.label_smoothing, config.train.rpo_alpha) == ("robust", 0.1, 1.0)
+    assert (config.train.loss_type, config.train.label_smoothing, config.train.rpo_alpha) == (
+        "robust",
+        0.1,
+        1.0,
+    )
 
 
 # ---- each variant trains the demo task ------------------------------------------------------
@@ -239,38 +277,168 @@ def variants_workdir(demo_workdir):
     return demo_workdir
 
 
-# (settings, the step-1 loss: every pair has z = 0 before the first update)
+@pytest.fixture(scope="module")
+def ld_cache(variants_workdir):
+    """The same pairs' cache built for LD-DPO: precompute-ref with train.ld_alpha < 1 also stores
+    each response's shared-prefix log-probs."""
+    config = demo_config(variants_workdir)
+    config.data.max_pairs = PAIRS
+    config.precompute.cache_dir = str(variants_workdir / "cache-ld")
+    config.train.ld_alpha = 0.5
+    config.validate()
+    precompute_reference(config)
+    return variants_workdir / "cache-ld"
+
+
+# (settings, the step-1 loss: every pair has z = 0 before the first update, so each loss type
+# starts at its value at z = 0; None where it is not a function of z alone, see the test).
+# β = 0.1 unless set. A few settings differ from the defaults so that 5 to 10 steps suffice:
+# DiscoPOP at the paper's τ = 0.05 has a local maximum at βz = +0.07 and a local minimum at
+# βz = -0.12, so from policy = reference its gradient pushes every margin negative; τ = 0.2
+# starts downhill. MPO's SFT term outweighs its preference terms at β = 0.1.
+EXO_EPS = 1e-3
 VARIANTS = {
     "cdpo": (dict(loss_type="sigmoid", label_smoothing=0.2), math.log(2)),
     "ipo": (dict(loss_type="ipo"), 1 / (2 * 0.1) ** 2),
     "hinge": (dict(loss_type="hinge"), 1.0),
     "robust": (dict(loss_type="robust", label_smoothing=0.2), math.log(2)),
     "rpo": (dict(loss_type="sigmoid", rpo_alpha=0.5), None),  # ln 2 + the chosen NLL
+    # q = ½: log ½ - ½·log(ε(1-ε))
+    "exo_pair": (
+        dict(loss_type="exo_pair", label_smoothing=EXO_EPS),
+        math.log(0.5) - 0.5 * math.log(EXO_EPS * (1 - EXO_EPS)),
+    ),
+    "nca_pair": (dict(loss_type="nca_pair"), 2 * math.log(2)),
+    "bco_pair": (dict(loss_type="bco_pair"), 2 * math.log(2)),
+    "sppo_hard": (dict(loss_type="sppo_hard"), 2 * (1 / (2 * 0.1)) ** 2),
+    "aot": (dict(loss_type="aot"), math.log(2)),
+    "aot_unpaired": (dict(loss_type="aot_unpaired"), math.log(2)),
+    "apo_zero": (dict(loss_type="apo_zero"), 1.0),
+    "apo_down": (dict(loss_type="apo_down"), 1.0),
+    "discopop": (dict(loss_type="discopop", discopop_tau=0.2), 0.5 * math.log(2) + 0.5),
+    "sigmoid_norm": (dict(loss_type="sigmoid_norm"), math.log(2)),
+    "mpo": (dict(loss_type="sigmoid+bco_pair+sft", loss_weights=[0.8, 0.2, 1.0], beta=0.5), None),
+    "wpo": (dict(loss_type="sigmoid", use_weighting=True), None),  # ln 2 times each pair's weight
+    # Policy = reference on the shared prefix and the tail alike: z = 0 under LD-DPO's weighting.
+    "ld_dpo": (dict(loss_type="sigmoid", ld_alpha=0.5), math.log(2)),
+    "forward_kl": (dict(loss_type="sigmoid", f_divergence_type="forward_kl"), math.log(2)),
+    "js_divergence": (dict(loss_type="sigmoid", f_divergence_type="js_divergence"), math.log(2)),
+    "alpha_divergence": (
+        dict(loss_type="sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5),
+        math.log(2),
+    ),
+    # Reference-free: no cache (the test points precompute.cache_dir at nothing), their own rewards.
+    "simpo": (dict(loss_type="simpo", beta=2.5, max_steps=10), None),
+    "cpo": (dict(loss_type="cpo", beta=0.5, cpo_alpha=0.2, max_steps=10), None),
+    "orpo": (dict(loss_type="orpo", beta=3.0, max_steps=10), None),
 }
+# Losses whose step-1 value holds the chosen NLL per token: several nats on a random tiny model.
+WITH_NLL = ("rpo", "mpo", "cpo", "orpo")
+REFERENCE_FREE = ("simpo", "cpo", "orpo")
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_variant_trains_the_demo_task(name, variants_workdir, tmp_path):
-    settings, step1_loss = VARIANTS[name]
-    config = demo_config(variants_workdir)
+def variant_config(workdir, tmp_path, settings):
+    config = demo_config(workdir)
     config.data.max_pairs = PAIRS
-    config.precompute.cache_dir = str(variants_workdir / "cache-variants")
+    config.precompute.cache_dir = str(workdir / "cache-variants")
     config.train.output_dir = str(tmp_path / "run")
     config.train.max_steps = 5
     config.train.logging_steps = 1
     for key, value in settings.items():
         setattr(config.train, key, value)
     config.validate()
-    result = train(config)
+    return config
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_trains_the_demo_task(name, variants_workdir, tmp_path, caplog, request):
+    settings, step1_loss = VARIANTS[name]
+    config = variant_config(variants_workdir, tmp_path, settings)
+    absent = tmp_path / "no-cache"
+    if name in REFERENCE_FREE:
+        config.precompute.cache_dir = str(absent)
+    if config.train.ld_alpha != 1.0:
+        config.precompute.cache_dir = str(request.getfixturevalue("ld_cache"))
+    with caplog.at_level(logging.INFO, logger="lora_dpo.train"):
+        result = train(config)
 
     first = result.history[0]
     before, after = result.eval_before, result.eval_after
     if step1_loss is not None:  # the configured variant is the one that ran, in train and eval
         assert first["loss"] == pytest.approx(step1_loss, abs=1e-5)
         assert before.loss == pytest.approx(step1_loss, abs=1e-5)
-    else:  # RPO adds the chosen NLL per token, several nats on a random tiny model
+    elif name in WITH_NLL:  # the chosen NLL per token, several nats on a random tiny model
         assert first["loss"] > math.log(2) + 1.0
         assert before.loss > math.log(2) + 1.0
+    elif name == "wpo":  # ln 2 scaled by each pair's weight: below 1 on the random tiny model
+        assert 0 < first["loss"] < math.log(2) and 0 < before.loss < math.log(2)
+    notices = [r.message for r in caplog.records if "reference-free" in r.message]
+    if name in REFERENCE_FREE:  # no cache opened, none made, and said once
+        assert not absent.exists()
+        assert notices == [
+            f"train.loss_type={name} is reference-free: no reference cache is read "
+            "(precompute.cache_dir is ignored)"
+        ]
+        assert before.chosen_logratio is None and "eval/logratio/chosen" not in after.to_dict()
+        report = (result.output_dir / "report.md").read_text()
+        assert report.count("not judged: a reference-free objective's rewards are not log-ratios") == 2
+        assert f"None read: train.loss_type={name} is reference-free." in report
+    else:
+        assert notices == []
     assert after.reward_accuracy >= 0.8, (before, after)
     assert after.reward_accuracy > before.reward_accuracy + 0.25, (before, after)
     assert after.reward_margin > 0
+
+
+def test_sft_alone_raises_the_chosen_likelihood(variants_workdir, tmp_path):
+    """`sft` is a term to combine (MPO above), not a preference loss: alone it lowers the
+    held-out chosen NLL and makes the chosen responses likelier than under the reference,
+    which lifts the reward accuracy above chance but not to the preference losses' 0.8."""
+    result = train(variant_config(variants_workdir, tmp_path, dict(loss_type="sft")))
+    before, after = result.eval_before, result.eval_after
+    assert result.history[0]["loss"] > math.log(2) + 1.0  # the chosen NLL per token
+    assert after.loss < before.loss
+    assert after.chosen_logratio > 0
+    assert after.reward_accuracy > 0.6
+
+
+def test_ld_dpo_cache_holds_each_responses_shared_prefix(variants_workdir, ld_cache, tiny_tokenizer):
+    """The stored prefix is the first min(|yw|, |yl|) tokens: the shorter response's whole
+    log-prob, strictly more than the longer one's (its tail's log-probs are < 0)."""
+    from lora_dpo.cache import ReferenceCache
+    from lora_dpo.data import load_preference_data
+
+    config = demo_config(variants_workdir)
+    config.data.max_pairs = PAIRS
+    pairs, _ = load_preference_data(config.data, tiny_tokenizer, "train")
+    values = ReferenceCache(ld_cache, shared_prefix=True).aligned(pairs, "train")
+    chosen_shared, rejected_shared = values.shared_prefix
+    longer = values.chosen_tokens > values.rejected_tokens
+    shorter = values.chosen_tokens < values.rejected_tokens
+    assert longer.any() and shorter.any()
+    assert torch.all(chosen_shared[longer] > values.chosen_logps[longer])
+    assert torch.equal(rejected_shared[longer], values.rejected_logps[longer])
+    assert torch.equal(chosen_shared[shorter], values.chosen_logps[shorter])
+    assert torch.all(rejected_shared[shorter] > values.rejected_logps[shorter])
+    assert (
+        ReferenceCache(variants_workdir / "cache-variants", shared_prefix=True).shared_prefix[0].isnan().all()
+    )
+
+
+def test_ld_dpo_on_a_cache_without_the_statistic_names_the_rebuild(variants_workdir, tmp_path, capsys):
+    """The cache built for the other variants has no shared-prefix values: one line, which
+    command rebuilds it, before any training."""
+    from lora_dpo.cli import main
+
+    config = variant_config(variants_workdir, tmp_path, dict(ld_alpha=0.5))
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(config))
+    assert main(["train", "--config", str(config_file)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        f"error: {variants_workdir / 'cache-variants'}: {PAIRS} of {PAIRS} train pairs lack "
+        "the shared-prefix reference log-probs that train.ld_alpha < 1 reads"
+    ), lines
+    assert lines[0].endswith("rebuild the cache with precompute-ref --rebuild and this train.ld_alpha"), lines
+    assert not (tmp_path / "run" / "adapter").exists()

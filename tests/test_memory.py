@@ -50,7 +50,9 @@ def test_tracker_sees_temporaries_inside_kernels():
     import bitsandbytes as bnb
 
     layer = bnb.nn.Linear4bit(256, 512, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(torch.randn(512, 256, dtype=torch.bfloat16), requires_grad=False, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(512, 256, dtype=torch.bfloat16), requires_grad=False, quant_type="nf4"
+    )
     layer = layer.to("cpu")
     layer.support_avx512bf16_for_cpu = False
     x = torch.randn(4, 256, dtype=torch.bfloat16, requires_grad=True)
@@ -62,7 +64,10 @@ def test_tracker_sees_temporaries_inside_kernels():
     assert any("dequantize_4bit" in " ".join(a.ops) and a.size == dequantized for a in live.at_peak)
     # packed codes, 8-bit block scales, their offset and fp32 scales, and the two lookup tables
     state = layer.weight.quant_state
-    assert persistent_bytes(layer) == 512 * 256 // 2 + 512 * 256 // 64 + 4 + (512 * 256 // 64 // 256) * 4 + 256 * 4 + 16 * 4
+    assert (
+        persistent_bytes(layer)
+        == 512 * 256 // 2 + 512 * 256 // 64 + 4 + (512 * 256 // 64 // 256) * 4 + 256 * 4 + 16 * 4
+    )
     assert state.nested and state.absmax.dtype == torch.uint8 and state.state2.code.numel() == 256
 
 
@@ -72,13 +77,17 @@ def test_plan_agrees_with_measurement(tmp_path, hidden: int, vocab: int, length:
     steps = {}
     for layers in (1, 2):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=vocab, hidden_size=hidden, num_layers=layers))
+        model = AutoModelForCausalLM.from_config(
+            tiny_config("llama", vocab_size=vocab, hidden_size=hidden, num_layers=layers)
+        )
         model.save_pretrained(str(tmp_path / f"m{layers}"))
         (step,) = memory_check.measure(tmp_path / f"m{layers}", [length], response_fraction=0.5)
         assert step.loss == pytest.approx(0.693147, abs=1e-5) and step.step_end == 0
         steps[layers] = step
     parts = memory_check.compare(tmp_path / "m1" / "config.json", steps[1], steps[2])
-    assert set(parts) == {f"{p}, {w}" for p in ("fixed", "per layer") for w in ("persistent", "activations", "total")}
+    assert set(parts) == {
+        f"{p}, {w}" for p in ("fixed", "per layer") for w in ("persistent", "activations", "total")
+    }
     for name, values in parts.items():
         assert values["measured"] > 0, name
         assert abs(values["ratio"] - 1) <= memory_check.TOLERANCE, (name, values)
@@ -93,21 +102,37 @@ def test_gpu_check_dry_run(tmp_path):
     import math
     import subprocess
 
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (path,) = tmp_path.glob("gpu-dry-run-*.json")
     results = json.loads(path.read_text())
     assert results["dry_run"] and results["environment"]["device"] == "cpu"
     run = results["llama3.1-8b"]
     assert run["precompute"]["pairs"] == 15 and run["precompute"]["pairs_per_s"] > 0
-    assert [entry["recipe"] for entry in run["lengths"].values()] == ["llama3.1-8b.yaml", "llama3.1-8b-4k.yaml", "llama3.1-8b-8k.yaml"]
-    for recipe_length, entry in run["lengths"].items():
-        assert "error" not in entry, entry
-        assert entry["step1_loss"] == pytest.approx(math.log(2), abs=1e-4)  # the untrained policy is the reference
-        assert entry["tokens_per_s"] > 0 and entry["max_memory_allocated"] is None  # no CUDA statistics on the CPU
-        plan = entry["plan"]
-        assert plan["rows"] == {"1024": 4, "4096": 4, "8192": 2}[recipe_length]
-        assert 0.9 * results["lengths"][recipe_length] < plan["length"] <= results["lengths"][recipe_length]
-        assert 0 < plan["allocated"] <= plan["tensors"] <= plan["card"]
-    assert "| llama3.1-8b-8k.yaml | 2 x " in done.stdout
+    assert [runs["auto"]["recipe"] for runs in run["lengths"].values()] == [
+        "llama3.1-8b.yaml",
+        "llama3.1-8b-4k.yaml",
+        "llama3.1-8b-8k.yaml",
+    ]
+    for recipe_length, runs in run["lengths"].items():
+        assert set(runs) == {"padded", "auto"}  # plan's layout, and the default
+        for entry in runs.values():
+            assert "error" not in entry, entry
+            assert entry["step1_loss"] == pytest.approx(
+                math.log(2), abs=1e-4
+            )  # the untrained policy is the reference
+            assert (
+                entry["tokens_per_s"] > 0 and entry["max_memory_allocated"] is None
+            )  # no CUDA statistics on the CPU
+            plan = entry["plan"]
+            assert plan["rows"] == {"1024": 4, "4096": 4, "8192": 2}[recipe_length]
+            assert (
+                0.9 * results["lengths"][recipe_length] < plan["length"] <= results["lengths"][recipe_length]
+            )
+            assert 0 < plan["allocated"] <= plan["tensors"] <= plan["card"]
+    assert "| llama3.1-8b-8k.yaml | padded | 2 x " in done.stdout

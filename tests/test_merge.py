@@ -83,8 +83,9 @@ def argmax_agree(a, b):
 
 
 def base_plus_adapter(model_dir, adapter_dir, quantized: bool):
-    base = load_base_model(ModelConfig(name_or_path=str(model_dir)), quantize=quantized,
-                           dtype=torch.float32, device=CPU)
+    base = load_base_model(
+        ModelConfig(name_or_path=str(model_dir)), quantize=quantized, dtype=torch.float32, device=CPU
+    )
     return load_adapter(base, adapter_dir).eval()
 
 
@@ -110,8 +111,10 @@ def test_merged_model_matches_base_plus_adapter(mode, trained_run, demo_workdir,
     other_logits = logits_of(other, tokenizer, probe_texts)
 
     diff = max_diff(merged_logits, reference_logits)
-    print(f"\n{mode}: probe max |Δlogit| {diff:.3e}; adapter effect {max_diff(reference_logits, bare_logits):.3e}; "
-          f"vs the other base {max_diff(merged_logits, other_logits):.3e}; merge report {report['verification']}")
+    print(
+        f"\n{mode}: probe max |Δlogit| {diff:.3e}; adapter effect {max_diff(reference_logits, bare_logits):.3e}; "
+        f"vs the other base {max_diff(merged_logits, other_logits):.3e}; merge report {report['verification']}"
+    )
     assert diff < TOLERANCE
     assert argmax_agree(merged_logits, reference_logits)
     # The check can fail: the adapter moves the logits far more than the tolerance, and so
@@ -120,7 +123,9 @@ def test_merged_model_matches_base_plus_adapter(mode, trained_run, demo_workdir,
     assert max_diff(merged_logits, other_logits) > 10 * TOLERANCE
 
     check = report["verification"]
-    assert check["max_abs_diff"] < TOLERANCE and check["argmax_all_agree"] and check["argmax_agreement"] == 1.0
+    assert (
+        check["max_abs_diff"] < TOLERANCE and check["argmax_all_agree"] and check["argmax_agreement"] == 1.0
+    )
     assert check["positions"] > 100
     assert report["mode"] == mode and report["merged_layers"] == 14 and report["dequantized_layers"] == 0
 
@@ -129,13 +134,31 @@ def test_merged_directory_is_a_plain_model(trained_run, tmp_path, capsys):
     """Default mode, through the CLI: sharded safetensors, tokenizer, generation config, report;
     nothing of peft or bitsandbytes left in config.json."""
     out = tmp_path / "merged"
-    code = cli_main(["merge", "--adapter", str(trained_run), "--out", str(out), "--dtype", "fp32",
-                     "--max-shard-size", "100KB", "--quiet"])
+    code = cli_main(
+        [
+            "merge",
+            "--adapter",
+            str(trained_run),
+            "--out",
+            str(out),
+            "--dtype",
+            "fp32",
+            "--max-shard-size",
+            "100KB",
+            "--quiet",
+        ]
+    )
     assert code == 0
     assert "argmax agreement 1.0000" in capsys.readouterr().out
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors.index.json", REPORT,
-            "tokenizer.json", "tokenizer_config.json"} <= files
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        REPORT,
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= files
     assert len([f for f in files if f.endswith(".safetensors")]) > 1  # sharded at 100KB
     assert not files & {"adapter_config.json", "adapter_model.safetensors"}
     config = json.loads((out / "config.json").read_text())
@@ -217,8 +240,9 @@ def test_any_peft_adapter_dir_tied_embeddings_and_partial_targets(tiny_tokenizer
 
     with pytest.raises(ConfigError, match=r"base model"):
         merge(tmp_path / "adapter", tmp_path / "merged", dtype="fp32", device=CPU)
-    report = merge(tmp_path / "adapter", tmp_path / "merged", base=str(tmp_path / "moved-base"),
-                   dtype="fp32", device=CPU)
+    report = merge(
+        tmp_path / "adapter", tmp_path / "merged", base=str(tmp_path / "moved-base"), dtype="fp32", device=CPU
+    )
     assert report["mode"] == "nf4-dequantized"
     assert report["merged_layers"] == 4 and report["dequantized_layers"] == 10
     assert report["verification"]["max_abs_diff"] < TOLERANCE and report["verification"]["argmax_all_agree"]
@@ -258,15 +282,30 @@ def test_killed_merge_leaves_no_complete_output(trained_run, tmp_path, caplog):
     """SIGKILL while the merged model is being written: the target does not exist, and the
     hidden partial directory has no report and is not a loadable model at the target path."""
     out = tmp_path / "merged"
-    command = [sys.executable, "-m", "lora_dpo.cli", "merge", "--adapter", str(trained_run),
-               "--out", str(out), "--dtype", "fp32", "--max-shard-size", "20KB", "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "lora_dpo.cli",
+        "merge",
+        "--adapter",
+        str(trained_run),
+        "--out",
+        str(out),
+        "--dtype",
+        "fp32",
+        "--max-shard-size",
+        "20KB",
+        "--quiet",
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = None
     deadline = time.monotonic() + 120
     try:
         while partial is None and process.poll() is None and time.monotonic() < deadline:
             for entry in tmp_path.iterdir():  # the first shard written
-                if entry.name.endswith(".partial") and any(p.suffix == ".safetensors" for p in entry.iterdir()):
+                if entry.name.endswith(".partial") and any(
+                    p.suffix == ".safetensors" for p in entry.iterdir()
+                ):
                     partial = entry
                     break
             else:
@@ -298,6 +337,7 @@ def no_space(*args, **kwargs):
 def shard_writer_out_of_space(real):
     """transformers' safetensors writer on a full disk: part of the shard is written, then the
     Rust writer reports the OS error in its message (not as an OSError)."""
+
     def save(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)
         Path(filename).write_bytes(Path(filename).read_bytes()[:100])
@@ -308,7 +348,9 @@ def shard_writer_out_of_space(real):
 
 @pytest.mark.parametrize("where", ["shard", "fsync"])
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_a_full_disk_leaves_the_target_as_it_was(where, overwrite, trained_run, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_leaves_the_target_as_it_was(
+    where, overwrite, trained_run, tmp_path, monkeypatch, capsys
+):
     """A full disk while the merged model is written (mid-shard, or at the fsync before the
     rename): the target is untouched (absent, or the earlier merge byte for byte), no temp
     directory is left, and the CLI says so in one line."""
@@ -323,15 +365,22 @@ def test_a_full_disk_leaves_the_target_as_it_was(where, overwrite, trained_run, 
         before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
     if where == "shard":
-        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file",
-                            shard_writer_out_of_space(transformers.modeling_utils.safe_save_file))
+        monkeypatch.setattr(
+            transformers.modeling_utils,
+            "safe_save_file",
+            shard_writer_out_of_space(transformers.modeling_utils.safe_save_file),
+        )
     else:
         monkeypatch.setattr(lora_dpo.fileio, "fsync_file", no_space)
     args = ["merge", "--adapter", str(trained_run), "--out", str(out), "--dtype", "fp32", "--quiet"]
     assert cli_main(args + (["--overwrite"] if overwrite else [])) == 2
-    err = capsys.readouterr().err  # in-process, progress bars precede the error (--quiet acts on a fresh process)
-    assert re.fullmatch(rf"error: no space left on device writing {re.escape(str(out))} \(free there: \d+ MB\)",
-                        err.splitlines()[-1]), err
+    err = (
+        capsys.readouterr().err
+    )  # in-process, progress bars precede the error (--quiet acts on a fresh process)
+    assert re.fullmatch(
+        rf"error: no space left on device writing {re.escape(str(out))} \(free there: \d+ MB\)",
+        err.splitlines()[-1],
+    ), err
     assert err.count("error") == 1 and "Traceback" not in err
     if overwrite:
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before

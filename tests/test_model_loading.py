@@ -30,8 +30,12 @@ def test_pickled_code_in_weights_is_one_line_and_never_runs(tmp_path):
     with (model_dir / "pytorch_model.bin").open("wb") as handle:
         pickle.dump({"model.embed_tokens.weight": _Payload(str(marker))}, handle)
     with pytest.raises(ConfigError) as error:
-        load_base_model(ModelConfig(name_or_path=str(model_dir)), quantize=False, dtype=torch.float32,
-                        device=torch.device("cpu"))
+        load_base_model(
+            ModelConfig(name_or_path=str(model_dir)),
+            quantize=False,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+        )
     message = str(error.value)
     assert "\n" not in message and "pickled objects" in message and "weights_only" in message
     assert not marker.exists()

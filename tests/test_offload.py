@@ -13,7 +13,7 @@ from lora_dpo.batching import collate
 from lora_dpo.config import LoraConfig, ModelConfig, load_config
 from lora_dpo.data import TokenizedPair
 from lora_dpo.logps import sequence_logps
-from lora_dpo.loss import preference_loss
+from lora_dpo.losses import preference_loss
 from lora_dpo.model import attach_lora, load_base_model
 from lora_dpo.offload import OffloadSavedTensors, offload_saved_tensors
 
@@ -28,10 +28,16 @@ def pairs(vocab: int, count: int = 3, seed: int = 0) -> list[TokenizedPair]:
 
 
 def policy_for(demo_workdir, gradient_checkpointing: bool):
-    base = load_base_model(ModelConfig(name_or_path=str(demo_workdir / "model")), quantize=True,
-                           dtype=torch.bfloat16, device=torch.device("cpu"))
+    base = load_base_model(
+        ModelConfig(name_or_path=str(demo_workdir / "model")),
+        quantize=True,
+        dtype=torch.bfloat16,
+        device=torch.device("cpu"),
+    )
     torch.manual_seed(0)
-    policy = attach_lora(base, LoraConfig(r=4, alpha=8, dropout=0.1), gradient_checkpointing=gradient_checkpointing)
+    policy = attach_lora(
+        base, LoraConfig(r=4, alpha=8, dropout=0.1), gradient_checkpointing=gradient_checkpointing
+    )
     with torch.no_grad():  # a trained adapter, so gradients reach every LoRA matrix
         for name, param in policy.named_parameters():
             if "lora_B" in name:

@@ -19,7 +19,9 @@ def test_importing_the_package_and_the_command_does_not_import_torch():
         "import sys, lora_dpo, lora_dpo.cli; lora_dpo.cli.build_parser(); "
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
@@ -28,7 +30,7 @@ def test_every_public_name_resolves_to_its_home():
     from lora_dpo.cache import ReferenceCache
     from lora_dpo.config import Config, load_config
     from lora_dpo.logps import sequence_logps
-    from lora_dpo.loss import preference_loss
+    from lora_dpo.losses import preference_loss
     from precompute import precompute_reference
 
     homes = {

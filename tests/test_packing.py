@@ -25,7 +25,9 @@ from lora_dpo.scoring import score_pairs
 
 CPU = torch.device("cpu")
 ARCH_ATTENTION = [
-    (arch, attention) for arch in ARCHITECTURES for attention in ("sdpa", "eager")
+    (arch, attention)
+    for arch in ARCHITECTURES
+    for attention in ("sdpa", "eager")
     if (arch, attention) != ("gemma2", "sdpa")  # Gemma 2's attention soft-capping needs eager
 ]
 
@@ -70,7 +72,9 @@ def test_packed_rows_equal_padded_in_bf16(arch: str):
     attention = "eager" if arch == "gemma2" else "sdpa"
     pairs = unequal_pairs()
     padded, padded_grads = values_and_grads(model_for(arch, attention, torch.bfloat16), collate(pairs, 5))
-    ours, grads = values_and_grads(model_for(arch, attention, torch.bfloat16, "pairwise"), collate_packed(pairs, 5))
+    ours, grads = values_and_grads(
+        model_for(arch, attention, torch.bfloat16, "pairwise"), collate_packed(pairs, 5)
+    )
     torch.testing.assert_close(ours.logps, padded.logps, **TOLERANCE[torch.bfloat16])
     assert_grads_close(grads, padded_grads, TOLERANCE[torch.bfloat16])
 
@@ -106,8 +110,9 @@ def test_no_padding_reaches_the_decoder():
     pairs = unequal_pairs()
     seen: list[torch.Tensor] = []
     decoder = causal_lm_parts(model)[0]
-    handle = decoder.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"]),
-                                               with_kwargs=True)
+    handle = decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True
+    )
     with torch.no_grad():
         sequence_logps(model, collate_packed(pairs, pad_id=5))
     handle.remove()
@@ -147,7 +152,9 @@ def test_through_4bit_lora_policy_with_gradient_checkpointing(demo_workdir):
 
 
 @pytest.mark.parametrize("window", [None, 3])
-@pytest.mark.parametrize("collate_fn", [collate_packed, collate_prompt_shared], ids=["packed", "prompt_shared"])
+@pytest.mark.parametrize(
+    "collate_fn", [collate_packed, collate_prompt_shared], ids=["packed", "prompt_shared"]
+)
 def test_flex_mask_mod_equals_the_dense_visibility(collate_fn, window):
     """The BlockMask's mask_mod, evaluated at every (query, key) by FlexAttention's own
     create_mask, is the dense visibility matrix elementwise (the CUDA path's mask)."""
@@ -214,7 +221,9 @@ def test_scoring_by_token_budget_equals_padded_scoring():
     for layout in ("packed", "prompt_shared"):
         scored = score_pairs(model, pairs, batch_size=4, pad_id=5, device=CPU, layout=layout, max_tokens=40)
         for field in ("chosen", "rejected"):
-            torch.testing.assert_close(getattr(scored, field), getattr(padded, field), **TOLERANCE[torch.float32])
+            torch.testing.assert_close(
+                getattr(scored, field), getattr(padded, field), **TOLERANCE[torch.float32]
+            )
         assert torch.equal(scored.chosen_tokens, padded.chosen_tokens)
         assert torch.equal(scored.rejected_tokens, padded.rejected_tokens)
 
@@ -268,8 +277,10 @@ def policy_setup(demo_workdir):
     from lora_dpo.cache import ReferenceValues
 
     reference = ReferenceValues(
-        start.chosen + torch.randn(12, generator=generator), start.rejected + torch.randn(12, generator=generator),
-        start.chosen_tokens, start.rejected_tokens,
+        start.chosen + torch.randn(12, generator=generator),
+        start.rejected + torch.randn(12, generator=generator),
+        start.chosen_tokens,
+        start.rejected_tokens,
     )
     return policy, initial, pairs, reference, pad_id_of(tokenizer), config.train
 
@@ -280,9 +291,10 @@ def one_step(policy_setup, layout: str, micro_batches: list[list[int]]):
 
     from lora_dpo.config import Config
     from lora_dpo.distributed import DistInfo
+    from lora_dpo.inputs import RunInputs
     from lora_dpo.metrics import WindowMeter
     from lora_dpo.run.metrics_file import NullMetricsFile
-    from lora_dpo.train import RunInputs, TrainLoop, TrainState
+    from lora_dpo.train import TrainLoop, TrainState
 
     policy, initial, pairs, reference, pad_id, train_cfg = policy_setup
     with torch.no_grad():
@@ -296,8 +308,19 @@ def one_step(policy_setup, layout: str, micro_batches: list[list[int]]):
     config = Config(train=dataclasses.replace(train_cfg, max_grad_norm=None))
     # The loop's step alone: the inputs it reads are the pairs and their reference values.
     inputs = RunInputs(None, pairs, [], None, None, reference, None, None, CPU)
-    state = TrainState(config, inputs, policy, optimizer, scheduler, WindowMeter(CPU), [], NullMetricsFile(),
-                       DistInfo(), pad_id, layout)
+    state = TrainState(
+        config,
+        inputs,
+        policy,
+        optimizer,
+        scheduler,
+        WindowMeter(CPU),
+        [],
+        NullMetricsFile(),
+        DistInfo(),
+        pad_id,
+        layout,
+    )
     TrainLoop(state, run=None, stop=None).step(micro_batches, len(pairs), None)
     metrics, window = state.meter.flush()
     assert [finite for finite, _ in window] == [True]
@@ -332,8 +355,14 @@ def test_training_steps_by_token_budget_are_deterministic_and_cover_every_pair(p
     from lora_dpo.optim import optimizer_steps
 
     pairs = policy_setup[2] * 4  # 48 pairs
-    cfg = dataclasses.replace(policy_setup[5], per_device_batch_size=4, gradient_accumulation_steps=2,
-                              max_tokens_per_batch=120, epochs=2, max_steps=-1)
+    cfg = dataclasses.replace(
+        policy_setup[5],
+        per_device_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_tokens_per_batch=120,
+        epochs=2,
+        max_steps=-1,
+    )
     steps = list(optimizer_steps(pairs, cfg, layout="packed"))
     assert steps == list(optimizer_steps(pairs, cfg, layout="packed"))  # deterministic per seed
     assert steps != list(optimizer_steps(pairs, dataclasses.replace(cfg, seed=cfg.seed + 1), layout="packed"))
@@ -342,12 +371,18 @@ def test_training_steps_by_token_budget_are_deterministic_and_cover_every_pair(p
         assert sorted(i for micro, _ in epoch for batch in micro for i in batch) == list(range(48))
     for micro, pairs_in_step in steps:
         assert pairs_in_step == 8 == sum(map(len, micro))
-        assert all(batch_tokens("packed", [pairs[i] for i in batch]) <= 120 or len(batch) == 1 for batch in micro)
+        assert all(
+            batch_tokens("packed", [pairs[i] for i in batch]) <= 120 or len(batch) == 1 for batch in micro
+        )
     # on two ranks, each rank's micro-batches hold the rank's half of the same global batch
     ranks = [list(optimizer_steps(pairs, cfg, rank, 2, "packed")) for rank in (0, 1)]
-    one = list(optimizer_steps(pairs, dataclasses.replace(cfg, gradient_accumulation_steps=4), layout="packed"))
+    one = list(
+        optimizer_steps(pairs, dataclasses.replace(cfg, gradient_accumulation_steps=4), layout="packed")
+    )
     for (a, n), (b, _), (whole, m) in zip(ranks[0], ranks[1], one):
-        assert n == m and sorted(i for batch in a + b for i in batch) == sorted(i for batch in whole for i in batch)
+        assert n == m and sorted(i for batch in a + b for i in batch) == sorted(
+            i for batch in whole for i in batch
+        )
 
 
 # Whole runs: the cache across layouts, resume, and two ranks.
@@ -359,6 +394,7 @@ def run_config(workdir, tmp_path, cache: str, **train):
     config = demo_config(workdir)
     config.data.max_pairs = 24
     config.data.eval_path = ""
+    config.train.generate_every = 0  # samples need held-out prompts
     config.precompute.cache_dir = str(tmp_path / cache)
     config.train.output_dir = str(tmp_path / "run")
     config.train.per_device_batch_size = 4
@@ -382,18 +418,31 @@ def test_the_cache_serves_every_layout(demo_workdir, tmp_path, caplog, cache_lay
 
     built = {}
     for layout in ("padded", "packed"):
-        config = run_config(demo_workdir, tmp_path, f"cache-{layout}", layout=layout, max_tokens_per_batch=200)
+        config = run_config(
+            demo_workdir, tmp_path, f"cache-{layout}", layout=layout, max_tokens_per_batch=200
+        )
         precompute_reference(config)
         built[layout] = ReferenceCache(config.precompute.cache_dir)
     assert built["padded"].pair_hashes == built["packed"].pair_hashes
     assert built["padded"].manifest.identity == built["packed"].manifest.identity
-    torch.testing.assert_close(built["padded"].chosen_logps, built["packed"].chosen_logps, rtol=1e-5, atol=1e-4)
-    config = run_config(demo_workdir, tmp_path, f"cache-{cache_layout}", layout=train_layout, max_steps=1,
-                        max_tokens_per_batch=150)
+    torch.testing.assert_close(
+        built["padded"].chosen_logps, built["packed"].chosen_logps, rtol=1e-5, atol=1e-4
+    )
+    config = run_config(
+        demo_workdir,
+        tmp_path,
+        f"cache-{cache_layout}",
+        layout=train_layout,
+        max_steps=1,
+        max_tokens_per_batch=150,
+    )
     with caplog.at_level("INFO"):
         result = train(config)  # the step-0 check raises on a disagreement
     assert "step-0 check" in caplog.text
-    assert f"layout: {'packed, prompt shared, 150 tokens per row' if train_layout == 'packed' else 'padded'}" in caplog.text
+    assert (
+        f"layout: {'packed, prompt shared, 150 tokens per row' if train_layout == 'packed' else 'padded'}"
+        in caplog.text
+    )
     assert abs(result.history[0]["loss"] - math.log(2)) < 1e-5
 
 
@@ -454,19 +503,38 @@ def test_token_budget_on_two_ranks_equals_one_process(demo_workdir, tmp_path):
         config.train.layout = "packed"
         config_file = tmp_path / f"{name}.yaml"
         config_file.write_text(dump_config(config))
-        result = subprocess.run([*command, "--config", str(config_file)], cwd=root, capture_output=True, text=True,
-                                timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        result = subprocess.run(
+            [*command, "--config", str(config_file)],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=400,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return Path(config.train.output_dir)
 
     cli = [sys.executable, "-m", "lora_dpo.cli"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lora_dpo.cli"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "lora_dpo.cli",
+    ]
     run([*cli, "precompute-ref"], "cache-build")
     one = run([*cli, "train"], "one", gradient_accumulation_steps=2)
     two = run([*torchrun, "train"], "two", gradient_accumulation_steps=1)
 
     def losses(run_dir: Path) -> list[float]:
-        return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        return [
+            r["loss"]
+            for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r
+        ]
 
     assert len(losses(one)) == len(losses(two)) == 3
     assert max(abs(a - b) for a, b in zip(losses(one), losses(two))) < 1e-5
@@ -483,7 +551,9 @@ def test_old_prefix_sharing_key_keeps_its_meaning():
     assert load_config(None, []).train.layout == "auto"
     with pytest.raises(ConfigError, match="train.prefix_sharing: expected true or false"):
         load_config(None, ["train.prefix_sharing=3"])
-    with pytest.raises(ConfigError, match="train.layout='tight': must be one of auto, padded, prompt_shared, packed"):
+    with pytest.raises(
+        ConfigError, match="train.layout='tight': must be one of auto, padded, prompt_shared, packed"
+    ):
         load_config(None, ["train.layout=tight"])
     with pytest.raises(ConfigError, match="train.max_tokens_per_batch=-1"):
         load_config(None, ["train.max_tokens_per_batch=-1"])

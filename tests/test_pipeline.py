@@ -19,7 +19,7 @@ from lora_dpo.data import load_preference_data
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import CacheError
 from lora_dpo.logps import sequence_logps
-from lora_dpo.loss import dpo_loss
+from lora_dpo.losses import dpo_loss
 from lora_dpo.model import attach_lora, load_base_model, load_tokenizer
 from lora_dpo.train import train
 from precompute import precompute_reference
@@ -91,8 +91,18 @@ def test_training_changes_lora_only_and_saves_peft_adapter(cached_workdir, tmp_p
     records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [1, 2, 3]
-    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                 "rewards/margins", "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens_per_s"):
+    for name in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+    ):
         assert all(math.isfinite(r[name]) for r in train_records), name
     assert {"eval/rewards/accuracies", "eval/rewards/margins"} <= set(records[-1])
 

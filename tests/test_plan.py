@@ -30,15 +30,38 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # The public config.json values of the three recipes' models (architecture fields only).
 RECIPE_MODELS = {
-    "llama3.1-8b.yaml": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-                         "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                         "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False},
-    "qwen2.5-7b.yaml": {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
-                        "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-                        "num_key_value_heads": 4, "tie_word_embeddings": False},
-    "mistral-7b.yaml": {"model_type": "mistral", "vocab_size": 32768, "hidden_size": 4096,
-                        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                        "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False},
+    "llama3.1-8b.yaml": {
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "tie_word_embeddings": False,
+    },
+    "qwen2.5-7b.yaml": {
+        "model_type": "qwen2",
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "tie_word_embeddings": False,
+    },
+    "mistral-7b.yaml": {
+        "model_type": "mistral",
+        "vocab_size": 32768,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "tie_word_embeddings": False,
+    },
 }
 
 
@@ -54,7 +77,8 @@ def test_weight_counts_are_exact(tmp_path, arch: str):
     path, model = saved_model(tmp_path, arch)
     plan_arch = Architecture.from_config_json(path / "config.json")
     linear = sum(
-        m.weight.numel() for name, m in model.named_modules()
+        m.weight.numel()
+        for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and "lm_head" not in name
     )
     assert plan_arch.linear_weights == linear
@@ -63,8 +87,9 @@ def test_weight_counts_are_exact(tmp_path, arch: str):
 
 def test_nf4_bytes_match_bitsandbytes(tmp_path):
     path, _ = saved_model(tmp_path, "llama", hidden=128)
-    model = load_base_model(ModelConfig(name_or_path=str(path)), quantize=True, dtype=torch.float32,
-                            device=torch.device("cpu"))
+    model = load_base_model(
+        ModelConfig(name_or_path=str(path)), quantize=True, dtype=torch.float32, device=torch.device("cpu")
+    )
     import bitsandbytes as bnb
 
     stored = 0
@@ -84,8 +109,12 @@ def test_lora_counts_match_peft(tmp_path):
     path, _ = saved_model(tmp_path, "qwen2")
     arch = Architecture.from_config_json(path / "config.json")
     for targets in (["all-linear"], ["q_proj", "v_proj"]):
-        base = load_base_model(ModelConfig(name_or_path=str(path)), quantize=True, dtype=torch.float32,
-                               device=torch.device("cpu"))
+        base = load_base_model(
+            ModelConfig(name_or_path=str(path)),
+            quantize=True,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+        )
         policy = attach_lora(base, LoraConfig(r=4, target_modules=targets), gradient_checkpointing=True)
         trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         assert arch.lora_weights(4, targets) == trainable
@@ -97,8 +126,9 @@ def test_the_memory_settings_the_plan_assumes(tmp_path):
     from lora_dpo.config import TrainConfig
 
     path, _ = saved_model(tmp_path, "llama")
-    base = load_base_model(ModelConfig(name_or_path=str(path)), quantize=True, dtype=torch.bfloat16,
-                           device=torch.device("cpu"))
+    base = load_base_model(
+        ModelConfig(name_or_path=str(path)), quantize=True, dtype=torch.bfloat16, device=torch.device("cpu")
+    )
     assert TrainConfig().gradient_checkpointing and TrainConfig().optimizer == "auto"
     policy = attach_lora(base, LoraConfig(), gradient_checkpointing=TrainConfig().gradient_checkpointing)
     base_model = policy.get_base_model()
@@ -137,9 +167,20 @@ def test_cli_prints_the_breakdown(tmp_path, capsys):
     code = main(["plan", "--config", str(CONFIGS / "llama3.1-8b.yaml"), "--model-config", str(model_config)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "base weights, linear layers (nf4)" in out and "one logits chunk (512 tokens x 128256 vocab)" in out
-    code = main(["plan", "--config", str(CONFIGS / "llama3.1-8b.yaml"), "--model-config", str(model_config),
-                 "--gpu-gib", "8"])
+    assert (
+        "base weights, linear layers (nf4)" in out and "one logits chunk (512 tokens x 128256 vocab)" in out
+    )
+    code = main(
+        [
+            "plan",
+            "--config",
+            str(CONFIGS / "llama3.1-8b.yaml"),
+            "--model-config",
+            str(model_config),
+            "--gpu-gib",
+            "8",
+        ]
+    )
     assert code == 0 and "does NOT fit a 8 GiB card" in capsys.readouterr().out
 
 
@@ -163,7 +204,9 @@ def recipe_arch(recipe: Path) -> Architecture:
 
 @pytest.mark.parametrize("recipe", sorted(RECIPE_MODELS))
 def test_kept_model_configs_are_the_recipes_models(tmp_path, recipe: str):
-    assert recipe_arch(CONFIGS / recipe) == Architecture.from_config_json(write_model_config(tmp_path, RECIPE_MODELS[recipe]))
+    assert recipe_arch(CONFIGS / recipe) == Architecture.from_config_json(
+        write_model_config(tmp_path, RECIPE_MODELS[recipe])
+    )
 
 
 @pytest.mark.parametrize("recipe", LONG_RECIPES, ids=lambda p: p.name)
@@ -174,7 +217,9 @@ def test_long_context_recipes_fit_and_state_their_plan(recipe: Path):
     plan = estimate(config, arch)
     assert "fits a 24 GiB card" in plan.render(24)
     stated = re.search(r"# lora-dpo plan: ([\d.]+) GiB peak", recipe.read_text())
-    assert stated and float(stated.group(1)) == pytest.approx(plan.total / 2**30, abs=0.05), "update the comment"
+    assert stated and float(stated.group(1)) == pytest.approx(plan.total / 2**30, abs=0.05), (
+        "update the comment"
+    )
     assert config.train.gradient_accumulation_steps * config.train.per_device_batch_size == 32
     # the 8k recipes keep the layer inputs on the host, 4 to 6 GiB of headroom more
     if config.train.offload_activations:
@@ -208,7 +253,10 @@ def test_plan_takes_any_depth_and_batch_and_the_cpu():
     cuda = estimate(config, arch.with_layers(1), Workload(2, 512, 256))
     assert cuda.total - cuda.tensor_bytes >= 0.75 * 2**30  # context + allocator reserve
     assert cuda.tensor_bytes < one.tensor_bytes  # CUDA keeps bool dropout masks, the CPU fp32 noise
-    assert estimate(config, arch, Workload(2, 512, 256, padded=False)).total < estimate(config, arch, Workload(2, 512, 256)).total
+    assert (
+        estimate(config, arch, Workload(2, 512, 256, padded=False)).total
+        < estimate(config, arch, Workload(2, 512, 256)).total
+    )
 
 
 def test_find_max_length_is_the_longest_that_fits():

@@ -52,8 +52,15 @@ def synthetic_run(
     config["train"]["beta"] = BETA
     config["precompute"]["cache_dir"] = str(run_dir / "no-cache")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    lines = [{"step": 0, "eval/rewards/accuracies": 0.5, "eval/rewards/margins": 0.0,
-              "eval/preference_accuracy": 0.55, "elapsed_s": 1.0}]
+    lines = [
+        {
+            "step": 0,
+            "eval/rewards/accuracies": 0.5,
+            "eval/rewards/margins": 0.0,
+            "eval/preference_accuracy": 0.55,
+            "elapsed_s": 1.0,
+        }
+    ]
     for step in range(1, steps + 1):
         t = step / steps
         dc, dr = chosen_drift(t), rejected_drift(t)
@@ -76,8 +83,15 @@ def synthetic_run(
         }
         record.update((extra_train or {}).get(step, {}))
         lines.append(record)
-    lines.append({"step": steps * 5, "eval/rewards/accuracies": 0.9, "eval/rewards/margins": 0.4,
-                  "eval/preference_accuracy": 0.8, "elapsed_s": steps + 2.0})
+    lines.append(
+        {
+            "step": steps * 5,
+            "eval/rewards/accuracies": 0.9,
+            "eval/rewards/margins": 0.4,
+            "eval/preference_accuracy": 0.8,
+            "elapsed_s": steps + 2.0,
+        }
+    )
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return run_dir
 
@@ -126,12 +140,30 @@ def test_healthy_run_has_no_warnings(tmp_path, caplog):
     [
         # |drift| 45 nats against a reference of 61: the policy has left it far behind.
         (dict(chosen_drift=lambda t: 30 * t, rejected_drift=lambda t: -60 * t), "drift from the reference"),
-        (dict(chosen_drift=lambda t: 0.01 * t, rejected_drift=lambda t: -0.01 * t,
-              accuracy=lambda t: 0.5 + 0.04 * math.sin(7 * t)), "reward accuracy"),
-        (dict(chosen_drift=lambda t: 3 * t, rejected_drift=lambda t: -5 * t,
-              extra_train={7: {"loss": float("nan"), "grad_norm": float("inf")}}), "finite values"),
-        (dict(chosen_drift=lambda t: 3 * t, rejected_drift=lambda t: -5 * t,
-              extra_train={4: {"skipped_steps": 2}}), "finite values"),
+        (
+            dict(
+                chosen_drift=lambda t: 0.01 * t,
+                rejected_drift=lambda t: -0.01 * t,
+                accuracy=lambda t: 0.5 + 0.04 * math.sin(7 * t),
+            ),
+            "reward accuracy",
+        ),
+        (
+            dict(
+                chosen_drift=lambda t: 3 * t,
+                rejected_drift=lambda t: -5 * t,
+                extra_train={7: {"loss": float("nan"), "grad_norm": float("inf")}},
+            ),
+            "finite values",
+        ),
+        (
+            dict(
+                chosen_drift=lambda t: 3 * t,
+                rejected_drift=lambda t: -5 * t,
+                extra_train={4: {"skipped_steps": 2}},
+            ),
+            "finite values",
+        ),
         (dict(chosen_drift=lambda t: -4 * t, rejected_drift=lambda t: -9 * t), "chosen log-probs vs margins"),
     ],
     ids=["drift", "accuracy-at-chance", "non-finite", "skipped-steps", "chosen-falling"],
@@ -160,7 +192,9 @@ def test_chosen_check_needs_the_whole_pattern(tmp_path, case):
 
 def test_trend_checks_wait_for_enough_records(tmp_path):
     """Three logging steps of the failure pattern are too few to call it a trend."""
-    run = synthetic_run(tmp_path / "run", lambda t: -8 * t, lambda t: -20 * t, accuracy=lambda t: 0.5, steps=3)
+    run = synthetic_run(
+        tmp_path / "run", lambda t: -8 * t, lambda t: -20 * t, accuracy=lambda t: 0.5, steps=3
+    )
     result = write_report(run)
     assert fired(result) == set()
     judged = {c.name: c.detail for c in result.checks}
@@ -179,8 +213,13 @@ def shared_opening_pairs(names: list[str], count: int, rng: random.Random) -> li
         name = rng.choice(names)
         kind, unkind = rng.sample(KIND, 2), rng.choice(UNKIND)
         opening = f"{name} is a person who is known to all of us as"
-        rows.append({"prompt": f"Describe {name} in a few words.\n",
-                     "chosen": f"{opening} {kind[0]} and {kind[1]}.", "rejected": f"{opening} {unkind}."})
+        rows.append(
+            {
+                "prompt": f"Describe {name} in a few words.\n",
+                "chosen": f"{opening} {kind[0]} and {kind[1]}.",
+                "rejected": f"{opening} {unkind}.",
+            }
+        )
     return rows
 
 
@@ -217,17 +256,21 @@ def test_chosen_falling_fires_on_a_real_ipo_run(shared_opening_workdir, tmp_path
     per token (β·Δ/|y|, how IPO rewards were logged before every loss type logged summed ones)
     stay far from -1 nat, so the same check on them stays silent."""
     per_token, summed = [], []  # per logged step (one micro-batch each): means over its pairs
-    real_loss = train_module.preference_loss
+    real_loss = train_module.compute_loss
 
-    def recording_loss(*args, **kwargs):
-        out = real_loss(*args, **kwargs)
-        chosen_tokens, rejected_tokens = kwargs["chosen_tokens"].clamp(min=1), kwargs["rejected_tokens"].clamp(min=1)
-        per_token.append(((out.chosen_rewards / chosen_tokens).double().mean().item(),
-                          (out.rejected_rewards / rejected_tokens).double().mean().item()))
+    def recording_loss(settings, batch):
+        out = real_loss(settings, batch)
+        chosen_tokens, rejected_tokens = batch.chosen_tokens.clamp(min=1), batch.rejected_tokens.clamp(min=1)
+        per_token.append(
+            (
+                (out.chosen_rewards / chosen_tokens).double().mean().item(),
+                (out.rejected_rewards / rejected_tokens).double().mean().item(),
+            )
+        )
         summed.append(out.chosen_rewards.double().mean().item())
         return out
 
-    monkeypatch.setattr(train_module, "preference_loss", recording_loss)
+    monkeypatch.setattr(train_module, "compute_loss", recording_loss)
     result = train(shared_opening_config(*shared_opening_workdir, tmp_path / "run", "ipo"))
     records = read_metrics(result.output_dir / "metrics.jsonl").train
     assert [r["rewards/chosen"] for r in records] == pytest.approx(summed, rel=1e-9)  # step k = call k
@@ -238,8 +281,10 @@ def test_chosen_falling_fires_on_a_real_ipo_run(shared_opening_workdir, tmp_path
     assert {c.name for c in checks if c.warning} == {"chosen log-probs vs margins"}
     assert "chosen log-probs falling while margins rise" in (result.output_dir / "report.md").read_text()
 
-    per_token_records = [{**r, "rewards/chosen": c, "rewards/rejected": rej, "rewards/margins": c - rej}
-                         for r, (c, rej) in zip(records, per_token, strict=True)]
+    per_token_records = [
+        {**r, "rewards/chosen": c, "rewards/rejected": rej, "rewards/margins": c - rej}
+        for r, (c, rej) in zip(records, per_token, strict=True)
+    ]
     old_way = check_chosen_falling(per_token_records, BETA)
     assert old_way.warning is None, old_way.detail
     assert per_token_records[-1]["rewards/chosen"] / BETA > -0.5  # a tenth of a nat per token
@@ -259,8 +304,12 @@ def test_every_panel_has_data_and_labelled_axes(tmp_path):
     axes = figure.axes
     assert len(axes) == 6
     titles = [ax.get_title() for ax in axes]
-    assert titles[:4] == ["DPO loss", "reward accuracy", "implicit rewards",
-                          "policy log-probs (mean over each window's pairs)"]
+    assert titles[:4] == [
+        "DPO loss",
+        "reward accuracy",
+        "implicit rewards",
+        "policy log-probs (mean over each window's pairs)",
+    ]
     for ax in axes:
         data = [line for line in ax.get_lines() if line.get_gid() != GUIDE]
         assert data and all(len(line.get_xdata()) >= 1 for line in data), ax.get_title()
@@ -277,26 +326,55 @@ def test_report_md_has_every_section(tmp_path):
     run = healthy(tmp_path)
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "manifest.json").write_text(json.dumps({
-        "format": "lora-dpo-reference-cache", "version": 1, "created": "2026-01-01T00:00:00+00:00",
-        "identity": {"model": {"weights_sha256": "ab" * 32, "config_sha256": "cd" * 32},
-                     "tokenization": {"tokenizer_sha256": "ef" * 32, "max_length": 64, "max_prompt_length": 32}},
-        "reference": {"mode": "policy", "quantization": "nf4", "dtype": "float32"},
-        "data": {}, "pairs": {"train": 256, "eval": 64}, "shards": [], "seconds": 61.5,
-        "versions": {"torch": "2.13.0"},
-    }))
+    (cache / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "lora-dpo-reference-cache",
+                "version": 1,
+                "created": "2026-01-01T00:00:00+00:00",
+                "identity": {
+                    "model": {"weights_sha256": "ab" * 32, "config_sha256": "cd" * 32},
+                    "tokenization": {
+                        "tokenizer_sha256": "ef" * 32,
+                        "max_length": 64,
+                        "max_prompt_length": 32,
+                    },
+                },
+                "reference": {"mode": "policy", "quantization": "nf4", "dtype": "float32"},
+                "data": {},
+                "pairs": {"train": 256, "eval": 64},
+                "shards": [],
+                "seconds": 61.5,
+                "versions": {"torch": "2.13.0"},
+            }
+        )
+    )
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["precompute"]["cache_dir"] = str(cache)
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    (run / "data_report.json").write_text(json.dumps({
-        "source": "train.jsonl", "format": "explicit", "total": 260, "kept": 256,
-        "dropped": {"empty_response": 4}, "truncated": 3,
-        "lengths": {"pair": {"p50": 23.0, "p90": 27.0, "p99": 30.0, "max": 31.0}},
-    }))
+    (run / "data_report.json").write_text(
+        json.dumps(
+            {
+                "source": "train.jsonl",
+                "format": "explicit",
+                "total": 260,
+                "kept": 256,
+                "dropped": {"empty_response": 4},
+                "truncated": 3,
+                "lengths": {"pair": {"p50": 23.0, "p90": 27.0, "p99": 30.0, "max": 31.0}},
+            }
+        )
+    )
     result = write_report(run)
     text = result.markdown.read_text()
-    for heading in ("## Health checks", "## Summary", "## Final metrics", "## Config",
-                    "## Reference cache", "## Training data"):
+    for heading in (
+        "## Health checks",
+        "## Summary",
+        "## Final metrics",
+        "## Config",
+        "## Reference cache",
+        "## Training data",
+    ):
         assert heading in text
     assert "ab" * 32 in text and "ef" * 32 in text and "train 256, eval 64" in text
     assert "| `train.beta` | 0.1 |" in text
@@ -311,8 +389,17 @@ def test_report_md_has_every_section(tmp_path):
 
 
 def test_markdown_table_formats_and_escapes_cells():
-    lines = markdown_table(("metric", "value"), [("loss", 0.123456), ("targets", ["q_proj", "v_proj"]),
-                                                 ("empty", []), ("steps", 4), ("path", "a|b"), ("text", "0.5")])
+    lines = markdown_table(
+        ("metric", "value"),
+        [
+            ("loss", 0.123456),
+            ("targets", ["q_proj", "v_proj"]),
+            ("empty", []),
+            ("steps", 4),
+            ("path", "a|b"),
+            ("text", "0.5"),
+        ],
+    )
     assert lines == [
         "| metric | value |",
         "|---|---|",
@@ -382,7 +469,9 @@ def test_quiet_run_has_no_bars_one_line_per_step_and_ends_with_a_report(demo_wor
     """precompute-ref and train with --quiet through the command's entry point, in a fresh
     process (TQDM_DISABLE must be set before tqdm loads; one process for both keeps it cheap)."""
     common = [
-        "--config", "configs/demo.yaml", "--quiet",
+        "--config",
+        "configs/demo.yaml",
+        "--quiet",
         f"model.name_or_path={demo_workdir / 'model'}",
         f"data.train_path={demo_workdir / 'data' / 'train.jsonl'}",
         f"data.eval_path={demo_workdir / 'data' / 'eval.jsonl'}",
@@ -396,8 +485,9 @@ def test_quiet_run_has_no_bars_one_line_per_step_and_ends_with_a_report(demo_wor
         "import sys; from lora_dpo.cli import main; args = sys.argv[1:]; "
         "sys.exit(main(['precompute-ref', *args]) or main(['train', *args]))"
     )
-    done = subprocess.run([sys.executable, "-c", script, *common], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script, *common], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert "reference cache:" in done.stderr  # precompute ran ...
     assert "%|" not in done.stdout + done.stderr  # ... and nothing drew a tqdm bar

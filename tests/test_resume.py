@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from lora_dpo.config import dump_config
 from lora_dpo.errors import ConfigError, LoraDpoError
-from lora_dpo.train import RunInputs, load_run_inputs, train
+from lora_dpo.inputs import RunInputs, load_run_inputs
+from lora_dpo.train import train
 from runs import interrupt, losses, prepare_workdir, run_config, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,10 @@ def start_slow_training(config, tmp_path: Path) -> subprocess.Popen:
     config_file.write_text(dump_config(config))
     return subprocess.Popen(
         [sys.executable, "-m", "lora_dpo.cli", "train", "--config", str(config_file)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "LORA_DPO_STEP_DELAY_S": "0.5"},
     )
 
@@ -59,7 +63,10 @@ def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 4
 def resume_cli(run_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lora_dpo.cli", "train", "--resume", str(run_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -86,8 +93,11 @@ def test_sigkill_after_a_checkpoint_then_resume(workdir, uninterrupted, tmp_path
 def test_sigterm_mid_run_checkpoints_and_exits_cleanly(workdir, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     process = start_slow_training(run_config(workdir, run_dir), tmp_path)
-    wait_for(lambda: len(losses(run_dir)) >= 6 if (run_dir / "metrics.jsonl").is_file() else False,
-             process, "step 6")
+    wait_for(
+        lambda: len(losses(run_dir)) >= 6 if (run_dir / "metrics.jsonl").is_file() else False,
+        process,
+        "step 6",
+    )
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=400)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
@@ -124,7 +134,9 @@ def test_a_cut_short_metrics_line_is_dropped_on_resume(workdir, uninterrupted, t
     ],
     ids=["truncated-optimizer", "torn-trainer-state", "missing-adapter"],
 )
-def test_a_damaged_newest_checkpoint_resumes_from_the_older(workdir, uninterrupted, tmp_path, monkeypatch, caplog, damage):
+def test_a_damaged_newest_checkpoint_resumes_from_the_older(
+    workdir, uninterrupted, tmp_path, monkeypatch, caplog, damage
+):
     run_dir = tmp_path / "run"
     interrupt(run_config(workdir, run_dir), 10, monkeypatch)
     (run_dir / "checkpoints" / "notes").mkdir()  # a stray directory is no checkpoint
@@ -181,7 +193,11 @@ def test_cli_resume_refuses_a_changed_beta(workdir, tmp_path, monkeypatch, capsy
     capsys.readouterr()
     assert main(["train", "--resume", str(run_dir), "train.beta=0.05", "train.logging_steps=3"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --resume") and err.count("\n") == 1 and "train.beta: the run used 0.1, this resume asks for 0.05" in err
+    assert (
+        err.startswith("error: --resume")
+        and err.count("\n") == 1
+        and "train.beta: the run used 0.1, this resume asks for 0.05" in err
+    )
     assert "logging_steps" not in err
 
 
@@ -190,7 +206,11 @@ def poisoned_inputs(config, rows) -> RunInputs:
     a cache holding one is refused when it is opened)."""
     inputs = load_run_inputs(config)
     sources = torch.tensor([pair.source_index for pair in inputs.pairs])
-    hit = torch.ones_like(sources, dtype=torch.bool) if rows == "all" else torch.isin(sources, torch.tensor(rows))
+    hit = (
+        torch.ones_like(sources, dtype=torch.bool)
+        if rows == "all"
+        else torch.isin(sources, torch.tensor(rows))
+    )
     inputs.reference.chosen_logps[hit] = math.nan
     return inputs
 

@@ -39,13 +39,18 @@ def kinds(source) -> list[str]:
 def test_the_limit_is_on_the_line_without_its_end(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(
-        line_of(LIMIT) + b"\n"              # 1: exactly the limit: kept
-        + line_of(LIMIT + 1) + b"\n"        # 2: one byte over
-        + b"\n"                             # 3: blank
-        + line_of(LIMIT) + b"\r\n"          # 4: the limit, with a CRLF end: kept
-        + line_of(LIMIT + 1) + b"\r\n"      # 5: over, CRLF
-        + line_of(10 * LIMIT) + b"\n"       # 6: far over: read on in pieces
-        + line_of(LIMIT + 1)                # 7: over, at the end of the file without a line end
+        line_of(LIMIT)
+        + b"\n"  # 1: exactly the limit: kept
+        + line_of(LIMIT + 1)
+        + b"\n"  # 2: one byte over
+        + b"\n"  # 3: blank
+        + line_of(LIMIT)
+        + b"\r\n"  # 4: the limit, with a CRLF end: kept
+        + line_of(LIMIT + 1)
+        + b"\r\n"  # 5: over, CRLF
+        + line_of(10 * LIMIT)
+        + b"\n"  # 6: far over: read on in pieces
+        + line_of(LIMIT + 1)  # 7: over, at the end of the file without a line end
     )
     source = read_source(str(path), max_row_bytes=LIMIT)
     assert source.lines == [1, 2, 4, 5, 6, 7]
@@ -62,7 +67,10 @@ def test_lines_and_byte_offsets_after_a_skipped_line_stay_right(tmp_path):
     big = line_of(5 * LIMIT) + b"\n"
     bad = b'{"prompt": "caf\xe9"}\n'
     data = line_of(80) + b"\n" + big + bad + line_of(90) + b"\n"
-    for name, write in (("d.jsonl", Path.write_bytes), ("d.jsonl.gz", lambda p, b: p.write_bytes(gzip.compress(b)))):
+    for name, write in (
+        ("d.jsonl", Path.write_bytes),
+        ("d.jsonl.gz", lambda p, b: p.write_bytes(gzip.compress(b))),
+    ):
         path = tmp_path / name
         write(path, data)
         source = read_source(str(path), max_row_bytes=LIMIT)
@@ -88,7 +96,10 @@ def test_other_formats_measure_a_row_by_its_text(tmp_path):
         source = read_source(str(tmp_path / name), max_row_bytes=LIMIT)
         assert kinds(source) == expected, name
         assert source.rows[0] == row("a") and source.rows[2] == row("c")
-        assert source.rows[1].reason == ROW_TOO_LARGE and "more than data.max_row_bytes=200" in source.rows[1].detail
+        assert (
+            source.rows[1].reason == ROW_TOO_LARGE
+            and "more than data.max_row_bytes=200" in source.rows[1].detail
+        )
     # Each prompt ends with a newline: every CSV record spans two lines.
     assert read_source(str(tmp_path / "d.csv"), max_row_bytes=LIMIT).lines == [2, 4, 6, 8, 10]
     # Every row fits under the default limit.
@@ -141,9 +152,18 @@ RUNNER = textwrap.dedent(
 
 def run_data_check(model: Path, path: Path) -> tuple[str, float, float]:
     result = subprocess.run(
-        [sys.executable, "-c", RUNNER, "data", "check", f"model.name_or_path={model}",
-         f"data.train_path={path}"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-c",
+            RUNNER,
+            "data",
+            "check",
+            f"model.name_or_path={model}",
+            f"data.train_path={path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     measured = [line for line in result.stderr.splitlines() if line.startswith("MEASURED ")][-1]
@@ -193,8 +213,9 @@ def test_strict_mode_names_an_over_long_row_under_the_default_limit(demo_workdir
     big = b'{"prompt": "' + b"a" * limit + b'"}'
     path = tmp_path / "d.jsonl"
     path.write_bytes(json.dumps(row("Ada")).encode() + b"\n" + big + b"\n")
-    config = load_config(None, [f"model.name_or_path={demo_workdir / 'model'}", f"data.train_path={path}",
-                                "data.strict=true"])
+    config = load_config(
+        None, [f"model.name_or_path={demo_workdir / 'model'}", f"data.train_path={path}", "data.strict=true"]
+    )
     with pytest.raises(DataError) as caught:
         load_preference_data(config.data, load_tokenizer(config.model))
     assert str(caught.value) == (

@@ -38,8 +38,10 @@ def fake_adapter(directory: Path) -> None:
     """An adapter directory with real files of the right formats (not a trained adapter)."""
     directory.mkdir(parents=True)
     lora = "base_model.model.layers.0.q_proj.lora_"
-    save_file({f"{lora}A.weight": torch.zeros(2, 4), f"{lora}B.weight": torch.zeros(4, 2)},
-              str(directory / "adapter_model.safetensors"))
+    save_file(
+        {f"{lora}A.weight": torch.zeros(2, 4), f"{lora}B.weight": torch.zeros(4, 2)},
+        str(directory / "adapter_model.safetensors"),
+    )
     (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (directory / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0}}}))
     (directory / "tokenizer_config.json").write_text("{}")
@@ -116,7 +118,9 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     with RunLock(run / ".lock", run):
         holder = json.loads((run / ".lock").read_text())
         assert holder["pid"] == os.getpid()
-        with pytest.raises(ConfigError, match=rf"being written by another training run \(pid {os.getpid()} on "):
+        with pytest.raises(
+            ConfigError, match=rf"being written by another training run \(pid {os.getpid()} on "
+        ):
             RunLock(run / ".lock", run).acquire()
     with RunLock(run / ".lock", run) as lock:  # released: free again
         assert lock.held
@@ -136,7 +140,10 @@ time.sleep(60)
 def test_the_lock_is_held_across_processes_and_dies_with_its_holder(tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(HOLD_LOCK), str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", textwrap.dedent(HOLD_LOCK), str(run)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -224,8 +231,11 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_free_space(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device", str(target))
     message = str(full.value)
     assert "\n" not in message
-    assert re.fullmatch(rf"no space left on device writing {re.escape(str(target))} \(free there: \d+ MB\); "
-                        "the files written before it are intact", message)
+    assert re.fullmatch(
+        rf"no space left on device writing {re.escape(str(target))} \(free there: \d+ MB\); "
+        "the files written before it are intact",
+        message,
+    )
     with pytest.raises(DiskFullError, match="disk quota exceeded"):
         with disk_full_is_an_error(target):
             raise OSError(errno.EDQUOT, "Disk quota exceeded")
@@ -243,7 +253,9 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_free_space(tmp_path):
 
 def test_fault_hooks_come_from_the_environment():
     assert FaultHooks.from_env({}) == FaultHooks()
-    hooks = FaultHooks.from_env({"LORA_DPO_STEP_DELAY_S": "0.01", "LORA_DPO_FAIL_AT_STEP": "3", "LORA_DPO_FAIL_RANK": "1"})
+    hooks = FaultHooks.from_env(
+        {"LORA_DPO_STEP_DELAY_S": "0.01", "LORA_DPO_FAIL_AT_STEP": "3", "LORA_DPO_FAIL_RANK": "1"}
+    )
     assert hooks == FaultHooks(0.01, 3, 1)
     started = time.perf_counter()
     hooks.after_step(3, rank=0)  # another rank: only the delay
@@ -280,15 +292,22 @@ def trained_step(policy, lr: float = 0.1):
     return optimizer, scheduler
 
 
-RANKS = [{"meter": {"steps": 0}, "torch_rng": torch.get_rng_state(), "python_rng": (3, tuple(range(625)), None)}]
+RANKS = [
+    {"meter": {"steps": 0}, "torch_rng": torch.get_rng_state(), "python_rng": (3, tuple(range(625)), None)}
+]
 
 
 @pytest.mark.parametrize(
     "damage, problem",
     [
-        (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]),
-         "optimizer.pt: cannot load: PytorchStreamReader failed"),
-        (lambda c: (c / "trainer_state.json").write_text('{"step": 8'), "trainer_state.json: not a trainer state"),
+        (
+            lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]),
+            "optimizer.pt: cannot load: PytorchStreamReader failed",
+        ),
+        (
+            lambda c: (c / "trainer_state.json").write_text('{"step": 8'),
+            "trainer_state.json: not a trainer state",
+        ),
         (lambda c: (c / "adapter_model.safetensors").unlink(), "adapter_model.safetensors: missing"),
         (lambda c: (c / "ranks.pt").write_bytes(b""), "ranks.pt: cannot load: "),
     ],
@@ -311,7 +330,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older(policy, tmp_path, c
     damage(older)
     with pytest.raises(ConfigError) as none_intact:
         newest_intact_checkpoint(root)
-    assert str(none_intact.value).startswith(f"{root}: no intact checkpoint to resume from: {newest}/{problem}")
+    assert str(none_intact.value).startswith(
+        f"{root}: no intact checkpoint to resume from: {newest}/{problem}"
+    )
     assert f"; {older}/{problem}" in str(none_intact.value)
     shutil.rmtree(newest)
     with pytest.raises(ConfigError) as only_one:  # the one checkpoint's problem is the error
@@ -413,20 +434,28 @@ def test_a_failed_overwrite_leaves_the_finished_run_whole(workdir, finished, mon
     assert staged.path.exists() == (failure == "crash-mid-training")  # resumable only with a checkpoint
 
 
-def test_an_interrupted_overwrite_resumes_and_then_replaces_the_old_run(workdir, finished, uninterrupted, monkeypatch):
+def test_an_interrupted_overwrite_resumes_and_then_replaces_the_old_run(
+    workdir, finished, uninterrupted, monkeypatch
+):
     before = snapshot(finished)
     config = run_config(workdir, finished)
     config.train.overwrite_output_dir = True
     interrupt(config, 6, monkeypatch)
     staged = RunDirectory(finished).staged_overwrite()
-    with pytest.raises(ConfigError, match=r"holds an interrupted run \(checkpoint step-000004 of an unfinished "
-                                          r"overwrite, in \.run\.overwrite\); continue with: lora-dpo train --resume"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds an interrupted run \(checkpoint step-000004 of an unfinished "
+        r"overwrite, in \.run\.overwrite\); continue with: lora-dpo train --resume",
+    ):
         train(run_config(workdir, finished))
     assert snapshot(finished) == before
     train(config, resume=True)
     assert not staged.path.exists()
     assert losses(finished) == losses(uninterrupted)  # the new run, resumed, in place of the old
-    assert snapshot(finished)["adapter/adapter_model.safetensors"] == snapshot(uninterrupted)["adapter/adapter_model.safetensors"]
+    assert (
+        snapshot(finished)["adapter/adapter_model.safetensors"]
+        == snapshot(uninterrupted)["adapter/adapter_model.safetensors"]
+    )
     assert "seed: 7" not in (finished / "config.yaml").read_text()
 
 
@@ -482,8 +511,11 @@ def test_a_full_disk_saving_the_adapter_leaves_the_old_run(workdir, finished, mo
     with pytest.raises(DiskFullError) as full:
         train(config)
     message = str(full.value)
-    assert re.fullmatch(r"no space left on device writing \S+/\.adapter\.\w+\.partial/tokenizer\.json "
-                        r"\(free there: \d+ MB\); the files written before it are intact", message), message
+    assert re.fullmatch(
+        r"no space left on device writing \S+/\.adapter\.\w+\.partial/tokenizer\.json "
+        r"\(free there: \d+ MB\); the files written before it are intact",
+        message,
+    ), message
     assert snapshot(finished) == before
     staged = RunDirectory(finished).staged_overwrite()
     assert staged.adapter_problem() == "not saved" and not list(staged.path.glob(".adapter.*"))
@@ -508,8 +540,15 @@ def test_two_train_commands_into_one_directory(workdir, tmp_path):
     config_file.write_text(dump_config(run_config(workdir, run_dir)))
     command = [sys.executable, "-m", "lora_dpo.cli", "train", "--config", str(config_file)]
     first = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "LORA_DPO_STEP_DELAY_S": "5"},  # still training when the second starts; killed after
+        command,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={
+            **os.environ,
+            "LORA_DPO_STEP_DELAY_S": "5",
+        },  # still training when the second starts; killed after
     )
     try:
         deadline = time.monotonic() + 300

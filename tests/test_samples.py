@@ -13,14 +13,35 @@ from lora_dpo.samples import (
 )
 
 
-def sample(step: int | None = 10, index: int = 0, *, reference: str = "Ada is kind.", policy: str = "Ada is warm.",
-           reference_tokens: int = 8, policy_tokens: int = 8, policy_finished: bool = True) -> Sample:
-    return Sample(step, index, "Describe Ada.\n", reference, policy, reference_tokens, policy_tokens, True,
-                  policy_finished)
+def sample(
+    step: int | None = 10,
+    index: int = 0,
+    *,
+    reference: str = "Ada is kind.",
+    policy: str = "Ada is warm.",
+    reference_tokens: int = 8,
+    policy_tokens: int = 8,
+    policy_finished: bool = True,
+) -> Sample:
+    return Sample(
+        step,
+        index,
+        "Describe Ada.\n",
+        reference,
+        policy,
+        reference_tokens,
+        policy_tokens,
+        True,
+        policy_finished,
+    )
 
 
 def test_samples_round_trip_and_markdown(tmp_path):
-    samples = [sample(0, 0), sample(0, 1, policy="a|b"), sample(10, 0, policy="cut off", policy_finished=False)]
+    samples = [
+        sample(0, 0),
+        sample(0, 1, policy="a|b"),
+        sample(10, 0, policy="cut off", policy_finished=False),
+    ]
     jsonl, markdown = write_samples(tmp_path, samples)
     assert read_samples(jsonl) == samples
     text = markdown.read_text()
@@ -48,15 +69,23 @@ def test_repeated_ngram_share_counts_repeats_within_each_text():
 
 def test_length_check_fires_outside_half_to_double():
     assert check_generated_length([]).detail.startswith("not judged")
-    means = [sample(policy_tokens=9, reference_tokens=10), sample(index=1, policy_tokens=31, reference_tokens=10)]
+    means = [
+        sample(policy_tokens=9, reference_tokens=10),
+        sample(index=1, policy_tokens=31, reference_tokens=10),
+    ]
     assert check_generated_length(means).warning is None  # mean 20 vs 10: the ratio of means, 2
     for policy_tokens in (5, 20):  # exactly 0.5 and 2: inside
-        assert check_generated_length([sample(policy_tokens=policy_tokens, reference_tokens=10)]).warning is None
+        assert (
+            check_generated_length([sample(policy_tokens=policy_tokens, reference_tokens=10)]).warning is None
+        )
     long = check_generated_length([sample(policy_tokens=21, reference_tokens=10)])
     short = check_generated_length([sample(policy_tokens=4, reference_tokens=10)])
     assert long.warning and "(ratio 2.10, outside [0.5, 2])" in long.warning
     assert short.warning and "(ratio 0.40, outside [0.5, 2])" in short.warning
-    assert long.detail == "mean 21.0 tokens (policy) vs 10.0 (reference), ratio 2.10, 1 held-out prompts at step 10"
+    assert (
+        long.detail
+        == "mean 21.0 tokens (policy) vs 10.0 (reference), ratio 2.10, 1 held-out prompts at step 10"
+    )
 
 
 def test_repetition_check_fires_above_three_in_ten_repeated_4grams():
@@ -67,5 +96,7 @@ def test_repetition_check_fires_above_three_in_ten_repeated_4grams():
     assert check_repetition(at_limit).warning is None
     above = [sample(policy="a a a a a a a a"), sample(index=1, policy=unique[:-2])]  # 4 of 10 repeat
     fired = check_repetition(above)
-    assert fired.warning and fired.warning.startswith("degenerate repetition: at step 10 40% of the policy's word 4-grams")
+    assert fired.warning and fired.warning.startswith(
+        "degenerate repetition: at step 10 40% of the policy's word 4-grams"
+    )
     assert fired.detail == "repeated word 4-grams 40.0% (policy) vs 0.0% (reference) at step 10"

@@ -57,16 +57,29 @@ def paths(demo_workdir, tmp_path_factory) -> dict[str, str]:
     damaged_run = root / "damaged-run"
     damaged_run.mkdir()
     (damaged_run / "config.yaml").write_text(dump_config(config))
-    (damaged_run / "metrics.jsonl").write_text('[1, 2]\n{"step": "one", "loss": 0.6}\n{"step": 1, "loss": "0.6?"}\n"x"\n')
+    (damaged_run / "metrics.jsonl").write_text(
+        '[1, 2]\n{"step": "one", "loss": 0.6}\n{"step": 1, "loss": "0.6?"}\n"x"\n'
+    )
     binary_run = root / "binary-run"
     binary_run.mkdir()
     (binary_run / "metrics.jsonl").write_bytes(bytes(range(256)).replace(b"\n", b"\x00") * 4)
     damaged_cache = Path(shutil.copytree(root / "cache", root / "damaged-cache"))
     (damaged_cache / "manifest.json").write_bytes((damaged_cache / "manifest.json").read_bytes()[:40])
-    names = {"config": "config.yaml", "cache": "cache", "adapter": "adapter", "a_file": "a-file.txt",
-             "a_directory": "a-directory", "binary": "binary.yaml", "binary_jsonl": "binary.jsonl",
-             "empty": "empty.yaml", "list": "list.yaml", "garbage_adapter": "garbage-adapter",
-             "damaged_run": "damaged-run", "binary_run": "binary-run", "damaged_cache": "damaged-cache"}
+    names = {
+        "config": "config.yaml",
+        "cache": "cache",
+        "adapter": "adapter",
+        "a_file": "a-file.txt",
+        "a_directory": "a-directory",
+        "binary": "binary.yaml",
+        "binary_jsonl": "binary.jsonl",
+        "empty": "empty.yaml",
+        "list": "list.yaml",
+        "garbage_adapter": "garbage-adapter",
+        "damaged_run": "damaged-run",
+        "binary_run": "binary-run",
+        "damaged_cache": "damaged-cache",
+    }
     found = {key: str(root / name) for key, name in names.items()}
     return {**found, "missing": str(root / "missing"), "out": str(root / "merged")}
 
@@ -99,7 +112,10 @@ ROWS = [
     ("train --bogus", "unrecognized arguments: --bogus (see lora-dpo train --help)"),
     # eval
     ("eval --adapter {missing} --config {config}", "--adapter {missing}: no such directory"),
-    ("eval --adapter {garbage_adapter} --config {config}", "{garbage_adapter}/adapter_config.json: not valid JSON"),
+    (
+        "eval --adapter {garbage_adapter} --config {config}",
+        "{garbage_adapter}/adapter_config.json: not valid JSON",
+    ),
     ("eval --adapter {a_file} --config {config}", "--adapter {a_file}: a file, not an adapter directory"),
     ("eval --adapter {damaged_run} --config {config}", "a train run directory with no adapter_config.json"),
     ("eval --adapter {a_directory} --config {config}", "no adapter_config.json there or in"),
@@ -108,19 +124,38 @@ ROWS = [
     ("eval --config {config} precompute.cache_dir={damaged_cache}", "{damaged_cache}"),
     ("eval --config {config} --base {missing}", "{missing}"),
     ("eval --config {binary}", "{binary}"),
-    ("eval --adapter {adapter} --config {config} train.reward_model={missing}", "train.reward_model='{missing}': no such directory"),
+    (
+        "eval --adapter {adapter} --config {config} train.reward_model={missing}",
+        "train.reward_model='{missing}': no such directory",
+    ),
     # generate
     ("generate", "the following arguments are required: --adapter (see lora-dpo generate --help)"),
     ("generate --adapter {missing} --config {config}", "--adapter {missing}: no such directory"),
-    ("generate --adapter {garbage_adapter} --config {config}", "{garbage_adapter}/adapter_config.json: not valid JSON"),
-    ("generate --adapter {damaged_run} --config {config}", "a train run directory with no adapter_config.json"),
-    ("generate --adapter {adapter} --config {config} --temperature 0.5", "--temperature: a sampling setting, and --sample is not given"),
+    (
+        "generate --adapter {garbage_adapter} --config {config}",
+        "{garbage_adapter}/adapter_config.json: not valid JSON",
+    ),
+    (
+        "generate --adapter {damaged_run} --config {config}",
+        "a train run directory with no adapter_config.json",
+    ),
+    (
+        "generate --adapter {adapter} --config {config} --temperature 0.5",
+        "--temperature: a sampling setting, and --sample is not given",
+    ),
     ("generate --adapter {adapter} --config {config} --prompts 0", "--prompts 0: must be >= 1"),
-    ("generate --adapter {adapter} --config {config} --max-new-tokens x", "argument --max-new-tokens: invalid int value: 'x'"),
+    (
+        "generate --adapter {adapter} --config {config} --max-new-tokens x",
+        "argument --max-new-tokens: invalid int value: 'x'",
+    ),
     ("generate --adapter {adapter} --config {config} data.eval_path={missing}", "{missing}"),
     ("generate --adapter {adapter} --config {binary}", "{binary}"),
     # sweep
-    ("sweep", "the following arguments are required: --betas (see lora-dpo sweep --help)"),
+    ("sweep", "sweep: nothing to vary; give --set train.KEY=V1,V2 (or --betas)"),
+    (
+        "sweep --set train.beta=0.1,x --config {config}",
+        "sweep point train.beta=x: train.beta: expected float, got str 'x'",
+    ),
     ("sweep --betas a,b", "--betas 'a,b'"),
     ("sweep --betas 0.1 --config {config} precompute.cache_dir={missing}", "{missing}: no manifest.json"),
     ("sweep --betas 0.1 --config {list}", "expected a mapping of sections"),
@@ -137,10 +172,16 @@ ROWS = [
     ("cache verify {a_file}", "{a_file}: no manifest.json"),
     ("cache verify {damaged_cache}", "{damaged_cache}/manifest.json"),
     # cache export / import / merge
-    ("cache export {cache}", "the following arguments are required: --out (see lora-dpo cache export --help)"),
+    (
+        "cache export {cache}",
+        "the following arguments are required: --out (see lora-dpo cache export --help)",
+    ),
     ("cache export {missing} --out {out}", "{missing}: no manifest.json"),
     ("cache export {damaged_cache} --out {out}", "{damaged_cache}/manifest.json"),
-    ("cache import {a_file}", "the following arguments are required: --into (see lora-dpo cache import --help)"),
+    (
+        "cache import {a_file}",
+        "the following arguments are required: --into (see lora-dpo cache import --help)",
+    ),
     ("cache import {missing} --into {out}", "{missing}: not a readable parquet file"),
     ("cache import {a_file} --into {out}", "{a_file}: not a readable parquet file"),
     ("cache import {a_file} --into {cache} --no-wait=1", "ignored explicit argument '1'"),
@@ -149,7 +190,10 @@ ROWS = [
     ("cache merge {damaged_cache} --into {out}", "{damaged_cache}/manifest.json"),
     # merge
     ("merge", "the following arguments are required: --adapter, --out (see lora-dpo merge --help)"),
-    ("merge --adapter {garbage_adapter} --out {out}", "{garbage_adapter}/adapter_config.json: not valid JSON"),
+    (
+        "merge --adapter {garbage_adapter} --out {out}",
+        "{garbage_adapter}/adapter_config.json: not valid JSON",
+    ),
     ("merge --adapter {missing} --out {out}", "--adapter {missing}: no such directory"),
     ("merge --adapter {a_file} --out {out}", "--adapter {a_file}: a file, not an adapter directory"),
     ("merge --adapter {damaged_run} --out {out}", "a train run directory with no adapter_config.json"),
@@ -157,8 +201,14 @@ ROWS = [
     ("merge --adapter {adapter} --out {out} --dtype int3", "argument --dtype: invalid choice: 'int3'"),
     ("merge --adapter {adapter} --out {out} --mode best", "argument --mode: invalid choice: 'best'"),
     ("merge --adapter {adapter} --out {out} --max-shard-size lots", "--max-shard-size 'lots'"),
-    ("merge --adapter {adapter} --out {out} --base {missing}", "base model '{missing}' (from --base): no such directory"),
-    ("merge --adapter {adapter} --out {out} --base {a_file}", "base model '{a_file}' (from --base): a file, not a model"),
+    (
+        "merge --adapter {adapter} --out {out} --base {missing}",
+        "base model '{missing}' (from --base): no such directory",
+    ),
+    (
+        "merge --adapter {adapter} --out {out} --base {a_file}",
+        "base model '{a_file}' (from --base): a file, not a model",
+    ),
     # demo
     ("demo --workdir {a_file}", "{a_file}"),
     ("demo --bogus", "unrecognized arguments: --bogus (see lora-dpo demo --help)"),
@@ -175,8 +225,14 @@ ROWS = [
     ("report", "the following arguments are required: RUN_DIR (see lora-dpo report --help)"),
     ("report {missing}", "{missing}: no metrics.jsonl here"),
     ("report {a_file}", "{a_file}: no metrics.jsonl here"),
-    ("report {damaged_run}", "{damaged_run}/metrics.jsonl: no readable metrics record in 4 damaged line(s); the first: line 1 is not a record"),
-    ("report {binary_run}", "{binary_run}/metrics.jsonl: no readable metrics record in 9 damaged line(s); the first: line 1 is not JSON"),
+    (
+        "report {damaged_run}",
+        "{damaged_run}/metrics.jsonl: no readable metrics record in 4 damaged line(s); the first: line 1 is not a record",
+    ),
+    (
+        "report {binary_run}",
+        "{binary_run}/metrics.jsonl: no readable metrics record in 9 damaged line(s); the first: line 1 is not JSON",
+    ),
     # plan
     ("plan --model-config {missing}", "--model-config {missing}"),
     ("plan --model-config {binary}", "{binary}: not a model config.json"),
@@ -262,8 +318,9 @@ SUBPROCESS_ROWS = [
 def test_one_line_in_a_fresh_process(args, paths):
     """As a user runs it: the whole stderr of the process is the one line."""
     argv = args.format(**paths).split()
-    result = subprocess.run([sys.executable, "-m", "lora_dpo.cli", *argv], capture_output=True, text=True,
-                            cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_dpo.cli", *argv], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: "), result.stderr
 
@@ -287,8 +344,9 @@ def test_a_full_disk_in_a_cache_build_is_one_line_and_publishes_nothing(paths, t
     err = capsys.readouterr().err  # in-process, the build's progress bar is around the error
     errors = [line for line in err.splitlines() if "error" in line]
     assert len(errors) == 1 and "Traceback" not in err, err
-    assert re.fullmatch(rf"error: no space left on device writing {re.escape(str(cache))} \(free there: \d+ MB\)",
-                        errors[0]), err
+    assert re.fullmatch(
+        rf"error: no space left on device writing {re.escape(str(cache))} \(free there: \d+ MB\)", errors[0]
+    ), err
     assert not cache.exists() or [p.name for p in cache.iterdir()] == [".lock"]  # the writer lock stays
     assert main(args) == 0
     assert (cache / "manifest.json").is_file()
@@ -361,19 +419,29 @@ def last_line_alone(stderr: str) -> str:
 def test_a_really_full_disk_is_one_line(paths, small_disk):
     """No injection: the merged model does not fit in 256 KiB, and a cache build meets a full
     file system at its first shard. Each is one line, and nothing is left half-written."""
+
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "lora_dpo.cli", *args, "--quiet"], capture_output=True,
-                              text=True, cwd=ROOT, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "lora_dpo.cli", *args, "--quiet"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+        )
 
     out = small_disk / "merged"
     result = cli("merge", "--adapter", paths["adapter"], "--out", str(out), "--dtype", "fp32")
     assert result.returncode == 2, result.stderr
-    assert last_line_alone(result.stderr) == f"error: no space left on device writing {out} (free there: 0 MB)"
+    assert (
+        last_line_alone(result.stderr) == f"error: no space left on device writing {out} (free there: 0 MB)"
+    )
     assert list(small_disk.iterdir()) == []
 
     _fill(small_disk)
     cache = small_disk / "cache"
     result = cli("precompute-ref", "--config", paths["config"], f"precompute.cache_dir={cache}")
     assert result.returncode == 2, result.stderr
-    assert last_line_alone(result.stderr) == f"error: no space left on device writing {cache} (free there: 0 MB)"
+    assert (
+        last_line_alone(result.stderr) == f"error: no space left on device writing {cache} (free there: 0 MB)"
+    )
     assert [p.name for p in cache.iterdir()] == [".lock"]  # the writer lock, and nothing half-written

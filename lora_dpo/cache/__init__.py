@@ -1,18 +1,18 @@
 """The reference cache: per-pair reference log-probs computed once, checked, shared, and read by training.
 
-    format        names, shards (ShardRecords, optional extra fields), what a sound value is
-    entries       the parts every manifest version shares, and checked JSON reading
-    manifest      manifest.json (format v2) as a typed, validated Manifest; manifest_v1 reads v1
-    fingerprints  the weights fingerprint and its memo
-    identity      what a cache must match (Precision, reference identity, open_checked_cache)
-    reader        ReferenceCache (load, check, align with a run's pairs); needs no lock
-    lock          the writer lock (flock on <cache>/.lock)
-    store         how a writer changes a cache without destroying anything valid
-    build         build_cache: score only the pairs the cache lacks; resumable, torchrun-aware
-    share         export to / import from one parquet table; merge caches of one reference
-    inspect       cache info / verify, and the one rendering of a manifest
-    overview      the reference's margins and the response lengths, in numbers and cache.png
-    step0         the untrained policy against the cache, on the first batch
+format        names, shards (ShardRecords, optional extra fields), what a sound value is
+entries       the parts every manifest version shares, and checked JSON reading
+manifest      manifest.json (format v2) as a typed, validated Manifest; manifest_v1 reads v1
+fingerprints  the weights fingerprint and its memo
+identity      what a cache must match (Precision, reference identity, open_checked_cache)
+reader        ReferenceCache (load, check, align with a run's pairs); needs no lock
+lock          the writer lock (flock on <cache>/.lock)
+store         how a writer changes a cache without destroying anything valid
+build         build_cache: score only the pairs the cache lacks; resumable, torchrun-aware
+share         export to / import from one parquet table; merge caches of one reference
+inspect       cache info / verify, and the one rendering of a manifest
+overview      the reference's margins and the response lengths, in numbers and cache.png
+step0         the untrained policy against the cache, on the first batch
 """
 
 from lora_dpo.cache.build import build_cache

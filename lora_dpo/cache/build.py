@@ -27,9 +27,10 @@ from lora_dpo.cache.entries import ReferenceRun, ShardEntry
 from lora_dpo.cache.format import (
     CONFIG,
     FORMAT_VERSION,
-    SHARD_KEYS,
+    SHARED_PREFIX_FIELDS,
     ShardRecords,
     read_shard,
+    shard_fields,
     shard_header,
     shard_metadata,
     shard_name,
@@ -52,7 +53,8 @@ from lora_dpo.data import TokenizedPair, load_preference_data
 from lora_dpo.distributed import barrier, dist_info
 from lora_dpo.errors import CacheError
 from lora_dpo.fileio import sha256_file, write_text
-from lora_dpo.model import default_device, load_base_model, load_tokenizer, resolve_model_dir
+from lora_dpo.losses import LossSettings
+from lora_dpo.model import default_device, load_base_at, load_tokenizer, resolve_model_dir
 from lora_dpo.packing import Layout, choose_layout
 from lora_dpo.scoring import score_pairs
 
@@ -106,13 +108,27 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
         if mine and reference_model is None:
             reference_model = load_reference(config, precision, device)
         write_planned_shards(
-            cache_dir, mine, splits, reference_model, stamp, config, device, pad_id_of(tokenizer), info.is_main
+            cache_dir,
+            mine,
+            splits,
+            reference_model,
+            stamp,
+            config,
+            device,
+            pad_id_of(tokenizer),
+            info.is_main,
         )
         barrier()  # every shard is on disk
         if not info.is_main:
             return cache_dir
         shards = tuple(
-            ShardEntry(spec.file, spec.split, len(spec.indices), sha256_file(shard_path(cache_dir, spec.file)), SHARD_KEYS)
+            ShardEntry(
+                spec.file,
+                spec.split,
+                len(spec.indices),
+                sha256_file(shard_path(cache_dir, spec.file)),
+                shard_fields(shard_path(cache_dir, spec.file)),
+            )
             for spec in plan
         )
         added = sum(entry.pairs for entry in shards)
@@ -122,16 +138,20 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
         commit(cache_dir, manifest)
         log.info(
             "reference cache: %s: %d new pairs scored, %d in the cache, %d data set(s) covered (%.1f s)",
-            cache_dir, added, manifest.total_pairs, len(manifest.datasets), change.seconds,
+            cache_dir,
+            added,
+            manifest.total_pairs,
+            len(manifest.datasets),
+            change.seconds,
         )
     return cache_dir
 
 
-def load_reference(config: Config, precision: Precision, device: torch.device) -> tuple[torch.nn.Module, Layout]:
+def load_reference(
+    config: Config, precision: Precision, device: torch.device
+) -> tuple[torch.nn.Module, Layout]:
     """The frozen reference, and the batch layout it scores in (switched to its attention)."""
-    model = load_base_model(
-        config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
-    )
+    model = load_base_at(config.model, precision, device)
     model.eval()
     layout = choose_layout(config.train.layout, model, device)  # the cache does not depend on it
     log.info("%s", layout.describe(config.precompute.max_tokens_per_batch, config.precompute.batch_size))
@@ -146,7 +166,10 @@ class ShardSpec:
 
 
 def plan_shards(
-    splits: Mapping[str, tuple[Sequence[TokenizedPair], Any]], known: set[bytes], config: Config, first_number: int
+    splits: Mapping[str, tuple[Sequence[TokenizedPair], Any]],
+    known: set[bytes],
+    config: Config,
+    first_number: int,
 ) -> list[ShardSpec]:
     """The pairs of each split the cache lacks, length-sorted and cut into shards of `shard_size`
     pairs, numbered from `first_number` across splits. Deterministic: resume and ranks rely on it.
@@ -162,7 +185,9 @@ def plan_shards(
         batches = length_sorted_batches([pairs[i] for i in new], config.precompute.batch_size)
         order = [new[i] for batch in batches for i in batch]
         for offset in range(0, len(order), size):
-            specs.append(ShardSpec(shard_name(first_number + len(specs)), split, order[offset : offset + size]))
+            specs.append(
+                ShardSpec(shard_name(first_number + len(specs)), split, order[offset : offset + size])
+            )
     return specs
 
 
@@ -177,8 +202,12 @@ def write_planned_shards(
     pad_id: int,
     show_progress: bool,
 ) -> None:
+    # LD-DPO's statistic, for a config that will read it (an extra field other readers skip)
+    shared_prefix = LossSettings.of(config.train).needs_shared_prefix
     quiet = {} if show_progress else {"disable": True}  # one bar per job, not per rank
-    progress = tqdm(total=sum(len(spec.indices) for spec in specs), desc="reference log-probs", unit="pair", **quiet)
+    progress = tqdm(
+        total=sum(len(spec.indices) for spec in specs), desc="reference log-probs", unit="pair", **quiet
+    )
     for spec in specs:
         pairs = splits[spec.split][0]
         shard_pairs = [pairs[i] for i in spec.indices]
@@ -189,8 +218,15 @@ def write_planned_shards(
         assert reference_model is not None, "the reference is loaded when there is a shard to score"
         model, layout = reference_model
         scores = score_pairs(
-            model, shard_pairs, batch_size=config.precompute.batch_size, pad_id=pad_id, device=device, progress=progress,
-            layout=layout.name, max_tokens=config.precompute.max_tokens_per_batch,
+            model,
+            shard_pairs,
+            batch_size=config.precompute.batch_size,
+            pad_id=pad_id,
+            device=device,
+            progress=progress,
+            layout=layout.name,
+            max_tokens=config.precompute.max_tokens_per_batch,
+            shared_prefix=shared_prefix,
         )
         records = ShardRecords(
             pair_hashes=[p.pair_hash for p in shard_pairs],
@@ -200,6 +236,8 @@ def write_planned_shards(
             rejected_tokens=scores.rejected_tokens,
             source_indices=torch.tensor([p.source_index for p in shard_pairs], dtype=torch.long),
         )
+        if scores.shared_logps is not None:  # [2n], chosen first
+            records.extras = dict(zip(SHARED_PREFIX_FIELDS, scores.shared_logps.chunk(2), strict=True))
         write_shard(path, records, shard_header(spec.split, stamp))
     progress.close()
 

@@ -109,7 +109,9 @@ class JsonFields:
         try:
             return DataReport(**self.values)
         except TypeError as exc:  # a field missing or unknown
-            raise CacheError(f"{self.source}: field {self.prefix.rstrip('.')} is not a data report ({exc})") from None
+            raise CacheError(
+                f"{self.source}: field {self.prefix.rstrip('.')} is not a data report ({exc})"
+            ) from None
 
     # ------------------------------------------------------------------ the shared sections
 
@@ -123,7 +125,9 @@ class JsonFields:
 
     def reference(self) -> ReferenceRun:
         reference = self.section("reference")
-        return ReferenceRun(reference.take("mode", str), reference.take("quantization", str), reference.take("dtype", str))
+        return ReferenceRun(
+            reference.take("mode", str), reference.take("quantization", str), reference.take("dtype", str)
+        )
 
     def shard_entries(self, with_fields: bool) -> tuple[ShardEntry, ...]:
         """The `shards` list, every file name checked before anything opens it; unique names."""
@@ -131,14 +135,26 @@ class JsonFields:
         for item in self.items("shards"):
             name = item.take("file", str)
             if not is_shard_name(name):
-                raise item.fail("file", f"is {name!r}, not a shard file name inside the cache (shard-<hex>.safetensors)")
+                raise item.fail(
+                    "file", f"is {name!r}, not a shard file name inside the cache (shard-<hex>.safetensors)"
+                )
             fields = tuple(item.strings("fields")) if with_fields else SHARD_KEYS
             unknown = [f for f in fields if not FIELD_NAME.fullmatch(f)]
             missing = [f for f in SHARD_KEYS if f not in fields]
             if unknown or missing or len(set(fields)) != len(fields):
-                problem = f"names {unknown[0]!r}" if unknown else f"lacks {missing[0]}" if missing else "repeats a name"
+                problem = (
+                    f"names {unknown[0]!r}"
+                    if unknown
+                    else f"lacks {missing[0]}"
+                    if missing
+                    else "repeats a name"
+                )
                 raise item.fail("fields", problem)
-            entries.append(ShardEntry(name, item.take("split", str), item.take("pairs", int), item.take("sha256", str), fields))
+            entries.append(
+                ShardEntry(
+                    name, item.take("split", str), item.take("pairs", int), item.take("sha256", str), fields
+                )
+            )
         names = [entry.file for entry in entries]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:

@@ -27,8 +27,7 @@ def weights_fingerprint(cfg: ModelConfig) -> str:
     directory = resolve_model_dir(cfg)
     if directory is None:
         raise ConfigError(
-            f"model.name_or_path={cfg.name_or_path!r}: not a local directory and not in the "
-            "local hub cache"
+            f"model.name_or_path={cfg.name_or_path!r}: not a local directory and not in the local hub cache"
         )
     files = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not files:

@@ -49,6 +49,9 @@ REQUIRED_FIELDS: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
     "source_index": (torch.int64, ()),
 }
 SHARD_KEYS = tuple(REQUIRED_FIELDS)
+# The extra fields precompute-ref writes for a config with train.ld_alpha < 1 (LD-DPO reads
+# them), [n] f32 each: every response's log-prob over the first min(|yw|, |yl|) tokens of its pair.
+SHARED_PREFIX_FIELDS = ("chosen_shared_logps", "rejected_shared_logps")
 # Said after the first bad value a reader meets; verify goes on and lists them all.
 REBUILD_HINT = "rebuild the cache with precompute-ref --rebuild (lora-dpo cache verify lists every problem)"
 
@@ -211,15 +214,18 @@ def check_shapes(path: Path, tensors: dict[str, torch.Tensor]) -> None:
                     f"expected {str(dtype).removeprefix('torch.')} {expected}"
                 )
         elif tensor.ndim == 0 or len(tensor) != n:
-            raise CacheError(f"{path}: {name} has shape {list(tensor.shape)}, expected [{n}, ...] (one row per pair)")
+            raise CacheError(
+                f"{path}: {name} has shape {list(tensor.shape)}, expected [{n}, ...] (one row per pair)"
+            )
 
 
 def value_problems(path: Path, records: ShardRecords) -> list[str]:
     """What is wrong with a shard's values, one line each: a summed log-prob is finite and
     <= 0, a response has at least one token. Checksums cannot see a cache written wrong."""
     problems = []
-    for name in ("chosen_logps", "rejected_logps"):
-        values = getattr(records, name)  # [n]
+    logps = {"chosen_logps": records.chosen_logps, "rejected_logps": records.rejected_logps}
+    logps.update({name: records.extras[name] for name in SHARED_PREFIX_FIELDS if name in records.extras})
+    for name, values in logps.items():  # [n] each
         finite = torch.isfinite(values)
         non_finite = int((~finite).sum())
         if non_finite:

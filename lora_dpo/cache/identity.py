@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -16,18 +16,9 @@ from lora_dpo.cache.reader import ReferenceCache
 from lora_dpo.config import Config
 from lora_dpo.data import tokenization_settings
 from lora_dpo.errors import CacheError
-from lora_dpo.model import compute_dtype, resolve_model_dir
+from lora_dpo.model import Precision, compute_dtype, resolve_model_dir
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Precision:
-    quantization: str  # "nf4" | "none"
-    dtype: torch.dtype  # compute dtype
-
-    def to_dict(self) -> dict[str, str]:
-        return {"quantization": self.quantization, "dtype": str(self.dtype).removeprefix("torch.")}
 
 
 def policy_precision(config: Config, device: torch.device) -> Precision:
@@ -35,7 +26,7 @@ def policy_precision(config: Config, device: torch.device) -> Precision:
 
 
 def reference_precision(config: Config, device: torch.device) -> Precision:
-    """"policy" (the default) runs the reference exactly as the policy's frozen base runs."""
+    """ "policy" (the default) runs the reference exactly as the policy's frozen base runs."""
     mode = config.precompute.reference
     if mode == "policy":
         return policy_precision(config, device)
@@ -97,20 +88,30 @@ def reference_differences(
 
 
 def open_checked_cache(
-    config: Config, tokenizer: Any, precision: Precision, *, accept_mismatch: bool = False
+    config: Config,
+    tokenizer: Any,
+    precision: Precision,
+    *,
+    accept_mismatch: bool = False,
+    shared_prefix: bool = False,
 ) -> ReferenceCache:
     """The reference cache, refused when it was built for another model, tokenizer, tokenization
-    or (for a `policy` reference) precision; with `accept_mismatch` the differences are logged."""
-    cache = ReferenceCache(config.precompute.cache_dir)
+    or (for a `policy` reference) precision; with `accept_mismatch` the differences are logged.
+    `shared_prefix`: also the shared-prefix log-probs (LD-DPO), see ReferenceCache."""
+    cache = ReferenceCache(config.precompute.cache_dir, shared_prefix=shared_prefix)
     manifest = cache.manifest
-    differences = identity_differences(manifest.identity.to_dict(), reference_identity(config, tokenizer).to_dict())
+    differences = identity_differences(
+        manifest.identity.to_dict(), reference_identity(config, tokenizer).to_dict()
+    )
     reference = manifest.reference
     if reference.mode == "policy":
         differences += identity_differences(reference.precision, precision.to_dict(), prefix="precision.")
     else:
         log.info(
             "the reference ran at %s/%s by choice; the policy runs at %s/%s",
-            reference.quantization, reference.dtype, *precision.to_dict().values(),
+            reference.quantization,
+            reference.dtype,
+            *precision.to_dict().values(),
         )
     if differences and not accept_mismatch:
         raise CacheError(

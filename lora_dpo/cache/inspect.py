@@ -21,15 +21,26 @@ def manifest_rows(manifest: Manifest) -> list[tuple[str, str]]:
     # The tokenization settings are the data rules' to define: shown as they are, the
     # fingerprints among them (`*_sha256`) one per row.
     tokenization = manifest.identity.tokenization
-    fingerprints = [(key.replace("_", " "), value or "none") for key, value in tokenization.items() if key.endswith("_sha256")]
-    settings = ", ".join(f"{key} {value}" for key, value in tokenization.items() if not key.endswith("_sha256"))
+    fingerprints = [
+        (key.replace("_", " "), value or "none")
+        for key, value in tokenization.items()
+        if key.endswith("_sha256")
+    ]
+    settings = ", ".join(
+        f"{key} {value}" for key, value in tokenization.items() if not key.endswith("_sha256")
+    )
     last = manifest.history[-1]
     rows = [
         ("format", f"{manifest.format} v{manifest.version}"),
         ("created", manifest.created),
     ]
     if len(manifest.history) > 1:
-        rows.append(("last change", f"{last.at}, {last.what}: {last.added} pairs added ({len(manifest.history)} changes)"))
+        rows.append(
+            (
+                "last change",
+                f"{last.at}, {last.what}: {last.added} pairs added ({len(manifest.history)} changes)",
+            )
+        )
     rows += [
         ("reference", f"{reference.mode} ({reference.quantization}, {reference.dtype})"),
         ("model weights sha256", model.weights_sha256),
@@ -92,7 +103,9 @@ def describe_cache(cache_dir: str | Path, plot: Path | None = None) -> str:
         lines.append(f"change {change.at}: {change.what}, {change.added} pairs added, {change.scored} scored")
     stray = unlisted_shards(cache.cache_dir, manifest)
     if stray:
-        lines.append(f"unlisted shard files: {len(stray)} (left by an interrupted write; the next write removes them)")
+        lines.append(
+            f"unlisted shard files: {len(stray)} (left by an interrupted write; the next write removes them)"
+        )
     if plot is not None:
         lines.append(f"plot: {write_plot(overview, plot, f'reference cache {cache_dir}')}")
     return "\n".join(lines)

@@ -25,7 +25,16 @@ from lora_dpo.errors import CacheError
 from lora_dpo.fileio import write_json
 from lora_dpo.versions import package_versions
 
-__all__ = ["Change", "DataSet", "Manifest", "ModelIdentity", "ReferenceIdentity", "ReferenceRun", "ShardEntry", "now"]
+__all__ = [
+    "Change",
+    "DataSet",
+    "Manifest",
+    "ModelIdentity",
+    "ReferenceIdentity",
+    "ReferenceRun",
+    "ShardEntry",
+    "now",
+]
 
 
 def now() -> str:
@@ -89,7 +98,11 @@ class Manifest:
         return self.history[0].at
 
     def with_additions(
-        self, shards: tuple[ShardEntry, ...], datasets: tuple[DataSet, ...], change: Change, history: tuple[Change, ...] = ()
+        self,
+        shards: tuple[ShardEntry, ...],
+        datasets: tuple[DataSet, ...],
+        change: Change,
+        history: tuple[Change, ...] = (),
     ) -> Manifest:
         """This manifest with more shards, data sets and history (duplicates dropped), plus `change`."""
         return replace(
@@ -123,7 +136,11 @@ class Manifest:
             pairs=dict(old.pairs),
             datasets=tuple(DataSet(split, report) for split, report in old.data.items()),
             shards=old.shards,
-            history=(Change(old.created, "precompute-ref (format v1)", total, total, old.seconds, dict(old.versions)),),
+            history=(
+                Change(
+                    old.created, "precompute-ref (format v1)", total, total, old.seconds, dict(old.versions)
+                ),
+            ),
             version=old.version,
         )
 
@@ -144,12 +161,19 @@ class Manifest:
             identity=fields.identity(),
             reference=fields.reference(),
             pairs=fields.mapping("pairs", int),
-            datasets=tuple(DataSet(item.take("split", str), item.section("report").data_report()) for item in fields.items("datasets")),
+            datasets=tuple(
+                DataSet(item.take("split", str), item.section("report").data_report())
+                for item in fields.items("datasets")
+            ),
             shards=fields.shard_entries(with_fields=True),
             history=tuple(
                 Change(
-                    item.take("at", str), item.take("what", str), item.take("added", int), item.take("scored", int),
-                    item.take("seconds", (int, float)), item.mapping("versions", str),
+                    item.take("at", str),
+                    item.take("what", str),
+                    item.take("added", int),
+                    item.take("scored", int),
+                    item.take("seconds", (int, float)),
+                    item.mapping("versions", str),
                 )
                 for item in fields.items("history")
             ),
@@ -157,7 +181,9 @@ class Manifest:
         if not manifest.history:
             raise fields.fail("history", "is empty")
         if manifest.pairs != pairs_by_split(manifest.shards):
-            raise fields.fail("pairs", f"says {manifest.pairs}, the shards listed hold {pairs_by_split(manifest.shards)}")
+            raise fields.fail(
+                "pairs", f"says {manifest.pairs}, the shards listed hold {pairs_by_split(manifest.shards)}"
+            )
         return manifest
 
     @classmethod

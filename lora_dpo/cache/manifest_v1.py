@@ -39,7 +39,9 @@ class ManifestV1:
             "reference": asdict(self.reference),
             "data": {split: report.to_dict() for split, report in self.data.items()},
             "pairs": dict(self.pairs),
-            "shards": [{"file": e.file, "split": e.split, "pairs": e.pairs, "sha256": e.sha256} for e in self.shards],
+            "shards": [
+                {"file": e.file, "split": e.split, "pairs": e.pairs, "sha256": e.sha256} for e in self.shards
+            ],
             "seconds": self.seconds,
             "versions": dict(self.versions),
         }

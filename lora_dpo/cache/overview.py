@@ -103,8 +103,11 @@ def write_plot(overview: PairOverview, path: Path, title: str) -> Path:
     top = float(max(chosen.max(), rejected.max())) + 1
     ax.plot([0, top], [0, top], color="0.4", linestyle="--", linewidth=1, label="same length")
     ax.set(
-        title="response length (area: pairs)", xlabel="rejected tokens", ylabel="chosen tokens",
-        xlim=(0, top), ylim=(0, top),
+        title="response length (area: pairs)",
+        xlabel="rejected tokens",
+        ylabel="chosen tokens",
+        xlim=(0, top),
+        ylim=(0, top),
     )
     ax.legend(loc="upper left", fontsize=8)
 

@@ -12,6 +12,7 @@ import torch
 from lora_dpo.cache.entries import ShardEntry
 from lora_dpo.cache.format import (
     REBUILD_HINT,
+    SHARED_PREFIX_FIELDS,
     ShardRecords,
     read_shard,
     shard_fields,
@@ -31,6 +32,8 @@ class ReferenceValues:
     rejected_logps: torch.Tensor  # [N] fp32
     chosen_tokens: torch.Tensor  # [N] int32
     rejected_tokens: torch.Tensor  # [N] int32
+    # [N] fp32 each, when asked for (LD-DPO): log-probs of each response's shared prefix
+    shared_prefix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.chosen_logps)
@@ -39,6 +42,12 @@ class ReferenceValues:
         """(chosen [B], rejected [B]) for the pairs at these indices."""
         rows = torch.as_tensor(indices, dtype=torch.long)
         return self.chosen_logps[rows], self.rejected_logps[rows]
+
+    def shared_logps(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen [B], rejected [B]) log-probs of the responses' first min(|yw|, |yl|) tokens."""
+        assert self.shared_prefix is not None, "opened without shared_prefix"
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        return self.shared_prefix[0][rows], self.shared_prefix[1][rows]
 
 
 def load_listed_shard(
@@ -53,7 +62,9 @@ def load_listed_shard(
         raise CacheError(f"{path}: checksum mismatch, the shard is truncated or altered")
     fields = shard_fields(path)
     if fields != entry.fields:
-        raise CacheError(f"{path}: holds fields {', '.join(fields)}; the manifest lists {', '.join(entry.fields)}")
+        raise CacheError(
+            f"{path}: holds fields {', '.join(fields)}; the manifest lists {', '.join(entry.fields)}"
+        )
     records = read_shard(path, extras=extras)
     if len(records.pair_hashes) != entry.pairs:
         raise CacheError(f"{path}: holds {len(records.pair_hashes)} pairs, manifest says {entry.pairs}")
@@ -65,15 +76,17 @@ class ReferenceCache:
     writers only add files and replace the manifest atomically.
 
     Opening it checks every value: a NaN or a positive log-prob is refused here, with the
-    shard named, instead of surfacing later as skipped training steps.
+    shard named, instead of surfacing later as skipped training steps. With `shared_prefix`
+    it also loads the shared-prefix log-probs (SHARED_PREFIX_FIELDS) of the shards that hold them.
     """
 
-    def __init__(self, cache_dir: str | Path, *, verify_checksums: bool = True):
+    def __init__(self, cache_dir: str | Path, *, verify_checksums: bool = True, shared_prefix: bool = False):
         self.cache_dir = Path(cache_dir)
         self.manifest = Manifest.read(self.cache_dir)
         parts = []
         for entry in self.manifest.shards:
-            records = load_listed_shard(self.cache_dir, entry, verify_checksums)
+            wanted = shared_prefix and all(name in entry.fields for name in SHARED_PREFIX_FIELDS)
+            records = load_listed_shard(self.cache_dir, entry, verify_checksums, extras=wanted)
             problems = value_problems(shard_path(self.cache_dir, entry.file), records)
             if problems:
                 raise CacheError(f"{problems[0]}; {REBUILD_HINT}")
@@ -83,6 +96,13 @@ class ReferenceCache:
         self.rejected_logps = torch.cat([p.rejected_logps for p in parts])  # [N]
         self.chosen_tokens = torch.cat([p.chosen_tokens for p in parts])  # [N]
         self.rejected_tokens = torch.cat([p.rejected_tokens for p in parts])  # [N]
+        # ([N], [N]) shared-prefix log-probs, NaN for the pairs of shards without them
+        self.shared_prefix = None
+        if shared_prefix:
+            self.shared_prefix = tuple(
+                torch.cat([p.extras.get(name, torch.full((len(p),), torch.nan)) for p in parts])
+                for name in SHARED_PREFIX_FIELDS
+            )
         self.row_of = {pair_hash: row for row, pair_hash in enumerate(self.pair_hashes)}
 
     def __len__(self) -> int:
@@ -100,6 +120,22 @@ class ReferenceCache:
                 "data (it scores only the pairs the cache lacks)"
             )
         index = torch.tensor(rows, dtype=torch.long)  # [N]
+        shared = None
+        if self.shared_prefix is not None:
+            chosen, rejected = (values[index] for values in self.shared_prefix)
+            lacking = int(torch.isnan(chosen).sum())
+            if lacking:
+                raise CacheError(
+                    f"{self.cache_dir}: {lacking} of {len(pairs)} {what} pairs lack the shared-prefix reference "
+                    f"log-probs that train.ld_alpha < 1 reads ({', '.join(SHARED_PREFIX_FIELDS)}: their shards "
+                    "were written without them); rebuild the cache with precompute-ref --rebuild and this "
+                    "train.ld_alpha"
+                )
+            shared = (chosen, rejected)
         return ReferenceValues(
-            self.chosen_logps[index], self.rejected_logps[index], self.chosen_tokens[index], self.rejected_tokens[index]
+            self.chosen_logps[index],
+            self.rejected_logps[index],
+            self.chosen_tokens[index],
+            self.rejected_tokens[index],
+            shared,
         )

@@ -75,7 +75,9 @@ class DirectorySource:
         return str(self.directory)
 
     def records(self, entry: ShardEntry) -> ShardRecords:
-        return _sound(shard_path(self.directory, entry.file), load_listed_shard(self.directory, entry, extras=True))
+        return _sound(
+            shard_path(self.directory, entry.file), load_listed_shard(self.directory, entry, extras=True)
+        )
 
     def copy_whole(self, entry: ShardEntry, path: Path) -> None:
         atomic_write(path, lambda tmp: shutil.copyfile(shard_path(self.directory, entry.file), tmp))
@@ -117,7 +119,9 @@ class TableSource:
             metadata = payload["shard_metadata"]
             for entry in manifest.shards:
                 value = metadata[entry.file]
-                if value is not None and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+                if value is not None and not (
+                    isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+                ):
                     raise TypeError(f"the shard metadata of {entry.file} is not an object of strings")
         except (ValueError, KeyError, TypeError) as exc:
             raise CacheError(f"{file}: the lora_dpo metadata is damaged ({exc})") from None
@@ -125,13 +129,17 @@ class TableSource:
         if missing:
             raise CacheError(f"{file}: no column {missing[0]}")
         if table.num_rows != manifest.total_pairs:
-            raise CacheError(f"{file}: {table.num_rows} rows, the manifest it carries lists {manifest.total_pairs} pairs")
+            raise CacheError(
+                f"{file}: {table.num_rows} rows, the manifest it carries lists {manifest.total_pairs} pairs"
+            )
         shards, start = {}, 0
         for entry in manifest.shards:
             rows = table.slice(start, entry.pairs)
             start += entry.pairs
             if set(rows.column("shard").to_pylist()) != {entry.file}:
-                raise CacheError(f"{file}: the rows of {entry.file} are not where the manifest puts them (rows re-ordered?)")
+                raise CacheError(
+                    f"{file}: the rows of {entry.file} are not where the manifest puts them (rows re-ordered?)"
+                )
             shards[entry.file] = _rows_to_records(file, entry, rows)
         return cls(file, manifest, metadata, shards)
 
@@ -214,8 +222,12 @@ def join_into(target: Path, sources: Sequence[ShardSource], what: str, wait: boo
                     source.copy_whole(entry, path)
                     if sha256_file(path) != entry.sha256:
                         path.unlink()
-                        raise CacheError(f"{source.name}: {entry.file} does not reproduce its checksum (altered after export?)")
-                    added_entries.append(ShardEntry(name, entry.split, entry.pairs, entry.sha256, entry.fields))
+                        raise CacheError(
+                            f"{source.name}: {entry.file} does not reproduce its checksum (altered after export?)"
+                        )
+                    added_entries.append(
+                        ShardEntry(name, entry.split, entry.pairs, entry.sha256, entry.fields)
+                    )
                 else:
                     subset = records.select(new)
                     checksum = write_shard(path, subset, shard_header(entry.split, stamp))
@@ -257,9 +269,13 @@ def _records_to_table(entry: ShardEntry, records: ShardRecords) -> Any:
         if tensor.ndim == 1:
             columns[name] = pa.array(tensor.numpy())
         elif tensor.ndim == 2:  # [n, k]: a fixed-size list per row
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(tensor.reshape(-1).numpy()), tensor.shape[1])
+            columns[name] = pa.FixedSizeListArray.from_arrays(
+                pa.array(tensor.reshape(-1).numpy()), tensor.shape[1]
+            )
         else:
-            raise CacheError(f"{entry.file}: {name} is {list(tensor.shape)}; an export holds extra fields of [n] or [n, k]")
+            raise CacheError(
+                f"{entry.file}: {name} is {list(tensor.shape)}; an export holds extra fields of [n] or [n, k]"
+            )
     return pa.table(columns)
 
 
@@ -283,7 +299,9 @@ def _rows_to_records(file: Path, entry: ShardEntry, rows: Any) -> ShardRecords:
         if column.null_count:
             raise CacheError(f"{where}: {name} has empty cells")
         if pa.types.is_fixed_size_list(column.type):
-            values = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+            values = (
+                column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+            )
         else:
             values = column.to_numpy(zero_copy_only=False)
         tensors[name] = torch.from_numpy(np.array(values, copy=True))

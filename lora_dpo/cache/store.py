@@ -50,7 +50,9 @@ def check_same_reference(
     """One cache holds one reference's values: another reference is refused, naming what differs."""
     differences = reference_differences((manifest.identity, manifest.reference), reference, labels)
     if differences:
-        raise CacheError(f"{cache_dir}: the cache holds another reference's values: {'; '.join(differences)} ({hint})")
+        raise CacheError(
+            f"{cache_dir}: the cache holds another reference's values: {'; '.join(differences)} ({hint})"
+        )
 
 
 def listed_pairs(cache_dir: Path, manifest: Manifest | None) -> set[bytes]:

@@ -175,4 +175,3 @@ def no_pairs_message(report: DataReport) -> str:
     why = ", ".join(f"{reason}: {n}" for reason, n in report.dropped.items()) or "no rows"
     first = f"; first: {report.first_problem()}" if report.dropped else ""
     return f"{report.source}: no usable preference pair out of {report.total} rows ({why}{first})"
-

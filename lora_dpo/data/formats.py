@@ -49,9 +49,7 @@ class TextPair:
 def detect_format(row: dict) -> str:
     """explicit / implicit / conversational from one row's keys and value types."""
     if not isinstance(row, dict):
-        raise DataError(
-            f"cannot detect the data format: rows are {type(row).__name__}, not objects"
-        )
+        raise DataError(f"cannot detect the data format: rows are {type(row).__name__}, not objects")
     if "prompt" in row and "chosen" in row and "rejected" in row:
         return "conversational" if isinstance(row["prompt"], list) else "explicit"
     if "chosen" in row and "rejected" in row:
@@ -293,4 +291,3 @@ def normaliser(fmt: str, tokenizer: Any) -> Callable[[dict], TextPair]:
     if fmt == "implicit":
         return _implicit_texts
     return _ChatRenderer(tokenizer).texts
-

@@ -73,9 +73,7 @@ def _encode(tokenizer: Any, texts: list[str], prefix: list[int]) -> list[list[in
     return [_collapse_bos(prefix + list(ids), tokenizer.bos_token_id) for ids in encoded]
 
 
-def _response_ids(
-    tokenizer: Any, prompt_ids: list[int], joint_ids: list[int], text: str
-) -> list[int]:
+def _response_ids(tokenizer: Any, prompt_ids: list[int], joint_ids: list[int], text: str) -> list[int]:
     # Tokenized together, the response gets the pieces it has after the prompt (e.g.
     # SentencePiece's leading "▁"); alone only when the boundary merged across.
     if joint_ids[: len(prompt_ids)] == prompt_ids:
@@ -199,4 +197,3 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-

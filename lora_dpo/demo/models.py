@@ -57,7 +57,9 @@ def build_tiny_model(
     return out_dir
 
 
-def build_tiny_llama(out_dir: str | Path, tokenizer, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_llama(
+    out_dir: str | Path, tokenizer, hidden_size: int = 64, num_layers: int = 2, seed: int = 0
+) -> Path:
     return build_tiny_model(out_dir, tokenizer, "llama", hidden_size, num_layers, seed)
 
 
@@ -74,9 +76,17 @@ def build_last_token_reward_model(out_dir: str | Path, tokenizer, token_scores: 
     if token_scores.shape != (vocab,):
         raise ValueError(f"token_scores must be [{vocab}], got {list(token_scores.shape)}")
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=vocab, intermediate_size=8, num_hidden_layers=1,
-        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=512, num_labels=1,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=vocab,
+        hidden_size=vocab,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        num_labels=1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForSequenceClassification(config)
     with torch.no_grad():

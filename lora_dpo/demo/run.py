@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 SAMPLES_PER_NAME = 8  # sampled descriptions per held-out name, from each model
 # Temperature below 1 trims the tiny model's tail of malformed text, not the kind/unkind choice.
-SAMPLING = GenerationSettings(max_new_tokens=24, sample=True, temperature=0.7, top_p=1.0, seed=0, batch_size=40)
+SAMPLING = GenerationSettings(
+    max_new_tokens=24, sample=True, temperature=0.7, top_p=1.0, seed=0, batch_size=40
+)
 EXAMPLES = 3
 SFT_PAIRS = 512
 

@@ -48,8 +48,20 @@ SAMPLES_JSONL = "samples.jsonl"
 SAMPLES_MD = "samples.md"
 WANDB_DIR = "wandb"
 RUN_ENTRIES = frozenset(
-    {CONFIG, DATA_REPORT, METRICS, RESUMES, CHECKPOINTS, ADAPTER, REPORT_PNG, REPORT_MD, SAMPLES_JSONL, SAMPLES_MD,
-     TENSORBOARD_DIR, WANDB_DIR}
+    {
+        CONFIG,
+        DATA_REPORT,
+        METRICS,
+        RESUMES,
+        CHECKPOINTS,
+        ADAPTER,
+        REPORT_PNG,
+        REPORT_MD,
+        SAMPLES_JSONL,
+        SAMPLES_MD,
+        TENSORBOARD_DIR,
+        WANDB_DIR,
+    }
 )
 OVERWRITE_SUFFIX = ".overwrite"
 STEP_DIR = re.compile(r"step-(\d+)")

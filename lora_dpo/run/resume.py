@@ -21,7 +21,11 @@ from lora_dpo.errors import ConfigError, LoraDpoError
 
 
 def flatten(config: Config) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
+    return {
+        f"{section}.{key}": value
+        for section, values in config.to_dict().items()
+        for key, value in values.items()
+    }
 
 
 def _show(value: Any) -> str:
@@ -45,7 +49,8 @@ def check_resume(saved: Config, asked: Config, run: Path) -> dict[str, dict[str,
     refused = [key for key in changed if key not in COSMETIC_KEYS]
     if refused:
         differences = "; ".join(
-            f"{key}: the run used {_show(old.get(key))}, this resume asks for {_show(new[key])}" for key in refused
+            f"{key}: the run used {_show(old.get(key))}, this resume asks for {_show(new[key])}"
+            for key in refused
         )
         raise ConfigError(
             f"--resume {run}: a resumed run computes what the run started computing, so these "
@@ -55,7 +60,12 @@ def check_resume(saved: Config, asked: Config, run: Path) -> dict[str, dict[str,
 
 
 def resume_record(step: int, checkpoint: str, changed: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {"step": step, "checkpoint": checkpoint, "changed": changed, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "step": step,
+        "checkpoint": checkpoint,
+        "changed": changed,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def read_resumes(path: Path) -> list[dict[str, Any]]:

@@ -60,7 +60,9 @@ class RunTransaction:
     # ------------------------------------------------------------------ open: checks only
 
     @classmethod
-    def open(cls, config: Config, *, resume: bool, is_main: bool, device: torch.device | str = "cpu") -> RunTransaction:
+    def open(
+        cls, config: Config, *, resume: bool, is_main: bool, device: torch.device | str = "cpu"
+    ) -> RunTransaction:
         """Lock the run directory and check what is in it against what this run asks; with
         `resume`, also pick the checkpoint (the newest intact one, read onto `device`)."""
         target = RunDirectory(config.train.output_dir)
@@ -90,7 +92,9 @@ class RunTransaction:
                 "there is nothing to resume"
             )
         if not source.checkpoints():
-            raise ConfigError(f"{target.path}: no checkpoint to resume from (looked in {source.checkpoints_dir})")
+            raise ConfigError(
+                f"{target.path}: no checkpoint to resume from (looked in {source.checkpoints_dir})"
+            )
         self.resume_changes = check_resume(read_run_config(source.config_path), config, target.path)
         self.resume_from = newest_intact_checkpoint(source.checkpoints_dir, device)
         self.work = source
@@ -111,7 +115,8 @@ class RunTransaction:
             if pending or state is RunState.INTERRUPTED:
                 where = (
                     f"checkpoint {pending[-1].name} of an unfinished overwrite, in {staged.path.name}"
-                    if pending else f"checkpoint {target.checkpoints()[-1].name}"
+                    if pending
+                    else f"checkpoint {target.checkpoints()[-1].name}"
                 )
                 raise ConfigError(
                     f"train.output_dir={name} holds an interrupted run ({where}); continue with: "
@@ -141,9 +146,15 @@ class RunTransaction:
         with disk_full_is_an_error(self.work.path):
             if self.resume_from is not None:
                 record = resume_record(self.resume_from.step, self.resume_from.path.name, self.resume_changes)
-                write_json(self.work.resumes_path, {"resumes": [*read_resumes(self.work.resumes_path), record]})
+                write_json(
+                    self.work.resumes_path, {"resumes": [*read_resumes(self.work.resumes_path), record]}
+                )
                 if self.resume_changes:
-                    log.info("resume changes %s (recorded in %s)", ", ".join(self.resume_changes), self.work.resumes_path)
+                    log.info(
+                        "resume changes %s (recorded in %s)",
+                        ", ".join(self.resume_changes),
+                        self.work.resumes_path,
+                    )
                 return
             stale = self.target.staged_overwrite().path
             if stale.exists():  # an earlier overwrite this new run starts over from
@@ -165,22 +176,33 @@ class RunTransaction:
 
     # ------------------------------------------------------------------ during training
 
-    def open_metrics(self, logger: Callable[[Path], MetricLogger], started: float) -> MetricsFile | NullMetricsFile:
+    def open_metrics(
+        self, logger: Callable[[Path], MetricLogger], started: float
+    ) -> MetricsFile | NullMetricsFile:
         """metrics.jsonl (kept up to the checkpoint's step on resume); `logger(run_path)` opens
         the logging backends in the directory this run writes."""
         if self.is_main:
             keep = self.resume_from.step if self.resume_from is not None else None
-            self.metrics = MetricsFile(self.work.metrics_path, logger(self.work.path), started, keep_until_step=keep)
+            self.metrics = MetricsFile(
+                self.work.metrics_path, logger(self.work.path), started, keep_until_step=keep
+            )
         return self.metrics
 
     def save_checkpoint(
-        self, step: int, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-        rank_states: list[dict[str, Any]], keep: int,
+        self,
+        step: int,
+        policy: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        rank_states: list[dict[str, Any]],
+        keep: int,
     ) -> Path | None:
         if not self.is_main:
             return None
         with disk_full_is_an_error(self.work.checkpoints_dir):
-            return save_checkpoint(self.work.checkpoints_dir, step, policy, optimizer, scheduler, rank_states, keep)
+            return save_checkpoint(
+                self.work.checkpoints_dir, step, policy, optimizer, scheduler, rank_states, keep
+            )
 
     def kept_samples(self) -> list[Sample]:
         """The samples a resumed run keeps: those up to its checkpoint's step (a new run has none)."""
