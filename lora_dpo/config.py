@@ -185,7 +185,8 @@ class TrainConfig:
     eval_steps: int = setting(0, at_least(0))
     # Greedy completions of the first generate_prompts distinct held-out prompts, from the
     # policy and from the reference (the base with the adapter disabled), every N optimizer
-    # steps and at the end, into samples.jsonl and report.md (0: none).
+    # steps and at the end, into samples.jsonl and report.md (0: none; without an eval split
+    # there are no held-out prompts, and a run says so once).
     generate_every: int = setting(0, at_least(0))
     generate_prompts: int = setting(4, above(0))
     generate_max_new_tokens: int = setting(128, above(0))
@@ -270,11 +271,11 @@ class Config:
                 f"lora.target_modules={targets!r}: all-linear already covers every linear layer; "
                 "give it alone, or list module names without it"
             )
-        for key in ("generate_every", "reward_model"):
-            if getattr(self.train, key) and not self.data.eval_path:
-                raise ConfigError(
-                    f"train.{key}={getattr(self.train, key)} needs held-out prompts: set data.eval_path"
-                )
+        if self.train.reward_model and not self.data.eval_path:
+            raise ConfigError(
+                f"train.reward_model={self.train.reward_model!r} judges completions of held-out prompts: "
+                "set data.eval_path"
+            )
         if self.train.eval_steps and not self.data.eval_path:
             raise ConfigError(
                 f"train.eval_steps={self.train.eval_steps} needs an eval split: set data.eval_path "

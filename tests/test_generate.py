@@ -437,11 +437,22 @@ def test_generating_during_training_does_not_change_the_training(train_root, tmp
     from lora_dpo.train import train
 
     def losses(**settings) -> list[float]:
-        config = sample_config(train_root, tmp_path / str(len(settings)), logging_steps=1, **settings)
+        config = sample_config(train_root, tmp_path / str(settings), logging_steps=1, **settings)
         config.lora.dropout = 0.1  # dropout draws from the RNG that generation must leave alone
         return [record["loss"] for record in train(config).history]
 
-    assert losses(generate_every=1) == losses()
+    assert losses(generate_every=1) == losses(generate_every=0)
+
+
+def test_without_an_eval_split_a_run_says_it_has_no_prompts_to_complete(train_root, tmp_path, caplog):
+    from lora_dpo.train import train
+
+    config = sample_config(train_root, tmp_path / "run", generate_every=2, max_steps=2)
+    config.data.eval_path = ""
+    with caplog.at_level("WARNING"):
+        train(config)
+    assert "train.generate_every=2: no eval split (data.eval_path), so no samples" in caplog.text
+    assert not (tmp_path / "run" / "samples.jsonl").exists()
 
 
 def test_a_resumed_run_keeps_the_samples_up_to_its_checkpoint(train_root, tmp_path, monkeypatch):
