@@ -48,7 +48,7 @@ from lora_dpo.config import Config, load_config  # noqa: E402
 from lora_dpo.data import TokenizedPair  # noqa: E402
 from lora_dpo.fileio import write_json, write_text  # noqa: E402
 from lora_dpo.logps import sequence_logps  # noqa: E402
-from lora_dpo.loss import preference_loss  # noqa: E402
+from lora_dpo.losses import preference_loss  # noqa: E402
 from lora_dpo.model import attach_lora, load_base_model  # noqa: E402
 from lora_dpo.plan import GIB, Architecture, MemoryPlan, Workload, estimate  # noqa: E402
 from lora_dpo.versions import package_versions  # noqa: E402

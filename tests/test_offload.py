@@ -13,7 +13,7 @@ from lora_dpo.batching import collate
 from lora_dpo.config import LoraConfig, ModelConfig, load_config
 from lora_dpo.data import TokenizedPair
 from lora_dpo.logps import sequence_logps
-from lora_dpo.loss import preference_loss
+from lora_dpo.losses import preference_loss
 from lora_dpo.model import attach_lora, load_base_model
 from lora_dpo.offload import OffloadSavedTensors, offload_saved_tensors
 
