@@ -224,8 +224,9 @@ def lora_dpo_runs(
     """precompute once, then `train` per length on that length's pairs, one base load for all."""
     from lora_dpo.cache import open_checked_cache, policy_precision
     from lora_dpo.data import load_preference_data
+    from lora_dpo.inputs import RunInputs
     from lora_dpo.model import load_base_model, load_tokenizer
-    from lora_dpo.train import RunInputs, train
+    from lora_dpo.train import train
     from precompute import precompute_reference
 
     max_length = max(lengths.values()) + 64

@@ -142,7 +142,7 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
     from lora_dpo.model import (
         default_device,
         load_adapter,
-        load_base_model,
+        load_base_at,
         load_tokenizer,
         resolve_model_dir,
     )
@@ -178,9 +178,7 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
 
         held_out = HeldOut.from_config(config, tokenizer, pairs, report.format == "conversational", device)
         judge = judge_from_config(config, held_out)
-    model = load_base_model(
-        config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
-    )
+    model = load_base_at(config.model, precision, device)
     if adapter is not None:
         model = load_adapter(model, adapter)
     layout = choose_layout(config.train.layout, model, device)

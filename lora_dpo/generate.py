@@ -324,7 +324,7 @@ def generate_run(
     from lora_dpo.model import (
         default_device,
         load_adapter,
-        load_base_model,
+        load_base_at,
         load_tokenizer,
         resolve_model_dir,
     )
@@ -339,9 +339,7 @@ def generate_run(
     tokenizer = load_tokenizer(config.model)
     pairs, report = load_preference_data(config.data, tokenizer, "eval")
     prompt_ids = held_out_prompts(pairs, prompts)
-    base = load_base_model(
-        config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
-    )
+    base = load_base_at(config.model, precision, device)
     policy = load_adapter(base, checked)
     stops = stop_token_ids(tokenizer, report.format == "conversational")
     held_out = HeldOut(tokenizer, prompt_ids, settings, stops, pad_id_of(tokenizer), device)

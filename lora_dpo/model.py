@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +42,24 @@ def load_tokenizer(cfg: ModelConfig):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:  # not found, no network, custom code not trusted
         raise ConfigError(_load_failure(path, "its tokenizer", exc)) from None
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a model runs: 4-bit or plain weights, and its compute dtype."""
+
+    quantization: str  # "nf4" | "none"
+    dtype: torch.dtype  # compute dtype
+
+    def to_dict(self) -> dict[str, str]:
+        return {"quantization": self.quantization, "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def load_base_at(cfg: ModelConfig, precision: Precision, device: torch.device) -> PreTrainedModel:
+    """The frozen base at `precision`: what precompute, train, eval and generate all load."""
+    return load_base_model(
+        cfg, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
+    )
 
 
 def load_base_model(

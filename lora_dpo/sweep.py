@@ -23,8 +23,9 @@ from typing import Any
 from lora_dpo.config import Config, with_overrides
 from lora_dpo.errors import ConfigError
 from lora_dpo.fileio import atomic_write, write_json, write_text
+from lora_dpo.inputs import load_run_inputs
 from lora_dpo.tables import markdown_table
-from lora_dpo.train import load_run_inputs, train
+from lora_dpo.train import train
 
 log = logging.getLogger(__name__)
 

@@ -14,52 +14,46 @@ import contextlib
 import logging
 import math
 import random
-import signal
-import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lora_dpo.batching import COLLATE, pad_id_of
 from lora_dpo.cache import (
-    ReferenceCache,
     ReferenceValues,
     check_step0_agreement,
-    open_checked_cache,
-    policy_precision,
     step0_tolerance_for,
 )
 from lora_dpo.checkpoint import Checkpoint, apply_checkpoint
 from lora_dpo.config import Config, TrainConfig
-from lora_dpo.data import DataReport, TokenizedPair, load_preference_data
+from lora_dpo.ddp import ddp_module
 from lora_dpo.distributed import DistInfo, all_gather_objects, all_reduce_, barrier, dist_info
 from lora_dpo.errors import LoraDpoError, TrainingInterrupted
 from lora_dpo.evaluate import EvalMetrics, evaluate
 from lora_dpo.faults import FaultHooks
 from lora_dpo.generate import HeldOut
+from lora_dpo.inputs import RunInputs, load_run_inputs
 from lora_dpo.judge import WinRateJudge, load_reward_model
 from lora_dpo.loggers import check_backends, open_logger
 from lora_dpo.logps import SequenceLogps, sequence_logps
 from lora_dpo.losses import LossSettings, PairLogps, compute_loss
 from lora_dpo.metrics import WindowMeter, console_line
-from lora_dpo.model import attach_lora, default_device, load_base_model, load_tokenizer, resolve_model_dir
+from lora_dpo.model import attach_lora, default_device
 from lora_dpo.offload import offload_saved_tensors
 from lora_dpo.optim import (
     StepPlan,
     build_optimizer,
     build_scheduler,
     finite_step,
-    optimizer_name,
     optimizer_steps,
 )
 from lora_dpo.packing import choose_layout
 from lora_dpo.run.metrics_file import MetricsFile, NullMetricsFile
+from lora_dpo.run.stop import StopOnSignal
 from lora_dpo.run.transaction import RunTransaction
 from lora_dpo.samples import Sample
 
@@ -74,63 +68,6 @@ class TrainResult:
     policy: torch.nn.Module  # the trained peft model, for callers that go on using it
     eval_before: EvalMetrics | None
     eval_after: EvalMetrics | None
-
-
-@dataclass
-class RunInputs:
-    """What a training run reads besides its `train` settings; a sweep loads it once."""
-
-    tokenizer: Any
-    pairs: list[TokenizedPair]
-    eval_pairs: list[TokenizedPair]
-    data_report: DataReport
-    # None for a reference-free objective (simpo, orpo, cpo): no cache is read
-    cache: ReferenceCache | None
-    reference: ReferenceValues | None  # aligned with `pairs`
-    eval_reference: ReferenceValues | None  # aligned with `eval_pairs`
-    base: torch.nn.Module  # the frozen (4-bit) base, without adapters
-    device: torch.device
-
-
-def load_run_inputs(config: Config, objectives: Sequence[LossSettings] = ()) -> RunInputs:
-    """Data, the checked reference cache, then the base model. The cache is read as the
-    objectives need it (default: the config's; a sweep names all of its runs'): not at all when
-    none reads a reference, with the shared-prefix log-probs when one is LD-DPO."""
-    objectives = objectives or [LossSettings.of(config.train)]
-    with_reference = not all(objective.reference_free for objective in objectives)
-    if not with_reference:
-        log.info(
-            "train.loss_type=%s is reference-free: no reference cache is read (precompute.cache_dir is ignored)",
-            config.train.loss_type,
-        )
-    device = default_device()
-    optimizer_name(config.train, device)  # an impossible optimizer costs nothing to find out
-    precision = policy_precision(config, device)
-    # Data and reference values first: a cache problem should cost seconds, not a model load.
-    tokenizer = load_tokenizer(config.model)
-    pairs, report = load_preference_data(config.data, tokenizer, "train")
-    log.info("train data: %s", report.summary())
-    eval_pairs = load_preference_data(config.data, tokenizer, "eval")[0] if config.data.eval_path else []
-
-    def load_base() -> torch.nn.Module:
-        return load_base_model(
-            config.model, quantize=precision.quantization == "nf4", dtype=precision.dtype, device=device
-        )
-
-    # A hub model not downloaded yet has no weights to fingerprint before it is loaded.
-    base = None if resolve_model_dir(config.model) else load_base()
-    cache = reference = eval_reference = None
-    if with_reference:
-        cache = open_checked_cache(
-            config,
-            tokenizer,
-            precision,
-            accept_mismatch=config.train.accept_cache_mismatch,
-            shared_prefix=any(objective.needs_shared_prefix for objective in objectives),
-        )
-        reference, eval_reference = cache.aligned(pairs, "train"), cache.aligned(eval_pairs, "eval")
-    base = base or load_base()
-    return RunInputs(tokenizer, pairs, eval_pairs, report, cache, reference, eval_reference, base, device)
 
 
 @dataclass
@@ -300,7 +237,11 @@ class TrainLoop:
         self.consecutive_skips = 0
         # Under torchrun the log-prob function runs through DDP, which all-reduces the LoRA
         # gradients (the frozen base is not synchronised: every rank loaded the same weights).
-        self.ddp = ddp_module(state) if state.dist.enabled else None
+        self.ddp = (
+            ddp_module(state.policy, state.cfg.logits_chunk_size, state.loss.statistics, state.device)
+            if state.dist.enabled
+            else None
+        )
 
     def run(self) -> None:
         s, cfg = self.state, self.state.cfg
@@ -471,58 +412,12 @@ class TrainLoop:
         return consecutive
 
 
-def ddp_module(state: TrainState) -> DistributedDataParallel:
-    """The policy's log-prob function under DDP, which all-reduces the LoRA gradients only."""
-    module = PairLogpsModule(state.policy, state.cfg.logits_chunk_size, state.loss.statistics)
-    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
-    frozen += [n for n, _ in module.named_buffers()]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
-    device = state.device
-    return DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-    )
-
-
-class PairLogpsModule(torch.nn.Module):
-    """The policy with the log-prob function as its forward: the module DDP wraps."""
-
-    def __init__(self, policy: torch.nn.Module, chunk_size: int, statistics: dict[str, bool]):
-        super().__init__()
-        self.policy = policy
-        self.chunk_size = chunk_size
-        self.statistics = statistics  # sequence_logps's optional statistics the loss reads
-
-    def forward(self, batch: Any) -> tuple[torch.Tensor | None, ...]:
-        out = sequence_logps(self.policy, batch, self.chunk_size, **self.statistics)
-        return out.logps, out.tokens, out.shared_logps, out.log_sum_sq_probs
-
-
 def rank_state(meter: WindowMeter) -> dict[str, Any]:
     """What a checkpoint keeps per rank: the metric window and the RNG states (dropout)."""
     state = {"meter": meter.state_dict(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state()
     return state
-
-
-class StopOnSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each optimizer step, so the run
-    stops at a step boundary with a checkpoint instead of dying mid-update."""
-
-    def __enter__(self) -> StopOnSignal:
-        self.signal_name: str | None = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def seed_everything(seed: int) -> None:

@@ -27,7 +27,8 @@ from lora_dpo.config import dump_config
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import CacheError
 from lora_dpo.fileio import write_json
-from lora_dpo.train import load_run_inputs, train
+from lora_dpo.inputs import load_run_inputs
+from lora_dpo.train import train
 from precompute import precompute_reference
 
 

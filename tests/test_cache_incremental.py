@@ -18,7 +18,7 @@ from lora_dpo.cli import main as cli_main
 from lora_dpo.config import dump_config
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import CacheError
-from lora_dpo.train import load_run_inputs
+from lora_dpo.inputs import load_run_inputs
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_importing_the_package_and_the_command_does_not_import_torch():
     script = (
-        "import sys, lora_dpo, lora_dpo.cli; lora_dpo.cli.build_parser(); "
+        "import sys, lora_dpo, lora_dpo.cli, lora_dpo.arguments; lora_dpo.arguments.build_parser(); "
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     )
     done = subprocess.run(

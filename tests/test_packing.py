@@ -291,9 +291,10 @@ def one_step(policy_setup, layout: str, micro_batches: list[list[int]]):
 
     from lora_dpo.config import Config
     from lora_dpo.distributed import DistInfo
+    from lora_dpo.inputs import RunInputs
     from lora_dpo.metrics import WindowMeter
     from lora_dpo.run.metrics_file import NullMetricsFile
-    from lora_dpo.train import RunInputs, TrainLoop, TrainState
+    from lora_dpo.train import TrainLoop, TrainState
 
     policy, initial, pairs, reference, pad_id, train_cfg = policy_setup
     with torch.no_grad():
@@ -393,6 +394,7 @@ def run_config(workdir, tmp_path, cache: str, **train):
     config = demo_config(workdir)
     config.data.max_pairs = 24
     config.data.eval_path = ""
+    config.train.generate_every = 0  # samples need held-out prompts
     config.precompute.cache_dir = str(tmp_path / cache)
     config.train.output_dir = str(tmp_path / "run")
     config.train.per_device_batch_size = 4

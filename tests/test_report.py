@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 import lora_dpo.train as train_module
-from lora_dpo.cli import HelpFormatter, build_parser, main
+from lora_dpo.arguments import HelpFormatter, build_parser
+from lora_dpo.cli import main
 from lora_dpo.demo import demo_config
 from lora_dpo.demo.task import HELD_OUT_NAMES, KIND, NAMES, UNKIND, write_jsonl
 from lora_dpo.errors import LoraDpoError

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from lora_dpo.config import dump_config
 from lora_dpo.errors import ConfigError, LoraDpoError
-from lora_dpo.train import RunInputs, load_run_inputs, train
+from lora_dpo.inputs import RunInputs, load_run_inputs
+from lora_dpo.train import train
 from runs import interrupt, losses, prepare_workdir, run_config, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 import lora_dpo.fileio
-from lora_dpo.cli import build_parser, main
+from lora_dpo.arguments import build_parser
+from lora_dpo.cli import main
 from lora_dpo.config import dump_config, load_config
 from lora_dpo.demo import demo_config
 from precompute import precompute_reference

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -16,18 +16,9 @@ from lora_dpo.cache.reader import ReferenceCache
 from lora_dpo.config import Config
 from lora_dpo.data import tokenization_settings
 from lora_dpo.errors import CacheError
-from lora_dpo.model import compute_dtype, resolve_model_dir
+from lora_dpo.model import Precision, compute_dtype, resolve_model_dir
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Precision:
-    quantization: str  # "nf4" | "none"
-    dtype: torch.dtype  # compute dtype
-
-    def to_dict(self) -> dict[str, str]:
-        return {"quantization": self.quantization, "dtype": str(self.dtype).removeprefix("torch.")}
 
 
 def policy_precision(config: Config, device: torch.device) -> Precision:
