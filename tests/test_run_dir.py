@@ -20,14 +20,14 @@ import torch
 from safetensors.torch import save_file
 
 from lora_dpo import fileio
-from lora_dpo.config import COSMETIC_KEYS, Config, TrainConfig, dump_config
+from lora_dpo.config import Config, TrainConfig, dump_config
 from lora_dpo.errors import ConfigError, DataError, LoraDpoError
 from lora_dpo.faults import FaultHooks, InjectedFault
 from lora_dpo.run.directory import RunDirectory, RunState, checkpoint_dirs
 from lora_dpo.run.disk import DiskFullError, disk_full_is_an_error
 from lora_dpo.run.lock import RunLock
 from lora_dpo.run.metrics_file import MetricsFile, records_until
-from lora_dpo.run.resume import check_resume
+from lora_dpo.run.resume import COSMETIC_KEYS, check_resume
 from lora_dpo.train import train
 from runs import interrupt, losses, prepare_workdir, run_config, snapshot
 

@@ -1,4 +1,4 @@
-"""What `--resume` may change: the settings in `config.COSMETIC_KEYS` only.
+"""What `--resume` may change: the settings in `COSMETIC_KEYS` only.
 
 A resumed run replays its data order and RNG to compute exactly what the uninterrupted run
 would have; a different beta, batch or data would silently make it another run under the old
@@ -16,8 +16,30 @@ from typing import Any
 
 import yaml
 
-from lora_dpo.config import COSMETIC_KEYS, Config, config_from_dict
+from lora_dpo.config import Config, config_from_dict
 from lora_dpo.errors import ConfigError, LoraDpoError
+
+# Train settings that do not change what a run computes (how often it logs, evaluates and
+# checkpoints, where it reports, when it gives up): `--resume` may change these, and records
+# it. Every other key, in every section, is part of the computation: a resume refuses it.
+COSMETIC_KEYS = frozenset(
+    f"train.{name}"
+    for name in (
+        "output_dir",
+        "overwrite_output_dir",
+        "logging_steps",
+        "report_to",
+        "eval_steps",
+        "save_steps",
+        "save_total_limit",
+        "max_consecutive_skips",
+        # greedy generation draws no random numbers: what training computes is unchanged
+        "generate_every",
+        "generate_prompts",
+        "generate_max_new_tokens",
+        "reward_model",
+    )
+)
 
 
 def flatten(config: Config) -> dict[str, Any]:
