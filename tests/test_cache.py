@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cache_edit import edited_cache_copy
 from safetensors.torch import load_file, save_file
 
+from cache_edit import edited_cache_copy
 from lora_dpo.cache import ReferenceCache, verify_cache, weights_fingerprint
 from lora_dpo.cli import main as cli_main
 from lora_dpo.config import dump_config

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cache_edit import edited_cache_copy
 
+from cache_edit import edited_cache_copy
 from lora_dpo.cache import (
     Manifest,
     ReferenceCache,

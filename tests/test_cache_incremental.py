@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cache_edit import as_v1_cache, counted_pairs, write_rows
 
+from cache_edit import as_v1_cache, counted_pairs, write_rows
 from lora_dpo.cache import Manifest, ReferenceCache, build_cache, step0_tolerance_for, verify_cache
 from lora_dpo.cli import main as cli_main
 from lora_dpo.config import dump_config

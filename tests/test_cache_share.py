@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from cache_edit import write_rows
 
+from cache_edit import write_rows
 from lora_dpo.cache import (
     Manifest,
     ModelIdentity,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cache_edit import counted_pairs, write_rows
 
+from cache_edit import counted_pairs, write_rows
 from lora_dpo.cache import (
     Manifest,
     ReferenceCache,
