@@ -3,7 +3,7 @@
 Training runs in two stages, so that only one model is ever in memory:
 
 1. precompute-ref runs the frozen reference model once over the preference pairs and writes
-   each pair's reference log-probabilities to a checksummed cache (`precompute_reference`);
+   each pair's reference log-probabilities to a checksummed cache (`build_cache`);
 2. train fits a LoRA (or QLoRA, on a 4-bit base) policy with the DPO loss against that cache
    (`lora_dpo.train.train`); `lora_dpo.merge.merge` then folds the adapter into its base.
 
@@ -27,7 +27,7 @@ except metadata.PackageNotFoundError:  # a source checkout that was never instal
 _EXPORTS = {
     "Config": "lora_dpo.config",
     "load_config": "lora_dpo.config",
-    "precompute_reference": "precompute",
+    "build_cache": "lora_dpo.cache",
     "ReferenceCache": "lora_dpo.cache",
     "preference_loss": "lora_dpo.losses",
     "sequence_logps": "lora_dpo.logps",
@@ -38,18 +38,17 @@ __all__ = [
     "Config",
     "ReferenceCache",
     "__version__",
+    "build_cache",
     "load_config",
-    "precompute_reference",
     "preference_loss",
     "sequence_logps",
 ]
 
 if TYPE_CHECKING:
-    from lora_dpo.cache import ReferenceCache
+    from lora_dpo.cache import ReferenceCache, build_cache
     from lora_dpo.config import Config, load_config
     from lora_dpo.logps import sequence_logps
     from lora_dpo.losses import preference_loss
-    from precompute import precompute_reference
 
 
 def __getattr__(name: str) -> Any:

@@ -27,16 +27,15 @@ def test_importing_the_package_and_the_command_does_not_import_torch():
 
 
 def test_every_public_name_resolves_to_its_home():
-    from lora_dpo.cache import ReferenceCache
+    from lora_dpo.cache import ReferenceCache, build_cache
     from lora_dpo.config import Config, load_config
     from lora_dpo.logps import sequence_logps
     from lora_dpo.losses import preference_loss
-    from precompute import precompute_reference
 
     homes = {
         "Config": Config,
         "load_config": load_config,
-        "precompute_reference": precompute_reference,
+        "build_cache": build_cache,
         "ReferenceCache": ReferenceCache,
         "preference_loss": preference_loss,
         "sequence_logps": sequence_logps,
