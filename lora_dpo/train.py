@@ -143,7 +143,9 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
     check_backends(cfg.report_to)  # a missing tensorboard/wandb costs seconds, not a model load
     generates = info.is_main and bool(cfg.generate_every and config.data.eval_path or cfg.reward_model)
     if info.is_main and cfg.generate_every and not config.data.eval_path:
-        log.warning("train.generate_every=%d: no eval split (data.eval_path), so no samples", cfg.generate_every)
+        log.warning(
+            "train.generate_every=%d: no eval split (data.eval_path), so no samples", cfg.generate_every
+        )
     device = inputs.device if inputs else default_device()
     # before the inputs: a bad reward model path costs seconds, not a model load
     reward = load_reward_model(cfg.reward_model, device) if generates and cfg.reward_model else None
