@@ -360,7 +360,7 @@ def test_variant_trains_the_demo_task(name, variants_workdir, tmp_path, caplog, 
         config.precompute.cache_dir = str(absent)
     if config.train.ld_alpha != 1.0:
         config.precompute.cache_dir = str(request.getfixturevalue("ld_cache"))
-    with caplog.at_level(logging.INFO, logger="lora_dpo.train"):
+    with caplog.at_level(logging.INFO, logger="lora_dpo"):
         result = train(config)
 
     first = result.history[0]
