@@ -137,14 +137,14 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
     `base` (`--base`) replaces `model.name_or_path` and accepts an adapter recorded for
     another base; the adapter's shapes are checked against the base either way. The adapter
     is read and checked before anything is loaded."""
-    from lora_dpo.adapters import check_against_files, check_base, read_adapter
+    from lora_dpo.adapters import read_adapter
     from lora_dpo.cache import open_checked_cache, policy_precision
     from lora_dpo.model import (
+        check_adapter_base,
         default_device,
         load_adapter,
         load_base_at,
         load_tokenizer,
-        resolve_model_dir,
     )
 
     if base:
@@ -154,8 +154,7 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
     if not config.data.eval_path:
         raise ConfigError("data.eval_path is not set: eval needs held-out pairs")
     if adapter is not None:
-        check_base(adapter, config.model.name_or_path, explicit=bool(base))
-        check_against_files(adapter, resolve_model_dir(config.model), config.model.name_or_path)
+        check_adapter_base(adapter, config.model, explicit_base=bool(base))
     device = default_device()
     precision = policy_precision(config, device)
     tokenizer = load_tokenizer(config.model)

@@ -318,22 +318,21 @@ def generate_run(
 ) -> tuple[list[Sample], Path]:
     """`lora-dpo generate`: the policy of `adapter` and its reference on the first `prompts`
     held-out prompts; samples.jsonl and samples.md go to the run directory (or `out`)."""
-    from lora_dpo.adapters import check_against_files, check_base, read_adapter
+    from lora_dpo.adapters import read_adapter
     from lora_dpo.cache import policy_precision
     from lora_dpo.data import load_preference_data
     from lora_dpo.model import (
+        check_adapter_base,
         default_device,
         load_adapter,
         load_base_at,
         load_tokenizer,
-        resolve_model_dir,
     )
 
     if not config.data.eval_path:
         raise ConfigError("data.eval_path is not set: generate completes the held-out prompts")
     checked = read_adapter(adapter)  # RUN or RUN/adapter; its files are checked before any load
-    check_base(checked, config.model.name_or_path, explicit=False)
-    check_against_files(checked, resolve_model_dir(config.model), config.model.name_or_path)
+    check_adapter_base(checked, config.model, explicit_base=False)
     device = default_device()
     precision = policy_precision(config, device)
     tokenizer = load_tokenizer(config.model)

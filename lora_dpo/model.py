@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from lora_dpo.adapters import Adapter, check_fits, read_adapter, shapes_of
+from lora_dpo.adapters import Adapter, check_against_files, check_base, check_fits, read_adapter, shapes_of
 from lora_dpo.config import LoraConfig, ModelConfig
 from lora_dpo.errors import ConfigError
 
@@ -182,6 +182,13 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointi
         if param.requires_grad and param.dtype != torch.float32:
             raise AssertionError(f"trainable parameter {name} is {param.dtype}, expected fp32")
     return policy
+
+
+def check_adapter_base(adapter: Adapter, cfg: ModelConfig, *, explicit_base: bool) -> None:
+    """Before any model is loaded: the adapter's recorded base is the base `cfg` names (unless
+    that base was given explicitly), and its shapes fit the base's safetensors headers."""
+    check_base(adapter, cfg.name_or_path, explicit=explicit_base)
+    check_against_files(adapter, resolve_model_dir(cfg), cfg.name_or_path)
 
 
 def load_adapter(model: PreTrainedModel, adapter: str | Path | Adapter, *, trainable: bool = False):
