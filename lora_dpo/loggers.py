@@ -57,17 +57,24 @@ def scalars(record: Mapping[str, Any]) -> dict[str, float]:
 class TensorBoardLogger(MetricLogger):
     """Event files under `<run_dir>/tensorboard`: `tensorboard --logdir <run_dir>`."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise _not_installed("tensorboard") from None
         log_dir = Path(run_dir) / TENSORBOARD_DIR
-        # A replaced run starts a fresh history, like its metrics.jsonl.
-        for old in log_dir.glob("events.out.tfevents.*"):
-            old.unlink()
+        purge_step = None
+        if resume_step is None:
+            # A new or replaced run starts a fresh history, like its metrics.jsonl.
+            for old in log_dir.glob("events.out.tfevents.*"):
+                old.unlink()
+        else:
+            # A resumed run keeps its curves up to the checkpoint, like metrics.jsonl:
+            # TensorBoard hides the older files' events from `purge_step` on (steps that the
+            # interrupted run logged past its checkpoint and this one logs again).
+            purge_step = resume_step + 1
         self.log_dir = log_dir
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, record: Mapping[str, Any]) -> None:
         step = int(record["step"])
@@ -136,15 +143,18 @@ def check_backends(report_to: Sequence[str]) -> None:
             raise _not_installed(name) from None
 
 
-def open_logger(report_to: Sequence[str], run_dir: Path, config: Mapping[str, Any]) -> MetricLogger:
+def open_logger(
+    report_to: Sequence[str], run_dir: Path, config: Mapping[str, Any], resume_step: int | None = None
+) -> MetricLogger:
     """The logger for `train.report_to`; an empty list or `none` gives the null logger.
+    `resume_step`: the checkpoint a resumed run continues from (its history is kept up to it).
     Raises ConfigError for an unknown backend or one whose package is not installed."""
     names = _backends(report_to)
     loggers: list[MetricLogger] = []
     try:
         for name in names:
             if name == "tensorboard":
-                loggers.append(TensorBoardLogger(run_dir))
+                loggers.append(TensorBoardLogger(run_dir, resume_step))
             else:
                 loggers.append(WandbLogger(run_dir, config))
     except BaseException:

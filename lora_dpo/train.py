@@ -183,7 +183,10 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
         )
         state.judge = WinRateJudge(reward, state.held_out) if reward is not None else None
         state.samples = run.kept_samples()
-    state.metrics = run.open_metrics(lambda path: open_logger(cfg.report_to, path, config.to_dict()), started)
+    resume_step = run.resume_from.step if run.resume_from is not None else None
+    state.metrics = run.open_metrics(
+        lambda path: open_logger(cfg.report_to, path, config.to_dict(), resume_step), started
+    )
     return state
 
 

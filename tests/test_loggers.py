@@ -133,3 +133,30 @@ def test_wandb_offline_run_gets_the_records(tmp_path, monkeypatch):
     logger.log({"step": 1, "loss": 0.69})
     logger.close()
     assert list(tmp_path.glob("wandb/offline-run-*"))
+
+
+def test_a_resumed_run_keeps_its_tensorboard_history(demo_workdir, tmp_path, monkeypatch):
+    """Crash at step 10 (checkpoint at 8), resume: each step's curve point is there once, with
+    the value metrics.jsonl holds; steps 9-10 of the crashed attempt are purged, not doubled."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lora_dpo.train import train
+    from runs import interrupt, prepare_workdir, run_config
+
+    workdir = prepare_workdir(demo_workdir, tmp_path / "work")
+    run_dir = tmp_path / "run"
+    config = run_config(workdir, run_dir)
+    config.train.report_to = ["tensorboard"]
+    interrupt(config, 10, monkeypatch)
+    train(config, resume=True)
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    expected = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert [step for step, _ in expected] == list(range(1, 13))
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # nothing deleted
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [step for step, _ in logged] == [step for step, _ in expected]
+    assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-6)
