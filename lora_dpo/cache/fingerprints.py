@@ -8,12 +8,20 @@ import logging
 import os
 from pathlib import Path
 
+from lora_dpo.adapter_start import adapter_sha256, read_start_adapter
 from lora_dpo.config import ModelConfig
 from lora_dpo.errors import ConfigError
 from lora_dpo.fileio import sha256_file, write_json
 from lora_dpo.model import resolve_model_dir
 
 log = logging.getLogger(__name__)
+
+
+def adapter_fingerprint(cfg: ModelConfig) -> str | None:
+    """sha256 of the start adapter's weights (`model.adapter_path`), None without one: the
+    reference is base + that adapter, so another adapter is another reference."""
+    adapter = read_start_adapter(cfg)
+    return None if adapter is None else adapter_sha256(adapter)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
