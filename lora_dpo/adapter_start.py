@@ -99,7 +99,7 @@ def load_start(model: torch.nn.Module, adapter: Adapter, *, trainable: bool):
     return model
 
 
-def stack_frozen(policy: torch.nn.Module, adapter: Adapter) -> None:
+def stack_frozen(policy: Any, adapter: Adapter) -> None:  # a peft PeftModel
     """Load `adapter` into the peft model `policy` as the frozen "sft" adapter, beneath
     "default": both active, "sft" first; only "default" keeps its gradients."""
     _check_loaded_fits(adapter, policy.get_base_model())
@@ -111,11 +111,11 @@ def stack_frozen(policy: torch.nn.Module, adapter: Adapter) -> None:
         param.requires_grad_(name in trainable)  # the frozen adapter stays frozen
 
 
-def remember_start(policy: torch.nn.Module, start: AdapterStart) -> None:
+def remember_start(policy: Any, start: AdapterStart) -> None:
     _STARTS[policy] = start
 
 
-def save_adapter(policy: torch.nn.Module, directory: Path) -> None:
+def save_adapter(policy: Any, directory: Path) -> None:
     """The trained adapter of `policy` into `directory`; for a policy that started from an
     adapter, also the start record, and for a stacked one a byte copy of the start adapter."""
     start = _STARTS.get(policy)
@@ -165,12 +165,12 @@ def stacked_under(adapter: Adapter) -> Adapter | None:
 
 def _check_loaded_fits(adapter: Adapter, model: torch.nn.Module) -> None:
     try:
-        check_fits(adapter, shapes_of(model), model.name_or_path)
+        check_fits(adapter, shapes_of(model), str(getattr(model, "name_or_path", "")))
     except ConfigError as exc:
         raise ConfigError(f"model.adapter_path: {exc}") from None
 
 
-def _drop_dropout(model: torch.nn.Module, adapter_name: str) -> None:
+def _drop_dropout(model: Any, adapter_name: str) -> None:
     """The named adapter's LoRA dropout becomes the identity, in its layers and its config."""
     from peft.tuners.lora import LoraLayer
 

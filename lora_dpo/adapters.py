@@ -88,9 +88,7 @@ def find_adapter_dir(path: str | Path, label: str | None = None) -> Path:
     path = Path(path)
     label = label or f"--adapter {path}"
     if not path.exists():
-        raise ConfigError(
-            f"{label}: no such directory (no {ADAPTER_CONFIG} there or in {path / 'adapter'})"
-        )
+        raise ConfigError(f"{label}: no such directory (no {ADAPTER_CONFIG} there or in {path / 'adapter'})")
     if not path.is_dir():
         raise ConfigError(
             f"{label}: a file, not an adapter directory (give the directory that holds {ADAPTER_CONFIG})"
@@ -311,9 +309,7 @@ def check_plain_lora(adapter: Adapter, use: str) -> None:
     if config.get("fan_in_fan_out"):
         raise ConfigError(f"{where}: fan_in_fan_out adapters (Conv1D bases) cannot {use}")
     if config.get("modules_to_save"):
-        raise ConfigError(
-            f"{where}: adapters with modules_to_save {config['modules_to_save']} cannot {use}"
-        )
+        raise ConfigError(f"{where}: adapters with modules_to_save {config['modules_to_save']} cannot {use}")
     if adapter.embedding_modules:
         raise ConfigError(
             f"{where}: adapts embedding layers ({', '.join(sorted(adapter.embedding_modules))}); only linear layers can {use}"

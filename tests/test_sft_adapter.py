@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from test_merge import argmax_agree, logits_of, max_diff
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_dpo.adapter_start import SFT_NAME, START_RECORD
@@ -23,13 +24,13 @@ from lora_dpo.config import ModelConfig, dump_config
 from lora_dpo.demo import demo_config
 from lora_dpo.demo.models import tiny_config
 from lora_dpo.errors import CacheError, ConfigError
+from lora_dpo.fileio import sha256_file
 from lora_dpo.inputs import load_run_inputs
 from lora_dpo.merge import merge
 from lora_dpo.model import load_base_model
 from lora_dpo.train import train
 from precompute import precompute_reference
 from runs import interrupt, losses
-from test_merge import argmax_agree, logits_of, max_diff
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4  # fp32: the documented merge tolerance
@@ -51,7 +52,9 @@ def sft_adapter(model_dir: Path, out: Path, seed: int) -> Path:
     """A real peft LoRA adapter on the tiny base, with random B factors so it is no no-op; its
     own dropout (0.1) is what a start adapter must run without."""
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    config = PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=SFT_TARGETS, task_type="CAUSAL_LM")
+    config = PeftLoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.1, target_modules=SFT_TARGETS, task_type="CAUSAL_LM"
+    )
     model = get_peft_model(base, config)
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
@@ -150,7 +153,9 @@ def test_step0_loss_is_ln2_and_the_sft_adapter_is_kept_or_trained(mode, runs, ro
 def test_the_sft_adapter_moves_the_reference(root):
     """Not a no-op: base + SFT scores differ from the base's by far more than any tolerance."""
     tokenizer = AutoTokenizer.from_pretrained(str(root / "model"))
-    base = load_base_model(ModelConfig(name_or_path=str(root / "model")), quantize=True, dtype=torch.float32, device=CPU)
+    base = load_base_model(
+        ModelConfig(name_or_path=str(root / "model")), quantize=True, dtype=torch.float32, device=CPU
+    )
     texts = ["Ada is kind and curious.", "Bo is rude."]
     bare = logits_of(base, tokenizer, texts)
     with_sft = logits_of(PeftModel.from_pretrained(base, str(root / "sft-a")).eval(), tokenizer, texts)
@@ -163,21 +168,31 @@ def test_cache_identity_names_the_adapter_both_ways(root):
     none = run_config(root, "stack", root / "unused", adapter="")
     precompute_reference(none)
     a = json.loads((root / "cache-sft-a" / "manifest.json").read_text())["identity"]["model"]
-    assert "adapter_sha256" not in json.loads((root / "cache-none" / "manifest.json").read_text())["identity"]["model"]
+    assert (
+        "adapter_sha256"
+        not in json.loads((root / "cache-none" / "manifest.json").read_text())["identity"]["model"]
+    )
     sha_a = a["adapter_sha256"]
-    assert sha_a == __import__("hashlib").sha256((root / "sft-a" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert sha_a == sha256_file(root / "sft-a" / "adapter_model.safetensors")
 
     with_a = run_config(root, "stack", root / "unused")
     with_a.precompute.cache_dir = none.precompute.cache_dir
-    with pytest.raises(CacheError, match=rf"model.adapter_sha256: cache was built with None, this run uses '{sha_a}'"):
+    with pytest.raises(
+        CacheError, match=rf"model.adapter_sha256: cache was built with None, this run uses '{sha_a}'"
+    ):
         load_run_inputs(with_a)
     with_b = run_config(root, "continue", root / "unused", adapter="sft-b")
     with_b.precompute.cache_dir = str(root / "cache-sft-a")
-    with pytest.raises(CacheError, match=rf"model.adapter_sha256: cache was built with '{sha_a}', this run uses '[0-9a-f]{{64}}'"):
+    with pytest.raises(
+        CacheError,
+        match=rf"model.adapter_sha256: cache was built with '{sha_a}', this run uses '[0-9a-f]{{64}}'",
+    ):
         load_run_inputs(with_b)
     without = run_config(root, "continue", root / "unused", adapter="")
     without.precompute.cache_dir = str(root / "cache-sft-a")
-    with pytest.raises(CacheError, match=rf"model.adapter_sha256: cache was built with '{sha_a}', this run uses None"):
+    with pytest.raises(
+        CacheError, match=rf"model.adapter_sha256: cache was built with '{sha_a}', this run uses None"
+    ):
         load_run_inputs(without)
 
 
@@ -195,11 +210,18 @@ def test_merge_folds_base_sft_and_dpo(mode, runs, root, tmp_path):
     assert report["merged_layers"] == (14 if mode == "stack" else 8)
 
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
-    texts = [json.loads(line)["prompt"] + " kind." for line in (root / "data" / "train.jsonl").read_text().splitlines()[:6]]
-    merged = logits_of(AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32), tokenizer, texts)
+    texts = [
+        json.loads(line)["prompt"] + " kind."
+        for line in (root / "data" / "train.jsonl").read_text().splitlines()[:6]
+    ]
+    merged = logits_of(
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32), tokenizer, texts
+    )
 
     def base():
-        return load_base_model(ModelConfig(name_or_path=str(root / "model")), quantize=True, dtype=torch.float32, device=CPU)
+        return load_base_model(
+            ModelConfig(name_or_path=str(root / "model")), quantize=True, dtype=torch.float32, device=CPU
+        )
 
     dpo = PeftModel.from_pretrained(base(), str(run / "adapter"), adapter_name="dpo")
     dpo_alone = logits_of(dpo.eval(), tokenizer, texts)
@@ -208,7 +230,9 @@ def test_merge_folds_base_sft_and_dpo(mode, runs, root, tmp_path):
         dpo.base_model.set_adapter(["sft", "dpo"])
     reference = logits_of(dpo.eval(), tokenizer, texts)
     diff = max_diff(merged, reference)
-    print(f"\n{mode}: merged vs base+adapters max |Δlogit| {diff:.2e}; vs base+DPO only {max_diff(merged, dpo_alone):.2e}")
+    print(
+        f"\n{mode}: merged vs base+adapters max |Δlogit| {diff:.2e}; vs base+DPO only {max_diff(merged, dpo_alone):.2e}"
+    )
     assert diff < TOLERANCE and argmax_agree(merged, reference)
     if mode == "stack":
         assert max_diff(merged, dpo_alone) > 100 * TOLERANCE
@@ -225,7 +249,9 @@ def test_resume_from_an_adapter_start(mode, runs, root, tmp_path, monkeypatch):
     other = "continue" if mode == "stack" else "stack"
     changed = run_config(root, other, tmp_path / "run")
     changed.train.save_steps = 2
-    with pytest.raises(ConfigError, match=f"model.adapter_mode: the run used '{mode}', this resume asks for '{other}'"):
+    with pytest.raises(
+        ConfigError, match=f"model.adapter_mode: the run used '{mode}', this resume asks for '{other}'"
+    ):
         train(changed, resume=True)
     moved = run_config(root, mode, tmp_path / "run", adapter="sft-b")
     moved.precompute.cache_dir = config.precompute.cache_dir
@@ -234,10 +260,9 @@ def test_resume_from_an_adapter_start(mode, runs, root, tmp_path, monkeypatch):
         train(moved, resume=True)
     result = train(config, resume=True)
     assert losses(result.output_dir) == losses(runs[mode].output_dir)
-    assert (
-        (result.adapter_dir / "adapter_model.safetensors").read_bytes()
-        == (runs[mode].adapter_dir / "adapter_model.safetensors").read_bytes()
-    )
+    assert (result.adapter_dir / "adapter_model.safetensors").read_bytes() == (
+        runs[mode].adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def other_base_adapter(root: Path, out: Path) -> Path:
@@ -269,7 +294,13 @@ def test_bad_start_adapters_are_one_line(root, tmp_path, capsys):
         (tmp_path / "file", "model.adapter_path=", "a file, not an adapter directory"),
         (prefix, "peft_type='PREFIX_TUNING'", "only LoRA adapters are supported"),
         (dora, "a DoRA adapter (use_dora) cannot start DPO", "plain LoRA only"),
-        (other_base_adapter(root, tmp_path / "wide"), "model.adapter_path: ", "does not fit the base", "the base's", "inputs"),
+        (
+            other_base_adapter(root, tmp_path / "wide"),
+            "model.adapter_path: ",
+            "does not fit the base",
+            "the base's",
+            "inputs",
+        ),
         (extra, "model.adapter_path: ", "adapts model.layers.7.", "which the base"),
     ]
     for number, (adapter, *expected) in enumerate(cases):
@@ -283,5 +314,8 @@ def test_bad_start_adapters_are_one_line(root, tmp_path, capsys):
         lines = err.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
         assert all(part in lines[0] for part in expected), lines[0]
-    assert cli_main(["precompute-ref", "--config", str(tmp_path / "config-0.yaml"), "model.adapter_mode=both"]) == 2
+    assert (
+        cli_main(["precompute-ref", "--config", str(tmp_path / "config-0.yaml"), "model.adapter_mode=both"])
+        == 2
+    )
     assert "model.adapter_mode='both': must be one of continue, stack" in capsys.readouterr().err

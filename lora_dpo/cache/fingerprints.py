@@ -16,13 +16,6 @@ from lora_dpo.model import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
-
-def adapter_fingerprint(cfg: ModelConfig) -> str | None:
-    """sha256 of the start adapter's weights (`model.adapter_path`), None without one: the
-    reference is base + that adapter, so another adapter is another reference."""
-    adapter = read_start_adapter(cfg)
-    return None if adapter is None else adapter_sha256(adapter)
-
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -46,6 +39,13 @@ def weights_fingerprint(cfg: ModelConfig) -> str:
         digest.update(f"{weight_file.name}:{memo.file_digest(weight_file)}\n".encode())
     memo.save()
     return digest.hexdigest()
+
+
+def adapter_fingerprint(cfg: ModelConfig) -> str | None:
+    """sha256 of the start adapter's weights (`model.adapter_path`), None without one: the
+    reference is base + that adapter, so another adapter is another reference."""
+    adapter = read_start_adapter(cfg)
+    return None if adapter is None else adapter_sha256(adapter)
 
 
 class FingerprintMemo:
