@@ -82,31 +82,31 @@ class Adapter:
             ) from None
 
 
-def find_adapter_dir(path: str | Path) -> Path:
-    """`path` itself when it holds adapter_config.json, else `path/adapter` (a train run)."""
+def find_adapter_dir(path: str | Path, label: str | None = None) -> Path:
+    """`path` itself when it holds adapter_config.json, else `path/adapter` (a train run).
+    `label` is how errors name where the path came from (default `--adapter PATH`)."""
     path = Path(path)
+    label = label or f"--adapter {path}"
     if not path.exists():
-        raise ConfigError(
-            f"--adapter {path}: no such directory (no {ADAPTER_CONFIG} there or in {path / 'adapter'})"
-        )
+        raise ConfigError(f"{label}: no such directory (no {ADAPTER_CONFIG} there or in {path / 'adapter'})")
     if not path.is_dir():
         raise ConfigError(
-            f"--adapter {path}: a file, not an adapter directory (give the directory that holds {ADAPTER_CONFIG})"
+            f"{label}: a file, not an adapter directory (give the directory that holds {ADAPTER_CONFIG})"
         )
     for candidate in (path, path / "adapter"):
         if (candidate / ADAPTER_CONFIG).exists():
             return candidate
     if (path / "config.yaml").is_file():
         raise ConfigError(
-            f"--adapter {path}: a train run directory with no {ADAPTER_CONFIG} in {path / 'adapter'} "
+            f"{label}: a train run directory with no {ADAPTER_CONFIG} in {path / 'adapter'} "
             "(training has not finished?)"
         )
-    raise ConfigError(f"--adapter {path}: no {ADAPTER_CONFIG} there or in {path / 'adapter'}")
+    raise ConfigError(f"{label}: no {ADAPTER_CONFIG} there or in {path / 'adapter'}")
 
 
-def read_adapter(path: str | Path) -> Adapter:
+def read_adapter(path: str | Path, label: str | None = None) -> Adapter:
     """Resolve `path` (see `find_adapter_dir`) and check its files; reads headers only."""
-    directory = find_adapter_dir(path)
+    directory = find_adapter_dir(path, label)
     config = _read_adapter_config(directory / ADAPTER_CONFIG)
     return Adapter(directory, config, _read_factors(directory / ADAPTER_WEIGHTS))
 
@@ -295,20 +295,24 @@ def check_fits(adapter: Adapter, base: BaseShapes, base_name: str) -> None:
 def check_mergeable(adapter: Adapter) -> None:
     """What `merge` folds is B·A·scaling into a linear weight; adapters that need more are
     refused before any load. (`eval` runs them through peft's own forward, which has them.)"""
+    check_plain_lora(adapter, "be merged here")
+
+
+def check_plain_lora(adapter: Adapter, use: str) -> None:
+    """Plain LoRA on linear layers, nothing more: what `merge` folds and what DPO may start
+    from (its result must merge); `use` says what the adapter cannot do otherwise."""
     config, where = adapter.config, adapter.directory / ADAPTER_CONFIG
     if config.get("use_dora"):
-        raise ConfigError(f"{where}: a DoRA adapter (use_dora) cannot be merged here; plain LoRA only")
+        raise ConfigError(f"{where}: a DoRA adapter (use_dora) cannot {use}; plain LoRA only")
     if config.get("lora_bias"):
-        raise ConfigError(f"{where}: adapters with lora_bias cannot be merged here")
+        raise ConfigError(f"{where}: adapters with lora_bias cannot {use}")
     if config.get("fan_in_fan_out"):
-        raise ConfigError(f"{where}: fan_in_fan_out adapters (Conv1D bases) cannot be merged here")
+        raise ConfigError(f"{where}: fan_in_fan_out adapters (Conv1D bases) cannot {use}")
     if config.get("modules_to_save"):
-        raise ConfigError(
-            f"{where}: adapters with modules_to_save {config['modules_to_save']} cannot be merged here"
-        )
+        raise ConfigError(f"{where}: adapters with modules_to_save {config['modules_to_save']} cannot {use}")
     if adapter.embedding_modules:
         raise ConfigError(
-            f"{where}: adapts embedding layers ({', '.join(sorted(adapter.embedding_modules))}); only linear layers can be merged here"
+            f"{where}: adapts embedding layers ({', '.join(sorted(adapter.embedding_modules))}); only linear layers can {use}"
         )
 
 

@@ -38,6 +38,13 @@ class ModelConfig:
     dtype: str = setting("auto", one_of("auto", "fp32", "bf16", "fp16"))
     # Executing a repository's own Python code is opt-in.
     trust_remote_code: bool = False
+    # A PEFT LoRA adapter trained on this base (an SFT run, say) to start DPO from: the
+    # reference is then base + this adapter (its weights are in the cache identity). Empty: none.
+    adapter_path: str = ""
+    # With adapter_path: "continue" trains that adapter on (lora.* is then its own); "stack"
+    # keeps it frozen and trains a new lora.* adapter on top. Either way without its dropout,
+    # so the step-0 policy is the reference exactly.
+    adapter_mode: str = setting("continue", one_of("continue", "stack"))
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lora_dpo.adapter_start import read_start_adapter
 from lora_dpo.cache import ReferenceCache, ReferenceValues, open_checked_cache, policy_precision
 from lora_dpo.config import Config
 from lora_dpo.data import DataReport, TokenizedPair, load_preference_data
@@ -49,6 +50,7 @@ def load_run_inputs(config: Config, objectives: Sequence[LossSettings] = ()) -> 
         )
     device = default_device()
     optimizer_name(config.train, device)  # an impossible optimizer costs nothing to find out
+    read_start_adapter(config.model)  # so does a bad model.adapter_path
     precision = policy_precision(config, device)
     # Data and reference values first: a cache problem should cost seconds, not a model load.
     tokenizer = load_tokenizer(config.model)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lora_dpo.adapter_start import read_start_record, stacked_under
 from lora_dpo.adapters import (
     ADAPTER_CONFIG,
     Adapter,
@@ -91,6 +92,9 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
     against its base (the adapter's own, or `base` from --base) as far as files allow."""
     adapter = read_adapter(path)
     check_mergeable(adapter)
+    stacked = stacked_under(adapter)  # trained on a frozen SFT adapter: both are folded
+    if stacked is not None:
+        check_mergeable(stacked)
     adapter_dir = adapter.directory
     run = RunDirectory(adapter_dir.parent)
     in_run = adapter_dir == run.adapter_dir and run.config_path.is_file()
@@ -120,7 +124,8 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
     origin = "--base" if base else f"{adapter_dir / ADAPTER_CONFIG} base_model_name_or_path"
     source = AdapterSource(adapter, name, origin, model, model.quantization, run_config)
     _check_base(source)
-    check_against_files(adapter, resolve_model_dir(model), name)
+    for part in (adapter, stacked) if stacked is not None else (adapter,):
+        check_against_files(part, resolve_model_dir(model), name)
     return source
 
 
@@ -230,6 +235,7 @@ def merge(
             "base_model": source.base,
             "mode": mode,
             "mode_reason": why,
+            "start": _start_report(source.adapter_dir),
             "dtype": dtype,
             "base_load_dtype": str(load_dtype).removeprefix("torch."),
             "max_shard_size": max_shard_size,
@@ -347,6 +353,12 @@ def _release(layer: torch.nn.Module) -> None:
 def _replace(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _start_report(adapter_dir: Path) -> dict[str, str] | None:
+    """What the adapter started from; for `stack` its folded copy, adapter_dir/sft, too."""
+    start = read_start_record(adapter_dir)
+    return None if start is None else start.to_dict()
 
 
 def _load_tokenizer(source: AdapterSource):

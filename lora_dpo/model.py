@@ -12,8 +12,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from lora_dpo.adapter_start import (
+    load_start,
+    read_start_adapter,
+    remember_start,
+    stack_frozen,
+    stacked_under,
+    start_of,
+)
 from lora_dpo.adapters import Adapter, check_against_files, check_base, check_fits, read_adapter, shapes_of
-from lora_dpo.config import LoraConfig, ModelConfig
+from lora_dpo.config import Config, LoraConfig, ModelConfig
 from lora_dpo.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -157,13 +165,7 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointi
 
     check_target_modules(model, cfg.target_modules)
     if gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad and handles frozen bases.
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.config.use_cache = False
+        enable_checkpointing(model)
     targets = cfg.target_modules
     peft_config = PeftLoraConfig(
         r=cfg.r,
@@ -178,10 +180,53 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointi
     with warnings.catch_warnings():  # peft asks for the old checkpointing attribute name
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         policy = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+    _check_trainable_fp32(policy)
+    return policy
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    # Non-reentrant checkpointing needs no input that requires grad and handles frozen bases.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def _check_trainable_fp32(policy: torch.nn.Module) -> None:
     for name, param in policy.named_parameters():
         if param.requires_grad and param.dtype != torch.float32:
             raise AssertionError(f"trainable parameter {name} is {param.dtype}, expected fp32")
+
+
+def build_policy(model: PreTrainedModel, config: Config, *, gradient_checkpointing: bool):
+    """The policy DPO trains on the frozen base `model`: fresh `lora.*` adapters, or, with
+    `model.adapter_path`, that adapter continued or a fresh one stacked on it frozen
+    (lora_dpo.adapter_start)."""
+    adapter = read_start_adapter(config.model)
+    if adapter is None:
+        return attach_lora(model, config.lora, gradient_checkpointing=gradient_checkpointing)
+    if config.model.adapter_mode == "stack":
+        policy = attach_lora(model, config.lora, gradient_checkpointing=gradient_checkpointing)
+        stack_frozen(policy, adapter)
+    else:
+        if gradient_checkpointing:
+            enable_checkpointing(model)
+        policy = load_start(model, adapter, trainable=True)
+        policy.peft_config["default"].base_model_name_or_path = config.model.name_or_path
+        log.info("continuing the adapter %s (lora.* settings are its own)", adapter.directory)
+    _check_trainable_fp32(policy)
+    remember_start(policy, start_of(config.model, adapter))
     return policy
+
+
+def load_reference_at(cfg: ModelConfig, precision: Precision, device: torch.device) -> torch.nn.Module:
+    """The reference precompute scores: the frozen base at `precision`, with the start adapter
+    (`model.adapter_path`) when there is one, as the step-0 policy runs it."""
+    adapter = read_start_adapter(cfg)  # before the load: a bad adapter costs no model load
+    model = load_base_at(cfg, precision, device)
+    return model if adapter is None else load_start(model, adapter, trainable=False)
 
 
 def check_adapter_base(adapter: Adapter, cfg: ModelConfig, *, explicit_base: bool) -> None:
@@ -200,14 +245,18 @@ def load_adapter(model: PreTrainedModel, adapter: str | Path | Adapter, *, train
 
     if not isinstance(adapter, Adapter):
         adapter = read_adapter(adapter)
+    stacked = stacked_under(adapter)  # a run's export that trained on a frozen SFT adapter
     check_fits(adapter, shapes_of(model), model.name_or_path)
     try:
-        return PeftModel.from_pretrained(model, str(adapter.directory), is_trainable=trainable)
+        peft_model = PeftModel.from_pretrained(model, str(adapter.directory), is_trainable=trainable)
     except (ValueError, RuntimeError, KeyError) as exc:  # what the checks above cannot foresee
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(
             f"{adapter.directory}: peft cannot load it onto {model.name_or_path!r}: {first[:300]}"
         ) from None
+    if stacked is not None:
+        stack_frozen(peft_model, stacked)
+    return peft_model
 
 
 def resolve_model_dir(cfg: ModelConfig) -> Path | None:

@@ -42,7 +42,7 @@ from lora_dpo.loggers import check_backends, open_logger
 from lora_dpo.logps import SequenceLogps, sequence_logps
 from lora_dpo.losses import LossSettings, PairLogps, compute_loss
 from lora_dpo.metrics import WindowMeter, console_line
-from lora_dpo.model import attach_lora, default_device
+from lora_dpo.model import build_policy, default_device
 from lora_dpo.offload import offload_saved_tensors
 from lora_dpo.optim import (
     StepPlan,
@@ -153,7 +153,7 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
     run.begin(config, inputs.data_report.to_dict())
 
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
-    policy = attach_lora(inputs.base, config.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+    policy = build_policy(inputs.base, config, gradient_checkpointing=cfg.gradient_checkpointing)
     layout = choose_layout(cfg.layout, policy, inputs.device)  # a refusal comes now, not at the first batch
     log.info("%s", layout.describe(cfg.max_tokens_per_batch, cfg.per_device_batch_size))
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg, inputs.device)

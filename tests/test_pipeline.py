@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import lora_dpo.train as train_module
+import lora_dpo.model as model_module  # build_policy attaches through it
 from lora_dpo.batching import collate, pad_id_of
 from lora_dpo.cache import ReferenceCache
 from lora_dpo.config import Config
@@ -63,14 +63,14 @@ def test_step0_loss_is_ln2_and_rewards_zero(cached_workdir, tmp_path):
 
 def test_training_changes_lora_only_and_saves_peft_adapter(cached_workdir, tmp_path, monkeypatch):
     snapshots = {}
-    real_attach = train_module.attach_lora
+    real_attach = model_module.attach_lora
 
     def attach_and_snapshot(model, *args, **kwargs):
         policy = real_attach(model, *args, **kwargs)
         snapshots.update({k: v.detach().clone() for k, v in policy.state_dict().items()})
         return policy
 
-    monkeypatch.setattr(train_module, "attach_lora", attach_and_snapshot)
+    monkeypatch.setattr(model_module, "attach_lora", attach_and_snapshot)
     result = train(small_config(cached_workdir, tmp_path))
     after = result.policy.state_dict()
 

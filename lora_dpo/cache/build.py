@@ -54,7 +54,7 @@ from lora_dpo.distributed import barrier, dist_info
 from lora_dpo.errors import CacheError
 from lora_dpo.fileio import sha256_file, write_text
 from lora_dpo.losses import LossSettings
-from lora_dpo.model import default_device, load_base_at, load_tokenizer, resolve_model_dir
+from lora_dpo.model import default_device, load_reference_at, load_tokenizer, resolve_model_dir
 from lora_dpo.packing import Layout, choose_layout
 from lora_dpo.scoring import score_pairs
 
@@ -151,7 +151,7 @@ def load_reference(
     config: Config, precision: Precision, device: torch.device
 ) -> tuple[torch.nn.Module, Layout]:
     """The frozen reference, and the batch layout it scores in (switched to its attention)."""
-    model = load_base_at(config.model, precision, device)
+    model = load_reference_at(config.model, precision, device)  # base (+ model.adapter_path)
     model.eval()
     layout = choose_layout(config.train.layout, model, device)  # the cache does not depend on it
     log.info("%s", layout.describe(config.precompute.max_tokens_per_batch, config.precompute.batch_size))

@@ -18,6 +18,14 @@ class ModelIdentity:
 
     weights_sha256: str  # over the weight files' names and contents
     config_sha256: str | None  # of config.json; None when the model has none
+    # of the start adapter's weights (model.adapter_path); None, and not written, without one
+    adapter_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = asdict(self)
+        if self.adapter_sha256 is None:  # a cache without an adapter reads as it always did
+            del fields["adapter_sha256"]
+        return fields
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,7 @@ class ReferenceIdentity:
     tokenization: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": asdict(self.model), "tokenization": dict(self.tokenization)}
+        return {"model": self.model.to_dict(), "tokenization": dict(self.tokenization)}
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,11 @@ class JsonFields:
         identity = self.section("identity")
         model = identity.section("model")
         return ReferenceIdentity(
-            ModelIdentity(model.take("weights_sha256", str), model.take("config_sha256", (str, type(None)))),
+            ModelIdentity(
+                model.take("weights_sha256", str),
+                model.take("config_sha256", (str, type(None))),
+                model.take("adapter_sha256", str) if "adapter_sha256" in model.values else None,
+            ),
             identity.take("tokenization", dict),
         )
 

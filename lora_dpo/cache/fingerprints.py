@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from lora_dpo.adapter_start import adapter_sha256, read_start_adapter
 from lora_dpo.config import ModelConfig
 from lora_dpo.errors import ConfigError
 from lora_dpo.fileio import sha256_file, write_json
@@ -38,6 +39,13 @@ def weights_fingerprint(cfg: ModelConfig) -> str:
         digest.update(f"{weight_file.name}:{memo.file_digest(weight_file)}\n".encode())
     memo.save()
     return digest.hexdigest()
+
+
+def adapter_fingerprint(cfg: ModelConfig) -> str | None:
+    """sha256 of the start adapter's weights (`model.adapter_path`), None without one: the
+    reference is base + that adapter, so another adapter is another reference."""
+    adapter = read_start_adapter(cfg)
+    return None if adapter is None else adapter_sha256(adapter)
 
 
 class FingerprintMemo:

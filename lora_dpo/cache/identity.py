@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lora_dpo.cache.entries import ModelIdentity, ReferenceIdentity, ReferenceRun
-from lora_dpo.cache.fingerprints import weights_fingerprint
+from lora_dpo.cache.fingerprints import adapter_fingerprint, weights_fingerprint
 from lora_dpo.cache.reader import ReferenceCache
 from lora_dpo.config import Config
 from lora_dpo.data import tokenization_settings
@@ -41,6 +41,7 @@ def model_identity(config: Config) -> ModelIdentity:
         config_sha256=hashlib.sha256(config_file.read_bytes()).hexdigest()
         if config_file and config_file.is_file()
         else None,
+        adapter_sha256=adapter_fingerprint(config.model),
     )
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lora_dpo.adapter_start import save_adapter
 from lora_dpo.checkpoint import Checkpoint, newest_intact_checkpoint, save_checkpoint
 from lora_dpo.config import Config, dump_config
 from lora_dpo.errors import ConfigError
@@ -228,7 +229,7 @@ class RunTransaction:
 
         with disk_full_is_an_error(self.work.adapter_dir):
             with staged_directory(self.work.adapter_dir) as tmp:
-                policy.save_pretrained(str(tmp))
+                save_adapter(policy, tmp)  # with the start record of a policy started from an adapter
                 tokenizer.save_pretrained(str(tmp))
         log.info("adapter saved to %s", self.target.adapter_dir)
         self.metrics.close()
