@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import shutil
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from lora_dpo.fileio import sha256_file, write_json
 SFT_NAME = "sft"  # the frozen adapter's peft name, and its directory in a stacked export
 START_RECORD = "adapter_start.json"
 POLICY_NAME = "default"  # peft's name for the adapter a run trains and saves
+REFERENCE_NAME = "start"  # a continued policy's start adapter, loaded frozen to act as its reference
 
 # The start of each policy `start_policy` built, for `save_adapter` to record.
 _STARTS: weakref.WeakKeyDictionary[torch.nn.Module, AdapterStart] = weakref.WeakKeyDictionary()
@@ -113,6 +116,41 @@ def stack_frozen(policy: Any, adapter: Adapter) -> None:  # a peft PeftModel
 
 def remember_start(policy: Any, start: AdapterStart) -> None:
     _STARTS[policy] = start
+
+
+@contextmanager
+def as_reference(policy: Any) -> Iterator[None]:  # a peft PeftModel
+    """`policy` computes as its reference inside the block: the base with every adapter off,
+    or, for a policy that started from an adapter, base + that adapter (stacked: only "sft"
+    active; continued: the start adapter, loaded frozen from its recorded path on first use,
+    since "default" has moved away from it). Active adapters and gradient flags are restored."""
+    start = _STARTS.get(policy)
+    if start is None:
+        with policy.disable_adapter():
+            yield
+        return
+    if start.mode == "stack":
+        name = SFT_NAME
+    else:
+        name = REFERENCE_NAME
+        if name not in policy.peft_config:
+            adapter = read_adapter(start.adapter_path, label=f"the start adapter {start.adapter_path!r}")
+            if adapter_sha256(adapter) != start.sha256:
+                raise ConfigError(
+                    f"{adapter.directory / ADAPTER_WEIGHTS}: not the start adapter this policy "
+                    "continued from (sha256 differs), so it cannot stand for the reference"
+                )
+            policy.load_adapter(str(adapter.directory), adapter_name=name, is_trainable=False)
+            _drop_dropout(policy, name)
+    active = list(policy.base_model.active_adapters)
+    trainable = {key for key, p in policy.named_parameters() if p.requires_grad}
+    policy.base_model.set_adapter([name])
+    try:
+        yield
+    finally:
+        policy.base_model.set_adapter(active)
+        for key, param in policy.named_parameters():
+            param.requires_grad_(key in trainable)
 
 
 def save_adapter(policy: Any, directory: Path) -> None:

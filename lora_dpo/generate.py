@@ -2,7 +2,8 @@
 
 Reward accuracy and margins say the policy moved, not what it now writes; the classic DPO
 failure (margins rising while outputs degrade) shows first in generations. The reference is
-the policy's own base with the adapter disabled (peft's `disable_adapter()`), so the base is
+the policy's own base with the adapter disabled (peft's `disable_adapter()`), or base + the
+start adapter for a run that began from one (`adapter_start.as_reference`), so the base is
 loaded once for both.
 
 Rules:
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lora_dpo.adapter_start import as_reference
 from lora_dpo.batching import pad_id_of
 from lora_dpo.config import Config
 from lora_dpo.data import TokenizedPair
@@ -233,9 +235,9 @@ def make_samples(
 
 class HeldOut:
     """Completions of fixed held-out prompts by a peft policy, and by its reference (the
-    adapter disabled), which never changes: computed once. `lora-dpo generate`, the demo,
-    training's samples (`train.generate_every`) and the win-rate judge (`train.reward_model`)
-    all generate through one."""
+    adapter disabled, or only the start adapter active), which never changes: computed once.
+    `lora-dpo generate`, the demo, training's samples (`train.generate_every`) and the win-rate
+    judge (`train.reward_model`) all generate through one."""
 
     def __init__(
         self,
@@ -279,7 +281,7 @@ class HeldOut:
 
     def reference(self, policy: Any) -> list[Completion]:
         if self._reference is None:
-            with policy.disable_adapter():
+            with as_reference(policy):
                 self._reference = self.completions(policy)
         return self._reference
 

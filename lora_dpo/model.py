@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from lora_dpo.adapter_start import (
     load_start,
     read_start_adapter,
+    read_start_record,
     remember_start,
     stack_frozen,
     stacked_under,
@@ -256,6 +257,9 @@ def load_adapter(model: PreTrainedModel, adapter: str | Path | Adapter, *, train
         ) from None
     if stacked is not None:
         stack_frozen(peft_model, stacked)
+    start = read_start_record(adapter.directory)
+    if start is not None:  # the reference generate compares with is base + the start adapter
+        remember_start(peft_model, start)
     return peft_model
 
 

@@ -319,3 +319,37 @@ def test_bad_start_adapters_are_one_line(root, tmp_path, capsys):
         == 2
     )
     assert "model.adapter_mode='both': must be one of continue, stack" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_generations_compare_with_base_plus_sft(mode, runs, root):
+    """The reference that samples and the win-rate judge generate from is base + SFT, not the
+    bare base: inside `as_reference` a loaded export computes base + sft-a's logits (stack:
+    only "sft" active; continue: the start adapter loaded from its path), and afterwards the
+    policy's own logits and gradient flags are back."""
+    from lora_dpo.adapter_start import as_reference
+    from lora_dpo.model import load_adapter
+
+    def base():
+        return load_base_model(
+            ModelConfig(name_or_path=str(root / "model")), quantize=True, dtype=torch.float32, device=CPU
+        )
+
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "model"))
+    texts = [
+        json.loads(line)["prompt"] + " kind."
+        for line in (root / "data" / "train.jsonl").read_text().splitlines()[:4]
+    ]
+    sft = logits_of(PeftModel.from_pretrained(base(), str(root / "sft-a")).eval(), tokenizer, texts)
+    bare = logits_of(base().eval(), tokenizer, texts)
+    policy = load_adapter(base(), runs[mode].output_dir / "adapter", trainable=True)
+    before = logits_of(policy.eval(), tokenizer, texts)
+    flags = {name: p.requires_grad for name, p in policy.named_parameters()}
+    with as_reference(policy):
+        reference = logits_of(policy, tokenizer, texts)
+    assert max_diff(reference, sft) < 1e-5 and max_diff(sft, bare) > 0.1
+    assert max_diff(before, sft) > 1e-3  # the trained policy is not its reference
+    assert max_diff(logits_of(policy, tokenizer, texts), before) == 0.0
+    after = {name: p.requires_grad for name, p in policy.named_parameters()}
+    assert {name: after[name] for name in flags} == flags and any(flags.values())
+    assert not any(after[name] for name in after.keys() - flags.keys())  # continue: "start" is frozen
