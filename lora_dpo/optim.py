@@ -1,5 +1,5 @@
 """Optimizer steps: which pairs each one takes, the optimizer, its learning-rate schedule and
-fp16 loss scaling, and the update that is not made when its gradients are not finite."""
+fp16 loss scaling, and the update that is not made when its loss or gradient is not finite."""
 
 from __future__ import annotations
 
