@@ -4,7 +4,7 @@
         adapter_model.safetensors   LoRA weights (safetensors: no pickled code)
         optimizer.pt, scheduler.pt  state dicts, loaded with torch.load(weights_only=True)
         ranks.pt                    per rank: RNG states and the metric window so far
-        trainer_state.json          step, number of ranks
+        trainer_state.json          step, number of ranks; with fp16, the loss scaler's state
 
 A checkpoint is written into a temporary directory and renamed into place, so a checkpoint
 directory that exists was complete when written. Damage done later (a truncated file, a
@@ -54,6 +54,7 @@ class Checkpoint:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     ranks: list[dict[str, Any]]
+    scaler: dict[str, Any]  # GradScaler.state_dict(); empty for a run without loss scaling
 
 
 def _torch_bytes(value: Any) -> bytes:
@@ -72,6 +73,7 @@ def save_checkpoint(
     scheduler: Any,
     rank_states: list[dict[str, Any]],
     keep: int,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """Rank 0 writes `root/step-<step>`; `rank_states` holds every rank's RNG states and
     metric window. Then only the newest `keep` checkpoints are kept, none newer than this one
@@ -85,7 +87,10 @@ def save_checkpoint(
         (tmp / ADAPTER).write_bytes(save_safetensors(adapter))
         for name, value in zip(TORCH_FILES, (optimizer.state_dict(), scheduler.state_dict(), rank_states)):
             (tmp / name).write_bytes(_torch_bytes(value))
-        (tmp / STATE).write_text(json.dumps({"step": step, "world_size": len(rank_states)}) + "\n")
+        state: dict[str, Any] = {"step": step, "world_size": len(rank_states)}
+        if scaler is not None and scaler.is_enabled():  # plain numbers: a float scale, int counters
+            state["loss_scaler"] = scaler.state_dict()
+        (tmp / STATE).write_text(json.dumps(state) + "\n")
     existing = checkpoint_dirs(root)
     stale = [p for p in existing if checkpoint_step(p) > step]
     current = [p for p in existing if checkpoint_step(p) <= step]
@@ -107,6 +112,7 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     try:
         state = json.loads((path / STATE).read_text())
         step, world_size = int(state["step"]), int(state["world_size"])
+        scaler = dict(state.get("loss_scaler", {}))
     except (ValueError, KeyError, TypeError) as exc:
         raise problem(STATE, f"not a trainer state ({exc})") from None
     if step != checkpoint_step(path):
@@ -128,7 +134,14 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
         held = len(ranks) if isinstance(ranks, list) else "no"
         raise problem("ranks.pt", f"holds {held} rank states for {world_size} ranks")
     return Checkpoint(
-        path, step, world_size, {k: v.to(device) for k, v in adapter.items()}, optimizer, scheduler, ranks
+        path,
+        step,
+        world_size,
+        {k: v.to(device) for k, v in adapter.items()},
+        optimizer,
+        scheduler,
+        ranks,
+        scaler,
     )
 
 
@@ -166,9 +179,10 @@ def apply_checkpoint(
     scheduler: Any,
     rank: int = 0,
     world_size: int = 1,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this rank's RNG states; returns this rank's
-    metric window (for WindowMeter.load_state_dict)."""
+    """Restore weights, optimizer, scheduler, loss scaler and this rank's RNG states; returns
+    this rank's metric window (for WindowMeter.load_state_dict)."""
     path = checkpoint.path
     if checkpoint.world_size != world_size:
         raise ConfigError(
@@ -183,6 +197,10 @@ def apply_checkpoint(
         raise ConfigError(f"{path}: adapter weights do not fit this model: {unexpected[:3]}")
     optimizer.load_state_dict(checkpoint.optimizer)
     scheduler.load_state_dict(checkpoint.scheduler)
+    if scaler is not None and scaler.is_enabled():
+        if not checkpoint.scaler:  # the dtype is part of the run's settings: a foreign file
+            raise ConfigError(f"{path / STATE}: holds no loss scaler state for this fp16 run")
+        scaler.load_state_dict(checkpoint.scaler)
     mine = checkpoint.ranks[rank]
     torch.set_rng_state(mine["torch_rng"])
     if "cuda_rng" in mine and torch.cuda.is_available():

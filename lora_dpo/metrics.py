@@ -112,9 +112,7 @@ class WindowMeter:
         metrics["skipped_steps"] = len(flags) - good_steps
         metrics["step_time_s"] = elapsed / max(self.steps, 1)
         metrics["tokens_per_s"] = self.tokens / elapsed if elapsed > 0 else 0.0
-        peak = peak_memory_mb(self.device)
-        if peak is not None:
-            metrics["peak_memory_mb"] = peak
+        metrics.update(memory_metrics(self.device))
         steps = list(zip(flags, self.step_pairs))
         self.reset()
         return metrics, steps
@@ -139,6 +137,21 @@ class WindowMeter:
         self.finite_flags = [torch.tensor(f, device=self.device) for f in state["finite_flags"]]
         self.step_pairs = state["step_pairs"]
         self.steps, self.tokens = state["steps"], state["tokens"]
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """`peak_memory_mb` (see `peak_memory_mb`); on CUDA also `peak_reserved_mb`, the caching
+    allocator's peak hold on the device (max_memory_reserved: the tensors plus its cache of
+    freed blocks), and `device_used_mb`, the device's memory in use now by everything
+    (mem_get_info: total - free), the only figure that counts the CUDA context, the kernels
+    of torch, cuBLAS and bitsandbytes, NCCL's buffers and other processes."""
+    peak = peak_memory_mb(device)
+    metrics = {} if peak is None else {"peak_memory_mb": peak}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        metrics["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+        metrics["device_used_mb"] = (total - free) / 2**20
+    return metrics
 
 
 def peak_memory_mb(device: torch.device) -> float | None:

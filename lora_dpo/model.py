@@ -37,11 +37,44 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: torch.dtype
+    reason: str  # why, for the log
+
+
+def choose_dtype(name: str, device_type: str, bf16_supported: bool) -> DtypeChoice:
+    """The compute dtype `model.dtype` names on a device of `device_type` ("cuda", "cpu"), where
+    `bf16_supported` says whether that device has bf16 in hardware. "auto": bf16 on a GPU that
+    has it; fp16 on one that does not (emulated bf16 is many times slower), which training
+    runs with loss scaling; fp32 on the CPU (bf16 and fp16 matmuls are slow there)."""
+    if name != "auto":
+        return DtypeChoice(DTYPES[name], f"model.dtype={name}")
+    if device_type != "cuda":
+        return DtypeChoice(
+            torch.float32, "model.dtype=auto off CUDA: fp32, bf16 and fp16 matmuls are slow there"
+        )
+    if bf16_supported:
+        return DtypeChoice(torch.bfloat16, "model.dtype=auto: this GPU computes in bf16 natively")
+    return DtypeChoice(
+        torch.float16, "model.dtype=auto: this GPU has no native bf16; fp16, with loss scaling in training"
+    )
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 in hardware (not emulated through fp32)."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def dtype_choice(name: str, device: torch.device) -> DtypeChoice:
+    return choose_dtype(name, device.type, native_bf16(device))
+
+
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """ "auto": bf16 on CUDA (tensor cores), fp32 on the CPU (bf16 matmuls are slow there)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    return dtype_choice(name, device).dtype
 
 
 def load_tokenizer(cfg: ModelConfig):

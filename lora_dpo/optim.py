@@ -1,9 +1,10 @@
-"""Optimizer steps: which pairs each one takes, the optimizer and its learning-rate schedule,
-and the update that is undone on the device when it is not finite."""
+"""Optimizer steps: which pairs each one takes, the optimizer, its learning-rate schedule and
+fp16 loss scaling, and the update that is not made when its loss or gradient is not finite."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -95,24 +96,63 @@ def build_scheduler(
     return get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
 
 
-def finite_step(
-    optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], finite: torch.Tensor
-) -> None:
-    """optimizer.step(), undone on the device when `finite` is False: no host sync per step.
+def loss_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for an fp16 compute dtype (gradients through fp16 activations
+    underflow to zero without it); for any other dtype a disabled scaler, whose scale, unscale
+    and step are the identity, so one code path serves every dtype."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    Costs one copy of the trainable weights and their optimizer state (the adapters only).
+
+def step_if_finite(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    finite: torch.Tensor,
+) -> bool:
+    """optimizer.step() (through the loss scaler) when `finite`, a 0-d bool on the device that
+    every rank holds alike; otherwise no step at all. The learning-rate schedule moves on
+    either way: it counts steps of the plan, not updates made. Returns whether the step was made.
+
+    A step not made leaves the weights and every piece of optimizer state exactly as they
+    were: bitsandbytes' 8-bit AdamW keeps a Python-int `step` and uint8 moments re-quantized
+    with fresh absmax values, which no on-device select after the fact restores. Deciding
+    first costs `finite.item()`, the one host sync of an optimizer step (it waits for the
+    backward pass, which the update has to wait for anyway). The scaler's update runs either
+    way: a gradient that overflowed at this loss scale lowers it for the next step.
     """
-    with torch.no_grad():
-        for param in params:
-            if param.grad is not None:
-                param.grad = torch.where(finite, param.grad, torch.zeros_like(param.grad))
-        tensors = list(params) + [
-            value
-            for param in params
-            for value in optimizer.state.get(param, {}).values()
-            if isinstance(value, torch.Tensor) and value.is_floating_point()
-        ]
-        before = [t.clone() for t in tensors]
-        optimizer.step()
-        for tensor, old in zip(tensors, before):
-            tensor.copy_(torch.where(finite, tensor, old))
+    applied = bool(finite.item())
+    if applied:
+        scaler.step(optimizer)
+    scaler.update()
+    with warnings.catch_warnings():  # a first step not made: torch warns of a call-order slip
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
+    return applied
+
+
+def release_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Drop an optimizer's state at the end of a run, so that a process that trains again (a
+    sweep) does not carry it into the next run.
+
+    bitsandbytes keeps every paged buffer it allocates in `GlobalPageManager.paged_tensors`
+    for the life of the process (for `prefetch_all`): this optimizer's are taken out of that
+    list, else they would outlive it. bitsandbytes 0.50.2 has no call that frees the CUDA
+    managed memory under a paged buffer (`cget_managed_ptr` allocates it, nothing releases
+    it), so each buffer is first moved to host memory (`prefetch_tensor(to_cpu=True)`): the
+    device pages are given back, the host copy stays mapped for the life of the process.
+    """
+    paged = [
+        value
+        for state in optimizer.state.values()
+        for value in state.values()
+        if getattr(value, "is_paged", False)
+    ]
+    if paged:
+        from bitsandbytes.functional import GlobalPageManager, prefetch_tensor
+
+        for buffer in paged:
+            prefetch_tensor(buffer, to_cpu=True)
+        ids = {id(buffer) for buffer in paged}
+        manager = GlobalPageManager.get_instance()
+        manager.paged_tensors = [t for t in manager.paged_tensors if id(t) not in ids]
+    optimizer.state.clear()

@@ -42,14 +42,16 @@ from lora_dpo.loggers import check_backends, open_logger
 from lora_dpo.logps import SequenceLogps, sequence_logps
 from lora_dpo.losses import LossSettings, PairLogps, compute_loss
 from lora_dpo.metrics import WindowMeter, console_line
-from lora_dpo.model import build_policy, default_device
+from lora_dpo.model import build_policy, default_device, dtype_choice
 from lora_dpo.offload import offload_saved_tensors
 from lora_dpo.optim import (
     StepPlan,
     build_optimizer,
     build_scheduler,
-    finite_step,
+    loss_scaler,
     optimizer_steps,
+    release_optimizer,
+    step_if_finite,
 )
 from lora_dpo.packing import choose_layout
 from lora_dpo.run.metrics_file import MetricsFile, NullMetricsFile
@@ -85,6 +87,8 @@ class TrainState:
     dist: DistInfo
     pad_id: int
     layout: str  # the batch layout choose_layout prepared the policy for (lora_dpo.packing)
+    # fp16 loss scaling; for any other compute dtype a disabled scaler (the identity)
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
     step: int = 0  # optimizer steps done (a resumed run starts at its checkpoint's)
     step0_tolerance: float | None = None  # the step-0 check, while the policy is the reference
     history: list[dict[str, float]] = field(default_factory=list)  # the logging-step records
@@ -129,9 +133,12 @@ def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = Fal
     device = inputs.device if inputs else default_device()
     with RunTransaction.open(config, resume=resume, is_main=info.is_main, device=device) as run:
         state = setup(config, inputs, run, info)
-        with StopOnSignal() as stop:
-            TrainLoop(state, run, stop).run()
-        return save(state, run)
+        try:
+            with StopOnSignal() as stop:
+                TrainLoop(state, run, stop).run()
+            return save(state, run)
+        finally:  # the process may train again (a sweep): nothing of this run's optimizer stays
+            release_optimizer(state.optimizer)
 
 
 def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: DistInfo) -> TrainState:
@@ -147,6 +154,8 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
             "train.generate_every=%d: no eval split (data.eval_path), so no samples", cfg.generate_every
         )
     device = inputs.device if inputs else default_device()
+    compute = dtype_choice(config.model.dtype, device)
+    log.info("compute dtype: %s (%s)", str(compute.dtype).removeprefix("torch."), compute.reason)
     # before the inputs: a bad reward model path costs seconds, not a model load
     reward = load_reward_model(cfg.reward_model, device) if generates and cfg.reward_model else None
     inputs = inputs or load_run_inputs(config)
@@ -170,6 +179,7 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
         info,
         pad_id_of(inputs.tokenizer),
         layout.name,
+        scaler=loss_scaler(compute.dtype, inputs.device),
     )
     if run.resume_from is not None:
         resume_from(state, run.resume_from)
@@ -199,7 +209,7 @@ def resume_from(state: TrainState, checkpoint: Checkpoint) -> None:
         )
     dist = state.dist
     window = apply_checkpoint(
-        checkpoint, state.policy, state.optimizer, state.scheduler, dist.rank, dist.world_size
+        checkpoint, state.policy, state.optimizer, state.scheduler, dist.rank, dist.world_size, state.scaler
     )
     state.meter.load_state_dict(window)
     state.step = checkpoint.step  # the policy has trained: no step-0 check
@@ -284,7 +294,8 @@ class TrainLoop:
         progress.close()
 
     def step(self, micro_batches: list[list[int]], pairs_in_step: int, step0_tolerance: float | None) -> None:
-        """One optimizer step over this rank's micro-batches; skipped on the device if not finite."""
+        """One optimizer step over this rank's micro-batches; not made if its loss or gradient
+        is not finite (the learning-rate schedule moves on either way)."""
         s, cfg = self.state, self.state.cfg
         s.meter.begin_step()
         loss, reference = s.loss, s.references()[0]
@@ -313,16 +324,19 @@ class TrainLoop:
                 out = compute_loss(loss, PairLogps.of(policy_logps, ref_chosen, ref_rejected, ref_shared))
                 # Sum over pairs / pairs in the global step: accumulation gives the mean of one
                 # big batch. DDP averages gradients over ranks, so each share is scaled back up.
-                (out.losses.sum() * (s.dist.world_size / pairs_in_step)).backward()
+                s.scaler.scale(out.losses.sum() * (s.dist.world_size / pairs_in_step)).backward()
             finite = finite & s.meter.add_pairs(out, policy_logps, tokens)
         params = [p for group in s.optimizer.param_groups for p in group["params"]]
+        s.scaler.unscale_(s.optimizer)  # fp16: the true gradients, for clipping and the step
         # None: no clipping; an infinite bound only measures the norm, for the log.
         max_norm = math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm
+        # The accumulated (and, under DDP, all-reduced) gradients' norm, one fused reduction,
+        # is finite exactly when every gradient is: the finiteness check costs nothing more.
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         finite = finite & torch.isfinite(grad_norm)
-        finite = all_reduce_(finite.to(torch.int32), "min").bool()  # every rank skips alike
-        finite_step(s.optimizer, params, finite)
-        s.scheduler.step()
+        # The loss is this rank's own: every rank must take or skip the step alike.
+        finite = all_reduce_(finite.to(torch.int32), "min").bool()
+        step_if_finite(s.optimizer, s.scheduler, s.scaler, finite)
         s.optimizer.zero_grad(set_to_none=True)
         s.meter.end_step(grad_norm, finite, rows)
 
@@ -337,6 +351,8 @@ class TrainLoop:
         s = self.state
         metrics, window = s.meter.flush()
         record = {"step": s.step, "lr": lr, **metrics}
+        if s.scaler.is_enabled():  # fp16: the loss scale the next step starts from
+            record["loss_scale"] = s.scaler.get_scale()
         s.metrics.write(record)
         s.history.append(record)
         if s.dist.is_main:
@@ -379,7 +395,7 @@ class TrainLoop:
         s = self.state
         rank_states = all_gather_objects(rank_state(s.meter))
         path = self.run_dir.save_checkpoint(
-            s.step, s.policy, s.optimizer, s.scheduler, rank_states, s.cfg.save_total_limit
+            s.step, s.policy, s.optimizer, s.scheduler, rank_states, s.cfg.save_total_limit, s.scaler
         )
         barrier()
         return path

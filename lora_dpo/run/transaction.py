@@ -197,12 +197,13 @@ class RunTransaction:
         scheduler: Any,
         rank_states: list[dict[str, Any]],
         keep: int,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> Path | None:
         if not self.is_main:
             return None
         with disk_full_is_an_error(self.work.checkpoints_dir):
             return save_checkpoint(
-                self.work.checkpoints_dir, step, policy, optimizer, scheduler, rank_states, keep
+                self.work.checkpoints_dir, step, policy, optimizer, scheduler, rank_states, keep, scaler
             )
 
     def kept_samples(self) -> list[Sample]:
