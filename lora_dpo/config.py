@@ -34,7 +34,8 @@ class ModelConfig:
     name_or_path: str = ""
     # "nf4": 4-bit NormalFloat with double quantization (QLoRA). "none": plain weights in `dtype`.
     quantization: str = setting("nf4", one_of("nf4", "none"))
-    # Compute dtype: "auto" picks bf16 on CUDA and fp32 on the CPU (bf16 matmuls are slow there).
+    # Compute dtype: "auto" picks bf16 on a GPU with native bf16, else fp16 (loss-scaled), and
+    # fp32 on the CPU (bf16 matmuls are slow there).
     dtype: str = setting("auto", one_of("auto", "fp32", "bf16", "fp16"))
     # Executing a repository's own Python code is opt-in.
     trust_remote_code: bool = False
