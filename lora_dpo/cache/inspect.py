@@ -45,6 +45,7 @@ def manifest_rows(manifest: Manifest) -> list[tuple[str, str]]:
         ("reference", f"{reference.mode} ({reference.quantization}, {reference.dtype})"),
         ("model weights sha256", model.weights_sha256),
         ("model config sha256", model.config_sha256 or "none"),
+        ("start adapter sha256", model.adapter_sha256 or "none (the base alone)"),
         *fingerprints,
         ("tokenization", settings),
         ("pairs", ", ".join(f"{split} {count}" for split, count in manifest.pairs.items())),
