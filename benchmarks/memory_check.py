@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from live_bytes import CPU_BLAS_OPS, LiveBytes, persistent_bytes  # noqa: E402
 
+from lora_dpo.architecture import Architecture  # noqa: E402
 from lora_dpo.batching import collate  # noqa: E402
 from lora_dpo.config import Config, load_config  # noqa: E402
 from lora_dpo.data import TokenizedPair  # noqa: E402
@@ -50,7 +51,7 @@ from lora_dpo.fileio import write_json, write_text  # noqa: E402
 from lora_dpo.logps import sequence_logps  # noqa: E402
 from lora_dpo.losses import preference_loss  # noqa: E402
 from lora_dpo.model import attach_lora, load_base_model  # noqa: E402
-from lora_dpo.plan import GIB, Architecture, MemoryPlan, Workload, estimate  # noqa: E402
+from lora_dpo.plan import GIB, MemoryPlan, Workload, estimate  # noqa: E402
 from lora_dpo.versions import package_versions  # noqa: E402
 
 MODELS = ("llama3.1-8b", "qwen2.5-7b", "mistral-7b")

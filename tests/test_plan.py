@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lora_dpo.architecture import Architecture
 from lora_dpo.cli import main
 from lora_dpo.config import LoraConfig, ModelConfig, load_config
 from lora_dpo.demo.models import ARCHITECTURES, tiny_config
@@ -20,7 +21,6 @@ from lora_dpo.model import attach_lora, load_base_model
 from lora_dpo.plan import (
     DDP_GRADIENT_AS_BUCKET_VIEW,
     NF4_BYTES_PER_WEIGHT,
-    Architecture,
     Workload,
     estimate,
     find_max_length,
