@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from live_bytes import CPU_BLAS_OPS, LiveBytes, persistent_bytes  # noqa: E402
 
+from lora_dpo.architecture import Architecture  # noqa: E402
 from lora_dpo.batching import collate  # noqa: E402
 from lora_dpo.config import Config, load_config  # noqa: E402
 from lora_dpo.data import TokenizedPair  # noqa: E402
@@ -50,7 +51,7 @@ from lora_dpo.fileio import write_json, write_text  # noqa: E402
 from lora_dpo.logps import sequence_logps  # noqa: E402
 from lora_dpo.losses import preference_loss  # noqa: E402
 from lora_dpo.model import attach_lora, load_base_model  # noqa: E402
-from lora_dpo.plan import GIB, Architecture, MemoryPlan, Workload, estimate  # noqa: E402
+from lora_dpo.plan import GIB, MemoryPlan, Workload, estimate  # noqa: E402
 from lora_dpo.versions import package_versions  # noqa: E402
 
 MODELS = ("llama3.1-8b", "qwen2.5-7b", "mistral-7b")
@@ -366,18 +367,20 @@ until `benchmarks/gpu_check.py` has measured them on a GPU.
 
 ## What carries over to a CUDA GPU
 
-The same: every tensor the code path makes. transformers' layers, peft's LoRA (an fp32 copy
-of every LoRA input: peft casts to the adapter's dtype when autocast is off, as it is here on
-both devices), torch's autograd and checkpointing, sdpa's saved tensors (query, key and value
+The same: every tensor the code path makes. transformers' layers, peft's LoRA, torch's
+autograd and checkpointing, sdpa's saved tensors (query, key and value
 expanded to every head when a mask rules out grouped-query sdpa, output, log-sum-exp),
 transformers' boolean mask and sdpa's additive copy of it, bitsandbytes' packed weights and
 their dequantization in backward, the fused LM head's logits chunk. Their sizes do not depend
 on the device.
 
 Different, and modelled per device in `plan` (`DROPOUT_MASK_BYTES`,
-`CHECKPOINT_RNG_STATE_BYTES`): on the CPU dropout keeps an fp32 noise tensor per LoRA input
-(CUDA's fused dropout keeps a bool mask: 1 byte instead of 4), and checkpointing keeps the
-CPU generator's 5 KB state per layer (on CUDA that state lives on the host).
+`CHECKPOINT_RNG_STATE_BYTES`, `LORA_AUTOCAST`): on the CPU dropout keeps an fp32 noise tensor
+per LoRA input (CUDA's fused dropout keeps a bool mask: 1 byte instead of 4); checkpointing
+keeps the CPU generator's 5 KB state per layer (on CUDA that state lives on the host); on the
+CPU peft casts every LoRA input to the adapter's fp32 and the branch saves fp32 tensors, while
+on CUDA the branch runs under autocast and saves them in the compute dtype (2 bytes instead of
+4, and no fp32 copy of the down projection's input).
 
 CUDA only, not measured here and estimated separately in `plan` (`cuda_only_terms`): the CUDA
 context and kernel images (taken as 0.5 GiB), and the caching allocator's reserve above live

@@ -221,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
     merge.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the merged model is built: auto (default) keeps it on the GPU only when it "
+        "fits the GPU's free memory, else builds the merged layers on the CPU",
+    )
+    merge.add_argument(
         "--overwrite",
         action="store_true",
         help="replace an existing --out (only once the new one is complete)",

@@ -131,6 +131,7 @@ def _run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
+            device=args.device,
         )
         return 0
     if getattr(args, "resume", None):

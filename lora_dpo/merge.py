@@ -13,8 +13,10 @@ Two modes, chosen explicitly:
 Memory: the base is loaded once (4-bit in `nf4-dequantized` mode) and merged module by module.
 Each merged weight is built in fp32 (one layer's worth of scratch), cast to the target dtype
 and put in place of its 4-bit or LoRA-wrapped module, which is then freed. Peak memory is one
-copy of the model at the target dtype plus one layer in fp32. The verification re-load of the
-saved model happens after the in-memory copy is released.
+copy of the model at the target dtype plus one layer in fp32. The merged copy stays on the GPU
+only when it fits there (`--device`, lora_dpo.merge_device); otherwise each merged layer moves
+to the CPU as it is built. The verification re-load of the saved model happens after the
+in-memory copy is released, on the merged copy's device.
 
 The output is written to a hidden temp directory beside the target and renamed into place at
 the end: an interrupted merge leaves no directory at the target.
@@ -46,10 +48,10 @@ from lora_dpo.config import ModelConfig, config_from_dict
 from lora_dpo.errors import ConfigError
 from lora_dpo.fileio import staged_directory, write_json
 from lora_dpo.hub import looks_like_hub_name
+from lora_dpo.merge_device import load_device, place_merged, requested_device
 from lora_dpo.model import (
     DTYPES,
     compute_dtype,
-    default_device,
     load_adapter,
     load_base_model,
     resolve_model_dir,
@@ -187,9 +189,12 @@ def merge(
     dtype: str = "bf16",
     max_shard_size: str = "5GB",
     overwrite: bool = False,
-    device: torch.device | None = None,
+    device: str | torch.device | None = "auto",
 ) -> dict[str, Any]:
     """Merge `adapter` into its base and write a standard model directory at `out`.
+
+    `device`: "cpu", "cuda" or "auto" (lora_dpo.merge_device: the merged layers stay on the GPU
+    only when they fit its free memory).
 
     Returns the merge report (also written to `out/merge_report.json`).
     """
@@ -201,7 +206,8 @@ def merge(
     mode, why = resolve_mode(mode, source)
     check_output(out, source, overwrite)
     target_dtype = DTYPES[dtype]
-    device = device or default_device()
+    requested = requested_device(device)
+    device = load_device(requested)
 
     stale = sorted(out.parent.glob(f".{out.name}.*.partial")) if out.parent.is_dir() else []
     if stale:
@@ -216,7 +222,9 @@ def merge(
     model = _load_as_trained(source, mode, load_dtype, device)
     encoded = encode_prompts(tokenizer, VERIFY_PROMPTS, device)
     reference = _logits(model, encoded)  # base + adapter, unmerged: what merging must reproduce
-    state, counts = merge_to_state_dict(model, target_dtype)
+    devices = place_merged(requested, model, target_dtype, device)
+    log.info("merged layers on %s: %s", devices.merged, devices.reason)
+    state, counts = merge_to_state_dict(model, target_dtype, devices.merged)
     del model
     merged = _plain_model(source, state, target_dtype)
     del state
@@ -228,7 +236,9 @@ def merge(
         gc.collect()
         tokenizer.save_pretrained(str(tmp))
         _check_plain_config(tmp / "config.json")
-        verification = verify(tmp, encoded, reference, target_dtype, device, source.model.trust_remote_code)
+        verification = verify(
+            tmp, encoded, reference, target_dtype, devices.merged, source.model.trust_remote_code
+        )
         report = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "adapter": str(source.adapter_dir),
@@ -238,6 +248,7 @@ def merge(
             "start": _start_report(source.adapter_dir),
             "dtype": dtype,
             "base_load_dtype": str(load_dtype).removeprefix("torch."),
+            "device": {"load": str(devices.load), "merged": str(devices.merged), "reason": devices.reason},
             "max_shard_size": max_shard_size,
             **counts,
             "verification": {
@@ -254,10 +265,14 @@ def merge(
 
 
 def merge_to_state_dict(
-    peft_model: torch.nn.Module, dtype: torch.dtype
+    peft_model: torch.nn.Module, dtype: torch.dtype, device: torch.device | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Fold every LoRA layer into its base weight and dequantize every 4-bit layer, in place,
-    one module at a time; returns the plain model's state dict at `dtype` and the counts."""
+    one module at a time; returns the plain model's state dict at `dtype` and the counts.
+
+    Each layer is dequantized and folded where it lives; its merged weight, cast to `dtype`
+    there, then moves to `device` (None: stays), so a model merged onto the CPU needs only one
+    layer of scratch on the GPU."""
     import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer
 
@@ -275,19 +290,19 @@ def merge_to_state_dict(
                 lora_a = module.lora_A[adapter].weight.float()  # [r, in]
                 lora_b = module.lora_B[adapter].weight.float()  # [out, r]
                 weight = weight + (lora_b @ lora_a) * module.scaling[adapter]
-        _replace(model, name, _linear(weight, base.bias, dtype))
+        _replace(model, name, _linear(weight, base.bias, dtype, device))
         _release(base)
         del weight, base, module  # the 4-bit (or original) layer and its adapter are freed here
     quantized = [name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     for name in quantized:  # 4-bit layers the adapter does not touch
         module = model.get_submodule(name)
-        _replace(model, name, _linear(full_precision_weight(module), module.bias, dtype))
+        _replace(model, name, _linear(full_precision_weight(module), module.bias, dtype, device))
         _release(module)
         del module
     for param in model.parameters():  # embeddings, norms, head: one tensor at a time
-        if param.dtype != dtype:
-            param.data = param.data.to(dtype)
-    return model.state_dict(), {"merged_layers": len(lora_layers), "dequantized_layers": len(quantized)}
+        param.data = param.data.to(dtype).to(device or param.device)  # no copy when already there
+    state = {key: t.to(device or t.device) for key, t in model.state_dict().items()}  # buffers too
+    return state, {"merged_layers": len(lora_layers), "dequantized_layers": len(quantized)}
 
 
 def full_precision_weight(layer: torch.nn.Module) -> torch.Tensor:
@@ -316,7 +331,7 @@ def verify(
     merged = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=dtype, device_map={"": str(device)}, trust_remote_code=trust_remote_code
     )
-    logits = _logits(merged, encoded)
+    logits = _logits(merged, (encoded[0].to(device), encoded[1].to(device)))
     del merged
     return compare_logits(reference, logits)
 
@@ -335,12 +350,17 @@ def compare_logits(reference: list[torch.Tensor], merged: list[torch.Tensor]) ->
     }
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.nn.Linear:
+def _linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device | None
+) -> torch.nn.Linear:
+    """Cast where the weight was built (the smaller copy crosses to `device`, None: stays)."""
     out_features, in_features = weight.shape
     layer = torch.nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-    layer.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+    layer.weight = torch.nn.Parameter(weight.to(dtype).to(device or weight.device), requires_grad=False)
     if bias is not None:
-        layer.bias = torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        layer.bias = torch.nn.Parameter(
+            bias.detach().to(dtype).to(device or bias.device), requires_grad=False
+        )
     return layer
 
 

@@ -18,6 +18,10 @@ at most 2 x max_length^2 x (compute dtype) bytes more per pair than the padded m
   LoRA gradients of the layers already done). Without checkpointing, every layer's activations;
 - CUDA-only terms, which no tensor accounts for (`cuda_only_terms`).
 
+Per device: on CUDA the LoRA branch runs under autocast (its saved tensors in the compute
+dtype, `LORA_AUTOCAST`) and dropout keeps a bool mask; on the CPU both are fp32, as measured.
+Under torchrun the figure is per rank, with DDP's gradient buckets (`ddp_bucket_bytes`).
+
 Weight counts are exact (tested against real models). The activation model counts the tensors
 the real code path saves (transformers' Llama-style layer, peft's LoRA, bitsandbytes' 4-bit
 matmul, torch's sdpa) and was checked against live tensor bytes measured on the CPU at the
@@ -27,17 +31,16 @@ a test keeps the two in agreement on a small model.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_dpo.architecture import Architecture
 from lora_dpo.config import Config
 from lora_dpo.errors import ConfigError
 
 GIB = 2**30
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, uint8 absmax per 64, fp32 per 256 blocks
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "auto": 2}  # auto = bf16 on CUDA
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Bytes per element of the dropout mask that backward keeps: CUDA's fused dropout keeps a bool
 # mask; on the CPU torch multiplies by a noise tensor of the input's dtype (peft's fp32).
 DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": 4}
@@ -46,100 +49,19 @@ DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": 4}
 CHECKPOINT_RNG_STATE_BYTES = {"cuda": 0, "cpu": 5056}
 # bitsandbytes keeps 32-bit optimizer state for tensors smaller than this (min_8bit_size).
 MIN_8BIT_SIZE = 4096
+# Training runs the LoRA branch under autocast at the compute dtype on CUDA: peft then leaves
+# the layer input as it is (no fp32 copy) and lora_A / lora_B save compute-dtype tensors. On
+# the CPU peft casts the input to the adapter's fp32 (what memory_check measures).
+LORA_AUTOCAST = {"cuda": True, "cpu": False}
+# lora_dpo.ddp builds DistributedDataParallel without gradient_as_bucket_view: its buckets are
+# a second copy of the gradients (with it, the gradients would be views into the buckets).
+DDP_GRADIENT_AS_BUCKET_VIEW = False
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """What the estimate needs from config.json (Llama-style decoders: Llama, Mistral, Qwen2, Gemma)."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    tie_word_embeddings: bool
-    attention_bias: bool  # Qwen2 has q/k/v biases
-    norms_per_layer: int
-
-    @classmethod
-    def from_config_json(cls, path: str | Path) -> Architecture:
-        """Through transformers' config class, so per-architecture defaults apply (no weights read)."""
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(str(path)).get_text_config()
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path}: not a model config.json ({exc})") from None
-        try:
-            hidden, heads = config.hidden_size, config.num_attention_heads
-            return cls(
-                vocab_size=config.vocab_size,
-                hidden_size=hidden,
-                intermediate_size=config.intermediate_size,
-                num_layers=config.num_hidden_layers,
-                num_heads=heads,
-                num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                head_dim=getattr(config, "head_dim", None) or hidden // heads,
-                tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-                # Qwen2 always has q/k/v biases and no flag for them
-                attention_bias=bool(getattr(config, "attention_bias", config.model_type == "qwen2")),
-                # Gemma 2 and 3 norm before and after both attention and MLP
-                norms_per_layer=4 if config.model_type in ("gemma2", "gemma3_text") else 2,
-            )
-        except AttributeError as exc:
-            raise ConfigError(f"{path}: {exc}; plan knows Llama-style decoder configs") from None
-
-    def with_layers(self, num_layers: int) -> Architecture:
-        """The same widths with another depth (the 1- and 2-layer models memory_check measures)."""
-        return dataclasses.replace(self, num_layers=num_layers)
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear layer in one decoder layer."""
-        h, i, q, kv = (
-            self.hidden_size,
-            self.intermediate_size,
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        )
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
-
-    @property
-    def linear_weights(self) -> int:  # quantized to nf4
-        return self.num_layers * sum(a * b for a, b in self.linear_shapes().values())
-
-    @property
-    def other_weights(self) -> int:
-        """Embeddings, LM head, norms, biases: kept in the compute dtype."""
-        shapes = self.linear_shapes()
-        biases = shapes["q_proj"][1] + 2 * shapes["k_proj"][1] if self.attention_bias else 0
-        heads = 1 if self.tie_word_embeddings else 2
-        return (
-            heads * self.vocab_size * self.hidden_size
-            + self.num_layers * (self.norms_per_layer * self.hidden_size + biases)
-            + self.hidden_size  # the final norm
-        )
-
-    def lora_targets(self, targets: list[str]) -> list[str]:
-        shapes = self.linear_shapes()
-        return list(LINEAR_NAMES) if targets == ["all-linear"] else [t for t in targets if t in shapes]
-
-    def lora_tensor_sizes(self, r: int, targets: list[str]) -> list[int]:
-        """Elements of each LoRA A and B matrix of one layer."""
-        shapes = self.linear_shapes()
-        return [size for n in self.lora_targets(targets) for size in (r * shapes[n][0], r * shapes[n][1])]
-
-    def lora_weights(self, r: int, targets: list[str]) -> int:
-        return self.num_layers * sum(self.lora_tensor_sizes(r, targets))
+def lora_activation_bytes(config: Config, device: str) -> int:
+    """Bytes per element of what the LoRA branch saves: the compute dtype's under CUDA
+    autocast, else the adapter's fp32 (4)."""
+    return DTYPE_BYTES[config.model.dtype] if LORA_AUTOCAST[device] else 4
 
 
 @dataclass(frozen=True)
@@ -224,9 +146,11 @@ def layer_saved_bytes_per_token(arch: Architecture, config: Config, workload: Wo
     with fp32 adapters on a bitsandbytes 4-bit base, torch sdpa).
 
     - the two RMSNorms keep their fp32 upcast input;
-    - every LoRA-wrapped linear keeps an fp32 copy of its input (peft casts the input to the
-      adapter's fp32, and dropout or lora_A keeps it) plus the dropout mask, and lora_A's
-      [r] output; the 4-bit base matmul keeps no activation (only its packed weight);
+    - every LoRA-wrapped linear keeps a copy of its input (dropout or lora_A keeps it) plus the
+      dropout mask, and lora_A's [r] output, each at `a` = lora_activation_bytes bytes per
+      element: (a + mask)·in + a·r. On the CPU a = 4 (peft casts the input to the adapter's
+      fp32); on CUDA the branch runs under autocast, a = the compute dtype's 2 bytes, which
+      halves the term. The 4-bit base matmul keeps no activation (only its packed weight);
     - attention keeps the rotated query, the key and value (expanded to every query head when a
       mask rules out grouped-query sdpa), its output and the fp32 log-sum-exp per head;
     - the MLP keeps gate, up and act(gate).
@@ -237,7 +161,8 @@ def layer_saved_bytes_per_token(arch: Architecture, config: Config, workload: Wo
     h, i = arch.hidden_size, arch.intermediate_size
     q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
     mask = DROPOUT_MASK_BYTES[device] if config.lora.dropout > 0 else 0
-    lora = sum((4 + mask) * shapes[n][0] + 4 * config.lora.r for n in targets)
+    a = lora_activation_bytes(config, device)
+    lora = sum((a + mask) * shapes[n][0] + a * config.lora.r for n in targets)
     expanded = workload.padded and arch.num_kv_heads < arch.num_heads
     attention = d * (2 * q + (2 * q if expanded else 2 * kv)) + 4 * arch.num_heads
     return arch.norms_per_layer * 4 * h + lora + attention + 3 * d * i
@@ -246,24 +171,41 @@ def layer_saved_bytes_per_token(arch: Architecture, config: Config, workload: Wo
 def last_layer_backward_bytes(arch: Architecture, config: Config, workload: Workload, device: str) -> float:
     """Activation bytes at the backward of the last decoder layer, beyond the checkpoints.
 
-    Its recomputed saved tensors, the layer's incoming gradient (compute dtype and its fp32
-    copy in the LoRA branch), the residual, and the larger of two moments of its last linear
-    layer: the LoRA branch (the down projection's input, its fp32 copy, dropout mask and output)
-    or the base matmul's dequantized weight. A padded batch adds the attention mask: bool from
-    transformers, and sdpa's additive copy in the compute dtype, which its backward keeps.
+    Its recomputed saved tensors, the layer's incoming gradient (compute dtype, and its copy
+    at `a` = lora_activation_bytes for the LoRA branch: (d + a)·H), the residual, and the
+    larger of two moments of its last linear layer:
+
+    - the LoRA branch's recompute: the down projection's input cast for the adapter (4·I on
+      the CPU, none under CUDA autocast, where the input is already in the compute dtype), the
+      dropout output and mask ((a + mask)·I) and the output and its clone (2·d·H);
+    - the base matmul's backward: bitsandbytes dequantizes a 4-bit weight ([out, in] at d) and
+      multiplies the incoming gradient by it into the gradient of the layer's input
+      ([tokens, in] at d), both alive at once: d·(out·in + tokens·in), the largest over the
+      layer's linear layers (the down projection: the largest weight, the widest input).
+
+    On the CPU the LoRA moment is the larger at every length memory_check measures; under CUDA
+    autocast the LoRA branch halves and the dequantized moment can be the peak. A padded batch
+    adds the attention mask: bool from transformers, and sdpa's additive copy in the compute
+    dtype, which its backward keeps.
     """
     d = DTYPE_BYTES[config.model.dtype]
     tokens, h, i = workload.tokens, arch.hidden_size, arch.intermediate_size
     saved = layer_saved_bytes_per_token(arch, config, workload, device)
-    transients = (d + 4) * h + d * h + d * i  # incoming gradient, residual, down_proj input
+    a = lora_activation_bytes(config, device)
+    transients = (d + a) * h + d * h + d * i  # incoming gradient, residual, down_proj input
     down_lora = 0.0
     if "down_proj" in arch.lora_targets(config.lora.target_modules):
         mask = DROPOUT_MASK_BYTES[device] if config.lora.dropout > 0 else 0
-        down_lora = 4 * i + (4 + mask) * i + 2 * d * h  # fp32 copy, dropout output and mask, output + clone
-        saved -= (4 + mask) * i  # counted in this moment, not twice
-    dequantized = (
-        max(a * b for a, b in arch.linear_shapes().values()) * d if config.model.quantization == "nf4" else 0
-    )
+        cast = 0 if LORA_AUTOCAST[device] else 4  # peft's fp32 copy of the input, without autocast
+        # input copy, dropout output and mask, output + clone
+        down_lora = cast * i + (a + mask) * i + 2 * d * h
+        saved -= (a + mask) * i  # counted in this moment, not twice
+    dequantized = 0.0
+    if config.model.quantization == "nf4":
+        # weight [out, in] and the gradient of its input [tokens, in]: down_proj's, at 8B
+        dequantized = d * max(
+            fan_in * fan_out + tokens * fan_in for fan_in, fan_out in arch.linear_shapes().values()
+        )
     attention_mask = workload.rows * workload.length**2 * (1 + d) if workload.padded else 0
     return tokens * (saved + transients) + max(tokens * down_lora, dequantized) + attention_mask
 
@@ -271,7 +213,11 @@ def last_layer_backward_bytes(arch: Architecture, config: Config, workload: Work
 def lm_head_bytes(arch: Architecture, config: Config, workload: Workload) -> tuple[int, float]:
     """(chunk, activation bytes at the LM head beyond the checkpoints): the final norm's fp32
     input and its output [2B, T, H], the response hidden states and their gradients [N, H],
-    and one chunk of logits: the linear's product and its fp32 copy [C, V]."""
+    and one chunk of logits, C = min(train.logits_chunk_size, N) tokens (lora_dpo.logps's
+    loop), at (d + 4)·C·V: the fused frozen-head path holds the fp32 logits [C, V] (turned in
+    place into d log p / d logits), and for a moment a compute-dtype [C, V] beside them, the
+    linear's product before its fp32 copy, or the gradient cast back for the matmul into
+    d log p / d h. A product made in fp32 directly would leave the cast back: the same peak."""
     d = DTYPE_BYTES[config.model.dtype]
     h, n = arch.hidden_size, workload.response_tokens
     chunk = min(config.train.logits_chunk_size, n)
@@ -283,7 +229,8 @@ def cuda_only_terms(activations: float) -> list[PlanItem]:
     records them on a GPU: max_memory_reserved against max_memory_allocated).
 
     - the CUDA context and kernel images of torch, cuBLAS and bitsandbytes, outside the
-      allocator (about 0.5 GiB on recent GPUs and drivers);
+      allocator: a fixed 0.5 GiB (about 500 MiB on recent drivers with lazy module loading,
+      CUDA_MODULE_LOADING=LAZY, torch's default since CUDA 11.7; older eager loading takes more);
     - the caching allocator's reserve above live tensors: block rounding and fragmentation
       between activations of different shapes, taken as 10% of the activation peak, at least
       0.25 GiB (cuBLAS workspaces included).
@@ -294,11 +241,21 @@ def cuda_only_terms(activations: float) -> list[PlanItem]:
     ]
 
 
+def ddp_bucket_bytes(arch: Architecture, config: Config, ranks: int) -> float:
+    """DistributedDataParallel's gradient buckets over more than one rank: a second copy of the
+    fp32 LoRA gradients, 4·(LoRA weights), unless gradient_as_bucket_view=True makes the
+    gradients views into the buckets (then nothing more)."""
+    if ranks <= 1 or DDP_GRADIENT_AS_BUCKET_VIEW:
+        return 0.0
+    return 4.0 * arch.lora_weights(config.lora.r, config.lora.target_modules)
+
+
 def estimate(
-    config: Config, arch: Architecture, workload: Workload | None = None, device: str = "cuda"
+    config: Config, arch: Architecture, workload: Workload | None = None, device: str = "cuda", ranks: int = 1
 ) -> MemoryPlan:
     """The peak of one training micro-batch on `device` ("cuda", or "cpu" to compare with a CPU
-    measurement: CPU dropout masks, and no CUDA-only terms)."""
+    measurement: CPU dropout masks, the LoRA branch in fp32, and no CUDA-only terms), per rank
+    of `ranks` (torchrun: each rank holds the whole model, and DDP's buckets)."""
     cfg = config.train
     workload = workload or Workload.worst_case(config)
     d = DTYPE_BYTES[config.model.dtype]
@@ -316,6 +273,9 @@ def estimate(
         PlanItem("LoRA weights (fp32)", lora * 4, "persistent"),
         PlanItem(f"optimizer state ({optimizer})", optimizer_bytes, "persistent"),
     ]
+    buckets = ddp_bucket_bytes(arch, config, ranks)
+    if buckets:
+        items.append(PlanItem("DDP gradient buckets (fp32 LoRA gradients)", buckets, "persistent"))
     layer = last_layer_backward_bytes(arch, config, workload, device)
     host = 0.0
     if cfg.gradient_checkpointing:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from lora_dpo.batching import COLLATE, pad_id_of
 from lora_dpo.cache import (
     ReferenceValues,
+    Step0Tolerance,
     check_step0_agreement,
     step0_tolerance_for,
 )
@@ -90,7 +91,7 @@ class TrainState:
     # fp16 loss scaling; for any other compute dtype a disabled scaler (the identity)
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
     step: int = 0  # optimizer steps done (a resumed run starts at its checkpoint's)
-    step0_tolerance: float | None = None  # the step-0 check, while the policy is the reference
+    step0_tolerance: Step0Tolerance | None = None  # the step-0 check, while the policy is the reference
     history: list[dict[str, float]] = field(default_factory=list)  # the logging-step records
     eval_before: EvalMetrics | None = None
     eval_after: EvalMetrics | None = None
@@ -293,7 +294,9 @@ class TrainLoop:
             self.faults.after_step(step, s.dist.rank)
         progress.close()
 
-    def step(self, micro_batches: list[list[int]], pairs_in_step: int, step0_tolerance: float | None) -> None:
+    def step(
+        self, micro_batches: list[list[int]], pairs_in_step: int, step0_tolerance: Step0Tolerance | None
+    ) -> None:
         """One optimizer step over this rank's micro-batches; not made if its loss or gradient
         is not finite (the learning-rate schedule moves on either way)."""
         s, cfg = self.state, self.state.cfg
@@ -319,7 +322,8 @@ class TrainLoop:
                     policy_logps = self.logps(batch)  # chosen and rejected in one forward
                 if step0_tolerance is not None and number == 0:
                     assert ref_chosen is not None and ref_rejected is not None  # set only with a reference
-                    check_step0_agreement(policy_logps, ref_chosen, ref_rejected, step0_tolerance)
+                    named = (batch.source_indices, batch.pair_hashes)  # the error names the worst pair
+                    check_step0_agreement(policy_logps, ref_chosen, ref_rejected, step0_tolerance, *named)
                 # the policy's token counts are the cache's: the same pair, the same tokens
                 out = compute_loss(loss, PairLogps.of(policy_logps, ref_chosen, ref_rejected, ref_shared))
                 # Sum over pairs / pairs in the global step: accumulation gives the mean of one

@@ -22,6 +22,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lora_dpo.merge as merge_module
@@ -30,6 +31,7 @@ from lora_dpo.config import ModelConfig
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import ConfigError
 from lora_dpo.merge import find_adapter, merge, merge_to_state_dict, resolve_mode
+from lora_dpo.merge_device import choose_merged_device, margin_bytes, merged_model_bytes, requested_device
 from lora_dpo.model import load_adapter, load_base_model
 from lora_dpo.train import train
 from precompute import precompute_reference
@@ -275,6 +277,102 @@ def test_layers_are_freed_as_they_are_merged(trained_run, demo_workdir, monkeypa
     assert seen == [2 * n for n in range(14, 0, -1)]  # the k-th merge sees only the layers not yet merged
     assert counts == {"merged_layers": 14, "dequantized_layers": 0}
     assert all(t.dtype == torch.float32 for t in state.values())
+
+
+GIB = 2**30
+
+
+def test_merge_device_decision_covers_every_branch():
+    """The GPU only when the merged model and its margin fit the free memory, or when asked for."""
+    fp32_8b, bf16_8b = 30 * GIB, 15 * GIB  # an 8B model merged at fp32 / bf16
+    assert margin_bytes(bf16_8b) == int(1.5 * GIB) and margin_bytes(1000) == GIB
+    assert choose_merged_device("cpu", bf16_8b, 100 * GIB, True)[0] == "cpu"  # asked for
+    assert choose_merged_device("auto", bf16_8b, None, False) == ("cpu", "auto: no CUDA GPU")
+    where, why = choose_merged_device("auto", fp32_8b, 18 * GIB, True)  # a 24 GiB card, base loaded
+    assert where == "cpu" and why.startswith("auto: does not fit the GPU") and "33.00 GiB needed" in why
+    assert choose_merged_device("auto", bf16_8b, 18 * GIB, True)[0] == "cuda"
+    need = bf16_8b + margin_bytes(bf16_8b)
+    assert choose_merged_device("auto", bf16_8b, need, True)[0] == "cuda"  # exactly fits
+    assert choose_merged_device("auto", bf16_8b, need - 1, True)[0] == "cpu"
+    where, why = choose_merged_device("cuda", fp32_8b, 18 * GIB, True)  # asked for, even if tight
+    assert where == "cuda" and why.startswith("chosen (--device cuda)")
+    with pytest.raises(ConfigError, match=r"^--device cuda: no CUDA GPU is available"):
+        choose_merged_device("cuda", bf16_8b, None, False)
+    assert [requested_device(d) for d in (None, "auto", CPU, torch.device("cuda", 1))] == [
+        "auto",
+        "auto",
+        "cpu",
+        "cuda",
+    ]
+    with pytest.raises(ConfigError, match=r"--device 'gpu': must be one of auto, cpu, cuda"):
+        requested_device("gpu")
+
+
+def unique_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of a state dict's tensors, a tied tensor once."""
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merging_layer_by_layer_onto_a_device_equals_merging_in_place(trained_run, demo_workdir, dtype):
+    """The merged tensors moved to `device` one layer at a time are today's in-place merge,
+    bit for bit; the size the device choice uses is the merged model's exact size."""
+    model_dir, adapter_dir = demo_workdir / "model", trained_run / "adapter"
+    in_place_model = base_plus_adapter(model_dir, adapter_dir, quantized=True)
+    size = merged_model_bytes(in_place_model, dtype)
+    in_place, counts = merge_to_state_dict(in_place_model, dtype)
+    moved, moved_counts = merge_to_state_dict(
+        base_plus_adapter(model_dir, adapter_dir, quantized=True), dtype, CPU
+    )
+    assert counts == moved_counts and sorted(in_place) == sorted(moved)
+    assert all(torch.equal(in_place[k], moved[k]) and moved[k].device == CPU for k in in_place)
+    assert all(t.dtype == dtype for t in moved.values())
+    assert size == unique_bytes(moved)
+
+
+def merge_cli(adapter: Path, out: Path, *extra: str) -> int:
+    return cli_main(
+        ["merge", "--adapter", str(adapter), "--out", str(out), "--dtype", "fp32", "--quiet", *extra]
+    )
+
+
+def test_device_cpu_and_auto_write_the_same_model(trained_run, tmp_path, capsys):
+    """`--device cpu` and the default `auto` (the CPU without a GPU) write identical tensors;
+    `--device cuda` without a GPU is a one-line error."""
+    assert merge_cli(trained_run, tmp_path / "cpu", "--device", "cpu") == 0
+    assert merge_cli(trained_run, tmp_path / "auto") == 0
+    on_cpu, auto = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("cpu", "auto"))
+    assert sorted(on_cpu) == sorted(auto) and all(torch.equal(on_cpu[k], auto[k]) for k in on_cpu)
+    report = json.loads((tmp_path / "cpu" / REPORT).read_text())
+    assert report["device"] == {"load": "cpu", "merged": "cpu", "reason": "chosen (--device cpu)"}
+    if not torch.cuda.is_available():
+        assert json.loads((tmp_path / "auto" / REPORT).read_text())["device"]["reason"] == "auto: no CUDA GPU"
+        capsys.readouterr()
+        assert merge_cli(trained_run, tmp_path / "cuda", "--device", "cuda") == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "error: --device cuda: no CUDA GPU is available; use --device cpu or auto"
+        assert not (tmp_path / "cuda").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_merged_layers_built_on_the_cpu_equal_the_gpu_merge(trained_run, demo_workdir):
+    """On a GPU: dequantized and folded there, moved to the CPU layer by layer, the merged
+    tensors equal those of the whole merge on the GPU."""
+    cuda = torch.device("cuda")
+
+    def on_gpu():
+        base = load_base_model(
+            ModelConfig(name_or_path=str(demo_workdir / "model")),
+            quantize=True,
+            dtype=torch.bfloat16,
+            device=cuda,
+        )
+        return load_adapter(base, trained_run / "adapter").eval()
+
+    whole, _ = merge_to_state_dict(on_gpu(), torch.bfloat16)
+    moved, _ = merge_to_state_dict(on_gpu(), torch.bfloat16, CPU)
+    assert all(whole[k].device.type == "cuda" and moved[k].device == CPU for k in whole)
+    assert all(torch.equal(whole[k].cpu(), moved[k]) for k in whole)
 
 
 @pytest.mark.slow

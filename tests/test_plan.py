@@ -12,18 +12,21 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lora_dpo.architecture import Architecture
 from lora_dpo.cli import main
 from lora_dpo.config import LoraConfig, ModelConfig, load_config
 from lora_dpo.demo.models import ARCHITECTURES, tiny_config
 from lora_dpo.errors import ConfigError
 from lora_dpo.model import attach_lora, load_base_model
 from lora_dpo.plan import (
+    DDP_GRADIENT_AS_BUCKET_VIEW,
     NF4_BYTES_PER_WEIGHT,
-    Architecture,
     Workload,
     estimate,
     find_max_length,
     find_model_config,
+    last_layer_backward_bytes,
+    layer_saved_bytes_per_token,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -257,6 +260,51 @@ def test_plan_takes_any_depth_and_batch_and_the_cpu():
         estimate(config, arch, Workload(2, 512, 256, padded=False)).total
         < estimate(config, arch, Workload(2, 512, 256)).total
     )
+
+
+def test_the_lora_branch_is_compute_dtype_under_cuda_autocast_and_fp32_on_the_cpu():
+    """Per token and LoRA-wrapped linear with `in` inputs: (a + mask)·in + a·r, a = 4 on the
+    CPU (peft's fp32 copy, fp32 dropout noise) and the compute dtype's 2 under CUDA autocast
+    (bool mask)."""
+    arch = recipe_arch(CONFIGS / "mistral-7b.yaml")
+    config = load_config(CONFIGS / "mistral-7b.yaml")  # bf16 on CUDA, dropout 0.05, r 16, all-linear
+    workload = Workload(2, 512, 256)
+    inputs = sum(fan_in for fan_in, _ in arch.linear_shapes().values())
+    cpu, cuda = (layer_saved_bytes_per_token(arch, config, workload, device) for device in ("cpu", "cuda"))
+    assert cpu - cuda == ((4 + 4) - (2 + 1)) * inputs + (4 - 2) * 16 * 7
+    config.model.dtype = "fp32"  # autocast at fp32 changes nothing: only the masks differ
+    cpu, cuda = (layer_saved_bytes_per_token(arch, config, workload, device) for device in ("cpu", "cuda"))
+    assert cpu - cuda == (4 - 1) * inputs
+
+
+def test_the_dequantized_moment_holds_the_weight_and_the_gradient_of_its_input():
+    """A short batch, where bitsandbytes' backward of the largest 4-bit layer is the moment:
+    its dequantized [out, in] weight and the [tokens, in] gradient it makes, at 2 bytes."""
+    arch = recipe_arch(CONFIGS / "llama3.1-8b.yaml")
+    config = load_config(CONFIGS / "llama3.1-8b.yaml")
+    workload = Workload(2, 8, 14)
+    tokens, i, h = workload.tokens, arch.intermediate_size, arch.hidden_size
+    nf4 = last_layer_backward_bytes(arch, config, workload, "cuda")
+    config.model.quantization = "none"  # the same layer without a dequantized moment
+    plain = last_layer_backward_bytes(arch, config, workload, "cuda")
+    down_lora = (2 + 1) * i + 2 * 2 * h  # dropout output and bool mask, output and its clone
+    assert nf4 - plain == 2 * (i * h + tokens * i) - tokens * down_lora
+    assert max(a * b for a, b in arch.linear_shapes().values()) == i * h  # the MLP's
+
+
+def test_ddp_buckets_are_counted_as_lora_dpo_ddp_builds_them():
+    """Over more than one rank, DDP's buckets copy the fp32 LoRA gradients, unless
+    gradient_as_bucket_view makes the gradients their views; the plan follows lora_dpo.ddp."""
+    arch = recipe_arch(CONFIGS / "llama3.1-8b.yaml")
+    config = load_config(CONFIGS / "llama3.1-8b.yaml")
+    one, two = (estimate(config, arch, ranks=ranks) for ranks in (1, 2))
+    ddp_source = (Path(__file__).resolve().parents[1] / "lora_dpo" / "ddp.py").read_text()
+    assert DDP_GRADIENT_AS_BUCKET_VIEW == ("gradient_as_bucket_view=True" in ddp_source), (
+        "lora_dpo.plan.DDP_GRADIENT_AS_BUCKET_VIEW must say how lora_dpo.ddp builds DistributedDataParallel"
+    )
+    copy = 0 if DDP_GRADIENT_AS_BUCKET_VIEW else 4 * arch.lora_weights(16, ["all-linear"])
+    assert two.total - one.total == pytest.approx(copy)
+    assert not any("DDP" in item.name for item in one.items)
 
 
 def test_find_max_length_is_the_longest_that_fits():

@@ -43,7 +43,7 @@ from lora_dpo.cache.manifest_v1 import ManifestV1
 from lora_dpo.cache.overview import PairOverview
 from lora_dpo.cache.reader import ReferenceCache, ReferenceValues
 from lora_dpo.cache.share import export_cache, import_cache, merge_caches
-from lora_dpo.cache.step0 import check_step0_agreement, step0_tolerance_for
+from lora_dpo.cache.step0 import Step0Tolerance, check_step0_agreement, step0_tolerance_for
 from lora_dpo.cache.store import unlisted_shards
 
 __all__ = [
@@ -63,6 +63,7 @@ __all__ = [
     "ReferenceValues",
     "ShardEntry",
     "ShardRecords",
+    "Step0Tolerance",
     "build_cache",
     "check_step0_agreement",
     "default_plot_path",
