@@ -182,6 +182,7 @@ PAIR_SCORE_FIELDS = tuple(field.name for field in dataclasses.fields(PairScores)
 
 def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | None = None) -> EvalMetrics:
     """`lora-dpo eval`: the eval split of `config` against its cache, for an adapter or the base.
+    Under torchrun the ranks share the scoring and all return the metrics; rank 0 alone judges.
 
     `base` (`--base`) replaces `model.name_or_path` and accepts an adapter recorded for
     another base; the adapter's shapes are checked against the base either way. The adapter
@@ -220,7 +221,8 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
         )
         reference = cache.aligned(pairs, "eval")
     judge = None
-    if adapter is not None:  # (the bare base is its own reference: nothing to judge)
+    # (the bare base is its own reference: nothing to judge; under torchrun, rank 0 judges)
+    if adapter is not None and dist_info().is_main:
         from lora_dpo.generate import HeldOut
         from lora_dpo.judge import judge_from_config
 

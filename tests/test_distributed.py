@@ -126,6 +126,21 @@ def test_training_on_two_ranks_equals_one_at_the_same_global_batch(workdir, tmp_
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
+def test_eval_under_torchrun_prints_the_one_process_metrics_once(workdir, tmp_path):
+    config = config_for(workdir, tmp_path, output_dir=str(tmp_path / "run"))
+    run([sys.executable, "-m", "lora_dpo.cli", "precompute-ref"], config, tmp_path, "cache")
+    run([sys.executable, "-m", "lora_dpo.cli", "train"], config, tmp_path, "train")
+    evaluate = ["-m", "lora_dpo.cli", "eval", "--adapter", config.train.output_dir]
+    one = run([sys.executable, *evaluate], config, tmp_path, "one")
+    two = run([*TORCHRUN, *evaluate], config, tmp_path, "two")
+
+    def printed(out: str) -> list[str]:
+        return [line for line in out.splitlines() if line.startswith("eval/")]
+
+    assert len(printed(one.stdout)) > 5
+    assert printed(two.stdout) == printed(one.stdout)  # once: rank 0 reports
+
+
 def eval_records(run_dir: str) -> list[dict[str, float]]:
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records if "eval/loss" in r]
