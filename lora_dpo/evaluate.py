@@ -144,37 +144,48 @@ def score_across_ranks(
     share = balanced_assignment(tokens, info.world_size)[info.rank]
     quiet = {} if info.is_main else {"disable": True}  # one bar per job, not per rank
     progress = tqdm(total=sum(len(batches[k]) for k in share), desc="eval", unit="pair", leave=False, **quiet)
-    mine = score_pairs(
-        model,
-        pairs,
-        batch_size=len(pairs),  # unused: the batches are given
-        pad_id=pad_id,
-        device=device,
-        progress=progress,
-        layout=layout,
-        batches=[batches[k] for k in share],
-        **statistics,
-    ) if share else None
+    mine = None  # a rank dealt no batch (fewer batches than ranks) scores nothing
+    if share:
+        mine = score_pairs(
+            model,
+            pairs,
+            batch_size=len(pairs),  # unused: the batches are given
+            pad_id=pad_id,
+            device=device,
+            progress=progress,
+            layout=layout,
+            batches=[batches[k] for k in share],
+            **statistics,
+        )
     progress.close()
     if not info.enabled:
         assert mine is not None, "one process scores every batch"
         return mine
+    return in_pair_order(all_gather_objects((share, mine)), batches, len(pairs))
+
+
+def in_pair_order(
+    parts: Sequence[tuple[list[int], PairScores | None]], batches: Sequence[Sequence[int]], total: int
+) -> PairScores:
+    """The ranks' rows (each: the indices of the batches it scored, and their scores) placed
+    where their pairs are in the flattened `batches`: a copy, so values come out unchanged."""
     starts = [0, *accumulate(len(batch) for batch in batches)]
-    whole: dict[str, torch.Tensor | None] = {}
-    for rank_share, scores in all_gather_objects((share, mine)):
+    whole: dict[str, torch.Tensor | None] = dict.fromkeys(PAIR_SCORE_FIELDS)
+    for share, scores in parts:
         if scores is None:
             continue
-        rows = torch.tensor([row for k in rank_share for row in range(starts[k], starts[k] + len(batches[k]))])
+        rows = torch.tensor([row for k in share for row in range(starts[k], starts[k] + len(batches[k]))])
         for name in PAIR_SCORE_FIELDS:
             value = getattr(scores, name)
             if value is None:  # a statistic not asked for
-                whole[name] = None
                 continue
-            per_row = value.view(-1, len(rows))  # [1, n], or [2, n] for chosen rows then rejected
-            if whole.get(name) is None:
-                whole[name] = per_row.new_empty(per_row.shape[0], len(pairs))
-            whole[name][:, rows] = per_row  # type: ignore[index]
-    return PairScores(**{name: None if value is None else value.flatten() for name, value in whole.items()})  # type: ignore[arg-type]
+            per_row = value.view(-1, len(rows))  # [1, n], or [2, n]: chosen rows, then rejected
+            placed = whole[name]
+            if placed is None:
+                placed = whole[name] = per_row.new_empty(per_row.shape[0], total)
+            placed[:, rows] = per_row
+    flat = {name: None if value is None else value.flatten() for name, value in whole.items()}
+    return PairScores(**flat)  # type: ignore[arg-type]
 
 
 PAIR_SCORE_FIELDS = tuple(field.name for field in dataclasses.fields(PairScores))
