@@ -63,10 +63,11 @@ def launched_by_torchrun() -> bool:
 
 
 def init_distributed() -> DistInfo:
-    """Join the process group torchrun describes in the environment (no-op for one process)."""
+    """Join the process group torchrun describes in the environment (no-op for one process),
+    and make the gloo group the waits for a slow rank use."""
+    global _wait_group
     if not launched_by_torchrun() or dist.is_initialized():
         return dist_info()
-    global _wait_group
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     timeout = FaultHooks.from_env().collective_timeout or COLLECTIVE_TIMEOUT
     if torch.cuda.is_available():
