@@ -157,8 +157,8 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_data_check(config)
     if launched_by_torchrun():
-        if args.verb not in ("precompute-ref", "train"):
-            raise ConfigError(f"{args.verb} runs in one process; torchrun is for precompute-ref and train")
+        if args.verb not in ("precompute-ref", "train", "eval"):
+            raise ConfigError(f"{args.verb} runs in one process; torchrun is for precompute-ref, train and eval")
         if not init_distributed().is_main:
             logging.getLogger().setLevel(logging.WARNING)  # one log per job, from rank 0
     try:
@@ -200,11 +200,13 @@ def _run_stage(args: argparse.Namespace, config: Any) -> int:
         print("\n".join(samples_markdown(samples, limit=3)))
         print(f"samples: {out_dir / 'samples.jsonl'}, {out_dir / 'samples.md'}")
     elif args.verb == "eval":
+        from lora_dpo.distributed import dist_info
         from lora_dpo.evaluate import evaluate_run
 
         metrics = evaluate_run(config, args.adapter, base=args.base)
-        for key, value in metrics.to_dict().items():
-            print(f"{key}: {value:.4f}")
+        if dist_info().is_main:  # one report per job
+            for key, value in metrics.to_dict().items():
+                print(f"{key}: {value:.4f}")
     return 0
 
 

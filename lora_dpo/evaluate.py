@@ -7,22 +7,25 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from lora_dpo.batching import length_sorted_batches, pad_id_of
+from lora_dpo.batching import batch_tokens, length_sorted_batches, pad_id_of
 from lora_dpo.cache import ReferenceValues
 from lora_dpo.config import Config
 from lora_dpo.data import TokenizedPair, load_preference_data
+from lora_dpo.distributed import all_gather_objects, dist_info
 from lora_dpo.errors import ConfigError
 from lora_dpo.logps import SequenceLogps
 from lora_dpo.losses import LossSettings, PairLogps, compute_loss
 from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
 from lora_dpo.packing import choose_layout
-from lora_dpo.scoring import score_pairs
+from lora_dpo.rank_work import balanced_assignment
+from lora_dpo.scoring import PairScores, score_pairs, scoring_batches
 
 if TYPE_CHECKING:
     from lora_dpo.judge import WinRate
@@ -92,23 +95,14 @@ def evaluate(
     """Score `pairs` (aligned with `reference`; None for a reference-free objective) with the
     training objective and training's per-pair metrics, over all held-out pairs at once (RPO's
     per-token NLL is over all of them). Batches as the precompute makes them: `batch_size`
-    pairs, or `max_tokens` in `layout`."""
+    pairs, or `max_tokens` in `layout`. Under torchrun every rank calls it: each scores a share
+    of the batches (`score_across_ranks`) and every rank gets the metrics one process would."""
     was_training = model.training
     model.eval()  # no LoRA dropout
     order = [i for batch in length_sorted_batches(pairs, batch_size) for i in batch]  # little padding
-    progress = tqdm(total=len(order), desc="eval", unit="pair", leave=False)
-    scores = score_pairs(
-        model,
-        [pairs[i] for i in order],
-        batch_size=batch_size,
-        pad_id=pad_id,
-        device=device,
-        progress=progress,
-        layout=layout,
-        max_tokens=max_tokens,
-        **loss.statistics,
-    )
-    progress.close()
+    ordered = [pairs[i] for i in order]
+    batches = scoring_batches(ordered, batch_size, layout, max_tokens)
+    scores = score_across_ranks(model, ordered, batches, pad_id, device, layout, loss.statistics)
     model.train(was_training)
     policy = SequenceLogps(
         logps=torch.cat([scores.chosen, scores.rejected]),  # [2N], chosen first
@@ -131,8 +125,75 @@ def evaluate(
     )
 
 
+def score_across_ranks(
+    model: torch.nn.Module,
+    pairs: Sequence[TokenizedPair],
+    batches: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device,
+    layout: str,
+    statistics: dict[str, bool],
+) -> PairScores:
+    """`pairs` scored in `batches` (one process's, covering `pairs` in order), the rows in pair
+    order. Under torchrun each rank scores whole batches, dealt by their decoder tokens, and
+    the ranks gather the rows: a pair is scored in the batch it has in one process, so its
+    values are the one-process values bit for bit on any device (a batch of another shape may
+    round differently on a GPU), and so are the metrics computed from them in that order."""
+    info = dist_info()
+    tokens = [batch_tokens(layout, [pairs[i] for i in batch]) for batch in batches]
+    share = balanced_assignment(tokens, info.world_size)[info.rank]
+    quiet = {} if info.is_main else {"disable": True}  # one bar per job, not per rank
+    progress = tqdm(total=sum(len(batches[k]) for k in share), desc="eval", unit="pair", leave=False, **quiet)
+    mine = None  # a rank dealt no batch (fewer batches than ranks) scores nothing
+    if share:
+        mine = score_pairs(
+            model,
+            pairs,
+            batch_size=len(pairs),  # unused: the batches are given
+            pad_id=pad_id,
+            device=device,
+            progress=progress,
+            layout=layout,
+            batches=[batches[k] for k in share],
+            **statistics,
+        )
+    progress.close()
+    if not info.enabled:
+        assert mine is not None, "one process scores every batch"
+        return mine
+    return in_pair_order(all_gather_objects((share, mine)), batches, len(pairs))
+
+
+def in_pair_order(
+    parts: Sequence[tuple[list[int], PairScores | None]], batches: Sequence[Sequence[int]], total: int
+) -> PairScores:
+    """The ranks' rows (each: the indices of the batches it scored, and their scores) placed
+    where their pairs are in the flattened `batches`: a copy, so values come out unchanged."""
+    starts = [0, *accumulate(len(batch) for batch in batches)]
+    whole: dict[str, torch.Tensor | None] = dict.fromkeys(PAIR_SCORE_FIELDS)
+    for share, scores in parts:
+        if scores is None:
+            continue
+        rows = torch.tensor([row for k in share for row in range(starts[k], starts[k] + len(batches[k]))])
+        for name in PAIR_SCORE_FIELDS:
+            value = getattr(scores, name)
+            if value is None:  # a statistic not asked for
+                continue
+            per_row = value.view(-1, len(rows))  # [1, n], or [2, n]: chosen rows, then rejected
+            placed = whole[name]
+            if placed is None:
+                placed = whole[name] = per_row.new_empty(per_row.shape[0], total)
+            placed[:, rows] = per_row
+    flat = {name: None if value is None else value.flatten() for name, value in whole.items()}
+    return PairScores(**flat)  # type: ignore[arg-type]
+
+
+PAIR_SCORE_FIELDS = tuple(field.name for field in dataclasses.fields(PairScores))
+
+
 def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | None = None) -> EvalMetrics:
     """`lora-dpo eval`: the eval split of `config` against its cache, for an adapter or the base.
+    Under torchrun the ranks share the scoring and all return the metrics; rank 0 alone judges.
 
     `base` (`--base`) replaces `model.name_or_path` and accepts an adapter recorded for
     another base; the adapter's shapes are checked against the base either way. The adapter
@@ -171,7 +232,8 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
         )
         reference = cache.aligned(pairs, "eval")
     judge = None
-    if adapter is not None:  # (the bare base is its own reference: nothing to judge)
+    # (the bare base is its own reference: nothing to judge; under torchrun, rank 0 judges)
+    if adapter is not None and dist_info().is_main:
         from lora_dpo.generate import HeldOut
         from lora_dpo.judge import judge_from_config
 

@@ -49,15 +49,19 @@ def score_pairs(
     progress: Any = None,
     layout: str = "padded",
     max_tokens: int = 0,
+    batches: Sequence[Sequence[int]] | None = None,
     **statistics: bool,
 ) -> PairScores:
     """Consecutive batches (`scoring_batches`) in the given order (sort the pairs by length
     first for little padding), collated in `layout` (lora_dpo.packing.choose_layout prepares
     the model for it). `progress` (a tqdm bar) is advanced by the pairs scored. `statistics`
-    are sequence_logps's optional ones (shared_prefix=True, ...)."""
+    are sequence_logps's optional ones (shared_prefix=True, ...). `batches` (index lists into
+    `pairs`) replaces those batches: rows then come in their order."""
     chosen, rejected, chosen_tokens, rejected_tokens = [], [], [], []
     extra: dict[str, list[torch.Tensor]] = {"shared_logps": [], "log_sum_sq_probs": []}
-    for indices in scoring_batches(pairs, batch_size, layout, max_tokens):
+    if batches is None:
+        batches = scoring_batches(pairs, batch_size, layout, max_tokens)
+    for indices in batches:
         batch = COLLATE[layout]([pairs[i] for i in indices], pad_id).to(device)
         out = sequence_logps(model, batch, **statistics)
         chosen.append(out.chosen.cpu())

@@ -32,7 +32,7 @@ from lora_dpo.cache import (
 from lora_dpo.checkpoint import Checkpoint, apply_checkpoint
 from lora_dpo.config import Config, TrainConfig
 from lora_dpo.ddp import ddp_module
-from lora_dpo.distributed import DistInfo, all_gather_objects, all_reduce_, barrier, dist_info
+from lora_dpo.distributed import DistInfo, all_gather_objects, all_reduce_, dist_info, wait_for_ranks
 from lora_dpo.errors import LoraDpoError, TrainingInterrupted
 from lora_dpo.evaluate import EvalMetrics, evaluate
 from lora_dpo.faults import FaultHooks
@@ -145,7 +145,7 @@ def train(config: Config, inputs: RunInputs | None = None, *, resume: bool = Fal
 def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: DistInfo) -> TrainState:
     """Load the inputs, make the run directory's first writes, build what training advances."""
     cfg = config.train
-    barrier()  # every rank has checked the run directory before rank 0 writes to it
+    wait_for_ranks("the run directory checked")  # by every rank, before rank 0 writes to it
     seed_everything(cfg.seed)
     started = time.perf_counter()  # wall time in metrics.jsonl counts from here
     check_backends(cfg.report_to)  # a missing tensorboard/wandb costs seconds, not a model load
@@ -198,6 +198,7 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
     state.metrics = run.open_metrics(
         lambda path: open_logger(cfg.report_to, path, config.to_dict(), resume_step), started
     )
+    wait_for_ranks("setup")  # rank 0 alone loaded the reward model and opened the loggers
     return state
 
 
@@ -230,7 +231,7 @@ def save(state: TrainState, run: RunTransaction) -> TrainResult:
             "the trained adapter holds non-finite values; it was not saved"
         )  # skipped steps: cannot happen
     run.publish(state.policy, state.inputs.tokenizer)
-    barrier()
+    wait_for_ranks("the adapter published")
     return TrainResult(
         run.target.path,
         run.target.adapter_dir,
@@ -364,10 +365,10 @@ class TrainLoop:
         self.consecutive_skips = self.report_skips(window, self.consecutive_skips, s.step)
 
     def run_eval(self, step: int) -> EvalMetrics | None:
-        """On rank 0 (the others wait): evaluation is a small fraction of a run."""
+        """On every rank, each scoring a share of the pairs; the judge on rank 0 (the others wait)."""
         s = self.state
         metrics = None
-        if s.inputs.eval_pairs and s.dist.is_main:
+        if s.inputs.eval_pairs:
             metrics = evaluate(
                 s.policy,
                 s.inputs.eval_pairs,
@@ -379,10 +380,10 @@ class TrainLoop:
                 s.layout,
                 s.config.precompute.max_tokens_per_batch,
             )
-            if s.judge is not None:
+            if s.judge is not None:  # rank 0 only
                 metrics = metrics.judged(s.judge(s.policy))
-            s.metrics.write({"step": step, **metrics.to_dict()})
-        barrier()
+            s.metrics.write({"step": step, **metrics.to_dict()})  # rank 0 only
+        wait_for_ranks("eval")
         return metrics
 
     def write_samples(self) -> None:
@@ -392,7 +393,7 @@ class TrainLoop:
         if s.held_out is not None:
             s.samples += s.held_out.samples(s.policy, s.step)
             self.run_dir.write_samples(s.samples)
-        barrier()
+        wait_for_ranks("samples")
 
     def checkpoint(self) -> Path | None:
         """Every rank's RNG states and metric window, gathered; rank 0 writes the checkpoint."""
@@ -401,7 +402,7 @@ class TrainLoop:
         path = self.run_dir.save_checkpoint(
             s.step, s.policy, s.optimizer, s.scheduler, rank_states, s.cfg.save_total_limit, s.scaler
         )
-        barrier()
+        wait_for_ranks("checkpoint")
         return path
 
     def agree_to_stop(self) -> bool:

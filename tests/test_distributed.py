@@ -1,5 +1,5 @@
-"""Both stages under real `torchrun` (gloo on the CPU): the same cache and the same training as
-one process, and a failing rank stops the whole job."""
+"""Both stages under real `torchrun` (gloo on the CPU): the same cache, training and eval as one
+process, a rank far behind the others waited for, and a failing rank stops the whole job."""
 
 from __future__ import annotations
 
@@ -42,10 +42,10 @@ def config_for(workdir: Path, tmp_path: Path, **train):
     return config
 
 
-def run(args: list[str], config, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+def run(args: list[str], config, tmp_path: Path, name: str, **env: str) -> subprocess.CompletedProcess:
     config_file = tmp_path / f"{name}.yaml"
     config_file.write_text(dump_config(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     result = subprocess.run(
         [*args, "--config", str(config_file)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
     )
@@ -73,6 +73,23 @@ def test_precompute_under_torchrun_equals_one_process(workdir, tmp_path):
     torch.testing.assert_close(a.rejected_logps, b.rejected_logps[rows], rtol=0, atol=1e-6)
     assert torch.equal(a.chosen_tokens, b.chosen_tokens[rows])
     assert a.manifest.identity == b.manifest.identity
+    assert a.manifest.shards == b.manifest.shards  # the same files, byte for byte (sha256)
+
+
+def test_a_rank_far_behind_is_waited_for_past_the_collective_timeout(workdir, tmp_path):
+    """Rank 1 starts its shards 25 s late while the default process group times out after 8 s:
+    rank 0 waits in the long-timeout gloo group (a default-group barrier fails here), and the
+    cache is the one-process cache."""
+    one = config_for(workdir, tmp_path / "one")
+    two = config_for(workdir, tmp_path / "two")
+    run([sys.executable, "-m", "lora_dpo.cli", "precompute-ref"], one, tmp_path, "one")
+    slow = {"LORA_DPO_COLLECTIVE_TIMEOUT_S": "8", "LORA_DPO_SHARDS_DELAY_S": "25", "LORA_DPO_SLOW_RANK": "1"}
+    started = time.monotonic()
+    run([*TORCHRUN, "-m", "lora_dpo.cli", "precompute-ref"], two, tmp_path, "two", **slow)
+    assert time.monotonic() - started > 25  # the delay happened
+    a, b = ReferenceCache(one.precompute.cache_dir), ReferenceCache(two.precompute.cache_dir)
+    assert len(b) == 80
+    assert a.manifest.shards == b.manifest.shards
 
 
 def test_training_on_two_ranks_equals_one_at_the_same_global_batch(workdir, tmp_path):
@@ -96,10 +113,37 @@ def test_training_on_two_ranks_equals_one_at_the_same_global_batch(workdir, tmp_
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
     assert a[-1] < a[0]  # it trained
+    # eval runs on both ranks, each scoring a share of the batches: before any step the policy
+    # is the same, so the metrics are exactly one process's
+    evals_a, evals_b = eval_records(one.train.output_dir), eval_records(two.train.output_dir)
+    assert [r["step"] for r in evals_a] == [r["step"] for r in evals_b] == [0, 4]
+    assert evals_a[0] == evals_b[0]
+    assert evals_a[1].keys() == evals_b[1].keys()
+    assert max(abs(evals_a[1][k] - evals_b[1][k]) for k in evals_a[1]) < 1e-5
     wa = load_file(str(Path(one.train.output_dir) / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(Path(two.train.output_dir) / "adapter" / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_eval_under_torchrun_prints_the_one_process_metrics_once(workdir, tmp_path):
+    config = config_for(workdir, tmp_path, output_dir=str(tmp_path / "run"))
+    run([sys.executable, "-m", "lora_dpo.cli", "precompute-ref"], config, tmp_path, "cache")
+    run([sys.executable, "-m", "lora_dpo.cli", "train"], config, tmp_path, "train")
+    evaluate = ["-m", "lora_dpo.cli", "eval", "--adapter", config.train.output_dir]
+    one = run([sys.executable, *evaluate], config, tmp_path, "one")
+    two = run([*TORCHRUN, *evaluate], config, tmp_path, "two")
+
+    def printed(out: str) -> list[str]:
+        return [line for line in out.splitlines() if line.startswith("eval/")]
+
+    assert len(printed(one.stdout)) > 5
+    assert printed(two.stdout) == printed(one.stdout)  # once: rank 0 reports
+
+
+def eval_records(run_dir: str) -> list[dict[str, float]]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records if "eval/loss" in r]
 
 
 SLOW_RANKS = """

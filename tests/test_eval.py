@@ -8,15 +8,17 @@ import math
 import pytest
 import torch
 
-from lora_dpo.batching import collate, pad_id_of
+from lora_dpo.batching import batch_tokens, collate, pad_id_of
 from lora_dpo.cache import ReferenceCache
 from lora_dpo.data import load_preference_data
 from lora_dpo.demo import demo_config
-from lora_dpo.evaluate import evaluate, evaluate_run
+from lora_dpo.evaluate import PAIR_SCORE_FIELDS, evaluate, evaluate_run, in_pair_order
 from lora_dpo.logps import sequence_logps
 from lora_dpo.losses import LossSettings
 from lora_dpo.metrics import PAIR_METRICS
 from lora_dpo.model import attach_lora, load_base_model, load_tokenizer
+from lora_dpo.rank_work import balanced_assignment
+from lora_dpo.scoring import score_pairs, scoring_batches
 from precompute import precompute_reference
 
 CPU = torch.device("cpu")
@@ -137,3 +139,29 @@ def test_eval_command_scores_with_the_train_loss(demo_workdir, eval_setup, loss_
     assert values["eval/loss"] == pytest.approx(at_reference, abs=1e-4)
     for name in ("eval/rewards/chosen", "eval/rewards/margins", "eval/logratio/chosen"):
         assert values[name] == pytest.approx(0.0, abs=1e-5), name
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 5])
+def test_batches_scored_on_several_ranks_give_the_one_process_rows(eval_setup, ranks):
+    """What each rank of a torchrun eval scores (its share of the one-process batches, dealt by
+    tokens), placed back in pair order, is the one-process scoring bit for bit, the [2N]
+    statistics included; a rank dealt nothing adds nothing."""
+    config, pairs, cache, policy, pad_id = eval_setup
+    policy.eval()
+    batches = scoring_batches(pairs, 7, "padded")
+    statistics = {"shared_prefix": True, "log_sum_sq_probs": True}
+
+    def scored(chosen_batches):
+        return score_pairs(
+            policy, pairs, batch_size=7, pad_id=pad_id, device=CPU, batches=chosen_batches, **statistics
+        )
+
+    whole = scored(None)  # one process: scoring_batches itself
+    tokens = [batch_tokens("padded", [pairs[i] for i in batch]) for batch in batches]
+    shares = balanced_assignment(tokens, ranks)
+    parts = [(share, scored([batches[k] for k in share])) for share in shares]
+    assert all(len(share) < len(batches) for share in shares)  # the work was split
+    placed = in_pair_order(parts[::-1] + [([], None)], batches, len(pairs))  # any gather order
+    for name in PAIR_SCORE_FIELDS:
+        assert getattr(whole, name) is not None, name
+        assert torch.equal(getattr(placed, name), getattr(whole, name)), name

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lora_dpo.batching import length_sorted_batches, pad_id_of
+from lora_dpo.batching import length_sorted_batches, packed_length, pad_id_of
 from lora_dpo.cache.entries import ReferenceRun, ShardEntry
 from lora_dpo.cache.format import (
     CONFIG,
@@ -50,12 +50,14 @@ from lora_dpo.cache.store import (
 )
 from lora_dpo.config import Config, dump_config
 from lora_dpo.data import TokenizedPair, load_preference_data
-from lora_dpo.distributed import barrier, dist_info
+from lora_dpo.distributed import DistInfo, dist_info, wait_for_ranks
 from lora_dpo.errors import CacheError
+from lora_dpo.faults import FaultHooks
 from lora_dpo.fileio import sha256_file, write_text
 from lora_dpo.losses import LossSettings
 from lora_dpo.model import default_device, load_reference_at, load_tokenizer, resolve_model_dir
 from lora_dpo.packing import Layout, choose_layout
+from lora_dpo.rank_work import balanced_assignment
 from lora_dpo.scoring import score_pairs
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,7 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
 
     # Rank 0 holds the lock; the other ranks read the same cache under it and plan alike.
     with writer_lock(cache_dir, wait=wait) if info.is_main else nullcontext():
-        barrier()
+        wait_for_ranks("the cache lock")  # rank 0 may wait long for another job's lock
         old = readable_manifest(cache_dir) if rebuild else current_manifest(cache_dir, REBUILD)
         current = None if rebuild else old
         if current is not None:
@@ -104,7 +106,8 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
             return cache_dir
 
         started = time.perf_counter()
-        mine = plan[info.rank :: info.world_size]  # the same shards as one process would write
+        mine = shards_of_rank(plan, splits, info)  # the same shards as one process would write
+        FaultHooks.from_env().before_shards(info.rank)
         if mine and reference_model is None:
             reference_model = load_reference(config, precision, device)
         write_planned_shards(
@@ -118,7 +121,7 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
             pad_id_of(tokenizer),
             info.is_main,
         )
-        barrier()  # every shard is on disk
+        wait_for_ranks("every shard on disk")  # the ranks finish within about a shard
         if not info.is_main:
             return cache_dir
         shards = tuple(
@@ -189,6 +192,15 @@ def plan_shards(
                 ShardSpec(shard_name(first_number + len(specs)), split, order[offset : offset + size])
             )
     return specs
+
+
+def shards_of_rank(
+    plan: Sequence[ShardSpec], splits: Mapping[str, tuple[Sequence[TokenizedPair], Any]], info: DistInfo
+) -> list[ShardSpec]:
+    """This rank's share of the planned shards, dealt by the tokens they hold (all of them in
+    one process)."""
+    tokens = [sum(packed_length(splits[spec.split][0][i]) for i in spec.indices) for spec in plan]
+    return [plan[i] for i in balanced_assignment(tokens, info.world_size)[info.rank]]
 
 
 def write_planned_shards(
