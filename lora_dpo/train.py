@@ -30,6 +30,7 @@ from lora_dpo.cache import (
 )
 from lora_dpo.checkpoint import Checkpoint, apply_checkpoint
 from lora_dpo.config import Config, TrainConfig
+from lora_dpo.data import labels_of
 from lora_dpo.ddp import ddp_module
 from lora_dpo.distributed import DistInfo, all_gather_objects, all_reduce_, barrier, dist_info
 from lora_dpo.errors import LoraDpoError, TrainingInterrupted
@@ -288,7 +289,8 @@ class TrainLoop:
         finite = torch.ones((), dtype=torch.bool, device=s.device)
         rows: list[int] = []
         for number, indices in enumerate(micro_batches):
-            batch = COLLATE[s.layout]([s.inputs.pairs[i] for i in indices], s.pad_id)
+            rows_in_batch = [s.inputs.pairs[i] for i in indices]
+            batch = COLLATE[s.layout](rows_in_batch, s.pad_id)
             tokens = batch.sequence_tokens  # counted on the CPU: no device sync
             rows += batch.source_indices
             batch = batch.to(s.device)
@@ -307,7 +309,11 @@ class TrainLoop:
                     assert ref_chosen is not None and ref_rejected is not None  # set only with a reference
                     check_step0_agreement(policy_logps, ref_chosen, ref_rejected, step0_tolerance)
                 # the policy's token counts are the cache's: the same pair, the same tokens
-                out = compute_loss(loss, PairLogps.of(policy_logps, ref_chosen, ref_rejected, ref_shared))
+                labels = labels_of(rows_in_batch)  # KTO's rows: which are desirable; None for pairs
+                labels = labels.to(s.device) if labels is not None else None
+                out = compute_loss(
+                    loss, PairLogps.of(policy_logps, ref_chosen, ref_rejected, ref_shared, labels)
+                )
                 # Sum over pairs / pairs in the global step: accumulation gives the mean of one
                 # big batch. DDP averages gradients over ranks, so each share is scaled back up.
                 (out.losses.sum() * (s.dist.world_size / pairs_in_step)).backward()

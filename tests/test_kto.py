@@ -1,0 +1,250 @@
+"""KTO on unpaired rows: the loss by hand and as TRL computes it, the unpaired data formats and
+the KL completions, the reference cache of unpaired rows, and the demo task trained with KTO.
+
+The hand-worked example (β = 0.5, λD = 1, λU = 2), Δ = log πθ(y|x) - log πref(y|x), Δ' likewise
+for the KL completion y':
+
+    Δ' = (1, 2, 3): z0 = max(0, mean Δ') = 2
+    row 1, desirable,   Δ = 2: 1 - σ(0.5·(2 - 2)) = 1 - σ(0) = 0.5
+    row 2, desirable,   Δ = 4: 1 - σ(0.5·(4 - 2)) = 1 - σ(1) = 0.2689414214
+    row 3, undesirable, Δ = 0: 2·(1 - σ(0.5·(2 - 0))) = 2·(1 - σ(1)) = 0.5378828427
+
+with σ(1) = 1/(1 + e^-1) = 0.7310585786.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lora_dpo.cache import Manifest, ReferenceCache
+from lora_dpo.config import load_config
+from lora_dpo.data import BAD_LABEL, UnpairedRow, build_unpaired_rows, load_preference_data
+from lora_dpo.demo import demo_config
+from lora_dpo.errors import CacheError, ConfigError, DataError
+from lora_dpo.losses import KTOOutput, LossSettings, PairLogps, compute_loss, kto_loss
+from lora_dpo.train import train
+from precompute import precompute_reference
+
+F64 = torch.float64
+
+
+def example():
+    return dict(
+        policy_logps=torch.tensor([-10.0, -6.0, -20.0], dtype=F64),
+        ref_logps=torch.tensor([-12.0, -10.0, -20.0], dtype=F64),
+        policy_kl_logps=torch.tensor([-30.0, -28.0, -27.0], dtype=F64),
+        ref_kl_logps=torch.tensor([-31.0, -30.0, -30.0], dtype=F64),
+        labels=torch.tensor([True, True, False]),
+    )
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=F64), rtol=0, atol=1e-9)
+
+
+# ---- the loss by hand -----------------------------------------------------------------------
+
+
+def test_kto_hand_derived():
+    out = kto_loss(**example(), beta=0.5, desirable_weight=1.0, undesirable_weight=2.0)
+    close(out.losses, [0.5, 0.2689414214, 0.5378828427])
+    assert out.kl.item() == pytest.approx(2.0)
+    close(out.chosen_rewards, [1.0, 2.0, 0.0])  # β·Δ
+    close(out.rejected_rewards, [0.5, 1.0, 1.5])  # β·Δ'
+    # accuracy: rewards against β·z0 = 1: row 1 on the point (½), row 2 above (1), row 3 below (1)
+    close(out.accuracy(0.5), [0.5, 1.0, 1.0])
+
+
+def test_kto_reference_point_is_clamped_at_zero():
+    """Δ' = (-1, -2, -3): mean -2, so z0 = 0 and the losses see Δ alone:
+    row 1: 1 - σ(0.5·2) = 0.2689414214; row 2: 1 - σ(0.5·4) = 1 - σ(2) = 0.1192029220;
+    row 3 (λU = 1): 1 - σ(0.5·(0 - 0)) = 0.5."""
+    ex = example()
+    ex["policy_kl_logps"] = ex["ref_kl_logps"] - torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    out = kto_loss(**ex, beta=0.5)
+    assert out.kl.item() == 0.0
+    close(out.losses, [0.2689414214, 0.1192029220, 0.5])
+
+
+def test_kto_reference_point_carries_no_gradient():
+    ex = example()
+    policy = ex["policy_logps"].clone().requires_grad_(True)
+    policy_kl = ex["policy_kl_logps"].clone().requires_grad_(True)
+    ex.update(policy_logps=policy, policy_kl_logps=policy_kl)
+    kto_loss(**ex, beta=0.5).losses.sum().backward()
+    assert policy_kl.grad is None or torch.all(policy_kl.grad == 0)
+    # d/dΔ of λ(1 - σ(β(Δ - z0))) = -λβσ(1 - σ): at row 1, σ = ½: -0.5·¼ = -0.125
+    assert policy.grad[0].item() == pytest.approx(-0.125)
+    assert policy.grad[2].item() > 0  # an undesirable row is pushed down
+
+
+# ---- TRL's formula, re-derived from its KTOTrainer, on random inputs ------------------------
+
+
+def trl_kto(policy, ref, policy_kl, ref_kl, labels, beta, desirable_weight, undesirable_weight):
+    """TRL 1.16 `KTOTrainer._compute_loss` with precomputed reference log-probs, written the long
+    way: the batch split by label with index_select, z0 the clamped mean of the KL log-ratios,
+    the chosen then the rejected losses concatenated, weighted, and averaged with nanmean."""
+    sig = lambda x: 1 / (1 + torch.exp(-x))  # noqa: E731
+    chosen_idx = torch.nonzero(labels, as_tuple=False).view(-1)
+    rejected_idx = torch.nonzero(~labels, as_tuple=False).view(-1)
+    kl = (policy_kl - ref_kl).mean().detach().clamp(min=0)
+    chosen_logratios = policy.index_select(0, chosen_idx) - ref.index_select(0, chosen_idx)
+    rejected_logratios = policy.index_select(0, rejected_idx) - ref.index_select(0, rejected_idx)
+    chosen_losses = 1 - sig(beta * (chosen_logratios - kl))
+    rejected_losses = 1 - sig(beta * (kl - rejected_logratios))
+    losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses), 0)
+    return losses.nanmean(), kl, beta * chosen_logratios, beta * rejected_logratios
+
+
+@pytest.mark.parametrize("beta, weights", [(0.1, (1.0, 1.0)), (0.5, (1.33, 0.7)), (2.0, (0.2, 3.0))])
+def test_equals_trl_formula_on_random_inputs(beta, weights):
+    gen = torch.Generator().manual_seed(int(beta * 100))
+    n = 16
+    policy, ref, policy_kl, ref_kl = (-torch.rand(n, generator=gen, dtype=F64) * 40 for _ in range(4))
+    labels = torch.rand(n, generator=gen) < 0.4
+    out = compute_loss(
+        LossSettings(beta, loss_type="kto", desirable_weight=weights[0], undesirable_weight=weights[1]),
+        PairLogps(policy, policy_kl, ref, ref_kl, labels=labels),
+    )
+    assert isinstance(out, KTOOutput)
+    loss, kl, chosen_rewards, rejected_rewards = trl_kto(policy, ref, policy_kl, ref_kl, labels, beta, *weights)
+    torch.testing.assert_close(out.losses.mean(), loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.kl, kl, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.chosen_rewards[labels], chosen_rewards, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.chosen_rewards[~labels], rejected_rewards, rtol=0, atol=1e-12)
+
+
+def test_policy_equal_to_reference_gives_half_per_row_weighted():
+    """Δ = Δ' = 0 everywhere: z0 = 0 and every row's loss is λ·(1 - σ(0)) = λ/2."""
+    logps, kl_logps = -torch.rand(6, dtype=F64) * 30, -torch.rand(6, dtype=F64) * 30
+    labels = torch.tensor([True, False, True, True, False, False])
+    out = kto_loss(logps, logps.clone(), kl_logps, kl_logps.clone(), labels, 0.1, 1.5, 0.5)
+    close(out.losses, [0.75, 0.25, 0.75, 0.75, 0.25, 0.25])
+    assert out.kl.item() == 0.0
+    close(out.accuracy(0.1), [0.5] * 6)
+
+
+def test_kto_settings_are_checked():
+    assert LossSettings(0.1, loss_type="kto").unpaired
+    problems = {
+        "rpo_alpha": LossSettings(0.1, loss_type="kto", rpo_alpha=0.5).problem("train."),
+        "mixed": LossSettings(0.1, loss_type="kto+sigmoid").problem("train."),
+        "weight": LossSettings(0.1, loss_type="sigmoid", desirable_weight=2.0).problem("train."),
+        "smoothing": LossSettings(0.1, loss_type="kto", label_smoothing=0.1).problem("train."),
+    }
+    assert problems["rpo_alpha"] == (
+        "train.rpo_alpha=0.5 is a DPO option on pairs; train.loss_type=kto reads unpaired rows"
+    )
+    assert problems["mixed"] == "train.loss_type=kto+sigmoid: kto reads unpaired rows and stands alone"
+    assert "has no effect with train.loss_type=sigmoid; it applies to kto" in problems["weight"]
+    assert "label_smoothing=0.1 has no effect" in problems["smoothing"]
+    with pytest.raises(ConfigError, match="train.undesirable_weight=-1.0"):
+        load_config(None, ["train.loss_type=kto", "train.undesirable_weight=-1"])
+
+
+# ---- data: unpaired rows, pairs split into them, the KL completions ---------------------------
+
+
+def data_config(tmp_path, rows, **overrides):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = load_config(None, [f"data.train_path={path}", "data.max_length=64", "data.max_prompt_length=32"])
+    for key, value in overrides.items():
+        setattr(config.data, key, value)
+    return config.data, str(path)
+
+
+UNPAIRED = [
+    {"prompt": "Describe Ada in a few words.\n", "completion": "Ada is kind and warm.", "label": True},
+    {"prompt": "Describe Alan in a few words.\n", "completion": "Alan is rude and cold.", "label": False},
+    {"prompt": "Describe Grace in a few words.\n", "completion": "Grace is calm and fair.", "label": True},
+]
+
+
+def test_unpaired_rows_take_the_previous_rows_completion_as_kl(tmp_path, tiny_tokenizer):
+    cfg, _ = data_config(tmp_path, UNPAIRED)
+    rows, report = load_preference_data(cfg, tiny_tokenizer, "train", unpaired=True)
+    assert report.format == "unpaired" and report.kept == 3 and not report.dropped
+    assert [r.label for r in rows] == [True, False, True]
+    assert all(isinstance(r, UnpairedRow) for r in rows)
+    eos = tiny_tokenizer.eos_token_id
+    for row, text in zip(rows, UNPAIRED):
+        assert tiny_tokenizer.decode(row.completion_ids[:-1]).strip() == text["completion"]
+        assert row.completion_ids[-1] == eos
+    # rotated by one: row k's KL completion is row k-1's completion, row 0 takes the last one
+    assert [r.kl_completion_ids for r in rows] == [rows[2].completion_ids, rows[0].completion_ids, rows[1].completion_ids]
+    assert set(report.lengths) == {"prompt", "completion", "kl_completion", "pair"}
+    # an unpaired row hashes apart from a pair of the same ids
+    assert rows[0].pair_hash != load_pair_hash(rows[0])
+
+
+def load_pair_hash(row):
+    from lora_dpo.data import TokenizedPair
+
+    return TokenizedPair(row.prompt_ids, row.chosen_ids, row.rejected_ids, row.source_index).pair_hash
+
+
+def test_pairs_are_split_as_trl_unpairs_them(tmp_path, tiny_tokenizer):
+    """TRL's unpair_preference_dataset: per batch, every chosen completion, then every rejected one."""
+    pairs = [
+        {"prompt": f"Describe {name} in a few words.\n", "chosen": f"{name} is kind.", "rejected": f"{name} is rude."}
+        for name in ("Ada", "Alan", "Grace")
+    ]
+    cfg, _ = data_config(tmp_path, pairs)
+    rows, report = load_preference_data(cfg, tiny_tokenizer, "train", unpaired=True)
+    assert report.format == "explicit" and report.total == 3 and report.kept == 6
+    assert [r.label for r in rows] == [True, True, True, False, False, False]
+    assert [r.source_index for r in rows] == [0, 1, 2, 0, 1, 2]
+    texts = [tiny_tokenizer.decode(r.completion_ids[:-1]).strip() for r in rows]
+    assert texts == ["Ada is kind.", "Alan is kind.", "Grace is kind.", "Ada is rude.", "Alan is rude.", "Grace is rude."]
+    # no row's KL completion comes from its own prompt here
+    assert all(row.kl_completion_ids != row.completion_ids for row in rows)
+
+
+def test_a_bad_label_is_dropped_with_its_line_or_stops_a_strict_run(tmp_path, tiny_tokenizer):
+    rows = [*UNPAIRED[:1], {**UNPAIRED[1], "label": "yes"}, {**UNPAIRED[2], "label": None}, UNPAIRED[2]]
+    cfg, path = data_config(tmp_path, rows)
+    kept, report = load_preference_data(cfg, tiny_tokenizer, "train", unpaired=True)
+    assert report.kept == 2 and report.dropped == {BAD_LABEL: 1, "missing_field": 1}
+    assert report.example_lines[BAD_LABEL] == [2]
+    assert report.first_problem() == "line 2 (row 1): field 'label' is a string 'yes', expected true or false"
+    cfg.strict = True
+    with pytest.raises(DataError) as error:
+        load_preference_data(cfg, tiny_tokenizer, "train", unpaired=True)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: line 2 (row 1): field 'label' is a string 'yes', expected true or false")
+
+
+def test_no_usable_row_names_the_first_bad_line(tmp_path, tiny_tokenizer):
+    cfg, path = data_config(tmp_path, [{**UNPAIRED[0], "label": 1}])
+    with pytest.raises(DataError, match=r"no usable unpaired row out of 1 rows \(bad_label: 1; first: line 1"):
+        load_preference_data(cfg, tiny_tokenizer, "train", unpaired=True)
+
+
+def test_unpaired_rows_need_kto(tmp_path, tiny_tokenizer):
+    cfg, path = data_config(tmp_path, UNPAIRED)
+    with pytest.raises(DataError, match="the rows are unpaired .* train with train.loss_type=kto"):
+        load_preference_data(cfg, tiny_tokenizer, "train")
+
+
+def test_conversational_unpaired_rows_use_the_chat_template(tmp_path, tiny_tokenizer):
+    tokenizer = type(tiny_tokenizer).from_pretrained(tiny_tokenizer.name_or_path)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    rows = [
+        {"prompt": [{"role": "user", "content": "Describe Ada."}], "completion": [{"role": "assistant", "content": "Ada is kind."}], "label": True},
+        {"prompt": [{"role": "user", "content": "Describe Alan."}], "completion": [{"role": "assistant", "content": "Alan is rude."}], "label": False},
+    ]
+    cfg, _ = data_config(tmp_path, rows)
+    built, report = build_unpaired_rows(rows, tokenizer, cfg, "chat")
+    assert report.format == "unpaired_conversational" and report.kept == 2
+    # the template closed each turn with EOS: exactly one at the end
+    assert all(r.completion_ids.count(tokenizer.eos_token_id) == 1 for r in built)
+    assert built[0].completion_ids[-1] == tokenizer.eos_token_id
