@@ -278,9 +278,9 @@ def test_cache_holds_each_rows_completion_and_kl_completion(demo_workdir, kto_ca
     """Round trip: the cached reference log-probs of each row's completion and KL completion are
     what the reference gives those sequences scored on their own, one row at a time."""
     from lora_dpo.batching import collate
+    from lora_dpo.cache import policy_precision
     from lora_dpo.logps import sequence_logps
     from lora_dpo.model import load_base_at
-    from lora_dpo.cache import policy_precision
 
     config = kto_config(demo_workdir)
     manifest = json.loads((kto_cache / "manifest.json").read_text())

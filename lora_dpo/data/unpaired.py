@@ -22,9 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lora_dpo.config import DataConfig
 from lora_dpo.data.formats import (
@@ -44,6 +42,9 @@ from lora_dpo.data.tokenize import (
     tokenize_completions,
     truncate,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 # TRL's unpair_preference_dataset maps batches of 1000 pairs (datasets' default batch size).
 UNPAIR_CHUNK = 1000
@@ -70,6 +71,8 @@ class UnpairedRow(TokenizedPair):
 
 def labels_of(rows: Sequence[Any]) -> torch.Tensor | None:
     """[B] bool, True for the desirable rows; None for preference pairs (which have no label)."""
+    import torch  # here: the data layer imports without torch
+
     if not rows or not isinstance(rows[0], UnpairedRow):
         return None
     return torch.tensor([row.label for row in rows], dtype=torch.bool)
