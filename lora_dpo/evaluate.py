@@ -183,7 +183,7 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
         from lora_dpo.generate import HeldOut
         from lora_dpo.judge import judge_from_config
 
-        held_out = HeldOut.from_config(config, tokenizer, pairs, report.format == "conversational", device)
+        held_out = HeldOut.from_config(config, tokenizer, pairs, report.conversational, device)
         judge = judge_from_config(config, held_out)
     model = load_base_at(config.model, precision, device)
     if adapter is not None:

@@ -178,7 +178,7 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
         assert inputs.cache is not None  # reference values come from it
         state.step0_tolerance = step0_tolerance_for(inputs.cache.manifest)
     if generates:
-        conversational = inputs.data_report.format == "conversational"
+        conversational = inputs.data_report.conversational
         state.held_out = HeldOut.from_config(
             config, inputs.tokenizer, inputs.eval_pairs, conversational, inputs.device
         )

@@ -19,7 +19,7 @@ import json
 import pytest
 import torch
 
-from lora_dpo.cache import Manifest, ReferenceCache
+from lora_dpo.cache import Manifest, ReferenceCache, export_cache, import_cache, merge_caches
 from lora_dpo.config import load_config
 from lora_dpo.data import BAD_LABEL, UnpairedRow, build_unpaired_rows, load_preference_data
 from lora_dpo.demo import demo_config
@@ -329,6 +329,25 @@ def test_a_cache_of_the_other_kind_of_rows_is_refused(demo_workdir, kto_cache, t
     kto.precompute.cache_dir = str(paired)
     with pytest.raises(CacheError, match="holds paired rows and train.loss_type=kto reads unpaired ones"):
         load_run_inputs(kto)
+    with pytest.raises(CacheError, match="holds unpaired rows, .* paired ones"):
+        merge_caches([kto_cache], paired)
+
+
+def test_export_and_import_keep_the_rows_unpaired(kto_cache, tmp_path):
+    table = tmp_path / "kto.parquet"
+    export_cache(kto_cache, table)
+    import_cache(table, tmp_path / "imported")
+    imported = Manifest.read(tmp_path / "imported")
+    assert imported.rows == "unpaired" and imported.total_pairs == Manifest.read(kto_cache).total_pairs
+
+
+def test_a_manifest_says_what_its_rows_are(kto_cache, tmp_path):
+    raw = json.loads((kto_cache / "manifest.json").read_text())
+    assert Manifest.from_dict({k: v for k, v in raw.items() if k not in ("rows", "kl_pairing")}, kto_cache).rows == "paired"
+    with pytest.raises(CacheError, match=r"field rows is 'triples', expected 'paired' or 'unpaired'"):
+        Manifest.from_dict({**raw, "rows": "triples"}, kto_cache)
+    with pytest.raises(CacheError, match="field kl_pairing is 'random'; this lora-dpo pairs rows as"):
+        Manifest.from_dict({**raw, "kl_pairing": "random"}, kto_cache)
 
 
 def test_every_layout_scores_a_row_and_its_kl_completion_alike(demo_workdir, tiny_tokenizer):

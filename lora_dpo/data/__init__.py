@@ -159,8 +159,11 @@ def load_preference_data(
     if cfg.max_pairs > 0:
         rows = rows[: cfg.max_pairs]
         lines = lines[: cfg.max_pairs] if lines is not None else None
-    build = build_unpaired_rows if unpaired else build_pairs
-    pairs, report = build(rows, tokenizer, cfg, source=path, lines=lines)
+    if unpaired:
+        unpaired_rows, report = build_unpaired_rows(rows, tokenizer, cfg, source=path, lines=lines)
+        pairs: list[TokenizedPair] = list(unpaired_rows)
+    else:
+        pairs, report = build_pairs(rows, tokenizer, cfg, source=path, lines=lines)
     if not pairs and not allow_empty:
         raise DataError(no_pairs_message(report))
     return pairs, report

@@ -76,6 +76,11 @@ class DataReport:
     example_lines: dict[str, list[int]] = field(default_factory=dict)
     example_details: dict[str, list[str]] = field(default_factory=dict)
 
+    @property
+    def conversational(self) -> bool:
+        """Whether the rows were message lists, rendered with the chat template (pairs or unpaired)."""
+        return self.format in ("conversational", "unpaired_conversational")
+
     def record_drop(self, reason: str, index: int, detail: str = "", line: int | None = None) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         first = self.examples.setdefault(reason, [])
@@ -148,7 +153,7 @@ def _percentile(sorted_values: list[int], q: float) -> float:
 
 
 def length_stats(
-    pairs: list[TokenizedPair], responses: tuple[str, str] = ("chosen", "rejected")
+    pairs: Sequence[TokenizedPair], responses: tuple[str, str] = ("chosen", "rejected")
 ) -> dict[str, dict[str, float]]:
     """Token-length percentiles; "pair" is prompt + longer response, what max_length bounds.
     `responses` names the two responses (an unpaired row's: completion, kl_completion)."""

@@ -109,7 +109,7 @@ def build_unpaired_rows(
     known = fmt in FORMATS or fmt in UNPAIRED_FORMATS
     normalise = unpaired_normaliser(fmt, tokenizer) if known else None
     texts = _unpaired_order(row_texts(rows, normalise, report, cfg.strict, lines), fmt in FORMATS)
-    chat = fmt in ("conversational", "unpaired_conversational")
+    chat = report.conversational
     kept: list[tuple[int, CompletionText, list[int], list[int]]] = []  # row, text, prompt, completion
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         chunk = texts[start : start + TOKENIZE_CHUNK]

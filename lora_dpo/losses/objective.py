@@ -72,9 +72,14 @@ class PairLogps:
     ) -> PairLogps:
         """From the policy's `lora_dpo.logps.SequenceLogps` and the reference values of its pairs
         (and, for KTO's unpaired rows, their labels)."""
-        shared = policy.shared_logps
-        log_sum_sq = policy.log_sum_sq_probs
         half = len(policy.logps) // 2
+
+        def halves(values: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            return (values[:half], values[half:]) if values is not None else (None, None)  # [2B] -> [B], [B]
+
+        policy_chosen_shared, policy_rejected_shared = halves(policy.shared_logps)
+        ref_chosen_shared, ref_rejected_shared = ref_shared or (None, None)
+        chosen_log_sum_sq, rejected_log_sum_sq = halves(policy.log_sum_sq_probs)
         return cls(
             policy.chosen,
             policy.rejected,
@@ -82,9 +87,12 @@ class PairLogps:
             ref_rejected,
             policy.chosen_tokens,
             policy.rejected_tokens,
-            *((shared[:half], shared[half:]) if shared is not None else (None, None)),
-            *(ref_shared or (None, None)),
-            *((log_sum_sq[:half], log_sum_sq[half:]) if log_sum_sq is not None else (None, None)),
+            policy_chosen_shared,
+            policy_rejected_shared,
+            ref_chosen_shared,
+            ref_rejected_shared,
+            chosen_log_sum_sq,
+            rejected_log_sum_sq,
             labels,
         )
 
