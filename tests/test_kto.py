@@ -19,7 +19,14 @@ import json
 import pytest
 import torch
 
-from lora_dpo.cache import Manifest, ReferenceCache, export_cache, import_cache, merge_caches
+from lora_dpo.cache import (
+    Manifest,
+    ReferenceCache,
+    export_cache,
+    import_cache,
+    manifest_rows,
+    merge_caches,
+)
 from lora_dpo.config import load_config
 from lora_dpo.data import BAD_LABEL, UnpairedRow, build_unpaired_rows, load_preference_data
 from lora_dpo.demo import demo_config
@@ -188,6 +195,25 @@ def load_pair_hash(row):
     return TokenizedPair(row.prompt_ids, row.chosen_ids, row.rejected_ids, row.source_index).pair_hash
 
 
+def test_a_long_kl_completion_is_cut_and_never_cuts_its_row(tmp_path, tiny_tokenizer):
+    """Each row is fitted alone; its KL completion takes what room is left after its prompt."""
+    long = " and ".join(["kind", "warm", "calm", "fair", "brave", "gentle"] * 3)
+    rows = [
+        {"prompt": "Describe Ada.\n", "completion": f"Ada is {long}.", "label": True},
+        {"prompt": "Describe Alan, please.\n", "completion": "Alan is rude.", "label": False},
+    ]
+    cfg, _ = data_config(tmp_path, rows, max_length=30, max_prompt_length=8)
+    built, report = load_preference_data(cfg, tiny_tokenizer, "train", unpaired=True)
+    first, second = built
+    assert report.truncated == 1  # the first row's own completion is over 30 tokens
+    assert len(first.prompt_ids) + len(first.completion_ids) == 30
+    # the second row fits alone: its prompt is kept whole although it is over max_prompt_length
+    assert len(second.prompt_ids) > 8
+    assert len(second.prompt_ids) + len(second.kl_completion_ids) == 30
+    assert second.kl_completion_ids == first.completion_ids[: 30 - len(second.prompt_ids)]
+    assert first.kl_completion_ids == second.completion_ids
+
+
 def test_pairs_are_split_as_trl_unpairs_them(tmp_path, tiny_tokenizer):
     """TRL's unpair_preference_dataset: per batch, every chosen completion, then every rejected one."""
     pairs = [
@@ -288,6 +314,8 @@ def test_cache_holds_each_rows_completion_and_kl_completion(demo_workdir, kto_ca
     assert manifest["kl_pairing"] == "previous_row_completion_over_the_split"
     assert manifest["pairs"] == {"train": 2 * ROWS, "eval": 2 * ROWS}  # max_pairs limits both splits
     assert Manifest.read(kto_cache).rows == "unpaired"
+    assert ("rows", "unpaired (train.loss_type=kto): completion and KL completion, "
+            "previous_row_completion_over_the_split") in manifest_rows(Manifest.read(kto_cache))
 
     rows, _ = load_preference_data(config.data, tiny_tokenizer, "train", unpaired=True)
     values = ReferenceCache(kto_cache).aligned(rows, "train")

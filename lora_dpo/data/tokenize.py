@@ -168,23 +168,24 @@ def tokenize_completions(
 
 def finish_completion(
     text: CompletionText, ids: tuple[list[int], list[int]], tokenizer: Any, cfg: DataConfig
-) -> tuple[list[int], list[int]]:
-    """EOS, and the checks of `finish_pair` on the row alone; raises Drop for a row that cannot
-    be kept. The ids are returned uncut: the row is fitted beside its KL completion later."""
+) -> tuple[list[int], list[int], bool]:
+    """(prompt, completion, whether cut): EOS, truncation and the checks of `finish_pair` for
+    an unpaired row alone; raises Drop for a row that cannot be kept."""
     prompt, completion = ids
     if not completion:
         raise Drop(EMPTY_RESPONSE, "the completion has no tokens")
     completion = _with_eos(completion, tokenizer.eos_token_id, text.closed)
-    cut_prompt, cut_completion, _, _ = truncate(prompt, completion, completion, cfg, tokenizer.bos_token_id)
-    if not cut_completion:
+    full_prompt = len(prompt)
+    prompt, completion, _, cut = truncate(prompt, completion, completion, cfg, tokenizer.bos_token_id)
+    if not completion:
         raise Drop(
             NOTHING_LEFT,
-            f"no completion token fits: the prompt ({len(prompt)} tokens, cut to {len(cut_prompt)}) "
+            f"no completion token fits: the prompt ({full_prompt} tokens, cut to {len(prompt)}) "
             f"fills data.max_length={cfg.max_length}",
         )
-    if not cut_prompt:
+    if not prompt:
         raise Drop(EMPTY_PROMPT, "the prompt has no tokens (and the tokenizer adds no BOS)")
-    return prompt, completion
+    return prompt, completion, cut
 
 
 def require_eos(tokenizer: Any) -> int:

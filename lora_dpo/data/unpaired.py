@@ -40,7 +40,6 @@ from lora_dpo.data.tokenize import (
     finish_completion,
     require_eos,
     tokenize_completions,
-    truncate,
 )
 
 if TYPE_CHECKING:
@@ -116,18 +115,18 @@ def build_unpaired_rows(
         ids = tokenize_completions(tokenizer, [text for _, text in chunk], chat)
         for (index, text), row_ids in zip(chunk, ids):
             try:
-                kept.append((index, text, *finish_completion(text, row_ids, tokenizer, cfg)))
+                prompt, completion, cut = finish_completion(text, row_ids, tokenizer, cfg)
             except Drop as problem:
                 report.drop_row(index, problem, cfg.strict, lines)
+                continue
+            kept.append((index, text, prompt, completion))
+            report.truncated += cut
     unpaired: list[UnpairedRow] = []
     for k, (index, text, prompt, completion) in enumerate(kept):
-        kl_completion = kept[k - 1][3]  # k = 0 takes the last row's
-        # Fits whenever the row alone fits (finish_completion): nothing is dropped here.
-        prompt_ids, completion_ids, kl_ids, cut = truncate(
-            prompt, completion, kl_completion, cfg, tokenizer.bos_token_id
-        )
-        unpaired.append(UnpairedRow(tuple(prompt_ids), tuple(completion_ids), tuple(kl_ids), index, text.label))
-        report.truncated += cut
+        # The row is fitted alone; its KL completion takes the room left after its prompt (cut
+        # from the right, as TRL cuts a KL sequence), so a neighbour never cuts the row itself.
+        kl_completion = kept[k - 1][3][: cfg.max_length - len(prompt)]  # k = 0 takes the last row's
+        unpaired.append(UnpairedRow(tuple(prompt), tuple(completion), tuple(kl_completion), index, text.label))
     report.kept = len(unpaired)
     report.lengths = length_stats(unpaired, ("completion", "kl_completion"))
     return unpaired, report
