@@ -12,9 +12,10 @@ import torch
 
 from lora_dpo.cache import ReferenceCache, ReferenceValues, open_checked_cache, policy_precision
 from lora_dpo.config import Config
-from lora_dpo.data import DataReport, TokenizedPair, load_preference_data
+from lora_dpo.data import DataReport, TokenizedPair, labels_of, load_preference_data
 from lora_dpo.errors import ConfigError
 from lora_dpo.losses import LossSettings
+from lora_dpo.losses.kto import weight_advice
 from lora_dpo.model import default_device, load_base_at, load_tokenizer, resolve_model_dir
 from lora_dpo.optim import optimizer_name
 
@@ -58,6 +59,13 @@ def load_run_inputs(config: Config, objectives: Sequence[LossSettings] = ()) -> 
     tokenizer = load_tokenizer(config.model)
     pairs, report = load_preference_data(config.data, tokenizer, "train", unpaired=unpaired)
     log.info("train data: %s", report.summary())
+    if unpaired:
+        labels = labels_of(pairs)
+        desirable = int(labels.sum()) if labels is not None else 0
+        kto = objectives[0]
+        advice = weight_advice(desirable, len(pairs) - desirable, kto.desirable_weight, kto.undesirable_weight)
+        if advice:
+            log.warning("%s", advice)
     eval_pairs = (
         load_preference_data(config.data, tokenizer, "eval", unpaired=unpaired)[0] if config.data.eval_path else []
     )

@@ -32,6 +32,7 @@ from lora_dpo.data import BAD_LABEL, UnpairedRow, build_unpaired_rows, load_pref
 from lora_dpo.demo import demo_config
 from lora_dpo.errors import CacheError, ConfigError, DataError
 from lora_dpo.losses import KTOOutput, LossSettings, PairLogps, compute_loss, kto_loss
+from lora_dpo.losses.kto import weight_advice
 from lora_dpo.train import train
 from precompute import precompute_reference
 
@@ -151,6 +152,20 @@ def test_kto_settings_are_checked():
     assert "label_smoothing=0.1 has no effect" in problems["smoothing"]
     with pytest.raises(ConfigError, match="train.undesirable_weight=-1.0"):
         load_config(None, ["train.loss_type=kto", "train.undesirable_weight=-1"])
+
+
+def test_unbalanced_rows_get_trls_weight_advice():
+    """100 desirable, 300 undesirable, λD = λU = 1: λD·nD/(λU·nU) = 1/3, outside [1, 4/3].
+    λD in [300/100, 1.33·3] = [3.0, 3.99], or λU in [100/300/1.33, 100/300] = [0.25, 0.33]."""
+    advice = weight_advice(100, 300, 1.0, 1.0)
+    assert advice == (
+        "100 desirable and 300 undesirable rows: with train.desirable_weight=1.0 and "
+        "train.undesirable_weight=1.0, the KTO paper's balance (Eq. 8) suggests EITHER "
+        "train.desirable_weight in [3.0, 3.99] OR train.undesirable_weight in [0.25, 0.33] (not both)"
+    )
+    assert weight_advice(100, 300, 3.5, 1.0) is None
+    assert weight_advice(100, 300, 1.0, 0.3) is None
+    assert weight_advice(200, 200, 1.0, 5.0) is None  # balanced: TRL says nothing
 
 
 # ---- data: unpaired rows, pairs split into them, the KL completions ---------------------------
