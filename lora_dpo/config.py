@@ -110,7 +110,8 @@ class TrainConfig:
     # margin of 1/(2β) instead of an unbounded one), "hinge" (SLiC), "robust" (rDPO), and the
     # rest of TRL's DPO list (lora_dpo.losses.LOSS_TYPES). Several DPO loss types at once (TRL's
     # list loss_type=[a, b]) are joined with "+": "sigmoid+bco_pair+sft" (MPO). The
-    # reference-free "simpo", "orpo" and "cpo" stand alone and need no reference cache.
+    # reference-free "simpo", "orpo" and "cpo" stand alone and need no reference cache; "kto"
+    # reads unpaired rows (prompt, completion, label) or splits pairs into them.
     loss_type: str = "sigmoid"
     # Probability that a preference label is flipped: cDPO on "sigmoid", rDPO's ε on "robust",
     # EXO's ε on "exo_pair" (which needs it > 0). 0 trusts every label. Must be < 0.5 (at 0.5
@@ -139,6 +140,10 @@ class TrainConfig:
     simpo_gamma: float = setting(0.5, at_least(0))
     # Weight of CPO's chosen NLL term (loss_type="cpo"; TRL's CPOConfig default).
     cpo_alpha: float = setting(1.0, at_least(0))
+    # KTO's weights of the desirable and undesirable rows' losses (loss_type="kto"; TRL's
+    # KTOConfig defaults). With unbalanced data, the KTO paper keeps λD·nD/(λU·nU) in [1, 4/3].
+    desirable_weight: float = setting(1.0, at_least(0))
+    undesirable_weight: float = setting(1.0, at_least(0))
     # LoRA trains a small fraction of the weights and tolerates a larger step than full tuning.
     learning_rate: float = setting(5e-5, above(0))
     per_device_batch_size: int = setting(4, above(0))

@@ -31,12 +31,15 @@ class DataCheck:
 
 
 def check_data(config: Config) -> DataCheck:
+    from lora_dpo.losses import LossSettings
     from lora_dpo.model import load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
     splits = ["train"] + (["eval"] if config.data.eval_path else [])
+    unpaired = LossSettings.of(config.train).unpaired  # KTO checks its unpaired rows
     reports = {
-        split: load_preference_data(config.data, tokenizer, split, allow_empty=True)[1] for split in splits
+        split: load_preference_data(config.data, tokenizer, split, allow_empty=True, unpaired=unpaired)[1]
+        for split in splits
     }
     return DataCheck(reports)
 

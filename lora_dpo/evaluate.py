@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 from lora_dpo.batching import batch_tokens, length_sorted_batches, pad_id_of
 from lora_dpo.cache import ReferenceValues
 from lora_dpo.config import Config
-from lora_dpo.data import TokenizedPair, load_preference_data
+from lora_dpo.data import TokenizedPair, labels_of, load_preference_data
 from lora_dpo.distributed import all_gather_objects, dist_info
 from lora_dpo.errors import ConfigError
 from lora_dpo.logps import SequenceLogps
-from lora_dpo.losses import LossSettings, PairLogps, compute_loss
+from lora_dpo.losses import KTOOutput, LossSettings, PairLogps, compute_loss, kto_metrics
 from lora_dpo.metrics import PAIR_METRICS, pair_metrics, tie_aware_accuracy
 from lora_dpo.packing import choose_layout
 from lora_dpo.rank_work import balanced_assignment
@@ -49,6 +49,8 @@ class EvalMetrics:
     # train.reward_model (lora_dpo/judge.py); None without a reward model.
     win_rate: float | None = None  # share of prompts the policy wins, ties half
     score_gain: float | None = None  # mean reward-model score, policy minus reference
+    # KTO's own metrics (lora_dpo.losses.kto.kto_metrics), logged under `eval/kto/`; None for pairs
+    kto: dict[str, float] | None = None
 
     @property
     def loss(self) -> float:
@@ -77,6 +79,8 @@ class EvalMetrics:
         }
         if self.chosen_logratio is not None:
             values[f"{prefix}logratio/chosen"] = self.chosen_logratio
+        for name, value in (self.kto or {}).items():
+            values[f"{prefix}kto/{name}"] = value
         return values
 
 
@@ -112,7 +116,9 @@ def evaluate(
     )
     ref_chosen, ref_rejected = reference.logps(order) if reference is not None else (None, None)  # [N] each
     ref_shared = reference.shared_logps(order) if reference is not None and loss.needs_shared_prefix else None
-    out = compute_loss(loss, PairLogps.of(policy, ref_chosen, ref_rejected, ref_shared))
+    labels = labels_of([pairs[i] for i in order])  # KTO's rows; None for pairs
+    # KTO: the reference point z0 is estimated over all held-out rows at once
+    out = compute_loss(loss, PairLogps.of(policy, ref_chosen, ref_rejected, ref_shared, labels))
     mean_chosen = policy.chosen / policy.chosen_tokens.clamp(min=1)  # [N] per-token log-prob
     mean_rejected = policy.rejected / policy.rejected_tokens.clamp(min=1)
     return EvalMetrics(
@@ -122,6 +128,7 @@ def evaluate(
         if ref_chosen is None
         else (policy.chosen.double() - ref_chosen.double()).mean().item(),
         pairs=len(pairs),
+        kto=kto_metrics(out, loss.beta) if isinstance(out, KTOOutput) else None,
     )
 
 
@@ -219,8 +226,8 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
     device = default_device()
     precision = policy_precision(config, device)
     tokenizer = load_tokenizer(config.model)
-    pairs, report = load_preference_data(config.data, tokenizer, "eval")
     loss = LossSettings.of(config.train)
+    pairs, report = load_preference_data(config.data, tokenizer, "eval", unpaired=loss.unpaired)
     reference = None  # a reference-free objective reads no cache
     if not loss.reference_free:
         cache = open_checked_cache(
@@ -230,6 +237,7 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
             accept_mismatch=config.train.accept_cache_mismatch,
             shared_prefix=loss.needs_shared_prefix,
         )
+        cache.manifest.require_rows(loss.unpaired, cache.cache_dir, config.train.loss_type)
         reference = cache.aligned(pairs, "eval")
     judge = None
     # (the bare base is its own reference: nothing to judge; under torchrun, rank 0 judges)
@@ -237,7 +245,7 @@ def evaluate_run(config: Config, adapter_dir: str | Path | None, *, base: str | 
         from lora_dpo.generate import HeldOut
         from lora_dpo.judge import judge_from_config
 
-        held_out = HeldOut.from_config(config, tokenizer, pairs, report.format == "conversational", device)
+        held_out = HeldOut.from_config(config, tokenizer, pairs, report.conversational, device)
         judge = judge_from_config(config, held_out)
     model = load_base_at(config.model, precision, device)
     if adapter is not None:

@@ -323,6 +323,7 @@ def generate_run(
     from lora_dpo.adapters import read_adapter
     from lora_dpo.cache import policy_precision
     from lora_dpo.data import load_preference_data
+    from lora_dpo.losses import LossSettings
     from lora_dpo.model import (
         check_adapter_base,
         default_device,
@@ -338,11 +339,12 @@ def generate_run(
     device = default_device()
     precision = policy_precision(config, device)
     tokenizer = load_tokenizer(config.model)
-    pairs, report = load_preference_data(config.data, tokenizer, "eval")
+    unpaired = LossSettings.of(config.train).unpaired  # KTO's rows have prompts too
+    pairs, report = load_preference_data(config.data, tokenizer, "eval", unpaired=unpaired)
     prompt_ids = held_out_prompts(pairs, prompts)
     base = load_base_at(config.model, precision, device)
     policy = load_adapter(base, checked)
-    stops = stop_token_ids(tokenizer, report.format == "conversational")
+    stops = stop_token_ids(tokenizer, report.conversational)
     held_out = HeldOut(tokenizer, prompt_ids, settings, stops, pad_id_of(tokenizer), device)
     run_dir = run_dir_of(checked.directory)
     samples = held_out.samples(policy, final_step(run_dir))

@@ -13,8 +13,10 @@ import torch
 from lora_dpo.adapter_start import read_start_adapter
 from lora_dpo.cache import ReferenceCache, ReferenceValues, open_checked_cache, policy_precision
 from lora_dpo.config import Config
-from lora_dpo.data import DataReport, TokenizedPair, load_preference_data
+from lora_dpo.data import DataReport, TokenizedPair, labels_of, load_preference_data
+from lora_dpo.errors import ConfigError
 from lora_dpo.losses import LossSettings
+from lora_dpo.losses.kto import weight_advice
 from lora_dpo.model import default_device, load_base_at, load_tokenizer, resolve_model_dir
 from lora_dpo.optim import optimizer_name
 
@@ -52,11 +54,23 @@ def load_run_inputs(config: Config, objectives: Sequence[LossSettings] = ()) -> 
     optimizer_name(config.train, device)  # an impossible optimizer costs nothing to find out
     read_start_adapter(config.model)  # so does a bad model.adapter_path
     precision = policy_precision(config, device)
+    unpaired = objectives[0].unpaired  # KTO reads unpaired rows (lora_dpo.data.unpaired)
+    if any(objective.unpaired != unpaired for objective in objectives):
+        raise ConfigError("a sweep cannot mix train.loss_type=kto (unpaired rows) with preference pairs")
     # Data and reference values first: a cache problem should cost seconds, not a model load.
     tokenizer = load_tokenizer(config.model)
-    pairs, report = load_preference_data(config.data, tokenizer, "train")
+    pairs, report = load_preference_data(config.data, tokenizer, "train", unpaired=unpaired)
     log.info("train data: %s", report.summary())
-    eval_pairs = load_preference_data(config.data, tokenizer, "eval")[0] if config.data.eval_path else []
+    if unpaired:
+        labels = labels_of(pairs)
+        desirable = int(labels.sum()) if labels is not None else 0
+        kto = objectives[0]
+        advice = weight_advice(desirable, len(pairs) - desirable, kto.desirable_weight, kto.undesirable_weight)
+        if advice:
+            log.warning("%s", advice)
+    eval_pairs = (
+        load_preference_data(config.data, tokenizer, "eval", unpaired=unpaired)[0] if config.data.eval_path else []
+    )
 
     def load_base() -> torch.nn.Module:
         return load_base_at(config.model, precision, device)
@@ -72,6 +86,7 @@ def load_run_inputs(config: Config, objectives: Sequence[LossSettings] = ()) -> 
             accept_mismatch=config.train.accept_cache_mismatch,
             shared_prefix=any(objective.needs_shared_prefix for objective in objectives),
         )
+        cache.manifest.require_rows(unpaired, cache.cache_dir, config.train.loss_type)
         reference, eval_reference = cache.aligned(pairs, "train"), cache.aligned(eval_pairs, "eval")
     base = base or load_base()
     return RunInputs(tokenizer, pairs, eval_pairs, report, cache, reference, eval_reference, base, device)

@@ -31,6 +31,7 @@ from lora_dpo.cache import (
 )
 from lora_dpo.checkpoint import Checkpoint, apply_checkpoint
 from lora_dpo.config import Config, TrainConfig
+from lora_dpo.data import labels_of
 from lora_dpo.ddp import ddp_module
 from lora_dpo.distributed import DistInfo, all_gather_objects, all_reduce_, dist_info, wait_for_ranks
 from lora_dpo.errors import LoraDpoError, TrainingInterrupted
@@ -188,7 +189,7 @@ def setup(config: Config, inputs: RunInputs | None, run: RunTransaction, info: D
         assert inputs.cache is not None  # reference values come from it
         state.step0_tolerance = step0_tolerance_for(inputs.cache.manifest)
     if generates:
-        conversational = inputs.data_report.format == "conversational"
+        conversational = inputs.data_report.conversational
         state.held_out = HeldOut.from_config(
             config, inputs.tokenizer, inputs.eval_pairs, conversational, inputs.device
         )
@@ -306,7 +307,8 @@ class TrainLoop:
         finite = torch.ones((), dtype=torch.bool, device=s.device)
         rows: list[int] = []
         for number, indices in enumerate(micro_batches):
-            batch = COLLATE[s.layout]([s.inputs.pairs[i] for i in indices], s.pad_id)
+            rows_in_batch = [s.inputs.pairs[i] for i in indices]
+            batch = COLLATE[s.layout](rows_in_batch, s.pad_id)
             tokens = batch.sequence_tokens  # counted on the CPU: no device sync
             rows += batch.source_indices
             batch = batch.to(s.device)
@@ -326,7 +328,11 @@ class TrainLoop:
                     named = (batch.source_indices, batch.pair_hashes)  # the error names the worst pair
                     check_step0_agreement(policy_logps, ref_chosen, ref_rejected, step0_tolerance, *named)
                 # the policy's token counts are the cache's: the same pair, the same tokens
-                out = compute_loss(loss, PairLogps.of(policy_logps, ref_chosen, ref_rejected, ref_shared))
+                labels = labels_of(rows_in_batch)  # KTO's rows: which are desirable; None for pairs
+                labels = labels.to(s.device) if labels is not None else None
+                out = compute_loss(
+                    loss, PairLogps.of(policy_logps, ref_chosen, ref_rejected, ref_shared, labels)
+                )
                 # Sum over pairs / pairs in the global step: accumulation gives the mean of one
                 # big batch. DDP averages gradients over ranks, so each share is scaled back up.
                 s.scaler.scale(out.losses.sum() * (s.dist.world_size / pairs_in_step)).backward()

@@ -40,6 +40,8 @@ DOMAINS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "train.discopop_tau": ("> 0 and finite", ("0", "-0.05", *BAD_FLOATS), ("1e-6", "10")),
     "train.simpo_gamma": (">= 0 and finite", ("-0.5", *BAD_FLOATS), ("0", "3")),
     "train.cpo_alpha": (">= 0 and finite", ("-1", *BAD_FLOATS), ("0", "2")),
+    "train.desirable_weight": (">= 0 and finite", ("-1", *BAD_FLOATS), ("0", "1.33")),
+    "train.undesirable_weight": (">= 0 and finite", ("-1", *BAD_FLOATS), ("0", "2")),
     "train.learning_rate": ("> 0 and finite", ("0", "-5e-5", *BAD_FLOATS), ("1e-10", "1")),
     "train.per_device_batch_size": ("> 0", ("0", "-1"), ("1",)),
     "train.gradient_accumulation_steps": ("> 0", ("0", "-4"), ("1",)),
@@ -72,6 +74,8 @@ COMPANIONS = {
     "train.discopop_tau": ["train.loss_type=discopop"],
     "train.simpo_gamma": ["train.loss_type=simpo"],
     "train.cpo_alpha": ["train.loss_type=cpo"],
+    "train.desirable_weight": ["train.loss_type=kto"],
+    "train.undesirable_weight": ["train.loss_type=kto"],
 }
 
 

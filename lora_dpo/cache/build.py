@@ -39,7 +39,7 @@ from lora_dpo.cache.format import (
 )
 from lora_dpo.cache.identity import Precision, identity_stamp, reference_identity, reference_precision
 from lora_dpo.cache.lock import writer_lock
-from lora_dpo.cache.manifest import Change, DataSet, Manifest
+from lora_dpo.cache.manifest import PAIRED, UNPAIRED, Change, DataSet, Manifest
 from lora_dpo.cache.store import (
     check_same_reference,
     commit,
@@ -76,9 +76,10 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
     device = default_device()
     info = dist_info()
     tokenizer = load_tokenizer(config.model)
-    splits = {"train": load_preference_data(config.data, tokenizer, "train")}
+    loss = LossSettings.of(config.train)  # KTO's rows: each completion and its KL completion
+    splits = {"train": load_preference_data(config.data, tokenizer, "train", unpaired=loss.unpaired)}
     if config.data.eval_path:
-        splits["eval"] = load_preference_data(config.data, tokenizer, "eval")
+        splits["eval"] = load_preference_data(config.data, tokenizer, "eval", unpaired=loss.unpaired)
     for name, (_, report) in splits.items():
         log.info("%s data: %s", name, report.summary())
 
@@ -99,6 +100,7 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
         if current is not None:
             hint = f"use another precompute.cache_dir for this reference, or {REBUILD}"
             check_same_reference(cache_dir, current, (identity, reference), hint)
+            current.require_rows(loss.unpaired, cache_dir, config.train.loss_type)
         plan = plan_shards(splits, listed_pairs(cache_dir, current), config, next_shard_number(old))
         covered = current is not None and all(dataset in current.datasets for dataset in datasets)
         if current is not None and covered and not plan and current.version == FORMAT_VERSION:
@@ -136,7 +138,8 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
         )
         added = sum(entry.pairs for entry in shards)
         change = Change.of("precompute-ref", added=added, scored=added, seconds=time.perf_counter() - started)
-        manifest = (current or Manifest.empty(identity, reference)).with_additions(shards, datasets, change)
+        rows = UNPAIRED if loss.unpaired else PAIRED
+        manifest = (current or Manifest.empty(identity, reference, rows)).with_additions(shards, datasets, change)
         write_text(cache_dir / CONFIG, dump_config(config))
         commit(cache_dir, manifest)
         log.info(

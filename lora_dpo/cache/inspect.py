@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 
 from lora_dpo.cache.format import value_problems
-from lora_dpo.cache.manifest import Manifest
+from lora_dpo.cache.manifest import UNPAIRED, Manifest
 from lora_dpo.cache.overview import PLOT, PairOverview, write_plot
 from lora_dpo.cache.reader import ReferenceCache, load_listed_shard
 from lora_dpo.cache.store import unlisted_shards
+from lora_dpo.data.unpaired import KL_PAIRING
 from lora_dpo.errors import CacheError
 
 
@@ -34,6 +35,8 @@ def manifest_rows(manifest: Manifest) -> list[tuple[str, str]]:
         ("format", f"{manifest.format} v{manifest.version}"),
         ("created", manifest.created),
     ]
+    if manifest.rows == UNPAIRED:  # KTO's: said only where it is not the usual pairs
+        rows.insert(1, ("rows", f"unpaired (train.loss_type=kto): completion and KL completion, {KL_PAIRING}"))
     if len(manifest.history) > 1:
         rows.append(
             (

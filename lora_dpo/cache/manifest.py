@@ -7,6 +7,9 @@ read and checked once. Format v2; a v1 file is read as the v2 manifest it amount
     datasets             every data set the cache covers: split and its data report
     shards               file, split, pairs, sha256, fields (the tensors it holds)
     history              every change: when, what, pairs added, pairs scored, seconds, versions
+    rows                 "paired" (preference pairs), or "unpaired": KTO's rows, each shard's
+                         chosen_* fields its completions, rejected_* its KL completions, paired
+                         as `kl_pairing` says (lora_dpo.data.unpaired); absent means "paired"
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from lora_dpo.cache.entries import JsonFields, ModelIdentity, ReferenceIdentity,
 from lora_dpo.cache.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, READABLE_VERSIONS
 from lora_dpo.cache.manifest_v1 import ManifestV1
 from lora_dpo.data import DataReport
+from lora_dpo.data.unpaired import KL_PAIRING
 from lora_dpo.errors import CacheError
 from lora_dpo.fileio import write_json
 from lora_dpo.versions import package_versions
@@ -35,6 +39,10 @@ __all__ = [
     "ShardEntry",
     "now",
 ]
+
+
+# What a row of the cache holds (the manifest's `rows`).
+PAIRED, UNPAIRED = "paired", "unpaired"
 
 
 def now() -> str:
@@ -83,11 +91,23 @@ class Manifest:
     shards: tuple[ShardEntry, ...]
     history: tuple[Change, ...]  # oldest first
     version: int = FORMAT_VERSION  # of the file it was read from; always written as FORMAT_VERSION
+    rows: str = PAIRED  # PAIRED or UNPAIRED: what one shard row holds
 
     @classmethod
-    def empty(cls, identity: ReferenceIdentity, reference: ReferenceRun) -> Manifest:
+    def empty(cls, identity: ReferenceIdentity, reference: ReferenceRun, rows: str = PAIRED) -> Manifest:
         """A cache of this reference with nothing in it yet, to add to."""
-        return cls(identity, reference, {}, (), (), ())
+        return cls(identity, reference, {}, (), (), (), rows=rows)
+
+    def require_rows(self, unpaired: bool, cache_dir: Path, loss_type: str) -> None:
+        """A CacheError, one line, when the cache holds the other kind of row than the
+        objective reads: a KTO run needs a cache of unpaired rows, the others of pairs."""
+        wanted = UNPAIRED if unpaired else PAIRED
+        if self.rows != wanted:
+            raise CacheError(
+                f"{cache_dir}: the reference cache holds {self.rows} rows and train.loss_type={loss_type} "
+                f"reads {wanted} ones; build a cache for it with `lora-dpo precompute-ref` and this config "
+                "into another precompute.cache_dir, or replace this one with `lora-dpo precompute-ref --rebuild`"
+            )
 
     @property
     def total_pairs(self) -> int:
@@ -124,6 +144,7 @@ class Manifest:
             "datasets": [dataset.to_dict() for dataset in self.datasets],
             "shards": [entry.to_dict() for entry in self.shards],
             "history": [asdict(change) for change in self.history],
+            **({"rows": self.rows, "kl_pairing": KL_PAIRING} if self.rows == UNPAIRED else {}),
         }
 
     @classmethod
@@ -178,6 +199,14 @@ class Manifest:
                 for item in fields.items("history")
             ),
         )
+        rows = raw.get("rows", PAIRED)
+        if rows not in (PAIRED, UNPAIRED):
+            raise fields.fail("rows", f"is {rows!r}, expected {PAIRED!r} or {UNPAIRED!r}")
+        if rows == UNPAIRED and raw.get("kl_pairing") != KL_PAIRING:
+            raise fields.fail(
+                "kl_pairing", f"is {raw.get('kl_pairing')!r}; this lora-dpo pairs rows as {KL_PAIRING!r}"
+            )
+        manifest = replace(manifest, rows=rows)
         if not manifest.history:
             raise fields.fail("history", "is empty")
         if manifest.pairs != pairs_by_split(manifest.shards):

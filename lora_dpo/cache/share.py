@@ -197,6 +197,11 @@ def join_into(target: Path, sources: Sequence[ShardSource], what: str, wait: boo
                     f"{source.name} holds another reference's values than {base_name}: {'; '.join(differences)} "
                     "(a cache holds the values of one reference)"
                 )
+            if source.manifest.rows != base.rows:  # KTO's unpaired rows, or preference pairs
+                raise CacheError(
+                    f"{source.name} holds {source.manifest.rows} rows, {base_name} {base.rows} ones "
+                    "(a cache holds one kind of row)"
+                )
         known = listed_pairs(target, current)
         taken = {entry.file for entry in current.shards} if current else set()
         number = next_shard_number(current)
@@ -238,7 +243,7 @@ def join_into(target: Path, sources: Sequence[ShardSource], what: str, wait: boo
         history = tuple(c for source in sources for c in source.manifest.history)
         added = sum(entry.pairs for entry in added_entries)
         change = Change.of(what, added=added)
-        manifest = (current or Manifest.empty(base.identity, base.reference)).with_additions(
+        manifest = (current or Manifest.empty(base.identity, base.reference, base.rows)).with_additions(
             tuple(added_entries), datasets, change, history
         )
         commit(target, manifest)

@@ -18,14 +18,16 @@ from typing import Any
 from lora_dpo.config import DataConfig
 from lora_dpo.data.formats import (
     FORMATS,
+    UNPAIRED_FORMATS,
     TextPair,
-    check_encodable,
     detect_format,
     normaliser,
     resolve_format,
+    row_texts,
     split_implicit,
 )
 from lora_dpo.data.report import (
+    BAD_LABEL,
     BAD_ROLES,
     DIALOGUES_DIFFER,
     DROP_REASONS,
@@ -43,7 +45,6 @@ from lora_dpo.data.report import (
     DataReport,
     Drop,
     length_stats,
-    location,
 )
 from lora_dpo.data.tokenize import (
     TOKENIZE_CHUNK,
@@ -55,10 +56,12 @@ from lora_dpo.data.tokenize import (
     tokenize_chunk,
     tokenizer_fingerprint,
 )
+from lora_dpo.data.unpaired import UnpairedRow, build_unpaired_rows, labels_of
 from lora_dpo.errors import DataError
-from lora_dpo.sources import Unreadable, json_type, read_source
+from lora_dpo.sources import read_source
 
 __all__ = [
+    "BAD_LABEL",
     "BAD_ROLES",
     "DIALOGUES_DIFFER",
     "DROP_REASONS",
@@ -75,8 +78,12 @@ __all__ = [
     "TEMPLATE_REJECTED",
     "DataReport",
     "TokenizedPair",
+    "UNPAIRED_FORMATS",
+    "UnpairedRow",
     "build_pairs",
+    "build_unpaired_rows",
     "detect_format",
+    "labels_of",
     "load_preference_data",
     "no_pairs_message",
     "special_prefix",
@@ -102,33 +109,14 @@ def build_pairs(
     """
     require_eos(tokenizer)
     fmt = resolve_format(cfg.format, rows)
+    if fmt in UNPAIRED_FORMATS:
+        raise DataError(
+            f"{source}: the rows are unpaired (prompt, completion, label): they train with "
+            "train.loss_type=kto; the other loss types read preference pairs (chosen, rejected)"
+        )
     report = DataReport(source=source, format=fmt, total=len(rows))
-
-    def drop(index: int, problem: Drop) -> None:
-        line = lines[index] if lines is not None else None
-        if cfg.strict:
-            raise DataError(
-                f"{source}: {location(index, line)}: {problem.detail} ({problem.reason}; "
-                "data.strict=true stops at the first bad row)"
-            )
-        report.record_drop(problem.reason, index, problem.detail, line)
-
     normalise = normaliser(fmt, tokenizer) if fmt in FORMATS else None
-    texts: list[tuple[int, TextPair]] = []
-    for index, row in enumerate(rows):
-        try:
-            if isinstance(row, Unreadable):
-                raise Drop(row.reason, row.detail)
-            if not isinstance(row, dict) or normalise is None:
-                raise Drop(NOT_AN_OBJECT, f"expected an object, got {json_type(row)}")
-            text = normalise(row)
-            check_encodable(text)
-            texts.append((index, text))
-        except Drop as problem:
-            drop(index, problem)
-        except DataError as exc:  # a chat-template problem: say where it showed up
-            line = lines[index] if lines is not None else None
-            raise DataError(f"{source}: {location(index, line)}: {exc}") from None
+    texts: list[tuple[int, TextPair]] = row_texts(rows, normalise, report, cfg.strict, lines)
     pairs: list[TokenizedPair] = []
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         chunk = texts[start : start + TOKENIZE_CHUNK]
@@ -137,7 +125,7 @@ def build_pairs(
             try:
                 pair, cut = finish_pair(index, text, pair_ids, tokenizer, cfg)
             except Drop as problem:
-                drop(index, problem)
+                report.drop_row(index, problem, cfg.strict, lines)
                 continue
             pairs.append(pair)
             report.truncated += cut
@@ -147,11 +135,17 @@ def build_pairs(
 
 
 def load_preference_data(
-    cfg: DataConfig, tokenizer: Any, split: str = "train", *, allow_empty: bool = False
+    cfg: DataConfig,
+    tokenizer: Any,
+    split: str = "train",
+    *,
+    allow_empty: bool = False,
+    unpaired: bool = False,
 ) -> tuple[list[TokenizedPair], DataReport]:
     """Pairs and report of the train or eval split: the validation pass that precompute-ref
     and train run before any model work. A DataError when no pair survives, unless
-    `allow_empty` (for `lora-dpo data check`, which prints the report first)."""
+    `allow_empty` (for `lora-dpo data check`, which prints the report first). With `unpaired`
+    (train.loss_type=kto): KTO's UnpairedRows, pairs split into them (lora_dpo.data.unpaired)."""
     if split == "train":
         path, source_split = cfg.train_path, cfg.train_split
     elif split == "eval":
@@ -165,7 +159,11 @@ def load_preference_data(
     if cfg.max_pairs > 0:
         rows = rows[: cfg.max_pairs]
         lines = lines[: cfg.max_pairs] if lines is not None else None
-    pairs, report = build_pairs(rows, tokenizer, cfg, source=path, lines=lines)
+    if unpaired:
+        unpaired_rows, report = build_unpaired_rows(rows, tokenizer, cfg, source=path, lines=lines)
+        pairs: list[TokenizedPair] = list(unpaired_rows)
+    else:
+        pairs, report = build_pairs(rows, tokenizer, cfg, source=path, lines=lines)
     if not pairs and not allow_empty:
         raise DataError(no_pairs_message(report))
     return pairs, report
@@ -174,4 +172,5 @@ def load_preference_data(
 def no_pairs_message(report: DataReport) -> str:
     why = ", ".join(f"{reason}: {n}" for reason, n in report.dropped.items()) or "no rows"
     first = f"; first: {report.first_problem()}" if report.dropped else ""
-    return f"{report.source}: no usable preference pair out of {report.total} rows ({why}{first})"
+    kind = "unpaired row" if report.format in UNPAIRED_FORMATS else "preference pair"
+    return f"{report.source}: no usable {kind} out of {report.total} rows ({why}{first})"

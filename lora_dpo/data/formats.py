@@ -1,5 +1,6 @@
-"""Rows to text pairs: format detection, the explicit, implicit and conversational formats,
-and the chat renderer that turns conversations into prompt and response text."""
+"""Rows to text: format detection, the explicit, implicit and conversational pair formats, the
+unpaired formats (KTO's prompt, completion, label), and the chat renderer that turns
+conversations into prompt and response text."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora_dpo.data.report import (
+    BAD_LABEL,
     BAD_ROLES,
     DIALOGUES_DIFFER,
     EMPTY_PROMPT,
@@ -17,14 +19,19 @@ from lora_dpo.data.report import (
     IDENTICAL_RESPONSES,
     MISSING_FIELD,
     NO_FINAL_ASSISTANT_TURN,
+    NOT_AN_OBJECT,
     NOT_UTF8,
     TEMPLATE_REJECTED,
+    DataReport,
     Drop,
+    location,
 )
 from lora_dpo.errors import DataError
-from lora_dpo.sources import first_line, json_type
+from lora_dpo.sources import Unreadable, first_line, json_type
 
 FORMATS = ("explicit", "implicit", "conversational")
+# Rows of one completion and its label (TRL's unpaired preference format), for train.loss_type=kto.
+UNPAIRED_FORMATS = ("unpaired", "unpaired_conversational")
 # HH-RLHF style transcripts: the prompt ends right after the last assistant marker.
 ASSISTANT_MARKER = "\n\nAssistant:"
 # Roles a conversational row may use; chat templates know these three.
@@ -43,6 +50,16 @@ class TextPair:
     rejected_closed: bool = False
 
 
+@dataclass(frozen=True)
+class CompletionText:
+    """An unpaired row as the text the model sees: the prompt, one completion, its label."""
+
+    prompt: str
+    completion: str
+    label: bool  # True: desirable
+    closed: bool = False  # the chat template already closed the completion's turn
+
+
 # ------------------------------------------------------------------------- format detection
 
 
@@ -54,10 +71,12 @@ def detect_format(row: dict) -> str:
         return "conversational" if isinstance(row["prompt"], list) else "explicit"
     if "chosen" in row and "rejected" in row:
         return "conversational" if isinstance(row["chosen"], list) else "implicit"
+    if "completion" in row and "label" in row:
+        return "unpaired_conversational" if isinstance(row.get("prompt"), list) else "unpaired"
     raise DataError(
         f"cannot detect the data format from the first row's keys {sorted(map(str, row))}: "
-        "expected prompt/chosen/rejected (explicit or conversational) or chosen/rejected "
-        "(implicit); set data.format to say which"
+        "expected prompt/chosen/rejected (explicit or conversational), chosen/rejected "
+        "(implicit) or prompt/completion/label (unpaired); set data.format to say which"
     )
 
 
@@ -67,13 +86,13 @@ def resolve_format(configured: str, rows: Sequence[Any]) -> str:
     Rows before it that are unreadable or lack a field are dropped later, row by row; when
     no row has the keys of any format, the first row's keys are named in the error.
     """
-    if configured in FORMATS:
+    if configured in FORMATS or configured in UNPAIRED_FORMATS:
         return configured
     if configured != "auto":
         raise DataError(f"data.format={configured!r}: must be auto, {', '.join(FORMATS)}")
     objects = [row for row in rows if isinstance(row, dict)]
     for row in objects:
-        if "chosen" in row and "rejected" in row:
+        if ("chosen" in row and "rejected" in row) or ("completion" in row and "label" in row):
             return detect_format(row)
     return detect_format(objects[0]) if objects else "auto"
 
@@ -106,10 +125,11 @@ def _check_texts(prompt: str, chosen: str, rejected: str) -> None:
         raise Drop(EMPTY_PROMPT, "the prompt is empty")
 
 
-def check_encodable(text: TextPair) -> None:
+def check_encodable(text: TextPair | CompletionText) -> None:
     """Tokenizers take UTF-8 only: undecodable bytes in the file (kept as lone surrogates by
     the reader) and JSON-escaped lone surrogates (`\\ud800`) cannot be tokenized."""
-    for name in ("prompt", "chosen", "rejected"):
+    names = ("prompt", "completion") if isinstance(text, CompletionText) else ("prompt", "chosen", "rejected")
+    for name in names:
         try:
             getattr(text, name).encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -285,9 +305,91 @@ class _ChatRenderer:
         return TextPair(prompt_text, chosen_text, rejected_text, chosen_closed, rejected_closed)
 
 
+def row_texts(
+    rows: Sequence[Any],
+    normalise: Callable[[dict], Any] | None,
+    report: DataReport,
+    strict: bool,
+    lines: Sequence[int] | None,
+) -> list[tuple[int, Any]]:
+    """(row index, `normalise(row)`) of every row that has its format's fields; the others are
+    dropped into `report` (`DataReport.drop_row`). `normalise` None: no row has a known format."""
+    texts: list[tuple[int, Any]] = []
+    for index, row in enumerate(rows):
+        try:
+            if isinstance(row, Unreadable):
+                raise Drop(row.reason, row.detail)
+            if not isinstance(row, dict) or normalise is None:
+                raise Drop(NOT_AN_OBJECT, f"expected an object, got {json_type(row)}")
+            text = normalise(row)
+            for part in text if isinstance(text, list) else [text]:
+                check_encodable(part)
+            texts.append((index, text))
+        except Drop as problem:
+            report.drop_row(index, problem, strict, lines)
+        except DataError as exc:  # a chat-template problem: say where it showed up
+            line = lines[index] if lines is not None else None
+            raise DataError(f"{report.source}: {location(index, line)}: {exc}") from None
+    return texts
+
+
 def normaliser(fmt: str, tokenizer: Any) -> Callable[[dict], TextPair]:
     if fmt == "explicit":
         return _explicit_texts
     if fmt == "implicit":
         return _implicit_texts
     return _ChatRenderer(tokenizer).texts
+
+
+# ------------------------------------------------------------------- unpaired rows to text
+
+
+def _label(row: dict) -> bool:
+    value = _value(row, "label")
+    if not isinstance(value, bool):
+        shown = f" {value!r}" if isinstance(value, (str, int, float)) else ""
+        raise Drop(BAD_LABEL, f"field 'label' is {json_type(value)}{shown}, expected true or false")
+    return value
+
+
+def _unpaired_text(row: dict) -> CompletionText:
+    prompt, completion = _text_field(row, "prompt"), _text_field(row, "completion")
+    label = _label(row)
+    if not completion.strip():
+        raise Drop(EMPTY_RESPONSE, "the completion is empty")
+    if not prompt.strip():
+        raise Drop(EMPTY_PROMPT, "the prompt is empty")
+    return CompletionText(prompt, completion, label)
+
+
+def _unpaired_conversation(renderer: _ChatRenderer, row: dict) -> CompletionText:
+    prompt, completion = _messages(row, "prompt"), _messages(row, "completion")
+    label = _label(row)
+    _last_turn_is_assistant("completion", completion)
+    if not _has_text(completion):
+        raise Drop(EMPTY_RESPONSE, "the completion is empty")
+    if not _has_text(prompt):
+        raise Drop(EMPTY_PROMPT, "the prompt messages are empty")
+    prompt_text = renderer.render(prompt, add_generation_prompt=True)
+    text, closed = renderer.response(prompt_text, prompt, completion)
+    return CompletionText(prompt_text, text, label, closed)
+
+
+def unpaired_normaliser(fmt: str, tokenizer: Any) -> Callable[[dict], list[CompletionText]]:
+    """A row to its unpaired texts: one for an unpaired row; a pair split into its chosen
+    completion (desirable) and its rejected one (undesirable), as TRL's unpair_preference_dataset."""
+    if fmt == "unpaired":
+        return lambda row: [_unpaired_text(row)]
+    if fmt == "unpaired_conversational":
+        renderer = _ChatRenderer(tokenizer)
+        return lambda row: [_unpaired_conversation(renderer, row)]
+    pair_texts = normaliser(fmt, tokenizer)
+
+    def split(row: dict) -> list[CompletionText]:
+        pair = pair_texts(row)
+        return [
+            CompletionText(pair.prompt, pair.chosen, True, pair.chosen_closed),
+            CompletionText(pair.prompt, pair.rejected, False, pair.rejected_closed),
+        ]
+
+    return split

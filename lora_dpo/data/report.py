@@ -9,9 +9,11 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from lora_dpo.errors import DataError
 from lora_dpo.sources import INVALID_JSON, MALFORMED_ROW, NOT_AN_OBJECT, NOT_UTF8, ROW_TOO_LARGE
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ NO_FINAL_ASSISTANT_TURN = "no_final_assistant_turn"
 BAD_ROLES = "bad_roles"
 TEMPLATE_REJECTED = "chat_template_rejected"
 NOTHING_LEFT = "nothing_left_after_truncation"
+BAD_LABEL = "bad_label"  # an unpaired row's label is not true or false
 DROP_REASONS = (
     INVALID_JSON,
     NOT_UTF8,
@@ -46,6 +49,7 @@ DROP_REASONS = (
     NO_FINAL_ASSISTANT_TURN,
     TEMPLATE_REJECTED,
     NOTHING_LEFT,
+    BAD_LABEL,
 )
 
 
@@ -72,6 +76,11 @@ class DataReport:
     example_lines: dict[str, list[int]] = field(default_factory=dict)
     example_details: dict[str, list[str]] = field(default_factory=dict)
 
+    @property
+    def conversational(self) -> bool:
+        """Whether the rows were message lists, rendered with the chat template (pairs or unpaired)."""
+        return self.format in ("conversational", "unpaired_conversational")
+
     def record_drop(self, reason: str, index: int, detail: str = "", line: int | None = None) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         first = self.examples.setdefault(reason, [])
@@ -85,6 +94,17 @@ class DataReport:
         for values, value in columns:
             values.insert(at, value)
             del values[EXAMPLES_PER_REASON:]
+
+    def drop_row(self, index: int, problem: Drop, strict: bool, lines: Sequence[int] | None) -> None:
+        """Count a row that cannot be kept (`lines`: the 1-based line of each row, when its file
+        has lines); with `strict` (data.strict) it is a DataError naming the row instead."""
+        line = lines[index] if lines is not None else None
+        if strict:
+            raise DataError(
+                f"{self.source}: {location(index, line)}: {problem.detail} ({problem.reason}; "
+                "data.strict=true stops at the first bad row)"
+            )
+        self.record_drop(problem.reason, index, problem.detail, line)
 
     def first_problem(self) -> str:
         """Where the first dropped row is and what is wrong with it, for an error message."""
@@ -132,14 +152,17 @@ def _percentile(sorted_values: list[int], q: float) -> float:
     return float(sorted_values[rank - 1])
 
 
-def length_stats(pairs: list[TokenizedPair]) -> dict[str, dict[str, float]]:
-    """Token-length percentiles; "pair" is prompt + longer response, what max_length bounds."""
+def length_stats(
+    pairs: Sequence[TokenizedPair], responses: tuple[str, str] = ("chosen", "rejected")
+) -> dict[str, dict[str, float]]:
+    """Token-length percentiles; "pair" is prompt + longer response, what max_length bounds.
+    `responses` names the two responses (an unpaired row's: completion, kl_completion)."""
     if not pairs:
         return {}
     columns = {
         "prompt": [len(p.prompt_ids) for p in pairs],
-        "chosen": [len(p.chosen_ids) for p in pairs],
-        "rejected": [len(p.rejected_ids) for p in pairs],
+        responses[0]: [len(p.chosen_ids) for p in pairs],
+        responses[1]: [len(p.rejected_ids) for p in pairs],
         "pair": [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs],
     }
     stats = {}

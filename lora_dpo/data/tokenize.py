@@ -15,10 +15,10 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from lora_dpo.config import DataConfig
-from lora_dpo.data.formats import TextPair
+from lora_dpo.data.formats import CompletionText, TextPair
 from lora_dpo.data.report import EMPTY_PROMPT, EMPTY_RESPONSE, NOTHING_LEFT, Drop
 from lora_dpo.errors import DataError
 
@@ -36,10 +36,12 @@ class TokenizedPair:
     rejected_ids: tuple[int, ...]
     source_index: int
 
+    HASH_DOMAIN: ClassVar[bytes] = b"lora-dpo/pair/v1"
+
     @property
     def pair_hash(self) -> bytes:
         """sha256 of the final ids; each sequence is length-prefixed so boundaries can't shift."""
-        digest = hashlib.sha256(b"lora-dpo/pair/v1")
+        digest = hashlib.sha256(self.HASH_DOMAIN)
         for ids in (self.prompt_ids, self.chosen_ids, self.rejected_ids):
             digest.update(struct.pack("<q", len(ids)))
             digest.update(struct.pack(f"<{len(ids)}q", *ids))
@@ -152,6 +154,38 @@ def finish_pair(
         # The first response token is scored from the token before it: there must be one.
         raise Drop(EMPTY_PROMPT, "the prompt has no tokens (and the tokenizer adds no BOS)")
     return TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), index), cut
+
+
+def tokenize_completions(
+    tokenizer: Any, texts: list[CompletionText], chat: bool
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt, completion) ids per unpaired text, by the rules of `tokenize_chunk`."""
+    prefix = [] if chat else special_prefix(tokenizer)
+    prompts = _encode(tokenizer, [t.prompt for t in texts], prefix)
+    joint = _encode(tokenizer, [t.prompt + t.completion for t in texts], prefix)
+    return [(p, _response_ids(tokenizer, p, j, t.completion)) for t, p, j in zip(texts, prompts, joint)]
+
+
+def finish_completion(
+    text: CompletionText, ids: tuple[list[int], list[int]], tokenizer: Any, cfg: DataConfig
+) -> tuple[list[int], list[int], bool]:
+    """(prompt, completion, whether cut): EOS, truncation and the checks of `finish_pair` for
+    an unpaired row alone; raises Drop for a row that cannot be kept."""
+    prompt, completion = ids
+    if not completion:
+        raise Drop(EMPTY_RESPONSE, "the completion has no tokens")
+    completion = _with_eos(completion, tokenizer.eos_token_id, text.closed)
+    full_prompt = len(prompt)
+    prompt, completion, _, cut = truncate(prompt, completion, completion, cfg, tokenizer.bos_token_id)
+    if not completion:
+        raise Drop(
+            NOTHING_LEFT,
+            f"no completion token fits: the prompt ({full_prompt} tokens, cut to {len(prompt)}) "
+            f"fills data.max_length={cfg.max_length}",
+        )
+    if not prompt:
+        raise Drop(EMPTY_PROMPT, "the prompt has no tokens (and the tokenizer adds no BOS)")
+    return prompt, completion, cut
 
 
 def require_eos(tokenizer: Any) -> int:

@@ -7,13 +7,15 @@ objectives, and the options that combine with them.
                     functions of the reward margin, so an f-divergence applies to them
     pairwise        nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, aot, aot_unpaired
     reference_free  simpo, cpo, orpo: no reference model, so no cache
+    kto             kto: unpaired rows, each a completion labelled desirable or not
     terms           the chosen NLL (rpo_alpha, sft), LD-DPO's ld_logps, WPO's weights
     divergence      f-DPO's f'(u) for reverse KL, forward KL, JS and α-divergences
     objective       PairLogps and compute_loss: the configured combination on a batch
 
 Every loss takes per-pair summed response log-probs, all `[B]`, and returns a `DPOOutput` of
 `[B]` tensors. The reference terms never meet β, so one reference cache serves every loss type
-and every β. Names and parameters follow TRL (DPOTrainer, CPOTrainer, ORPOTrainer) so
+and every β (KTO's rows read a cache of their own: each completion and its KL completion).
+Names and parameters follow TRL (DPOTrainer, CPOTrainer, ORPOTrainer, KTOTrainer) so
 settings carry over.
 """
 
@@ -27,6 +29,7 @@ from lora_dpo.losses.dpo import (
     robust_dpo_loss,
     sigmoid_norm_loss,
 )
+from lora_dpo.losses.kto import KTOOutput, kto_kl, kto_loss, kto_metrics
 from lora_dpo.losses.objective import PairLogps, compute_loss, preference_loss
 from lora_dpo.losses.output import DPOOutput
 from lora_dpo.losses.pairwise import (
@@ -44,6 +47,7 @@ from lora_dpo.losses.settings import (
     LOSS_TYPES,
     REFERENCE_FREE_LOSS_TYPES,
     SMOOTHED_LOSS_TYPES,
+    UNPAIRED_LOSS_TYPES,
     LossSettings,
 )
 from lora_dpo.losses.terms import ld_logps, rpo_nll_term, sft_loss, wpo_weights
@@ -52,11 +56,13 @@ __all__ = [
     "DPOOutput",
     "DPO_LOSS_TYPES",
     "FDivergence",
+    "KTOOutput",
     "LOSS_TYPES",
     "LossSettings",
     "PairLogps",
     "REFERENCE_FREE_LOSS_TYPES",
     "SMOOTHED_LOSS_TYPES",
+    "UNPAIRED_LOSS_TYPES",
     "aot_loss",
     "aot_unpaired_loss",
     "apo_down_loss",
@@ -69,6 +75,9 @@ __all__ = [
     "exo_pair_loss",
     "hinge_loss",
     "ipo_loss",
+    "kto_kl",
+    "kto_loss",
+    "kto_metrics",
     "ld_logps",
     "nca_pair_loss",
     "orpo_loss",

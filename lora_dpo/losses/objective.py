@@ -23,6 +23,7 @@ from lora_dpo.losses.dpo import (
     robust_dpo_loss,
     sigmoid_norm_loss,
 )
+from lora_dpo.losses.kto import kto_loss
 from lora_dpo.losses.output import DPOOutput, logratios, rewards_output
 from lora_dpo.losses.pairwise import (
     aot_loss,
@@ -56,6 +57,9 @@ class PairLogps:
     # WPO (use_weighting): Σ over each response's tokens of log Σ_v πθ(v|prefix)², the policy's
     chosen_log_sum_sq: torch.Tensor | None = None
     rejected_log_sum_sq: torch.Tensor | None = None
+    # KTO's unpaired rows (lora_dpo.data.unpaired): the chosen slot holds each row's completion,
+    # the rejected slot its KL completion, and `labels` [B] bool says which rows are desirable.
+    labels: torch.Tensor | None = None
 
     @classmethod
     def of(
@@ -64,11 +68,18 @@ class PairLogps:
         ref_chosen: torch.Tensor | None,
         ref_rejected: torch.Tensor | None,
         ref_shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+        labels: torch.Tensor | None = None,
     ) -> PairLogps:
-        """From the policy's `lora_dpo.logps.SequenceLogps` and the reference values of its pairs."""
-        shared = policy.shared_logps
-        log_sum_sq = policy.log_sum_sq_probs
+        """From the policy's `lora_dpo.logps.SequenceLogps` and the reference values of its pairs
+        (and, for KTO's unpaired rows, their labels)."""
         half = len(policy.logps) // 2
+
+        def halves(values: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            return (values[:half], values[half:]) if values is not None else (None, None)  # [2B] -> [B], [B]
+
+        policy_chosen_shared, policy_rejected_shared = halves(policy.shared_logps)
+        ref_chosen_shared, ref_rejected_shared = ref_shared or (None, None)
+        chosen_log_sum_sq, rejected_log_sum_sq = halves(policy.log_sum_sq_probs)
         return cls(
             policy.chosen,
             policy.rejected,
@@ -76,9 +87,13 @@ class PairLogps:
             ref_rejected,
             policy.chosen_tokens,
             policy.rejected_tokens,
-            *((shared[:half], shared[half:]) if shared is not None else (None, None)),
-            *(ref_shared or (None, None)),
-            *((log_sum_sq[:half], log_sum_sq[half:]) if log_sum_sq is not None else (None, None)),
+            policy_chosen_shared,
+            policy_rejected_shared,
+            ref_chosen_shared,
+            ref_rejected_shared,
+            chosen_log_sum_sq,
+            rejected_log_sum_sq,
+            labels,
         )
 
     def require(self, what: str, *names: str) -> list[torch.Tensor]:
@@ -92,6 +107,8 @@ class PairLogps:
 def compute_loss(settings: LossSettings, batch: PairLogps) -> DPOOutput:
     """The objective `settings` configures on `batch`. Shape: [B] in, [B] out."""
     settings.check()
+    if settings.unpaired:
+        return _unpaired(settings, batch)
     if settings.reference_free:
         out = _reference_free(settings, batch)
     else:
@@ -110,6 +127,22 @@ def _reference_free(s: LossSettings, batch: PairLogps) -> DPOOutput:
     if s.loss_type == "cpo":
         return cpo_loss(pc, pr, chosen_tokens, s.beta, s.cpo_alpha, s.label_smoothing)
     return orpo_loss(pc, pr, chosen_tokens, rejected_tokens, s.beta)
+
+
+def _unpaired(s: LossSettings, batch: PairLogps) -> DPOOutput:
+    completion, kl_completion, ref_completion, ref_kl_completion, labels = batch.require(
+        f"loss_type={s.loss_type}", "policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "labels"
+    )
+    return kto_loss(
+        completion,
+        ref_completion,
+        kl_completion,
+        ref_kl_completion,
+        labels,
+        s.beta,
+        s.desirable_weight,
+        s.undesirable_weight,
+    )
 
 
 def _with_reference(s: LossSettings, batch: PairLogps) -> DPOOutput:

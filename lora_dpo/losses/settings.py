@@ -33,7 +33,9 @@ DPO_LOSS_TYPES = (
 )
 # No reference model at all: TRL's CPOTrainer (`cpo`, its `loss_type="simpo"`) and ORPOTrainer.
 REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo", "cpo")
-LOSS_TYPES = DPO_LOSS_TYPES + REFERENCE_FREE_LOSS_TYPES
+# Unpaired rows (a completion and its label), TRL's KTOTrainer: lora_dpo.losses.kto.
+UNPAIRED_LOSS_TYPES = ("kto",)
+LOSS_TYPES = DPO_LOSS_TYPES + REFERENCE_FREE_LOSS_TYPES + UNPAIRED_LOSS_TYPES
 # Several DPO loss types are combined as `a+b+c` (TRL's list `loss_type=[a, b, c]`), weighted by
 # `loss_weights`.
 LOSS_JOINER = "+"
@@ -51,7 +53,11 @@ PARAMETER_USERS = {
     "discopop_tau": ("discopop",),
     "simpo_gamma": ("simpo",),
     "cpo_alpha": ("cpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
 }
+# DPO options that read a pair's two responses; KTO's rows have one completion each.
+PAIR_OPTIONS = ("rpo_alpha", "ld_alpha", "use_weighting")
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,8 @@ class LossSettings:
     discopop_tau: float = 0.05
     simpo_gamma: float = 0.5
     cpo_alpha: float = 1.0
+    desirable_weight: float = 1.0  # KTO's λD
+    undesirable_weight: float = 1.0  # KTO's λU
 
     @classmethod
     def of(cls, train: TrainConfig) -> LossSettings:
@@ -89,6 +97,11 @@ class LossSettings:
     def reference_free(self) -> bool:
         """Whether the objective reads no reference values at all (no cache needed)."""
         return self.loss_type in REFERENCE_FREE_LOSS_TYPES
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether the objective reads unpaired rows (KTO) instead of preference pairs."""
+        return self.loss_type in UNPAIRED_LOSS_TYPES
 
     @property
     def needs_shared_prefix(self) -> bool:
@@ -115,6 +128,8 @@ class LossSettings:
             return f"{p}f_divergence_type={self.f_divergence_type!r}: must be one of {', '.join(F_DIVERGENCE_TYPES)}"
         if len(types) > 1 and set(types) & set(REFERENCE_FREE_LOSS_TYPES):
             return f"{p}loss_type={self.loss_type}: {', '.join(REFERENCE_FREE_LOSS_TYPES)} take no reference and stand alone"
+        if len(types) > 1 and set(types) & set(UNPAIRED_LOSS_TYPES):
+            return f"{p}loss_type={self.loss_type}: kto reads unpaired rows and stands alone"
         if self.loss_weights and len(self.loss_weights) != len(types):
             return (
                 f"{p}loss_weights={list(self.loss_weights)}: one weight per loss type of "
@@ -144,6 +159,10 @@ class LossSettings:
             and self.f_alpha_divergence_coef != _DEFAULTS["f_alpha_divergence_coef"]
         ):
             return f"{p}f_alpha_divergence_coef has no effect unless {p}f_divergence_type=alpha_divergence"
+        if self.unpaired:
+            for name in PAIR_OPTIONS:
+                if getattr(self, name) != _DEFAULTS[name]:
+                    return f"{p}{name}={getattr(self, name)} is a DPO option on pairs; {p}loss_type=kto reads unpaired rows"
         if self.reference_free:
             for name in ("ld_alpha", "use_weighting"):
                 if getattr(self, name) != _DEFAULTS[name]:
