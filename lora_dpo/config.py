@@ -67,8 +67,12 @@ class DataConfig:
     # Split to take from a hub data set or a DatasetDict directory.
     train_split: str = "train"
     eval_split: str = "test"
-    # "auto" detects explicit / implicit / conversational from the first row.
-    format: str = setting("auto", one_of("auto", "explicit", "implicit", "conversational"))
+    # "auto" detects the format from the first row: explicit / implicit / conversational pairs,
+    # or unpaired / unpaired_conversational rows (prompt, completion, label) for KTO.
+    format: str = setting(
+        "auto",
+        one_of("auto", "explicit", "implicit", "conversational", "unpaired", "unpaired_conversational"),
+    )
     # Longest prompt + response, in tokens; longer pairs are cut (prompt from the left first).
     max_length: int = setting(1024, above(0))
     max_prompt_length: int = setting(512, above(0))
