@@ -59,6 +59,7 @@ class PairBatch:
             self.predictors = rows * self.labels.shape[1] + columns
             self.targets, self.sequences = shifted[rows, columns], rows
         if self.tokens is None:
+            assert self.sequences is not None
             self.tokens = response_counts(self.sequences, len(self.labels))
 
     @property

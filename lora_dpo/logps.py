@@ -164,9 +164,7 @@ def sequence_logps(
         hidden = decoder(**inputs, use_cache=False).last_hidden_state  # [R, T, H]
     predictors, targets, sequence_of = batch.response_tokens()  # [N] each
     response_hidden = hidden.reshape(-1, hidden.shape[-1])[predictors]  # [N, H]
-    token_sq = (
-        torch.empty(len(targets), dtype=torch.float32, device=device) if log_sum_sq_probs else None
-    )
+    token_sq = torch.empty(len(targets), dtype=torch.float32, device=device) if log_sum_sq_probs else None
     token_logps = response_token_logps(head, response_hidden, targets, chunk_size, token_sq)  # [N] fp32
     sequences = 2 * batch.num_pairs
     zeros = torch.zeros(sequences, dtype=torch.float32, device=device)
@@ -362,9 +360,7 @@ class _FrozenHeadLogps(torch.autograd.Function):
         return grad_hidden, None, None, None, None, None
 
 
-def fp32_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None
-) -> Callable[[torch.Tensor], torch.Tensor]:
+def fp32_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """h [C, H] -> h @ weight.T + bias [C, V] in fp32, for the fused head (no autograd).
 
     A bf16 matmul accumulates in fp32 but rounds its output to bf16: logits of magnitude 20

@@ -148,7 +148,9 @@ def one_micro_batch(demo_policy, layout: str, attention: str, probe: HostSyncPro
     assert choose_layout(layout, policy, CPU).name == layout
     inputs = RunInputs(None, pairs, [], None, None, None, None, None, CPU)
     meter = WindowMeter(CPU)
-    state = TrainState(config, inputs, policy, None, None, meter, [], NullMetricsFile(), DistInfo(), pad_id, layout)
+    state = TrainState(
+        config, inputs, policy, None, None, meter, [], NullMetricsFile(), DistInfo(), pad_id, layout
+    )
     loop = TrainLoop(state, run=None, stop=None)
     batch = COLLATE[layout](pairs, pad_id)
     tokens = batch.sequence_tokens  # counted on the host, before the move
@@ -163,7 +165,9 @@ def one_micro_batch(demo_policy, layout: str, attention: str, probe: HostSyncPro
         (out.losses.sum() / len(pairs)).backward()
         meter.add_pairs(out, logps, tokens)
     grads = [p.grad for p in policy.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(
+        g.abs().sum() > 0 for g in grads
+    )
     policy.zero_grad(set_to_none=True)
     return logps
 
