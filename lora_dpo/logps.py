@@ -366,21 +366,30 @@ def fp32_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[to
     A bf16 matmul accumulates in fp32 but rounds its output to bf16: logits of magnitude 20
     move by up to 0.06 before the fp32 log-softmax. Instead, where torch has the kernel (CUDA,
     `torch.mm(..., out_dtype=torch.float32)`), the fp32 accumulator is the output; on the CPU
-    the weight is upcast once per call (exact; memory is cheap there); elsewhere the rounded
-    path stays, with a notice.
+    the weight is upcast a block of rows at a time (exact; a block is no bigger than the
+    hidden states' fp32 copy or 256 rows); elsewhere the rounded path stays, with a notice.
     """
     if weight.dtype == torch.float32:
         return lambda h: F.linear(h, weight, bias)
     if has_fp32_output_mm(weight.device.type, weight.dtype):
 
         def linear(h: torch.Tensor) -> torch.Tensor:
-            logits = torch.mm(h, weight.t(), out_dtype=torch.float32)
+            logits = torch.mm(h, weight.t(), out_dtype=torch.float32)  # [C, V]
             return logits if bias is None else logits.add_(bias)
 
         return linear
     if weight.device.type == "cpu":
-        weight_fp32, bias_fp32 = weight.float(), None if bias is None else bias.float()
-        return lambda h: F.linear(h.float(), weight_fp32, bias_fp32)
+
+        def upcast_linear(h: torch.Tensor) -> torch.Tensor:
+            h_fp32 = h.float()  # [C, H]
+            logits = torch.empty(len(h), len(weight), dtype=torch.float32, device=h.device)  # [C, V]
+            rows = max(len(h), 256)
+            for start in range(0, len(weight), rows):
+                block = weight[start : start + rows].float()  # [rows, H]
+                torch.mm(h_fp32, block.t(), out=logits[:, start : start + len(block)])
+            return logits if bias is None else logits.add_(bias)
+
+        return upcast_linear
     return lambda h: F.linear(h, weight, bias).float()
 
 
