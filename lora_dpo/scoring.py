@@ -71,8 +71,6 @@ def score_pairs(
                 parts.append(value.view(2, -1))
         if progress is not None:
             progress.update(batch.num_pairs)
-    if not logps:
-        logps, tokens = [torch.zeros(2, 0)], [torch.zeros(2, 0, dtype=torch.long)]
     chosen, rejected = torch.cat(logps, dim=1).cpu()  # [N] each
     chosen_tokens, rejected_tokens = torch.cat(tokens, dim=1).cpu()
     stacked = {
