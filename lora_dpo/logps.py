@@ -159,6 +159,8 @@ def sequence_logps(
         assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape, (
             "batch shapes differ"
         )
+        # (transformers' sdpa mask reads on the host whether this mask has padding: one sync
+        # per forward, the padded layout's only one; eager attention and packed rows have none)
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     with decoder_autocast(model, device):
         hidden = decoder(**inputs, use_cache=False).last_hidden_state  # [R, T, H]
