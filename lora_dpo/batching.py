@@ -15,10 +15,16 @@ ones do. The attention (lora_dpo.attention) keeps pairs apart and rejected from 
 gives every response token exactly the context it has in the padded layout.
 Every batch names its response tokens the same way (`response_tokens`): sequence s of the 2B
 is chosen of pair s for s < B, rejected of pair s - B otherwise.
+
+A batch is made on the host with every index tensor it needs (which hidden state predicts each
+response token, its target, its sequence, the token count of each sequence): derived on a
+GPU (nonzero, bincount) they would make the host wait for it on every micro-batch. `to` moves
+a batch without such a wait (`to_device`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +45,22 @@ class PairBatch:
     labels: torch.Tensor  # [2B, T] response token ids, IGNORE_INDEX on prompt and padding
     pair_hashes: list[bytes]  # [B]
     source_indices: list[int]  # [B]
+    # The response tokens (`response_tokens`) and their count per sequence: derived from the
+    # labels when the batch is made on the host, carried along by `to`.
+    predictors: torch.Tensor | None = None  # [N]
+    targets: torch.Tensor | None = None  # [N]
+    sequences: torch.Tensor | None = None  # [N]
+    tokens: torch.Tensor | None = None  # [2B]
+
+    def __post_init__(self) -> None:
+        if self.predictors is None:
+            shifted = self.labels[:, 1:]  # [2B, T-1]
+            rows, columns = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)  # [N], row-major
+            self.predictors = rows * self.labels.shape[1] + columns
+            self.targets, self.sequences = shifted[rows, columns], rows
+        if self.tokens is None:
+            assert self.sequences is not None
+            self.tokens = response_counts(self.sequences, len(self.labels))
 
     @property
     def num_pairs(self) -> int:
@@ -58,18 +80,11 @@ class PairBatch:
         """(predictors, targets, sequences), each [N]: the flat index into [2B * T] of the
         hidden state that predicts each response token (position t predicts token t+1), the
         token, and its sequence."""
-        targets = self.labels[:, 1:]  # [2B, T-1]
-        rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # [N], row-major
-        return rows * self.labels.shape[1] + columns, targets[rows, columns], rows
+        assert self.predictors is not None and self.targets is not None and self.sequences is not None
+        return self.predictors, self.targets, self.sequences
 
     def to(self, device: torch.device) -> PairBatch:
-        return PairBatch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.labels.to(device),
-            self.pair_hashes,
-            self.source_indices,
-        )
+        return moved(self, device)
 
 
 # Segment ids of a packed row, and the document id of its padding.
@@ -92,6 +107,11 @@ class PackedPairBatch:
     pair_hashes: list[bytes]  # [B]
     source_indices: list[int]  # [B]
     sequence_tokens: int  # real tokens of the 2B unshared sequences, for tokens/s
+    tokens: torch.Tensor | None = None  # [2B] response tokens per sequence, counted on the host
+
+    def __post_init__(self) -> None:
+        if self.tokens is None:
+            self.tokens = response_counts(self.sequences, 2 * self.num_pairs)
 
     @property
     def num_pairs(self) -> int:
@@ -113,19 +133,31 @@ class PackedPairBatch:
         return visible(query, key, index.view(1, -1, 1), index.view(1, 1, -1), sliding_window)
 
     def to(self, device: torch.device) -> PackedPairBatch:
-        return PackedPairBatch(
-            self.input_ids.to(device),
-            self.position_ids.to(device),
-            self.documents.to(device),
-            self.segments.to(device),
-            self.predictors.to(device),
-            self.targets.to(device),
-            self.sequences.to(device),
-            self.spans,
-            self.pair_hashes,
-            self.source_indices,
-            self.sequence_tokens,
-        )
+        return moved(self, device)
+
+
+def response_counts(sequences: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """[N] sequence of each response token -> [S] tokens per sequence (on the host, with the batch)."""
+    return torch.bincount(sequences, minlength=num_sequences)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`, without making the host wait. From pageable memory a host-to-GPU
+    copy first waits for the stream (every kernel queued so far); from pinned memory it is
+    queued like a kernel, ahead of the kernels that read it. Pinning exists on CUDA only."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def moved(batch: Any, device: torch.device) -> Any:
+    """A PairBatch or PackedPairBatch with every tensor on `device` (`to_device`)."""
+    tensors = {
+        field.name: to_device(value, device)
+        for field in dataclasses.fields(batch)
+        if isinstance(value := getattr(batch, field.name), torch.Tensor)
+    }
+    return dataclasses.replace(batch, **tensors)
 
 
 TokenIds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (document, segment, position)

@@ -17,11 +17,20 @@ at most a [chunk_size, V] block of logits exists at once, never [N, V] or [2B, T
   chunk's logits are recomputed in backward (activation checkpointing per chunk).
 
 Both paths compute the values with the same operations and are tested against the plain
-full-logits oracle, values and gradients.
+full-logits oracle, values and gradients; the fused path's head matmul also returns its logits
+in fp32 where a kernel does (`fp32_linear`), rather than rounded to a bf16 model's dtype.
+
+A bf16 model's decoder runs under bf16 autocast (`decoder_autocast`), the head and the
+log-softmax after it in fp32. Nothing here reads a device value on the host: the batch brings
+its index tensors (lora_dpo.batching), so a micro-batch never waits for the GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +41,8 @@ from torch.utils.checkpoint import checkpoint
 from lora_dpo.attention import base_model, packed_decoder_inputs
 from lora_dpo.batching import PackedPairBatch, PairBatch
 from lora_dpo.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 # Response tokens per LM-head chunk, train.logits_chunk_size's default. At a 128,256 vocabulary
 # one chunk of fp32 logits is 263 MB; the fused path holds about one such block at a time (two
@@ -141,31 +152,48 @@ def sequence_logps(
     both come from the same forward and the same log-probs.
     """
     decoder, head = causal_lm_parts(model)
+    device = batch.input_ids.device
     if isinstance(batch, PackedPairBatch):
         inputs = packed_decoder_inputs(model, batch)
     else:
         assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape, (
             "batch shapes differ"
         )
+        # (transformers' sdpa mask reads on the host whether this mask has padding: one sync
+        # per forward, the padded layout's only one; eager attention and packed rows have none)
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state  # [R, T, H]
+    with decoder_autocast(model, device):
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state  # [R, T, H]
     predictors, targets, sequence_of = batch.response_tokens()  # [N] each
     response_hidden = hidden.reshape(-1, hidden.shape[-1])[predictors]  # [N, H]
-    token_sq = (
-        torch.empty(len(targets), dtype=torch.float32, device=hidden.device) if log_sum_sq_probs else None
-    )
+    token_sq = torch.empty(len(targets), dtype=torch.float32, device=device) if log_sum_sq_probs else None
     token_logps = response_token_logps(head, response_hidden, targets, chunk_size, token_sq)  # [N] fp32
     sequences = 2 * batch.num_pairs
-    zeros = torch.zeros(sequences, dtype=torch.float32, device=hidden.device)
-    out = SequenceLogps(
-        logps=zeros.index_add(0, sequence_of, token_logps),
-        tokens=torch.bincount(sequence_of, minlength=sequences),
-    )
+    zeros = torch.zeros(sequences, dtype=torch.float32, device=device)
+    assert batch.tokens is not None  # counted when the batch was made
+    out = SequenceLogps(logps=zeros.index_add(0, sequence_of, token_logps), tokens=batch.tokens)
     if shared_prefix:
         out.shared_logps = prefix_sums(token_logps, sequence_of, shared_lengths(out.tokens))
     if token_sq is not None:
         out.log_sum_sq_probs = zeros.index_add(0, sequence_of, token_sq)
     return out
+
+
+def decoder_autocast(model: torch.nn.Module, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the decoder of a bf16 model, nothing otherwise.
+
+    peft keeps LoRA weights in fp32 (master weights) and, without autocast, casts each LoRA
+    input up to fp32, so backward keeps an fp32 copy of the input of every adapted layer
+    (about 195 KB per token per recomputed layer at 8B instead of 117 KB). Under autocast the
+    LoRA matmuls take bf16 casts of their input and weights, and the weights' gradients are
+    still fp32. Training, eval and the reference precompute all score through here, so the
+    reference is computed on the same numeric path as the policy: with LoRA B = 0 the
+    untrained policy's values equal the reference's bit for bit.
+    """
+    dtype = base_model(model).get_input_embeddings().weight.dtype
+    if dtype != torch.bfloat16 or not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def shared_lengths(tokens: torch.Tensor) -> torch.Tensor:
@@ -179,7 +207,8 @@ def prefix_sums(values: torch.Tensor, sequence_of: torch.Tensor, lengths: torch.
     list each sequence's tokens in order (interleaved with other sequences' or not), lengths
     [S]; -> [S]."""
     order = torch.sort(sequence_of, stable=True).indices  # [N] tokens grouped by sequence, in order
-    counts = torch.bincount(sequence_of, minlength=len(lengths))  # [S]
+    # [S], counted with index_add: bincount sizes its output from the data (a host sync on a GPU)
+    counts = torch.zeros_like(lengths).index_add_(0, sequence_of, torch.ones_like(sequence_of))
     starts = torch.cumsum(counts, 0) - counts  # [S] where each sequence's group begins
     position = torch.empty_like(sequence_of)
     position[order] = (
@@ -288,11 +317,12 @@ class _FrozenHeadLogps(torch.autograd.Function):
         )
         ctx.mark_non_differentiable(log_sum_sq)
         grads = torch.empty_like(hidden) if wants_grad else None  # [N, H]
+        linear_fp32 = fp32_linear(weight, bias)
         for start in range(0, len(hidden), chunk_size):
             h = hidden[start : start + chunk_size]  # [C, H]
             t = targets[start : start + chunk_size]  # [C]
             # [C, V]: the same operations as LogitHead, in place where they can be
-            logits = F.linear(h, weight, bias).float()
+            logits = linear_fp32(h)
             if head.scale is not None:
                 logits.mul_(head.scale)
             tanh = None
@@ -330,3 +360,57 @@ class _FrozenHeadLogps(torch.autograd.Function):
         (grads,) = ctx.saved_tensors
         grad_hidden = (grads * grad_logps.unsqueeze(-1)).to(grads.dtype)  # [N, H]
         return grad_hidden, None, None, None, None, None
+
+
+def fp32_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h [C, H] -> h @ weight.T + bias [C, V] in fp32, for the fused head (no autograd).
+
+    A bf16 matmul accumulates in fp32 but rounds its output to bf16: logits of magnitude 20
+    move by up to 0.06 before the fp32 log-softmax. Instead, where torch has the kernel (CUDA,
+    `torch.mm(..., out_dtype=torch.float32)`), the fp32 accumulator is the output; on the CPU
+    the weight is upcast a block of rows at a time (exact; a block is no bigger than the
+    hidden states' fp32 copy or 256 rows); elsewhere the rounded path stays, with a notice.
+    """
+    if weight.dtype == torch.float32:
+        return lambda h: F.linear(h, weight, bias)
+    if has_fp32_output_mm(weight.device.type, weight.dtype):
+
+        def linear(h: torch.Tensor) -> torch.Tensor:
+            logits = torch.mm(h, weight.t(), out_dtype=torch.float32)  # [C, V]
+            return logits if bias is None else logits.add_(bias)
+
+        return linear
+    if weight.device.type == "cpu":
+
+        def upcast_linear(h: torch.Tensor) -> torch.Tensor:
+            h_fp32 = h.float()  # [C, H]
+            logits = torch.empty(len(h), len(weight), dtype=torch.float32, device=h.device)  # [C, V]
+            rows = max(len(h), 256)
+            for start in range(0, len(weight), rows):
+                block = weight[start : start + rows].float()  # [rows, H]
+                torch.mm(h_fp32, block.t(), out=logits[:, start : start + len(block)])
+            return logits if bias is None else logits.add_(bias)
+
+        return upcast_linear
+    return lambda h: F.linear(h, weight, bias).float()
+
+
+@functools.cache
+def has_fp32_output_mm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether `torch.mm(a, b, out_dtype=torch.float32)` runs for `dtype` inputs on this device
+    type (documented for CUDA with fp16/bf16 inputs); tried once on 1x1 matrices."""
+    one = torch.ones(1, 1, dtype=dtype, device=device_type)
+    try:
+        torch.mm(one, one, out_dtype=torch.float32)
+    except (TypeError, NotImplementedError, RuntimeError):
+        if device_type != "cpu":
+            log.warning(
+                "torch %s has no %s matmul with an fp32 output on %s: the LM head's logits are "
+                "rounded to %s before the fp32 log-softmax",
+                torch.__version__,
+                dtype,
+                device_type,
+                dtype,
+            )
+        return False
+    return True

@@ -57,28 +57,27 @@ def score_pairs(
     the model for it). `progress` (a tqdm bar) is advanced by the pairs scored. `statistics`
     are sequence_logps's optional ones (shared_prefix=True, ...). `batches` (index lists into
     `pairs`) replaces those batches: rows then come in their order."""
-    chosen, rejected, chosen_tokens, rejected_tokens = [], [], [], []
+    # Kept on the device and moved once at the end: a copy to the host per batch would wait
+    # for each batch's forward before the next one is queued.
+    logps: list[torch.Tensor] = []  # [2, b] per batch: chosen, rejected
+    tokens: list[torch.Tensor] = []
     extra: dict[str, list[torch.Tensor]] = {"shared_logps": [], "log_sum_sq_probs": []}
     if batches is None:
         batches = scoring_batches(pairs, batch_size, layout, max_tokens)
     for indices in batches:
         batch = COLLATE[layout]([pairs[i] for i in indices], pad_id).to(device)
         out = sequence_logps(model, batch, **statistics)
-        chosen.append(out.chosen.cpu())
-        rejected.append(out.rejected.cpu())
-        chosen_tokens.append(out.chosen_tokens.cpu())
-        rejected_tokens.append(out.rejected_tokens.cpu())
+        logps.append(out.logps.view(2, -1))
+        tokens.append(out.tokens.view(2, -1))
         for name, parts in extra.items():
             value = getattr(out, name)
             if value is not None:
-                parts.append(value.cpu().view(2, -1))  # [2, b]: chosen, rejected
+                parts.append(value.view(2, -1))
         if progress is not None:
             progress.update(batch.num_pairs)
-    stacked = {name: torch.cat(parts, dim=1).flatten() if parts else None for name, parts in extra.items()}
-    return PairScores(
-        torch.cat(chosen),
-        torch.cat(rejected),
-        torch.cat(chosen_tokens),
-        torch.cat(rejected_tokens),
-        **stacked,
-    )
+    chosen, rejected = torch.cat(logps, dim=1).cpu()  # [N] each
+    chosen_tokens, rejected_tokens = torch.cat(tokens, dim=1).cpu()
+    stacked = {
+        name: torch.cat(parts, dim=1).cpu().flatten() if parts else None for name, parts in extra.items()
+    }
+    return PairScores(chosen, rejected, chosen_tokens, rejected_tokens, **stacked)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lora_dpo.batching import COLLATE, pad_id_of
+from lora_dpo.batching import COLLATE, pad_id_of, to_device
 from lora_dpo.cache import (
     ReferenceValues,
     Step0Tolerance,
@@ -314,10 +314,10 @@ class TrainLoop:
             batch = batch.to(s.device)
             ref_chosen = ref_rejected = ref_shared = None
             if reference is not None:
-                ref_chosen, ref_rejected = (t.to(s.device) for t in reference.logps(indices))
+                ref_chosen, ref_rejected = (to_device(t, s.device) for t in reference.logps(indices))
                 if loss.needs_shared_prefix:
                     shared_chosen, shared_rejected = reference.shared_logps(indices)
-                    ref_shared = (shared_chosen.to(s.device), shared_rejected.to(s.device))
+                    ref_shared = (to_device(shared_chosen, s.device), to_device(shared_rejected, s.device))
             # Under DDP, gradients are all-reduced once per step: on its last micro-batch.
             last = number == len(micro_batches) - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
