@@ -375,11 +375,11 @@ their dequantization in backward, the fused LM head's logits chunk. Their sizes 
 on the device.
 
 Different, and modelled per device in `plan` (`DROPOUT_MASK_BYTES`,
-`CHECKPOINT_RNG_STATE_BYTES`, `LORA_AUTOCAST`): on the CPU dropout keeps an fp32 noise tensor
+`CHECKPOINT_RNG_STATE_BYTES`, `lora_under_autocast`): on the CPU dropout keeps an fp32 noise tensor
 per LoRA input (CUDA's fused dropout keeps a bool mask: 1 byte instead of 4); checkpointing
 keeps the CPU generator's 5 KB state per layer (on CUDA that state lives on the host); on the
-CPU peft casts every LoRA input to the adapter's fp32 and the branch saves fp32 tensors, while
-on CUDA the branch runs under autocast and saves them in the compute dtype (2 bytes instead of
+CPU (fp32) peft casts every LoRA input to the adapter's fp32 and the branch saves fp32 tensors,
+while a bf16 decoder (CUDA's default) runs it under autocast and saves bf16 tensors (2 bytes instead of
 4, and no fp32 copy of the down projection's input).
 
 CUDA only, not measured here and estimated separately in `plan` (`cuda_only_terms`): the CUDA

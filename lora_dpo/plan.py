@@ -19,7 +19,7 @@ at most 2 x max_length^2 x (compute dtype) bytes more per pair than the padded m
 - CUDA-only terms, which no tensor accounts for (`cuda_only_terms`).
 
 Per device: on CUDA the LoRA branch runs under autocast (its saved tensors in the compute
-dtype, `LORA_AUTOCAST`) and dropout keeps a bool mask; on the CPU both are fp32, as measured.
+dtype, `lora_under_autocast`) and dropout keeps a bool mask; on the CPU both are fp32, as measured.
 Under torchrun the figure is per rank, with DDP's gradient buckets (`ddp_bucket_bytes`).
 
 Weight counts are exact (tested against real models). The activation model counts the tensors
@@ -49,19 +49,24 @@ DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": 4}
 CHECKPOINT_RNG_STATE_BYTES = {"cuda": 0, "cpu": 5056}
 # bitsandbytes keeps 32-bit optimizer state for tensors smaller than this (min_8bit_size).
 MIN_8BIT_SIZE = 4096
-# Training runs the LoRA branch under autocast at the compute dtype on CUDA: peft then leaves
-# the layer input as it is (no fp32 copy) and lora_A / lora_B save compute-dtype tensors. On
-# the CPU peft casts the input to the adapter's fp32 (what memory_check measures).
-LORA_AUTOCAST = {"cuda": True, "cpu": False}
-# lora_dpo.ddp builds DistributedDataParallel without gradient_as_bucket_view: its buckets are
-# a second copy of the gradients (with it, the gradients would be views into the buckets).
-DDP_GRADIENT_AS_BUCKET_VIEW = False
+# lora_dpo.ddp builds DistributedDataParallel with gradient_as_bucket_view=True: the gradients
+# are views into its buckets, so the buckets are no second copy.
+DDP_GRADIENT_AS_BUCKET_VIEW = True
+
+
+def lora_under_autocast(config: Config, device: str) -> bool:
+    """Whether the LoRA branch saves bf16 tensors and no fp32 copy of its input. A bf16 decoder
+    runs under bf16 autocast (lora_dpo.logps.decoder_autocast), and on CUDA peft then leaves
+    each LoRA input as it is. peft asks `torch.is_autocast_enabled()`, which is CUDA's, so on
+    the CPU it still casts the input to the adapter's fp32 first (what memory_check measures,
+    at bf16): the CPU is modelled at fp32. fp16 runs without autocast. `auto` is bf16 on CUDA."""
+    return device == "cuda" and config.model.dtype in ("bf16", "auto")
 
 
 def lora_activation_bytes(config: Config, device: str) -> int:
-    """Bytes per element of what the LoRA branch saves: the compute dtype's under CUDA
-    autocast, else the adapter's fp32 (4)."""
-    return DTYPE_BYTES[config.model.dtype] if LORA_AUTOCAST[device] else 4
+    """Bytes per element of what the LoRA branch saves: bf16's 2 under autocast, else the
+    adapter's fp32 (4)."""
+    return 2 if lora_under_autocast(config, device) else 4
 
 
 @dataclass(frozen=True)
@@ -196,7 +201,7 @@ def last_layer_backward_bytes(arch: Architecture, config: Config, workload: Work
     down_lora = 0.0
     if "down_proj" in arch.lora_targets(config.lora.target_modules):
         mask = DROPOUT_MASK_BYTES[device] if config.lora.dropout > 0 else 0
-        cast = 0 if LORA_AUTOCAST[device] else 4  # peft's fp32 copy of the input, without autocast
+        cast = 0 if lora_under_autocast(config, device) else 4  # peft's fp32 copy, without autocast
         # input copy, dropout output and mask, output + clone
         down_lora = cast * i + (a + mask) * i + 2 * d * h
         saved -= (a + mask) * i  # counted in this moment, not twice
