@@ -16,6 +16,9 @@
 4. With TRL installed: the same steps on a random 1B-shaped model (Llama-3.2-1B's widths) with
    lora-dpo and with TRL's DPOTrainer (nf4, LoRA, precomputed reference, paged 8-bit AdamW),
    for memory and speed ratios; with Liger-Kernel importable, TRL again with use_liger_kernel.
+5. What only a GPU shows of the CUDA paths fixed by reading (`cuda_paths.py`): the dtype
+   `auto` picks on this card, whether the fp32-output bf16 matmul exists for the logits, where
+   an 8B fp32 merge would be built, and the host syncs per optimizer step of every run above.
 Results go to benchmarks/results/gpu-<date>.json and a printed table.
 
 Not run here: this machine has no GPU. The CUDA parts (bf16 compute, bitsandbytes' CUDA
@@ -41,6 +44,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+
+from cuda_paths import HostSyncs, device_facts  # noqa: E402
 
 from lora_dpo.config import Config, load_config  # noqa: E402
 from lora_dpo.fileio import write_json, write_text  # noqa: E402
@@ -273,7 +278,7 @@ def lora_dpo_runs(
                 "plan": planned(config, arch, subset, device),
             }
             try:
-                with DeviceMemory(device) as memory:
+                with DeviceMemory(device) as memory, HostSyncs(device) as syncs:
                     trained = train(config, inputs)
             except torch.OutOfMemoryError as exc:  # a finding, not a crash of the check
                 entry["error"] = f"out of memory: {str(exc).splitlines()[0]}"
@@ -284,8 +289,10 @@ def lora_dpo_runs(
                 for line in (Path(config.train.output_dir) / "metrics.jsonl").read_text().splitlines()
             ]
             steps = [r for r in records if "loss" in r][1:] or [records[0]]  # after the first: warm
+            optimizer_steps = sum("loss" in r for r in records)
             entry.update(
                 memory_of(memory),
+                host_syncs_per_step=None if syncs.count is None else syncs.count / optimizer_steps,
                 step1_loss=next(r["loss"] for r in records if "loss" in r),
                 tokens_per_s=_mean([r["tokens_per_s"] for r in steps]),
                 step_time_s=_mean([r["step_time_s"] for r in steps]),
@@ -453,6 +460,7 @@ def run(device: torch.device, dry_run: bool, workdir: Path) -> dict[str, Any]:
         "dry_run": dry_run,
         "environment": environment(device),
         "lengths": lengths,
+        "cuda_paths": device_facts(device),
     }
     started = time.perf_counter()
     model = build_model(workdir / "llama3.1-8b-shaped", tokenizer, device, **(TINY if dry_run else {}))
@@ -496,6 +504,20 @@ def render(results: dict[str, Any]) -> str:
         "plan | max_memory_reserved | plan | tokens/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    facts = results["cuda_paths"]
+    syncs = {
+        f"{entry['recipe']} {layout}": entry.get("host_syncs_per_step")
+        for runs in run["lengths"].values()
+        for layout, entry in runs.items()
+    }
+    notes = [
+        "",
+        f"model.dtype auto: {facts['auto_dtype']} ({facts['auto_dtype_reason']}); fp32-output bf16 matmul "
+        f"for the logits: {'yes' if facts['fp32_logits_kernel'] else 'no'}; "
+        f"an 8B merge at fp32 is built on {facts['merge_8b_fp32_on']} ({facts['merge_8b_fp32_reason']})",
+        "host syncs per optimizer step (torch sync debug mode): "
+        + ", ".join(f"{name} {'n/a' if n is None else format(n, '.1f')}" for name, n in syncs.items()),
+    ]
     for runs in run["lengths"].values():
         for layout, entry in runs.items():
             plan = entry["plan"]
@@ -526,7 +548,7 @@ def render(results: dict[str, Any]) -> str:
                     f"{ratio(ours.get('step_time_s'), peer.get('step_time_s'))} | "
                     f"{peer.get('error') or format(peer['step1_loss'], '.4f')} |"
                 )
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
 
 
 def main(argv: list[str] | None = None) -> int:

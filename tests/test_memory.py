@@ -112,6 +112,9 @@ def test_gpu_check_dry_run(tmp_path):
     (path,) = tmp_path.glob("gpu-dry-run-*.json")
     results = json.loads(path.read_text())
     assert results["dry_run"] and results["environment"]["device"] == "cpu"
+    facts = results["cuda_paths"]  # what the CUDA-path facts say off CUDA
+    assert facts["auto_dtype"] == "float32" and facts["merge_8b_fp32_on"] == "cpu"
+    assert facts["fp32_logits_kernel"] is False  # torch's out_dtype mm is CUDA-only
     run = results["llama3.1-8b"]
     assert run["precompute"]["pairs"] == 15 and run["precompute"]["pairs_per_s"] > 0
     assert [runs["auto"]["recipe"] for runs in run["lengths"].values()] == [
