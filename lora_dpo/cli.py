@@ -158,7 +158,9 @@ def _run(args: argparse.Namespace) -> int:
         return run_data_check(config)
     if launched_by_torchrun():
         if args.verb not in ("precompute-ref", "train", "eval"):
-            raise ConfigError(f"{args.verb} runs in one process; torchrun is for precompute-ref, train and eval")
+            raise ConfigError(
+                f"{args.verb} runs in one process; torchrun is for precompute-ref, train and eval"
+            )
         if not init_distributed().is_main:
             logging.getLogger().setLevel(logging.WARNING)  # one log per job, from rank 0
     try:

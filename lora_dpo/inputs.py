@@ -65,11 +65,15 @@ def load_run_inputs(config: Config, objectives: Sequence[LossSettings] = ()) -> 
         labels = labels_of(pairs)
         desirable = int(labels.sum()) if labels is not None else 0
         kto = objectives[0]
-        advice = weight_advice(desirable, len(pairs) - desirable, kto.desirable_weight, kto.undesirable_weight)
+        advice = weight_advice(
+            desirable, len(pairs) - desirable, kto.desirable_weight, kto.undesirable_weight
+        )
         if advice:
             log.warning("%s", advice)
     eval_pairs = (
-        load_preference_data(config.data, tokenizer, "eval", unpaired=unpaired)[0] if config.data.eval_path else []
+        load_preference_data(config.data, tokenizer, "eval", unpaired=unpaired)[0]
+        if config.data.eval_path
+        else []
     )
 
     def load_base() -> torch.nn.Module:

@@ -93,6 +93,11 @@ def write_samples(out_dir: Path, samples: Sequence[Sample]) -> tuple[Path, Path]
     """samples.jsonl and samples.md in `out_dir` (each replaced whole)."""
     jsonl, markdown = Path(out_dir) / SAMPLES_JSONL, Path(out_dir) / SAMPLES_MD
     write_text(jsonl, samples_jsonl(samples))
-    header = ["# Samples", "", "Held-out prompts; the reference is the base (with its start adapter, if the run began from one).", ""]
+    header = [
+        "# Samples",
+        "",
+        "Held-out prompts; the reference is the base (with its start adapter, if the run began from one).",
+        "",
+    ]
     write_text(markdown, "\n".join(header + samples_markdown(samples)).rstrip() + "\n")
     return jsonl, markdown

@@ -119,7 +119,9 @@ def test_equals_trl_formula_on_random_inputs(beta, weights):
         PairLogps(policy, policy_kl, ref, ref_kl, labels=labels),
     )
     assert isinstance(out, KTOOutput)
-    loss, kl, chosen_rewards, rejected_rewards = trl_kto(policy, ref, policy_kl, ref_kl, labels, beta, *weights)
+    loss, kl, chosen_rewards, rejected_rewards = trl_kto(
+        policy, ref, policy_kl, ref_kl, labels, beta, *weights
+    )
     torch.testing.assert_close(out.losses.mean(), loss, rtol=0, atol=1e-12)
     torch.testing.assert_close(out.kl, kl, rtol=0, atol=1e-12)
     torch.testing.assert_close(out.chosen_rewards[labels], chosen_rewards, rtol=0, atol=1e-12)
@@ -198,7 +200,11 @@ def test_unpaired_rows_take_the_previous_rows_completion_as_kl(tmp_path, tiny_to
         assert tiny_tokenizer.decode(row.completion_ids[:-1]).strip() == text["completion"]
         assert row.completion_ids[-1] == eos
     # rotated by one: row k's KL completion is row k-1's completion, row 0 takes the last one
-    assert [r.kl_completion_ids for r in rows] == [rows[2].completion_ids, rows[0].completion_ids, rows[1].completion_ids]
+    assert [r.kl_completion_ids for r in rows] == [
+        rows[2].completion_ids,
+        rows[0].completion_ids,
+        rows[1].completion_ids,
+    ]
     assert set(report.lengths) == {"prompt", "completion", "kl_completion", "pair"}
     # an unpaired row hashes apart from a pair of the same ids
     assert rows[0].pair_hash != load_pair_hash(rows[0])
@@ -232,7 +238,11 @@ def test_a_long_kl_completion_is_cut_and_never_cuts_its_row(tmp_path, tiny_token
 def test_pairs_are_split_as_trl_unpairs_them(tmp_path, tiny_tokenizer):
     """TRL's unpair_preference_dataset: per batch, every chosen completion, then every rejected one."""
     pairs = [
-        {"prompt": f"Describe {name} in a few words.\n", "chosen": f"{name} is kind.", "rejected": f"{name} is rude."}
+        {
+            "prompt": f"Describe {name} in a few words.\n",
+            "chosen": f"{name} is kind.",
+            "rejected": f"{name} is rude.",
+        }
         for name in ("Ada", "Alan", "Grace")
     ]
     cfg, _ = data_config(tmp_path, pairs)
@@ -241,7 +251,14 @@ def test_pairs_are_split_as_trl_unpairs_them(tmp_path, tiny_tokenizer):
     assert [r.label for r in rows] == [True, True, True, False, False, False]
     assert [r.source_index for r in rows] == [0, 1, 2, 0, 1, 2]
     texts = [tiny_tokenizer.decode(r.completion_ids[:-1]).strip() for r in rows]
-    assert texts == ["Ada is kind.", "Alan is kind.", "Grace is kind.", "Ada is rude.", "Alan is rude.", "Grace is rude."]
+    assert texts == [
+        "Ada is kind.",
+        "Alan is kind.",
+        "Grace is kind.",
+        "Ada is rude.",
+        "Alan is rude.",
+        "Grace is rude.",
+    ]
     # no row's KL completion comes from its own prompt here
     assert all(row.kl_completion_ids != row.completion_ids for row in rows)
 
@@ -258,12 +275,16 @@ def test_a_bad_label_is_dropped_with_its_line_or_stops_a_strict_run(tmp_path, ti
         load_preference_data(cfg, tiny_tokenizer, "train", unpaired=True)
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith(f"{path}: line 2 (row 1): field 'label' is a string 'yes', expected true or false")
+    assert message.startswith(
+        f"{path}: line 2 (row 1): field 'label' is a string 'yes', expected true or false"
+    )
 
 
 def test_no_usable_row_names_the_first_bad_line(tmp_path, tiny_tokenizer):
     cfg, path = data_config(tmp_path, [{**UNPAIRED[0], "label": 1}])
-    with pytest.raises(DataError, match=r"no usable unpaired row out of 1 rows \(bad_label: 1; first: line 1"):
+    with pytest.raises(
+        DataError, match=r"no usable unpaired row out of 1 rows \(bad_label: 1; first: line 1"
+    ):
         load_preference_data(cfg, tiny_tokenizer, "train", unpaired=True)
 
 
@@ -280,8 +301,16 @@ def test_conversational_unpaired_rows_use_the_chat_template(tmp_path, tiny_token
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
     rows = [
-        {"prompt": [{"role": "user", "content": "Describe Ada."}], "completion": [{"role": "assistant", "content": "Ada is kind."}], "label": True},
-        {"prompt": [{"role": "user", "content": "Describe Alan."}], "completion": [{"role": "assistant", "content": "Alan is rude."}], "label": False},
+        {
+            "prompt": [{"role": "user", "content": "Describe Ada."}],
+            "completion": [{"role": "assistant", "content": "Ada is kind."}],
+            "label": True,
+        },
+        {
+            "prompt": [{"role": "user", "content": "Describe Alan."}],
+            "completion": [{"role": "assistant", "content": "Alan is rude."}],
+            "label": False,
+        },
     ]
     cfg, _ = data_config(tmp_path, rows)
     built, report = build_unpaired_rows(rows, tokenizer, cfg, "chat")
@@ -329,8 +358,11 @@ def test_cache_holds_each_rows_completion_and_kl_completion(demo_workdir, kto_ca
     assert manifest["kl_pairing"] == "previous_row_completion_over_the_split"
     assert manifest["pairs"] == {"train": 2 * ROWS, "eval": 2 * ROWS}  # max_pairs limits both splits
     assert Manifest.read(kto_cache).rows == "unpaired"
-    assert ("rows", "unpaired (train.loss_type=kto): completion and KL completion, "
-            "previous_row_completion_over_the_split") in manifest_rows(Manifest.read(kto_cache))
+    assert (
+        "rows",
+        "unpaired (train.loss_type=kto): completion and KL completion, "
+        "previous_row_completion_over_the_split",
+    ) in manifest_rows(Manifest.read(kto_cache))
 
     rows, _ = load_preference_data(config.data, tiny_tokenizer, "train", unpaired=True)
     values = ReferenceCache(kto_cache).aligned(rows, "train")
@@ -386,7 +418,10 @@ def test_export_and_import_keep_the_rows_unpaired(kto_cache, tmp_path):
 
 def test_a_manifest_says_what_its_rows_are(kto_cache, tmp_path):
     raw = json.loads((kto_cache / "manifest.json").read_text())
-    assert Manifest.from_dict({k: v for k, v in raw.items() if k not in ("rows", "kl_pairing")}, kto_cache).rows == "paired"
+    assert (
+        Manifest.from_dict({k: v for k, v in raw.items() if k not in ("rows", "kl_pairing")}, kto_cache).rows
+        == "paired"
+    )
     with pytest.raises(CacheError, match=r"field rows is 'triples', expected 'paired' or 'unpaired'"):
         Manifest.from_dict({**raw, "rows": "triples"}, kto_cache)
     with pytest.raises(CacheError, match="field kl_pairing is 'random'; this lora-dpo pairs rows as"):

@@ -139,7 +139,9 @@ def build_cache(config: Config, *, rebuild: bool = False, wait: bool = True) -> 
         added = sum(entry.pairs for entry in shards)
         change = Change.of("precompute-ref", added=added, scored=added, seconds=time.perf_counter() - started)
         rows = UNPAIRED if loss.unpaired else PAIRED
-        manifest = (current or Manifest.empty(identity, reference, rows)).with_additions(shards, datasets, change)
+        manifest = (current or Manifest.empty(identity, reference, rows)).with_additions(
+            shards, datasets, change
+        )
         write_text(cache_dir / CONFIG, dump_config(config))
         commit(cache_dir, manifest)
         log.info(

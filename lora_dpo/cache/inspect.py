@@ -36,7 +36,9 @@ def manifest_rows(manifest: Manifest) -> list[tuple[str, str]]:
         ("created", manifest.created),
     ]
     if manifest.rows == UNPAIRED:  # KTO's: said only where it is not the usual pairs
-        rows.insert(1, ("rows", f"unpaired (train.loss_type=kto): completion and KL completion, {KL_PAIRING}"))
+        rows.insert(
+            1, ("rows", f"unpaired (train.loss_type=kto): completion and KL completion, {KL_PAIRING}")
+        )
     if len(manifest.history) > 1:
         rows.append(
             (

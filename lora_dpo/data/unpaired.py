@@ -126,7 +126,9 @@ def build_unpaired_rows(
         # The row is fitted alone; its KL completion takes the room left after its prompt (cut
         # from the right, as TRL cuts a KL sequence), so a neighbour never cuts the row itself.
         kl_completion = kept[k - 1][3][: cfg.max_length - len(prompt)]  # k = 0 takes the last row's
-        unpaired.append(UnpairedRow(tuple(prompt), tuple(completion), tuple(kl_completion), index, text.label))
+        unpaired.append(
+            UnpairedRow(tuple(prompt), tuple(completion), tuple(kl_completion), index, text.label)
+        )
     report.kept = len(unpaired)
     report.lengths = length_stats(unpaired, ("completion", "kl_completion"))
     return unpaired, report

@@ -92,14 +92,22 @@ def kto_metrics(out: KTOOutput, beta: float) -> dict[str, float]:
     }
 
 
-def weight_advice(desirable: int, undesirable: int, desirable_weight: float, undesirable_weight: float) -> str | None:
+def weight_advice(
+    desirable: int, undesirable: int, desirable_weight: float, undesirable_weight: float
+) -> str | None:
     """TRL's advice for unbalanced data, from the paper's Eq. 8 (λD·nD / (λU·nU) in [1, 4/3]):
     a line recommending a range for either weight when neither is in it; None when one is."""
     n_d, n_u = max(desirable, 1), max(undesirable, 1)
     if n_d == n_u:
         return None
-    desirable_range = (round(n_u * undesirable_weight / n_d, 2), round(n_u * undesirable_weight / n_d * 1.33, 2))
-    undesirable_range = (round(n_d * desirable_weight / n_u / 1.33, 2), round(n_d * desirable_weight / n_u, 2))
+    desirable_range = (
+        round(n_u * undesirable_weight / n_d, 2),
+        round(n_u * undesirable_weight / n_d * 1.33, 2),
+    )
+    undesirable_range = (
+        round(n_d * desirable_weight / n_u / 1.33, 2),
+        round(n_d * desirable_weight / n_u, 2),
+    )
     if (
         desirable_range[0] <= desirable_weight <= desirable_range[1]
         or undesirable_range[0] <= undesirable_weight <= undesirable_range[1]
