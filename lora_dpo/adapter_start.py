@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,15 @@ def read_start_adapter(cfg: ModelConfig) -> Adapter | None:
     except ConfigError as exc:
         raise ConfigError(f"model.adapter_path: {exc}") from None
     return adapter
+
+
+@lru_cache(maxsize=8)
+def adapter_shape(path: str) -> tuple[int, tuple[str, ...], int]:
+    """(rank, adapted linear names, LoRA weights) of the adapter at `path`, for `plan`."""
+    adapter = read_adapter(path, label=f"model.adapter_path={path!r}")
+    names = tuple(sorted({name.rsplit(".", 1)[-1] for name in adapter.factors}))
+    weights = sum(f.a[0] * f.a[1] + f.b[0] * f.b[1] for f in adapter.factors.values())
+    return int(adapter.config["r"]), names, weights
 
 
 def start_of(cfg: ModelConfig, adapter: Adapter) -> AdapterStart:

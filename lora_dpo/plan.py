@@ -31,9 +31,11 @@ a test keeps the two in agreement on a small model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_dpo.adapter_start import adapter_shape
 from lora_dpo.architecture import Architecture
 from lora_dpo.config import Config
 from lora_dpo.errors import ConfigError
@@ -255,12 +257,29 @@ def ddp_bucket_bytes(arch: Architecture, config: Config, ranks: int) -> float:
     return 4.0 * arch.lora_weights(config.lora.r, config.lora.target_modules)
 
 
+def with_start_adapter(config: Config) -> tuple[Config, int]:
+    """The config plan models, and the frozen LoRA weights it adds, for a run that starts from
+    an SFT adapter (`model.adapter_path`). `continue` trains that adapter: its rank and target
+    modules replace `lora.*`, without dropout (a start adapter runs without it). `stack` trains
+    `lora.*` on top of it frozen: its fp32 weights are persistent; its branch keeps no
+    activations for backward (frozen weights need none saved to pass the gradient to their
+    input, and under autocast no fp32 copy of the input is made)."""
+    if not config.model.adapter_path:
+        return config, 0
+    rank, names, weights = adapter_shape(config.model.adapter_path)
+    if config.model.adapter_mode == "stack":
+        return config, weights
+    lora = dataclasses.replace(config.lora, r=rank, target_modules=list(names), dropout=0.0)
+    return dataclasses.replace(config, lora=lora), 0
+
+
 def estimate(
     config: Config, arch: Architecture, workload: Workload | None = None, device: str = "cuda", ranks: int = 1
 ) -> MemoryPlan:
     """The peak of one training micro-batch on `device` ("cuda", or "cpu" to compare with a CPU
     measurement: CPU dropout masks, the LoRA branch in fp32, and no CUDA-only terms), per rank
     of `ranks` (torchrun: each rank holds the whole model, and DDP's buckets)."""
+    config, frozen_lora = with_start_adapter(config)
     cfg = config.train
     workload = workload or Workload.worst_case(config)
     d = DTYPE_BYTES[config.model.dtype]
@@ -276,6 +295,11 @@ def estimate(
         ),
         PlanItem("base weights, embeddings + LM head + norms", arch.other_weights * d, "persistent"),
         PlanItem("LoRA weights (fp32)", lora * 4, "persistent"),
+        *(
+            [PlanItem("SFT adapter weights, frozen (fp32)", frozen_lora * 4, "persistent")]
+            if frozen_lora
+            else []
+        ),
         PlanItem(f"optimizer state ({optimizer})", optimizer_bytes, "persistent"),
     ]
     buckets = ddp_bucket_bytes(arch, config, ranks)

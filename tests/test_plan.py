@@ -330,3 +330,31 @@ def test_cli_finds_the_max_length(tmp_path, capsys):
     assert "1 pair per micro-batch, offload_activations on" in out
     assert main([*args, "--find-max-length", "--gpu-gib", "4"]) == 0
     assert capsys.readouterr().out.startswith("no length fits a 4 GiB card")
+
+
+def test_a_start_adapter_is_planned_as_the_run_uses_it(tmp_path):
+    """continue: the SFT adapter's own rank and targets are what trains (lora.* does not apply);
+    stack: lora.* trains and the SFT adapter's fp32 weights are there besides, frozen."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    path, model = saved_model(tmp_path, "llama")
+    adapter = get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    adapter.save_pretrained(str(tmp_path / "sft"))
+    stored = sum(t.numel() for t in load_file(str(tmp_path / "sft" / "adapter_model.safetensors")).values())
+    arch = Architecture.from_config_json(path / "config.json")
+
+    def items(*overrides: str) -> dict[str, float]:
+        config = load_config(None, [f"model.name_or_path={path}", "lora.r=16", *overrides])
+        return {item.name: item.bytes for item in estimate(config, arch).items}
+
+    plain = items()
+    cont = items(f"model.adapter_path={tmp_path / 'sft'}", "model.adapter_mode=continue")
+    stack = items(f"model.adapter_path={tmp_path / 'sft'}", "model.adapter_mode=stack")
+    assert arch.lora_weights(4, ["q_proj", "v_proj"]) == stored  # the count the plan uses is peft's
+    assert cont["LoRA weights (fp32)"] == 4 * stored != plain["LoRA weights (fp32)"]
+    assert "SFT adapter weights, frozen (fp32)" not in cont
+    assert stack["LoRA weights (fp32)"] == plain["LoRA weights (fp32)"]
+    assert stack["SFT adapter weights, frozen (fp32)"] == 4 * stored
+    assert sum(stack.values()) == pytest.approx(sum(plain.values()) + 4 * stored)
