@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_logps import SLIDING, TOLERANCE, assert_grads_close, make_model, random_pairs, weighted_sum
 
-from lora_dpo.attention import PAIRWISE, mask_mod, prepare_packed_attention
+from lora_dpo.attention import PAIRWISE, PairMasks, mask_mod, prepare_packed_attention
 from lora_dpo.batching import collate, collate_packed, collate_prompt_shared, packed_length
 from lora_dpo.data import TokenizedPair
 from lora_dpo.demo.models import ARCHITECTURES
@@ -165,6 +165,42 @@ def test_flex_mask_mod_equals_the_dense_visibility(collate_fn, window):
     dense = create_mask(mask_mod(batch, window), rows, None, length, length, device="cpu")  # [R, 1, L, L]
     assert torch.equal(dense[:, 0], batch.visibility(window))
     assert batch.visibility(window).sum() < rows * length * (length + 1) // 2  # not merely causal
+
+
+@pytest.mark.parametrize("always_mask", [False, True], ids=["sdpa", "eager"])
+@pytest.mark.parametrize("window", [None, 3, 10_000])
+@pytest.mark.parametrize(
+    "collate_fn", [collate_packed, collate_prompt_shared], ids=["packed", "prompt_shared"]
+)
+def test_pair_parts_cover_exactly_the_visible_entries(collate_fn, window, always_mask):
+    """The pairwise backend's calls (head: prompt + chosen, causal unless masked; tail:
+    rejected over prompt + rejected), put back into a row's [L, L], are the dense visibility
+    on every real token; they compute fewer entries than one n x n block per pair."""
+    batch = collate_fn(unequal_pairs(), pad_id=5)
+    rows, length = batch.input_ids.shape
+    rebuilt = torch.zeros(rows, length, length, dtype=torch.bool)
+    computed = 0
+    for part in PairMasks(batch, torch.float32, always_mask).parts(window):
+        head = slice(part.start, part.start + part.head)
+        if part.head_mask is None:
+            assert not always_mask and (window is None or window >= part.head)
+            rebuilt[part.row, head, head] = torch.ones(part.head, part.head, dtype=torch.bool).tril()
+        else:
+            assert part.head_mask.shape == (1, 1, part.head, part.head)
+            rebuilt[part.row, head, head] = part.head_mask[0, 0] == 0
+        computed += part.head**2
+        if part.tail:
+            assert part.tail_mask is not None
+            assert part.tail_mask.shape == (1, 1, part.tail, part.prompt + part.tail)
+            tail = torch.arange(part.start + part.head, part.start + part.head + part.tail)
+            keys = torch.cat([torch.arange(part.start, part.start + part.prompt), tail])
+            rebuilt[part.row, tail[:, None], keys[None]] = part.tail_mask[0, 0] == 0
+            computed += part.tail * (part.prompt + part.tail)
+    real = batch.documents >= 0  # [R, L]
+    visibility = batch.visibility(window)
+    for row in range(rows):
+        assert torch.equal(rebuilt[row][real[row]], visibility[row][real[row]])
+    assert computed < sum((end - start) ** 2 for _, start, end in batch.spans)
 
 
 @pytest.mark.slow  # compiles FlexAttention's CPU kernel (about a minute the first time)
