@@ -9,8 +9,11 @@ computed in one of three exact ways, by the model's attention implementation:
   its pairs cost, and no [L, L] mask exists. CUDA only: torch has no FlexAttention backward on
   the CPU. Written to the documented use of torch and transformers; not run on a GPU here.
 - pairwise (`PAIRWISE`, registered in transformers' AttentionInterface): the model's own eager
-  or sdpa attention, called once per pair on that pair's slice of the row with a dense mask of
-  that pair's size. Exact on any device; never a mask over the whole row.
+  or sdpa attention, called twice per pair on that pair's slices of the row: prompt + chosen,
+  plain causal (sdpa: no mask, so the flash kernel skips the blocks above the diagonal; a mask
+  where a sliding window cuts it, or for eager), then rejected over prompt + rejected with a
+  mask of that size. The chosen x rejected block is never computed. Exact on any device;
+  never a mask over the whole row.
 - dense (a model left on eager or sdpa): one additive [R, 1, L, L] mask per row, the
   transformers way of passing a custom mask; the reference the other two are tested against.
 
@@ -226,13 +229,21 @@ class PairMasks:
             for (row, start, end), (prompt, chosen) in zip(self.spans, self._lengths):
                 head_end = start + prompt + chosen
                 # head positions run 0..n-1: a window of n or more cuts nothing, causal it is
-                causal = not self._always_mask and (sliding_window is None or sliding_window >= head_end - start)
-                head_mask = None if causal else self._mask(row, [(start, head_end)], [(start, head_end)], sliding_window)
+                causal = not self._always_mask and (
+                    sliding_window is None or sliding_window >= head_end - start
+                )
+                head_mask = (
+                    None
+                    if causal
+                    else self._mask(row, [(start, head_end)], [(start, head_end)], sliding_window)
+                )
                 tail_mask = None
                 if end > head_end:
                     keys = [(start, start + prompt), (head_end, end)]
                     tail_mask = self._mask(row, [(head_end, end)], keys, sliding_window)
-                built.append(PairParts(row, start, prompt, prompt + chosen, end - head_end, head_mask, tail_mask))
+                built.append(
+                    PairParts(row, start, prompt, prompt + chosen, end - head_end, head_mask, tail_mask)
+                )
             self._parts[sliding_window] = built
         return self._parts[sliding_window]
 

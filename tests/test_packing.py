@@ -222,8 +222,8 @@ def test_auto_layout_is_packed_where_supported_and_says_how():
     layout = choose_layout("auto", model, CPU)
     assert layout.name == "packed" and layout.attention is not None
     assert layout.describe(4096, 4) == (
-        "layout: packed, prompt shared, 4096 tokens per row; attention: pair by pair with dense "
-        "per-pair masks (FlexAttention has no backward pass on the CPU)"
+        "layout: packed, prompt shared, 4096 tokens per row; attention: pair by pair, causal "
+        "kernels with masks per pair (FlexAttention has no backward pass on the CPU)"
     )
     assert layout.describe(0, 4).startswith("layout: packed, prompt shared, 4 pairs per row;")
     assert choose_layout("prompt_shared", make_model("llama", torch.float32), CPU).name == "prompt_shared"
