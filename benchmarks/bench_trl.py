@@ -394,7 +394,7 @@ def bench_prefix_sharing(runner: Runner, workdir: Path, fixture: Fixture, data_f
 
 def bench_decoder(runner: Runner, workdir: Path, fixture: Fixture, data_file: Path) -> dict:
     """The decoder-dominated fixture, β 0.1: lora-dpo as it runs by default (layout auto,
-    micro-batches by tokens) and padded (per_device_batch_size pairs), against TRL."""
+    no token budget: one packed row per step) and padded (per_device_batch_size pairs), against TRL."""
     config = lora_config(workdir, fixture, data_file, f"{fixture.name}-spread")
     precompute = runner.run("lora-precompute", str(config))
     trl = runner.run("trl", str(trl_spec(workdir, fixture, data_file, 0.1)))
