@@ -62,7 +62,7 @@ DECODER = {"hidden": 512, "layers": 8, "heads": 8, "kv_heads": 2, "intermediate"
 DECODER_QUICK = {"hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 352, "vocab": 8192}
 REAL_SPREAD = {"prompt": (20, 600, 130, 0.9), "response": (20, 500, 120, 0.8)}  # (low, high, median, sigma)
 REAL_SPREAD_QUICK = {"prompt": (20, 120, 40, 0.9), "response": (20, 100, 35, 0.8)}
-DECODER_MAX_LENGTH, DECODER_PAIRS_PER_STEP, DECODER_TOKENS_PER_BATCH = 1024, 8, 4096
+DECODER_MAX_LENGTH, DECODER_PAIRS_PER_STEP = 1024, 8
 
 
 def pseudo_words(count: int, rng: random.Random) -> list[str]:
@@ -155,14 +155,9 @@ def build_decoder_fixture(workdir: Path, pairs: int, quick: bool) -> tuple[Fixtu
         torch.manual_seed(SEED)
         AutoModelForCausalLM.from_config(config).save_pretrained(str(model_dir))
         tokenizer.save_pretrained(str(model_dir))
-    fixture = Fixture(
-        name,
-        model_dir,
-        shape["vocab"],
-        DECODER_MAX_LENGTH,
-        DECODER_PAIRS_PER_STEP,
-        DECODER_TOKENS_PER_BATCH if not quick else 1024,
-    )
+    # lora-dpo's defaults: no token budget (train.max_tokens_per_batch=0), so with layout auto a
+    # step's 8 pairs are one packed row, one forward (each forward dequantizes every 4-bit weight)
+    fixture = Fixture(name, model_dir, shape["vocab"], DECODER_MAX_LENGTH, DECODER_PAIRS_PER_STEP)
     return fixture, path
 
 
@@ -399,7 +394,7 @@ def bench_prefix_sharing(runner: Runner, workdir: Path, fixture: Fixture, data_f
 
 def bench_decoder(runner: Runner, workdir: Path, fixture: Fixture, data_file: Path) -> dict:
     """The decoder-dominated fixture, β 0.1: lora-dpo as it runs by default (layout auto,
-    micro-batches by tokens) and padded (per_device_batch_size pairs), against TRL."""
+    no token budget: one packed row per step) and padded (per_device_batch_size pairs), against TRL."""
     config = lora_config(workdir, fixture, data_file, f"{fixture.name}-spread")
     precompute = runner.run("lora-precompute", str(config))
     trl = runner.run("trl", str(trl_spec(workdir, fixture, data_file, 0.1)))

@@ -127,6 +127,7 @@ def gemm_peak() -> dict:
 
 
 def lora_precompute(config_path: str, overrides: list[str]) -> dict:
+    import lora_dpo
     from lora_dpo import cli
     from lora_dpo.cache import Manifest
     from lora_dpo.config import load_config
@@ -138,10 +139,18 @@ def lora_precompute(config_path: str, overrides: list[str]) -> dict:
     config = load_config(config_path, overrides)
     manifest = Manifest.read(Path(config.precompute.cache_dir))
     pairs = sum(manifest.pairs.values())
-    return {"exit_code": code, "pairs": pairs, "precompute_s": manifest.seconds, "rss_peaks": peaks}
+    seconds = sum(change.seconds for change in manifest.history)  # a fresh cache: one build
+    return {
+        "exit_code": code,
+        "pairs": pairs,
+        "precompute_s": seconds,
+        "rss_peaks": peaks,
+        "package": lora_dpo.__file__,  # which checkout ran
+    }
 
 
 def lora_train(config_path: str, overrides: list[str]) -> dict:
+    import lora_dpo
     import lora_dpo.train as train_module
     from lora_dpo import cli
     from lora_dpo.config import load_config
@@ -178,6 +187,7 @@ def lora_train(config_path: str, overrides: list[str]) -> dict:
         "rss_peaks": peaks,
         "decoder_tokens": tokens.steps,
         **flops,
+        "package": lora_dpo.__file__,
     }
 
 

@@ -9,8 +9,11 @@ computed in one of three exact ways, by the model's attention implementation:
   its pairs cost, and no [L, L] mask exists. CUDA only: torch has no FlexAttention backward on
   the CPU. Written to the documented use of torch and transformers; not run on a GPU here.
 - pairwise (`PAIRWISE`, registered in transformers' AttentionInterface): the model's own eager
-  or sdpa attention, called once per pair on that pair's slice of the row with a dense mask of
-  that pair's size. Exact on any device; never a mask over the whole row.
+  or sdpa attention, called twice per pair on that pair's slices of the row: prompt + chosen,
+  plain causal (sdpa: no mask, so the flash kernel skips the blocks above the diagonal; a mask
+  where a sliding window cuts it, or for eager), then rejected over prompt + rejected with a
+  mask of that size. The chosen x rejected block is never computed. Exact on any device;
+  never a mask over the whole row.
 - dense (a model left on eager or sdpa): one additive [R, 1, L, L] mask per row, the
   transformers way of passing a custom mask; the reference the other two are tested against.
 
@@ -27,7 +30,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lora_dpo.batching import PackedPairBatch, visible
+from lora_dpo.batching import CHOSEN_SEGMENT, PROMPT_SEGMENT, PackedPairBatch, TokenIds, visible
 from lora_dpo.errors import ConfigError
 
 # Architectures whose attention code packing is tested against (custom masks, explicit
@@ -126,7 +129,7 @@ def packed_decoder_inputs(model: torch.nn.Module, batch: PackedPairBatch) -> dic
     inputs: dict[str, Any] = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
     implementation = config._attn_implementation or "eager"
     if implementation in PAIRWISE:
-        inputs["pair_masks"] = PairMasks(batch, model_dtype(model))
+        inputs["pair_masks"] = PairMasks(batch, model_dtype(model), PAIRWISE[implementation] == "eager")
         return inputs
     if implementation == FLEX:
         inputs["attention_mask"] = per_layer_type(config, lambda window: block_mask(batch, window))
@@ -189,38 +192,86 @@ def block_mask(batch: PackedPairBatch, sliding_window: int | None) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class PairParts:
+    """One pair of a packed row, attended in two calls: its head (prompt + chosen, queries and
+    keys alike) and its tail (rejected queries over prompt + rejected keys). Masks are
+    additive, [1, 1, q, k]; a head without one is plain causal."""
+
+    row: int
+    start: int  # the pair's first column in its row
+    prompt: int  # tokens: prompt
+    head: int  # prompt + chosen
+    tail: int  # rejected
+    head_mask: torch.Tensor | None
+    tail_mask: torch.Tensor | None  # None when the pair has no rejected tokens
+
+
 class PairMasks:
-    """Each pair's span in the batch and its dense additive mask, [1, 1, n, n] for a pair of n
-    tokens, per sliding window the layers ask for (None: full); built once per batch."""
+    """How each pair of a packed batch attends (`PairParts`), per sliding window the layers ask
+    for (None: full); built once per batch, shared by every layer. The two calls cover exactly
+    the pair's visible (query, key) entries and skip the chosen x rejected block the rule hides."""
 
-    def __init__(self, batch: PackedPairBatch, dtype: torch.dtype):
+    def __init__(self, batch: PackedPairBatch, dtype: torch.dtype, always_mask: bool = False):
         self.spans = batch.spans
-        self._ids = [
-            (
-                batch.documents[row, start:end],
-                batch.segments[row, start:end],
-                batch.position_ids[row, start:end],
-            )
-            for row, start, end in batch.spans
-        ]
-        self._dtype = dtype
-        self._masks: dict[int | None, list[torch.Tensor]] = {}
+        self._batch, self._dtype = batch, dtype
+        self._always_mask = always_mask  # eager attention has no is_causal: every head gets a mask
+        segments = batch.segments.cpu()  # for the parts' lengths (a no-op on the CPU)
+        self._lengths = []  # (prompt, chosen) tokens per pair
+        for row, start, end in batch.spans:
+            pair = segments[row, start:end]
+            self._lengths.append((int((pair == PROMPT_SEGMENT).sum()), int((pair == CHOSEN_SEGMENT).sum())))
+        self._parts: dict[int | None, list[PairParts]] = {}
 
-    def masks(self, sliding_window: int | None) -> list[torch.Tensor]:
-        if sliding_window not in self._masks:
+    def parts(self, sliding_window: int | None) -> list[PairParts]:
+        if sliding_window not in self._parts:
             built = []
-            for documents, segments, positions in self._ids:
-                index = torch.arange(len(documents), device=documents.device)
-                query = (documents.unsqueeze(1), segments.unsqueeze(1), positions.unsqueeze(1))
-                key = (documents.unsqueeze(0), segments.unsqueeze(0), positions.unsqueeze(0))
-                allowed = visible(query, key, index.unsqueeze(1), index.unsqueeze(0), sliding_window)
-                built.append(additive(allowed.unsqueeze(0), self._dtype))
-            self._masks[sliding_window] = built
-        return self._masks[sliding_window]
+            for (row, start, end), (prompt, chosen) in zip(self.spans, self._lengths):
+                head_end = start + prompt + chosen
+                # head positions run 0..n-1: a window of n or more cuts nothing, causal it is
+                causal = not self._always_mask and (
+                    sliding_window is None or sliding_window >= head_end - start
+                )
+                head_mask = (
+                    None
+                    if causal
+                    else self._mask(row, [(start, head_end)], [(start, head_end)], sliding_window)
+                )
+                tail_mask = None
+                if end > head_end:
+                    keys = [(start, start + prompt), (head_end, end)]
+                    tail_mask = self._mask(row, [(head_end, end)], keys, sliding_window)
+                built.append(
+                    PairParts(row, start, prompt, prompt + chosen, end - head_end, head_mask, tail_mask)
+                )
+            self._parts[sliding_window] = built
+        return self._parts[sliding_window]
+
+    def _mask(
+        self,
+        row: int,
+        queries: list[tuple[int, int]],
+        keys: list[tuple[int, int]],
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """THE rule (`visible`) on the ids of these columns of `row`, as an additive mask."""
+        batch, device = self._batch, self._batch.input_ids.device
+        query_index, key_index = (
+            torch.cat([torch.arange(a, b, device=device) for a, b in ranges]) for ranges in (queries, keys)
+        )
+        ids = (batch.documents[row], batch.segments[row], batch.position_ids[row])
+        query: TokenIds = (ids[0][query_index, None], ids[1][query_index, None], ids[2][query_index, None])
+        key: TokenIds = (ids[0][None, key_index], ids[1][None, key_index], ids[2][None, key_index])
+        allowed = visible(query, key, query_index[:, None], key_index[None], sliding_window)  # [q, k]
+        return additive(allowed.unsqueeze(0), self._dtype)
 
 
 def pairwise_attention(inner_name: str) -> Any:
-    """An attention function that runs `inner_name` (eager or sdpa) pair by pair."""
+    """An attention function that runs `inner_name` (eager or sdpa) pair by pair, in the parts
+    of `PairMasks`: nothing across pairs, no [L, L] mask, causal kernels where the rule is
+    causal (the flash kernels then skip the blocks above the diagonal). Rows are cut with
+    `unbind` and `split`, whose backward writes each gradient once (a slice's would allocate a
+    row-sized zero tensor per pair)."""
 
     def attention(
         module: torch.nn.Module,
@@ -235,21 +286,40 @@ def pairwise_attention(inner_name: str) -> Any:
             raise RuntimeError(
                 "this model's attention runs packed batches only (lora_dpo.attention.prepare_packed_attention)"
             )
+        kwargs.pop("is_causal", None)
         inner = inner_attention(module, inner_name)
         rows, heads, length, head_dim = query.shape
-        pieces: list[list[torch.Tensor]] = [[] for _ in range(rows)]
-        filled = [0] * rows
-        for (row, start, end), mask in zip(pair_masks.spans, pair_masks.masks(kwargs.get("sliding_window"))):
-            assert start == filled[row], "pairs lie side by side in a row"
-            out, _ = inner(
-                module, *(t[row : row + 1, :, start:end] for t in (query, key, value)), mask, **kwargs
+        by_row: list[list[PairParts]] = [[] for _ in range(rows)]
+        for part in pair_masks.parts(kwargs.get("sliding_window")):
+            by_row[part.row].append(part)
+        out_rows = []
+        for row, q_row, k_row, v_row in zip(by_row, query.unbind(0), key.unbind(0), value.unbind(0)):
+            sizes = [n for part in row for n in (part.head, part.tail)]
+            assert [part.start for part in row] == [sum(sizes[: 2 * i]) for i in range(len(row))], (
+                "pairs lie side by side from the row's start"
             )
-            pieces[row].append(out[0])  # [n, Hq, D]
-            filled[row] = end
-        for row in range(rows):  # padding after the last pair: attends to nothing, outputs zeros
-            if filled[row] < length:
-                pieces[row].append(query.new_zeros(length - filled[row], heads, head_dim))
-        return torch.stack([torch.cat(row) for row in pieces]), None  # [R, L, Hq, D]
+            sizes.append(length - sum(sizes))  # padding after the last pair
+            q_cuts, k_cuts, v_cuts = (t.split(sizes, 1) for t in (q_row, k_row, v_row))  # [H, n, D] each
+            outs = []
+            for i, part in enumerate(row):
+                q, k, v = (cuts[2 * i].unsqueeze(0) for cuts in (q_cuts, k_cuts, v_cuts))  # the head
+                if part.head_mask is None:
+                    out, _ = inner(module, q, k, v, None, is_causal=True, **kwargs)
+                else:
+                    out, _ = inner(module, q, k, v, part.head_mask, **kwargs)
+                outs.append(out)  # [1, n, Hq, D]
+                if part.tail:
+                    q = q_cuts[2 * i + 1].unsqueeze(0)
+                    k, v = (
+                        torch.cat([cuts[2 * i][:, : part.prompt], cuts[2 * i + 1]], 1).unsqueeze(0)
+                        for cuts in (k_cuts, v_cuts)
+                    )
+                    out, _ = inner(module, q, k, v, part.tail_mask, **kwargs)
+                    outs.append(out)
+            if sizes[-1]:  # padding attends to nothing here: zeros
+                outs.append(query.new_zeros(1, sizes[-1], heads, head_dim))
+            out_rows.append(torch.cat(outs, 1))
+        return torch.cat(out_rows), None  # [R, L, Hq, D]
 
     return attention
 

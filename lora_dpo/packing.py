@@ -53,7 +53,7 @@ class Layout:
             if self.attention.backend == "flex":
                 line += "; attention: FlexAttention block masks"
             else:
-                line += f"; attention: pair by pair with dense per-pair masks ({self.attention.notice})"
+                line += f"; attention: pair by pair, causal kernels with masks per pair ({self.attention.notice})"
         if self.fallback:
             line += f" (not packed: {self.fallback})"
         return line

@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_logps import SLIDING, TOLERANCE, assert_grads_close, make_model, random_pairs, weighted_sum
 
-from lora_dpo.attention import PAIRWISE, mask_mod, prepare_packed_attention
+from lora_dpo.attention import PAIRWISE, PairMasks, mask_mod, prepare_packed_attention
 from lora_dpo.batching import collate, collate_packed, collate_prompt_shared, packed_length
 from lora_dpo.data import TokenizedPair
 from lora_dpo.demo.models import ARCHITECTURES
@@ -167,6 +167,42 @@ def test_flex_mask_mod_equals_the_dense_visibility(collate_fn, window):
     assert batch.visibility(window).sum() < rows * length * (length + 1) // 2  # not merely causal
 
 
+@pytest.mark.parametrize("always_mask", [False, True], ids=["sdpa", "eager"])
+@pytest.mark.parametrize("window", [None, 3, 10_000])
+@pytest.mark.parametrize(
+    "collate_fn", [collate_packed, collate_prompt_shared], ids=["packed", "prompt_shared"]
+)
+def test_pair_parts_cover_exactly_the_visible_entries(collate_fn, window, always_mask):
+    """The pairwise backend's calls (head: prompt + chosen, causal unless masked; tail:
+    rejected over prompt + rejected), put back into a row's [L, L], are the dense visibility
+    on every real token; they compute fewer entries than one n x n block per pair."""
+    batch = collate_fn(unequal_pairs(), pad_id=5)
+    rows, length = batch.input_ids.shape
+    rebuilt = torch.zeros(rows, length, length, dtype=torch.bool)
+    computed = 0
+    for part in PairMasks(batch, torch.float32, always_mask).parts(window):
+        head = slice(part.start, part.start + part.head)
+        if part.head_mask is None:
+            assert not always_mask and (window is None or window >= part.head)
+            rebuilt[part.row, head, head] = torch.ones(part.head, part.head, dtype=torch.bool).tril()
+        else:
+            assert part.head_mask.shape == (1, 1, part.head, part.head)
+            rebuilt[part.row, head, head] = part.head_mask[0, 0] == 0
+        computed += part.head**2
+        if part.tail:
+            assert part.tail_mask is not None
+            assert part.tail_mask.shape == (1, 1, part.tail, part.prompt + part.tail)
+            tail = torch.arange(part.start + part.head, part.start + part.head + part.tail)
+            keys = torch.cat([torch.arange(part.start, part.start + part.prompt), tail])
+            rebuilt[part.row, tail[:, None], keys[None]] = part.tail_mask[0, 0] == 0
+            computed += part.tail * (part.prompt + part.tail)
+    real = batch.documents >= 0  # [R, L]
+    visibility = batch.visibility(window)
+    for row in range(rows):
+        assert torch.equal(rebuilt[row][real[row]], visibility[row][real[row]])
+    assert computed < sum((end - start) ** 2 for _, start, end in batch.spans)
+
+
 @pytest.mark.slow  # compiles FlexAttention's CPU kernel (about a minute the first time)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_flex_attention_forward_on_cpu_equals_padded(arch: str):
@@ -186,8 +222,8 @@ def test_auto_layout_is_packed_where_supported_and_says_how():
     layout = choose_layout("auto", model, CPU)
     assert layout.name == "packed" and layout.attention is not None
     assert layout.describe(4096, 4) == (
-        "layout: packed, prompt shared, 4096 tokens per row; attention: pair by pair with dense "
-        "per-pair masks (FlexAttention has no backward pass on the CPU)"
+        "layout: packed, prompt shared, 4096 tokens per row; attention: pair by pair, causal "
+        "kernels with masks per pair (FlexAttention has no backward pass on the CPU)"
     )
     assert layout.describe(0, 4).startswith("layout: packed, prompt shared, 4 pairs per row;")
     assert choose_layout("prompt_shared", make_model("llama", torch.float32), CPU).name == "prompt_shared"
