@@ -30,7 +30,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lora_dpo.batching import CHOSEN_SEGMENT, PROMPT_SEGMENT, PackedPairBatch, TokenIds, visible
+from lora_dpo.batching import PackedPairBatch, TokenIds, visible
 from lora_dpo.errors import ConfigError
 
 # Architectures whose attention code packing is tested against (custom masks, explicit
@@ -216,11 +216,7 @@ class PairMasks:
         self.spans = batch.spans
         self._batch, self._dtype = batch, dtype
         self._always_mask = always_mask  # eager attention has no is_causal: every head gets a mask
-        segments = batch.segments.cpu()  # for the parts' lengths (a no-op on the CPU)
-        self._lengths = []  # (prompt, chosen) tokens per pair
-        for row, start, end in batch.spans:
-            pair = segments[row, start:end]
-            self._lengths.append((int((pair == PROMPT_SEGMENT).sum()), int((pair == CHOSEN_SEGMENT).sum())))
+        self._lengths = batch.heads  # (prompt, chosen) tokens per pair, from collate: no device read
         self._parts: dict[int | None, list[PairParts]] = {}
 
     def parts(self, sliding_window: int | None) -> list[PairParts]:

@@ -104,6 +104,7 @@ class PackedPairBatch:
     targets: torch.Tensor  # [N] response token ids
     sequences: torch.Tensor  # [N] sequence of each token: pair b's chosen is b, its rejected B + b
     spans: list[tuple[int, int, int]]  # [B] (row, start, end) of each pair's tokens
+    heads: list[tuple[int, int]]  # [B] (prompt, chosen) tokens of each pair, known on the host
     pair_hashes: list[bytes]  # [B]
     source_indices: list[int]  # [B]
     sequence_tokens: int  # real tokens of the 2B unshared sequences, for tokens/s
@@ -236,6 +237,7 @@ def collate_rows(
     documents = torch.full(shape, PAD_DOCUMENT, dtype=torch.long)
     segments = torch.full(shape, PAD_SEGMENT, dtype=torch.long)
     spans: list[tuple[int, int, int]] = [(0, 0, 0)] * len(pairs)
+    heads = [(len(p.prompt_ids), len(p.chosen_ids)) for p in pairs]
     chosen_tokens: list[tuple[int, int, int]] = []  # (predictor, target, sequence)
     rejected_tokens: list[tuple[int, int, int]] = []
     for r, row in enumerate(rows):
@@ -275,6 +277,7 @@ def collate_rows(
         targets,
         sequences,
         spans,
+        heads,
         [p.pair_hash for p in pairs],
         [p.source_index for p in pairs],
         sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),

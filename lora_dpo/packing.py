@@ -53,7 +53,9 @@ class Layout:
             if self.attention.backend == "flex":
                 line += "; attention: FlexAttention block masks"
             else:
-                line += f"; attention: pair by pair, causal kernels with masks per pair ({self.attention.notice})"
+                line += (
+                    f"; attention: pair by pair, causal kernels with masks per pair ({self.attention.notice})"
+                )
         if self.fallback:
             line += f" (not packed: {self.fallback})"
         return line
