@@ -44,9 +44,11 @@ def bf16_config(root: Path):
 
 
 # (architecture, the layout precompute scores in); training runs in its own default layout
-# (packed for both). On the CPU, one layout at batch 8 and at batch 2 gives the same bits; the
-# padded cache, scored with a mask over right-padded rows, has other reductions: the stand-in
-# here for the GPU's batch-shape-dependent kernels.
+# (packed for both). On the CPU, one layout at batch 8 and at batch 2 gives the same bits, and
+# since packed rows attend pair by pair with causal kernels (prompt + chosen, then rejected over
+# prompt + rejected), a padded cache gives them too: every measured gap here is 0. The bound's
+# room for the GPU's batch-shape-dependent kernels is set by reasoning (lora_dpo.cache.step0);
+# that it still refuses a wrong cache is tested below.
 CASES = [("llama", "auto"), ("llama", "padded"), ("qwen2", "auto"), ("qwen2", "padded")]
 
 
@@ -97,8 +99,6 @@ def test_bf16_policy_at_init_is_within_the_bound_with_room(bf16_gaps):
     case, gaps, tokens, tolerance, _ = bf16_gaps
     assert tolerance == TOLERANCES["bfloat16"]
     assert len(gaps) >= 100
-    if "padded" in case:
-        assert gaps.max() > 0  # bf16 with other reductions does differ: the measurement sees it
     worst = int((gaps / tolerance.bound(tokens)).argmax())
     print(
         f"\n{case}, bf16, {len(gaps)} responses of {int(tokens.min())}-{int(tokens.max())} tokens: "

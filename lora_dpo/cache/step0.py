@@ -52,8 +52,9 @@ class Step0Tolerance:
 # bf16/fp16, measured by tests/test_step0.py on the tiny Llama and Qwen2 models (real nf4, CPU,
 #   bf16; every one of 512 responses of 7-15 tokens; cache at batch 8, the policy at init run
 #   as training runs it at batch 2): in the same layout the gap is 0 exactly (the CPU's kernels
-#   do not depend on the batch); from a padded cache (other reductions) the largest gap is
-#   0.0047 nats (Llama, n = 12; Qwen2 0.0031), the largest gap/sqrt(n) 0.0014.
+#   do not depend on the batch), and from a padded cache it is 0 too now that packed rows
+#   attend pair by pair with causal kernels (before that, with one dense mask per pair, it was
+#   at most 0.0047 nats: Llama, n = 12; Qwen2 0.0031; largest gap/sqrt(n) 0.0014).
 #   The GPU picks GEMM and attention kernels by batch shape and its 8B models are 64x wider and
 #   16x deeper, which that measurement cannot show, so the bound is set well above it:
 #   0.15·sqrt(n) allows independent per-token rounding of std 0.025 nats at 6 sigma (100x the
