@@ -197,9 +197,9 @@ def read_start_record(directory: Path) -> AdapterStart | None:
     return start
 
 
-def stacked_under(adapter: Adapter) -> Adapter | None:
-    """The frozen SFT adapter a stacked export carries (checked against its record), else None."""
-    start = read_start_record(adapter.directory)
+def stacked_under(adapter: Adapter, start: AdapterStart | None) -> Adapter | None:
+    """The frozen SFT adapter a stacked export carries (checked against `start`, its record as
+    `read_start_record` gives it), else None."""
     if start is None or start.mode != "stack":
         return None
     copy = read_adapter(adapter.directory / SFT_NAME)

@@ -85,7 +85,7 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
     against its base (the adapter's own, or `base` from --base) as far as files allow."""
     adapter = read_adapter(path)
     check_mergeable(adapter)
-    stacked = stacked_under(adapter)  # trained on a frozen SFT adapter: both are folded
+    stacked = stacked_under(adapter, read_start_record(adapter.directory))  # stacked: fold both
     if stacked is not None:
         check_mergeable(stacked)
     adapter_dir = adapter.directory

@@ -279,7 +279,8 @@ def load_adapter(model: PreTrainedModel, adapter: str | Path | Adapter, *, train
 
     if not isinstance(adapter, Adapter):
         adapter = read_adapter(adapter)
-    stacked = stacked_under(adapter)  # a run's export that trained on a frozen SFT adapter
+    start = read_start_record(adapter.directory)  # how a run's export started, if it is one
+    stacked = stacked_under(adapter, start)  # an export that trained on a frozen SFT adapter
     check_fits(adapter, shapes_of(model), model.name_or_path)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter.directory), is_trainable=trainable)
@@ -290,7 +291,6 @@ def load_adapter(model: PreTrainedModel, adapter: str | Path | Adapter, *, train
         ) from None
     if stacked is not None:
         stack_frozen(peft_model, stacked)
-    start = read_start_record(adapter.directory)
     if start is not None:  # the reference generate compares with is base + the start adapter
         remember_start(peft_model, start)
     return peft_model

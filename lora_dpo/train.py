@@ -329,7 +329,7 @@ class TrainLoop:
                     check_step0_agreement(policy_logps, ref_chosen, ref_rejected, step0_tolerance, *named)
                 # the policy's token counts are the cache's: the same pair, the same tokens
                 labels = labels_of(rows_in_batch)  # KTO's rows: which are desirable; None for pairs
-                labels = labels.to(s.device) if labels is not None else None
+                labels = to_device(labels, s.device) if labels is not None else None
                 out = compute_loss(
                     loss, PairLogps.of(policy_logps, ref_chosen, ref_rejected, ref_shared, labels)
                 )
