@@ -23,6 +23,7 @@ import lora_dpo.logps as logps_module
 from lora_dpo.batching import collate, pad_id_of
 from lora_dpo.logps import sequence_logps
 from lora_dpo.scoring import score_pairs
+from policies import move_lora_b_off_zero
 
 CPU = torch.device("cpu")
 PER_TOKEN_GAP = 5e-3  # nats per response token, autocast vs the fp32 LoRA branch
@@ -50,10 +51,7 @@ def bf16_policy(demo, quantize: bool, *, trained: bool = True, gradient_checkpoi
     torch.manual_seed(0)
     policy = attach_lora(base, config.lora, gradient_checkpointing=gradient_checkpointing)
     if trained:
-        with torch.no_grad():
-            for name, param in policy.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.05)
+        move_lora_b_off_zero(policy)
     policy.train()
     return policy, reference
 

@@ -19,6 +19,7 @@ from lora_dpo.metrics import PAIR_METRICS
 from lora_dpo.model import attach_lora, load_base_model, load_tokenizer
 from lora_dpo.rank_work import balanced_assignment
 from lora_dpo.scoring import score_pairs, scoring_batches
+from policies import move_lora_b_off_zero
 from precompute import precompute_reference
 
 CPU = torch.device("cpu")
@@ -42,10 +43,7 @@ def eval_setup(demo_workdir):
     base = load_base_model(config.model, quantize=True, dtype=torch.float32, device=CPU)
     torch.manual_seed(0)
     policy = attach_lora(base, config.lora, gradient_checkpointing=False)
-    with torch.no_grad():  # non-zero B: the policy differs from the reference
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    move_lora_b_off_zero(policy)  # the policy differs from the reference
     cache = ReferenceCache(config.precompute.cache_dir)
     return config, pairs, cache, policy, pad_id_of(tokenizer)
 

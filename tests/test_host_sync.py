@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_dpo.batching import COLLATE, IGNORE_INDEX, LAYOUTS, PairBatch, collate
+from policies import loop_alone, move_lora_b_off_zero
 
 CPU = torch.device("cpu")
 aten = torch.ops.aten
@@ -123,10 +124,7 @@ def demo_policy(demo_workdir):
     base = load_base_model(config.model, quantize=True, dtype=torch.float32, device=CPU)
     torch.manual_seed(0)
     policy = attach_lora(base, config.lora, gradient_checkpointing=True)
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    move_lora_b_off_zero(policy)
     policy.train()
     return policy, pairs, pad_id_of(tokenizer), config
 
@@ -134,24 +132,15 @@ def demo_policy(demo_workdir):
 def one_micro_batch(demo_policy, layout: str, attention: str, probe: HostSyncProbe, **loss_settings):
     """What TrainLoop.step does with one micro-batch: collate and move it (before the probe),
     then the forward (TrainLoop.logps), the loss, the backward and the metrics (under it)."""
-    from lora_dpo.distributed import DistInfo
-    from lora_dpo.inputs import RunInputs
     from lora_dpo.losses import PairLogps, compute_loss
-    from lora_dpo.metrics import WindowMeter
     from lora_dpo.packing import choose_layout
-    from lora_dpo.run.metrics_file import NullMetricsFile
-    from lora_dpo.train import TrainLoop, TrainState
 
     policy, pairs, pad_id, config = demo_policy
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, **loss_settings))
     policy.get_base_model().set_attn_implementation(attention)
     assert choose_layout(layout, policy, CPU).name == layout
-    inputs = RunInputs(None, pairs, [], None, None, None, None, None, CPU)
-    meter = WindowMeter(CPU)
-    state = TrainState(
-        config, inputs, policy, None, None, meter, [], NullMetricsFile(), DistInfo(), pad_id, layout
-    )
-    loop = TrainLoop(state, run=None, stop=None)
+    loop = loop_alone(config, pairs, policy, pad_id, layout)
+    state, meter = loop.state, loop.state.meter
     batch = COLLATE[layout](pairs, pad_id)
     tokens = batch.sequence_tokens  # counted on the host, before the move
     batch = batch.to(CPU)

@@ -15,13 +15,9 @@ import torch
 from lora_dpo.batching import pad_id_of
 from lora_dpo.cache import ReferenceValues
 from lora_dpo.config import Config
-from lora_dpo.distributed import DistInfo
-from lora_dpo.inputs import RunInputs
-from lora_dpo.metrics import WindowMeter
 from lora_dpo.optim import build_optimizer, build_scheduler
-from lora_dpo.run.metrics_file import NullMetricsFile
 from lora_dpo.scoring import score_pairs
-from lora_dpo.train import TrainLoop, TrainState
+from policies import loop_alone
 
 CPU = torch.device("cpu")
 STEPS = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [1, 6, 11, 12]]
@@ -84,21 +80,11 @@ def run(setup, optimizer_name: str, reference: ReferenceValues, skip_step: int |
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(optimizer_name, params, train_cfg)
     scheduler = build_scheduler(optimizer, train_cfg, len(STEPS))
-    inputs = RunInputs(None, pairs, [], None, None, reference, None, None, CPU)
-    state = TrainState(
-        dataclasses.replace(config, train=train_cfg),
-        inputs,
-        policy,
-        optimizer,
-        scheduler,
-        WindowMeter(CPU),
-        [],
-        NullMetricsFile(),
-        DistInfo(),
-        pad_id,
-        "padded",
+    config = dataclasses.replace(config, train=train_cfg)
+    loop = loop_alone(
+        config, pairs, policy, pad_id, "padded", optimizer=optimizer, scheduler=scheduler, reference=reference
     )
-    loop = TrainLoop(state, run=None, stop=None)
+    state = loop.state
     for number, indices in enumerate(STEPS):
         if number == skip_step:
             scheduler.step()

@@ -22,6 +22,7 @@ from lora_dpo.errors import ConfigError
 from lora_dpo.logps import causal_lm_parts, sequence_logps
 from lora_dpo.packing import choose_layout
 from lora_dpo.scoring import score_pairs
+from policies import loop_alone, move_lora_b_off_zero
 
 CPU = torch.device("cpu")
 ARCH_ATTENTION = [
@@ -302,10 +303,7 @@ def policy_setup(demo_workdir):
     base = load_base_model(config.model, quantize=True, dtype=torch.float32, device=CPU)
     torch.manual_seed(0)
     policy = attach_lora(base, config.lora, gradient_checkpointing=True)
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    move_lora_b_off_zero(policy)
     initial = {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -326,11 +324,6 @@ def one_step(policy_setup, layout: str, micro_batches: list[list[int]]):
     import dataclasses
 
     from lora_dpo.config import Config
-    from lora_dpo.distributed import DistInfo
-    from lora_dpo.inputs import RunInputs
-    from lora_dpo.metrics import WindowMeter
-    from lora_dpo.run.metrics_file import NullMetricsFile
-    from lora_dpo.train import TrainLoop, TrainState
 
     policy, initial, pairs, reference, pad_id, train_cfg = policy_setup
     with torch.no_grad():
@@ -342,22 +335,11 @@ def one_step(policy_setup, layout: str, micro_batches: list[list[int]]):
     optimizer = torch.optim.SGD(trainable, lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     config = Config(train=dataclasses.replace(train_cfg, max_grad_norm=None))
-    # The loop's step alone: the inputs it reads are the pairs and their reference values.
-    inputs = RunInputs(None, pairs, [], None, None, reference, None, None, CPU)
-    state = TrainState(
-        config,
-        inputs,
-        policy,
-        optimizer,
-        scheduler,
-        WindowMeter(CPU),
-        [],
-        NullMetricsFile(),
-        DistInfo(),
-        pad_id,
-        layout,
+    loop = loop_alone(
+        config, pairs, policy, pad_id, layout, optimizer=optimizer, scheduler=scheduler, reference=reference
     )
-    TrainLoop(state, run=None, stop=None).step(micro_batches, len(pairs), None)
+    loop.step(micro_batches, len(pairs), None)
+    state = loop.state
     metrics, window = state.meter.flush()
     assert [finite for finite, _ in window] == [True]
     update = {name: initial[name] - p.detach() for name, p in policy.named_parameters() if name in initial}
