@@ -6,7 +6,7 @@
 For Llama-3.1-8B, Qwen2.5-7B and Mistral-7B (their config.json in benchmarks/model_configs/,
 with the public values), random models with 1 and with 2 decoder layers are saved and loaded
 through the project's nf4 path (`load_base_model(..., quantize=True, dtype=bfloat16)`), get
-LoRA r16 on every linear layer with gradient checkpointing (`attach_lora`), and train one pair
+LoRA r16 on every linear layer with gradient checkpointing (`build_policy`), and train one pair
 per micro-batch with `sequence_logps` and `preference_loss` and bitsandbytes' 8-bit AdamW,
 on the CPU. Reference log-probs come from a no-grad `sequence_logps` forward of the same model
 (what precompute computes), so the step-0 loss is ln 2.
@@ -50,7 +50,7 @@ from lora_dpo.data import TokenizedPair  # noqa: E402
 from lora_dpo.fileio import write_json, write_text  # noqa: E402
 from lora_dpo.logps import sequence_logps  # noqa: E402
 from lora_dpo.losses import preference_loss  # noqa: E402
-from lora_dpo.model import attach_lora, load_base_model  # noqa: E402
+from lora_dpo.model import build_policy, load_base_model  # noqa: E402
 from lora_dpo.plan import GIB, MemoryPlan, Workload, estimate  # noqa: E402
 from lora_dpo.versions import package_versions  # noqa: E402
 
@@ -130,7 +130,7 @@ def measure(
     config = recipe_config(model_dir)
     base = load_base_model(config.model, quantize=True, dtype=torch.bfloat16, device=torch.device("cpu"))
     torch.manual_seed(0)
-    policy = attach_lora(base, config.lora, gradient_checkpointing=True)
+    policy = build_policy(base, config, gradient_checkpointing=True)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = bnb.optim.AdamW8bit(trainable, lr=0.0)
     vocab = base.config.vocab_size
@@ -324,7 +324,7 @@ jobs: load average up to {load:.1f}; {versions}; {minutes:.0f} minutes; raw resu
 For Llama-3.1-8B, Qwen2.5-7B and Mistral-7B at their real widths (config.json in
 `model_configs/`), random models with 1 and with 2 decoder layers went through the project's
 own path: `load_base_model(quantize=True, dtype=bfloat16)` (nf4, double quantization),
-`attach_lora` (r 16, alpha 32, dropout 0.05, every linear layer, non-reentrant gradient
+`build_policy` (r 16, alpha 32, dropout 0.05, every linear layer, non-reentrant gradient
 checkpointing), bitsandbytes' 8-bit AdamW (the state of `paged_adamw_8bit`, without the
 paging), and one training step per length: `sequence_logps` (logits chunk 512) and
 `preference_loss` against reference log-probs from a no-grad `sequence_logps` forward of the
@@ -374,9 +374,11 @@ transformers' boolean mask and sdpa's additive copy of it, bitsandbytes' packed 
 their dequantization in backward, the fused LM head's logits chunk. Their sizes do not depend
 on the device.
 
-Different, and modelled per device in `plan` (`DROPOUT_MASK_BYTES`,
-`CHECKPOINT_RNG_STATE_BYTES`, `lora_under_autocast`): on the CPU dropout keeps an fp32 noise tensor
-per LoRA input (CUDA's fused dropout keeps a bool mask: 1 byte instead of 4); checkpointing
+Also the same: the dropout mask backward keeps, a bool per LoRA input element (CUDA's fused
+dropout; `lora_dpo.dropout.Dropout16` on the CPU; `DROPOUT_MASK_BYTES` in `plan`).
+
+Different, and modelled per device in `plan` (`CHECKPOINT_RNG_STATE_BYTES`,
+`lora_under_autocast`): checkpointing
 keeps the CPU generator's 5 KB state per layer (on CUDA that state lives on the host); on the
 CPU (fp32) peft casts every LoRA input to the adapter's fp32 and the branch saves fp32 tensors,
 while a bf16 decoder (CUDA's default) runs it under autocast and saves bf16 tensors (2 bytes instead of

@@ -23,6 +23,7 @@ from lora_dpo.adapter_start import (
 )
 from lora_dpo.adapters import Adapter, check_against_files, check_base, check_fits, read_adapter, shapes_of
 from lora_dpo.config import Config, LoraConfig, ModelConfig
+from lora_dpo.dropout import use_dropout16
 from lora_dpo.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -239,11 +240,10 @@ def build_policy(model: PreTrainedModel, config: Config, *, gradient_checkpointi
     `model.adapter_path`, that adapter continued or a fresh one stacked on it frozen
     (lora_dpo.adapter_start)."""
     adapter = read_start_adapter(config.model)
-    if adapter is None:
-        return attach_lora(model, config.lora, gradient_checkpointing=gradient_checkpointing)
-    if config.model.adapter_mode == "stack":
+    if adapter is None or config.model.adapter_mode == "stack":
         policy = attach_lora(model, config.lora, gradient_checkpointing=gradient_checkpointing)
-        stack_frozen(policy, adapter)
+        if adapter is not None:
+            stack_frozen(policy, adapter)
     else:
         if gradient_checkpointing:
             enable_checkpointing(model)
@@ -251,7 +251,9 @@ def build_policy(model: PreTrainedModel, config: Config, *, gradient_checkpointi
         policy.peft_config["default"].base_model_name_or_path = config.model.name_or_path
         log.info("continuing the adapter %s (lora.* settings are its own)", adapter.directory)
     _check_trainable_fp32(policy)
-    remember_start(policy, start_of(config.model, adapter))
+    use_dropout16(policy)  # the same dropout, its mask drawn 4x cheaper on the CPU
+    if adapter is not None:
+        remember_start(policy, start_of(config.model, adapter))
     return policy
 
 

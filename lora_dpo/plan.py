@@ -43,9 +43,9 @@ from lora_dpo.errors import ConfigError
 GIB = 2**30
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, uint8 absmax per 64, fp32 per 256 blocks
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "auto": 2}  # auto = bf16 on CUDA
-# Bytes per element of the dropout mask that backward keeps: CUDA's fused dropout keeps a bool
-# mask; on the CPU torch multiplies by a noise tensor of the input's dtype (peft's fp32).
-DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": 4}
+# Bytes per element of the dropout mask that backward keeps: a bool mask, from CUDA's fused
+# dropout and from lora_dpo.dropout.Dropout16 on the CPU.
+DROPOUT_MASK_BYTES = 1
 # torch's checkpoint keeps the CPU generator's state per layer to replay dropout when it
 # recomputes; CUDA's generator state is small and lives on the host, so none is on the GPU.
 CHECKPOINT_RNG_STATE_BYTES = {"cuda": 0, "cpu": 5056}
@@ -167,7 +167,7 @@ def layer_saved_bytes_per_token(arch: Architecture, config: Config, workload: Wo
     targets = arch.lora_targets(config.lora.target_modules)
     h, i = arch.hidden_size, arch.intermediate_size
     q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
-    mask = DROPOUT_MASK_BYTES[device] if config.lora.dropout > 0 else 0
+    mask = DROPOUT_MASK_BYTES if config.lora.dropout > 0 else 0
     a = lora_activation_bytes(config, device)
     lora = sum((a + mask) * shapes[n][0] + a * config.lora.r for n in targets)
     expanded = workload.padded and arch.num_kv_heads < arch.num_heads
@@ -202,7 +202,7 @@ def last_layer_backward_bytes(arch: Architecture, config: Config, workload: Work
     transients = (d + a) * h + d * h + d * i  # incoming gradient, residual, down_proj input
     down_lora = 0.0
     if "down_proj" in arch.lora_targets(config.lora.target_modules):
-        mask = DROPOUT_MASK_BYTES[device] if config.lora.dropout > 0 else 0
+        mask = DROPOUT_MASK_BYTES if config.lora.dropout > 0 else 0
         cast = 0 if lora_under_autocast(config, device) else 4  # peft's fp32 copy, without autocast
         # input copy, dropout output and mask, output + clone
         down_lora = cast * i + (a + mask) * i + 2 * d * h

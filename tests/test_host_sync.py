@@ -111,19 +111,20 @@ def test_the_probe_counts_what_would_sync():
 
 @pytest.fixture(scope="module")
 def demo_policy(demo_workdir):
-    """The real setting: a 4-bit base with LoRA on all linear layers, gradient checkpointing,
-    LoRA B moved off zero; 4 demo pairs with prompts and responses of different lengths."""
+    """The real setting: a 4-bit base with LoRA on all linear layers and its dropout, gradient
+    checkpointing, LoRA B moved off zero; 4 demo pairs with prompts and responses of different lengths."""
     from lora_dpo.batching import pad_id_of
     from lora_dpo.data import load_preference_data
     from lora_dpo.demo import demo_config
-    from lora_dpo.model import attach_lora, load_base_model, load_tokenizer
+    from lora_dpo.model import build_policy, load_base_model, load_tokenizer
 
     config = demo_config(demo_workdir)
+    config.lora.dropout = 0.05  # the default: Dropout16 draws its masks in every forward
     tokenizer = load_tokenizer(config.model)
     pairs = load_preference_data(config.data, tokenizer, "train")[0][:4]
     base = load_base_model(config.model, quantize=True, dtype=torch.float32, device=CPU)
     torch.manual_seed(0)
-    policy = attach_lora(base, config.lora, gradient_checkpointing=True)
+    policy = build_policy(base, config, gradient_checkpointing=True)
     move_lora_b_off_zero(policy)
     policy.train()
     return policy, pairs, pad_id_of(tokenizer), config
