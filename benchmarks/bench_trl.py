@@ -392,17 +392,27 @@ def bench_prefix_sharing(runner: Runner, workdir: Path, fixture: Fixture, data_f
     return {"unshared": runs[False], "shared": runs[True]}
 
 
-def bench_decoder(runner: Runner, workdir: Path, fixture: Fixture, data_file: Path) -> dict:
-    """The decoder-dominated fixture, β 0.1: lora-dpo as it runs by default (layout auto,
-    no token budget: one packed row per step) and padded (per_device_batch_size pairs), against TRL."""
+def bench_decoder(
+    runner: Runner, workdir: Path, fixture: Fixture, data_file: Path, betas: list[float]
+) -> dict:
+    """The decoder-dominated fixture: a β sweep of lora-dpo as it runs by default (layout auto,
+    no token budget: one packed row per step; one cache, one train process per β) against TRL
+    (one full run per β), and lora-dpo padded (per_device_batch_size pairs) at the first β."""
     config = lora_config(workdir, fixture, data_file, f"{fixture.name}-spread")
     precompute = runner.run("lora-precompute", str(config))
-    trl = runner.run("trl", str(trl_spec(workdir, fixture, data_file, 0.1)))
     out = workdir / "lora-runs" / fixture.name
-    lora = runner.run("lora-train", str(config), f"train.output_dir={out}-auto")
+    trl_runs, lora_runs = [], []
+    for beta in betas:  # interleaved, so drifting machine load hits both sides alike
+        trl_runs.append(runner.run("trl", str(trl_spec(workdir, fixture, data_file, beta))))
+        lora_runs.append(
+            runner.run(
+                "lora-train", str(config), f"train.beta={beta}", f"train.output_dir={out}-beta-{beta:g}"
+            )
+        )
     padded = runner.run(
         "lora-train",
         str(config),
+        f"train.beta={betas[0]}",
         "train.layout=padded",
         "train.max_tokens_per_batch=0",
         f"train.output_dir={out}-padded",
@@ -414,40 +424,48 @@ def bench_decoder(runner: Runner, workdir: Path, fixture: Fixture, data_file: Pa
         "sequence_tokens_per_step": sequence / steps,
         "needed_tokens_per_step": needed / steps,
         "lora_precompute": precompute,
-        "trl": trl,
-        "lora": lora,
+        "trl_runs": trl_runs,
+        "lora_runs": lora_runs,
         "lora_padded": padded,
         "gemm_peak": runner.run("gemm-peak"),
     }
 
 
-def token_accounting(run: dict, needed_per_step: float, peak_flops: float) -> dict:
-    """Decoder tokens computed per step and their padding share, over all steps (the needed
-    tokens are a mean over all steps too); the matmul FLOP/s of the timed steps (the first
-    left out): FLOPs per computed token of the first step x their tokens / their time."""
-    steps = run["decoder_tokens"]
+def token_accounting(runs: list[dict], needed_per_step: float, peak_flops: float) -> dict:
+    """Decoder tokens computed per step and their padding share, over all steps of `runs` (the
+    needed tokens are a mean over all steps too); the matmul FLOP/s of the timed steps (each
+    run's first left out): FLOPs per computed token of the first steps x their tokens / their time."""
+    steps = [s for run in runs for s in run["decoder_tokens"]]
     computed = statistics.mean(s["computed"] for s in steps)
     real = statistics.mean(s["real"] for s in steps)
-    timed_tokens = statistics.mean(s["computed"] for s in steps[1:])
-    step_time = statistics.mean(steady_steps([run]))
-    per_token = run["first_step_flops"] / max(run["first_step_computed_tokens"], 1)
-    flops = per_token * timed_tokens / step_time
+    timed_tokens = statistics.mean(s["computed"] for run in runs for s in run["decoder_tokens"][1:])
+    step_time = statistics.mean(steady_steps(runs))
+    flops = sum(run["first_step_flops"] for run in runs)
+    per_token = flops / max(sum(run["first_step_computed_tokens"] for run in runs), 1)
+    achieved = per_token * timed_tokens / step_time
     return {
         "computed": computed,
         "needed": needed_per_step,
         "ratio": computed / needed_per_step,
         "padding": 1 - real / computed,
         "step_time": step_time,
-        "flops": flops,
-        "peak_share": flops / peak_flops,
+        "flops": achieved,
+        "peak_share": achieved / peak_flops,
     }
 
 
 def summarize_decoder(name: str, r: dict) -> list[str]:
     peak = r["gemm_peak"]["fp32_gemm_flops"]
-    runs = {"lora-dpo (auto)": r["lora"], "lora-dpo (padded)": r["lora_padded"], "TRL": r["trl"]}
-    rows = {label: token_accounting(run, r["needed_tokens_per_step"], peak) for label, run in runs.items()}
-    trl_step = rows["TRL"]["step_time"]
+    betas = len(r["trl_runs"])
+    runs = {
+        f"lora-dpo (auto; {betas} runs)": r["lora_runs"],
+        "lora-dpo (padded; 1 run)": [r["lora_padded"]],
+        f"TRL ({betas} runs)": r["trl_runs"],
+    }
+    rows = {
+        label: token_accounting(group, r["needed_tokens_per_step"], peak) for label, group in runs.items()
+    }
+    trl_step = rows[f"TRL ({betas} runs)"]["step_time"]
     lines = [
         f"### {name}: decoder-dominated, real length spread",
         "",
@@ -466,12 +484,27 @@ def summarize_decoder(name: str, r: dict) -> list[str]:
             f"| {row['padding']:.1%} | {row['flops'] / 1e9:,.1f} G | {row['peak_share']:.1%} |"
         )
     lora_pps = r["lora_precompute"]["pairs"] / r["lora_precompute"]["precompute_s"]
-    trl_pps = r["pairs"] / r["trl"]["precompute_train_s"]
+    trl_pps = r["pairs"] / r["trl_runs"][0]["precompute_train_s"]
+    lora_rss = max(run["max_rss_bytes"] for run in r["lora_runs"])
+    trl_rss = max(run["max_rss_bytes"] for run in r["trl_runs"])
+    lora_sweep = r["lora_precompute"]["wall_s"] + sum(run["wall_s"] for run in r["lora_runs"])
+    trl_sweep = sum(run["wall_s"] for run in r["trl_runs"])
+    others = max(run["others_cores_during"] for group in runs.values() for run in group)
     lines += [
         "",
-        f"Reference precompute: lora-dpo {lora_pps:.2f} pairs/s, TRL {trl_pps:.2f} pairs/s. "
-        f"First-step loss: lora-dpo {r['lora']['losses'][0]:.4f}, TRL {r['trl']['losses'][0]:.4f}. "
-        f"Peak RSS: lora-dpo {mib(r['lora']['max_rss_bytes'])}, TRL {mib(r['trl']['max_rss_bytes'])}.",
+        "| measure | lora-dpo | TRL | lora-dpo / TRL |",
+        "|---|---|---|---|",
+        f"| peak RSS, whole training process | {mib(lora_rss)} | {mib(trl_rss)} | {lora_rss / trl_rss:.3f} |",
+        f"| reference precompute | {lora_pps:.2f} pairs/s | {trl_pps:.2f} pairs/s | {lora_pps / trl_pps:.2f}x |",
+        f"| {betas}-β sweep wall time | {lora_sweep:.0f} s | {trl_sweep:.0f} s | {lora_sweep / trl_sweep:.3f} |",
+        f"| first-step loss (ln 2 = 0.6931) | {r['lora_runs'][0]['losses'][0]:.4f} "
+        f"| {r['trl_runs'][0]['losses'][0]:.4f} | |",
+        "",
+        f"Other processes kept up to {others:.2f} of the {os.cpu_count()} cores busy during the runs. "
+        "Run wall times (s) lora-dpo: "
+        + ", ".join(f"{run['wall_s']:.0f}" for run in r["lora_runs"])
+        + f" (+ precompute {r['lora_precompute']['wall_s']:.0f}); TRL: "
+        + ", ".join(f"{run['wall_s']:.0f}" for run in r["trl_runs"]),
         "",
     ]
     return lines
@@ -610,8 +643,12 @@ def main(argv: list[str] | None = None) -> int:
         fixture, data_file = build_decoder_fixture(
             workdir, decoder_steps * DECODER_PAIRS_PER_STEP, args.quick
         )
-        print(f"{fixture.name}: lora-dpo (auto, padded) and TRL, {decoder_steps} steps each", flush=True)
-        results["decoder"][fixture.name] = bench_decoder(runner, workdir, fixture, data_file)
+        print(
+            f"{fixture.name}: lora-dpo (auto) and TRL, {len(betas)} betas, and lora-dpo padded, "
+            f"{decoder_steps} steps each",
+            flush=True,
+        )
+        results["decoder"][fixture.name] = bench_decoder(runner, workdir, fixture, data_file, betas)
     if args.only == "decoder":
         fixtures = []
     for fixture in fixtures:

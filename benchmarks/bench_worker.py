@@ -158,19 +158,19 @@ def lora_train(config_path: str, overrides: list[str]) -> dict:
 
     sampler = RssSampler()
     tokens, flops = DecoderTokens(sampler), {}
-    attach = train_module.attach_lora
+    build = train_module.build_policy
     step = train_module.TrainLoop.step
 
-    def attach_and_mark(*args, **kwargs):  # data and the 4-bit base are loaded: training starts
+    def build_and_mark(*args, **kwargs):  # data and the 4-bit base are loaded: training starts
         sampler.phase("train")
-        policy = attach(*args, **kwargs)
+        policy = build(*args, **kwargs)
         tokens.attach(causal_lm_parts(policy)[0])
         return policy
 
     def counted_step(self, *args, **kwargs):
         return counted_first_step(lambda: step(self, *args, **kwargs), tokens, flops)
 
-    train_module.attach_lora = attach_and_mark
+    train_module.build_policy = build_and_mark
     train_module.TrainLoop.step = counted_step
     code = cli.main(["train", "--config", config_path, *overrides])
     peaks = sampler.stop()
