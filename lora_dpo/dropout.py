@@ -4,11 +4,12 @@ torch's CPU dropout draws one float32 per element (`bernoulli_`), divides the no
 keep probability and multiplies; backward keeps that fp32 noise tensor. Under gradient
 checkpointing the draw runs twice per step, and on a decoder with LoRA on every linear layer
 it was about a quarter of a CPU training step. Here one 64-bit word from torch's generator
-gives four 16-bit draws (half the generator output of torch's one float per element), an element is dropped when its draw falls below round(p·2¹⁶), the kept
-elements are scaled by 1 / (1 - p'), p' = round(p·2¹⁶) / 2¹⁶: the expectation is exactly the
-input's, the drop rate is p to within 2⁻¹⁷ (7.6e-6), and backward keeps a bool mask (1 byte
-per element instead of 4). The words come from torch's default generator, so seeds, resume
-and checkpointing's replay of the forward (it restores the generator's state) draw the same
+gives four 16-bit draws (half the generator output of torch's one float per element), an
+element is dropped when its draw falls below round(p·2¹⁶), and the kept elements are scaled
+by 1 / (1 - p'), p' = round(p·2¹⁶) / 2¹⁶: the expectation is exactly the input's, the drop
+rate is p to within 2⁻¹⁷ (7.6e-6), and backward keeps a bool mask (1 byte per element
+instead of 4). The words come from torch's default generator, so seeds, resume and
+checkpointing's replay of the forward (it restores the generator's state) draw the same
 masks. CUDA keeps torch's fused dropout, which already keeps a bool mask.
 """
 

@@ -65,6 +65,11 @@ def lora_under_autocast(config: Config, device: str) -> bool:
     return device == "cuda" and config.model.dtype in ("bf16", "auto")
 
 
+def dropout_mask_bytes(config: Config) -> int:
+    """Bytes per element of the LoRA input's dropout mask backward keeps (none without dropout)."""
+    return DROPOUT_MASK_BYTES if config.lora.dropout > 0 else 0
+
+
 def lora_activation_bytes(config: Config, device: str) -> int:
     """Bytes per element of what the LoRA branch saves: bf16's 2 under autocast, else the
     adapter's fp32 (4)."""
@@ -167,7 +172,7 @@ def layer_saved_bytes_per_token(arch: Architecture, config: Config, workload: Wo
     targets = arch.lora_targets(config.lora.target_modules)
     h, i = arch.hidden_size, arch.intermediate_size
     q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
-    mask = DROPOUT_MASK_BYTES if config.lora.dropout > 0 else 0
+    mask = dropout_mask_bytes(config)
     a = lora_activation_bytes(config, device)
     lora = sum((a + mask) * shapes[n][0] + a * config.lora.r for n in targets)
     expanded = workload.padded and arch.num_kv_heads < arch.num_heads
@@ -202,7 +207,7 @@ def last_layer_backward_bytes(arch: Architecture, config: Config, workload: Work
     transients = (d + a) * h + d * h + d * i  # incoming gradient, residual, down_proj input
     down_lora = 0.0
     if "down_proj" in arch.lora_targets(config.lora.target_modules):
-        mask = DROPOUT_MASK_BYTES if config.lora.dropout > 0 else 0
+        mask = dropout_mask_bytes(config)
         cast = 0 if lora_under_autocast(config, device) else 4  # peft's fp32 copy, without autocast
         # input copy, dropout output and mask, output + clone
         down_lora = cast * i + (a + mask) * i + 2 * d * h
