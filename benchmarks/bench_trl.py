@@ -483,28 +483,16 @@ def summarize_decoder(name: str, r: dict) -> list[str]:
             f"| {r['needed_tokens_per_step'] / row['step_time']:,.0f} | {row['computed']:,.0f} | {row['ratio']:.2f} "
             f"| {row['padding']:.1%} | {row['flops'] / 1e9:,.1f} G | {row['peak_share']:.1%} |"
         )
-    lora_pps = r["lora_precompute"]["pairs"] / r["lora_precompute"]["precompute_s"]
-    trl_pps = r["pairs"] / r["trl_runs"][0]["precompute_train_s"]
-    lora_rss = max(run["max_rss_bytes"] for run in r["lora_runs"])
-    trl_rss = max(run["max_rss_bytes"] for run in r["trl_runs"])
-    lora_sweep = r["lora_precompute"]["wall_s"] + sum(run["wall_s"] for run in r["lora_runs"])
-    trl_sweep = sum(run["wall_s"] for run in r["trl_runs"])
     others = max(run["others_cores_during"] for group in runs.values() for run in group)
     lines += [
         "",
         "| measure | lora-dpo | TRL | lora-dpo / TRL |",
         "|---|---|---|---|",
-        f"| peak RSS, whole training process | {mib(lora_rss)} | {mib(trl_rss)} | {lora_rss / trl_rss:.3f} |",
-        f"| reference precompute | {lora_pps:.2f} pairs/s | {trl_pps:.2f} pairs/s | {lora_pps / trl_pps:.2f}x |",
-        f"| {betas}-β sweep wall time | {lora_sweep:.0f} s | {trl_sweep:.0f} s | {lora_sweep / trl_sweep:.3f} |",
-        f"| first-step loss (ln 2 = 0.6931) | {r['lora_runs'][0]['losses'][0]:.4f} "
-        f"| {r['trl_runs'][0]['losses'][0]:.4f} | |",
+        rss_row("peak RSS, whole training process", r, lambda run: run["max_rss_bytes"]),
+        *sweep_rows(r),
         "",
         f"Other processes kept up to {others:.2f} of the {os.cpu_count()} cores busy during the runs. "
-        "Run wall times (s) lora-dpo: "
-        + ", ".join(f"{run['wall_s']:.0f}" for run in r["lora_runs"])
-        + f" (+ precompute {r['lora_precompute']['wall_s']:.0f}); TRL: "
-        + ", ".join(f"{run['wall_s']:.0f}" for run in r["trl_runs"]),
+        f"Run wall times (s) {wall_times(r)}",
         "",
     ]
     return lines
@@ -514,22 +502,44 @@ def mib(value: float) -> str:
     return f"{value / 2**20:,.0f} MiB"
 
 
+def rss_row(label: str, r: dict, peak_of) -> str:
+    """A table row of the largest `peak_of(run)` over each trainer's runs, and their ratio."""
+    lora, trl = (max(peak_of(run) for run in r[runs]) for runs in ("lora_runs", "trl_runs"))
+    return f"| {label} | {mib(lora)} | {mib(trl)} | {lora / trl:.3f} |"
+
+
+def sweep_rows(r: dict) -> list[str]:
+    """The rows every fixture's table ends with: reference precompute (TRL's first run
+    computes it), the β sweep's wall time (lora-dpo: precompute once + a train per β), and
+    the first-step loss."""
+    lora_pps = r["lora_precompute"]["pairs"] / r["lora_precompute"]["precompute_s"]
+    trl_pps = r["pairs"] / r["trl_runs"][0]["precompute_train_s"]
+    lora_sweep = r["lora_precompute"]["wall_s"] + sum(run["wall_s"] for run in r["lora_runs"])
+    trl_sweep = sum(run["wall_s"] for run in r["trl_runs"])
+    betas = len(r["trl_runs"])
+    return [
+        f"| reference precompute | {lora_pps:.2f} pairs/s | {trl_pps:.2f} pairs/s | {lora_pps / trl_pps:.2f}x |",
+        f"| {betas}-β sweep wall time | {lora_sweep:.0f} s | {trl_sweep:.0f} s | {lora_sweep / trl_sweep:.3f} |",
+        f"| first-step loss (ln 2 = 0.6931) | {r['lora_runs'][0]['losses'][0]:.4f} "
+        f"| {r['trl_runs'][0]['losses'][0]:.4f} | |",
+    ]
+
+
+def wall_times(r: dict) -> str:
+    return (
+        "lora-dpo: "
+        + ", ".join(f"{run['wall_s']:.0f}" for run in r["lora_runs"])
+        + f" (+ precompute {r['lora_precompute']['wall_s']:.0f}); TRL: "
+        + ", ".join(f"{run['wall_s']:.0f}" for run in r["trl_runs"])
+    )
+
+
 def summarize(results: dict) -> str:
     lines = []
     for name, r in results["fixtures"].items():
         lora_steps, trl_steps = steady_steps(r["lora_runs"]), steady_steps(r["trl_runs"])
         lora_step, trl_step = statistics.mean(lora_steps), statistics.mean(trl_steps)
-        lora_rss = max(run["max_rss_bytes"] for run in r["lora_runs"])
-        trl_rss = max(run["max_rss_bytes"] for run in r["trl_runs"])
-        lora_train_rss = max(run["rss_peaks"].get("train", 0) for run in r["lora_runs"])
-        trl_train_rss = max(run["rss_peaks"].get("train", 0) for run in r["trl_runs"])
-        lora_pps = r["lora_precompute"]["pairs"] / r["lora_precompute"]["precompute_s"]
-        trl_precompute = r["trl_runs"][0]["precompute_train_s"]  # the first run computes it
-        trl_pps = r["pairs"] / trl_precompute
-        lora_sweep = r["lora_precompute"]["wall_s"] + sum(run["wall_s"] for run in r["lora_runs"])
-        trl_sweep = sum(run["wall_s"] for run in r["trl_runs"])
         tokens = r["tokens_per_step"]
-        betas = len(r["trl_runs"])
         lines += [
             f"### {name}",
             "",
@@ -540,13 +550,9 @@ def summarize(results: dict) -> str:
             f"| median step time | {statistics.median(lora_steps):.2f} s | {statistics.median(trl_steps):.2f} s "
             f"| {statistics.median(lora_steps) / statistics.median(trl_steps):.3f} |",
             f"| tokens/s | {tokens / lora_step:,.0f} | {tokens / trl_step:,.0f} | {trl_step / lora_step:.2f}x |",
-            f"| peak RSS, whole training process | {mib(lora_rss)} | {mib(trl_rss)} | {lora_rss / trl_rss:.3f} |",
-            f"| peak RSS, training phase | {mib(lora_train_rss)} | {mib(trl_train_rss)} "
-            f"| {lora_train_rss / trl_train_rss:.3f} |",
-            f"| reference precompute | {lora_pps:.2f} pairs/s | {trl_pps:.2f} pairs/s | {lora_pps / trl_pps:.2f}x |",
-            f"| {betas}-β sweep wall time | {lora_sweep:.0f} s | {trl_sweep:.0f} s | {lora_sweep / trl_sweep:.3f} |",
-            f"| first-step loss (ln 2 = 0.6931) | {r['lora_runs'][0]['losses'][0]:.4f} "
-            f"| {r['trl_runs'][0]['losses'][0]:.4f} | |",
+            rss_row("peak RSS, whole training process", r, lambda run: run["max_rss_bytes"]),
+            rss_row("peak RSS, training phase", r, lambda run: run["rss_peaks"].get("train", 0)),
+            *sweep_rows(r),
             "",
             f"Other processes kept up to {max(run['others_cores_during'] for run in r['lora_runs']):.2f} "
             f"(lora-dpo runs) and {max(run['others_cores_during'] for run in r['trl_runs']):.2f} (TRL runs) "
@@ -554,10 +560,7 @@ def summarize(results: dict) -> str:
             "",
             "TRL precompute per run (s): "
             + ", ".join(f"{run.get('precompute_train_s', 0):.1f}" for run in r["trl_runs"])
-            + "; run wall times (s) lora-dpo: "
-            + ", ".join(f"{run['wall_s']:.0f}" for run in r["lora_runs"])
-            + f" (+ precompute {r['lora_precompute']['wall_s']:.0f}); TRL: "
-            + ", ".join(f"{run['wall_s']:.0f}" for run in r["trl_runs"]),
+            + f"; run wall times (s) {wall_times(r)}",
             "",
         ]
     for name, r in results.get("decoder", {}).items():
